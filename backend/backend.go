@@ -1,0 +1,122 @@
+// Package backend holds the contract every data-path backend implements, the
+// registry backends add themselves to, and the route reconciler they share.
+package backend
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// ErrUnknownType is returned by New for a backend name nobody registered.
+var ErrUnknownType = errors.New("unknown backend type")
+
+// ExternalInterface is the host interface that carries overlay traffic.
+type ExternalInterface struct {
+	// Iface is the interface (name, index, MTU).
+	Iface *net.Interface
+	// IfaceAddr is its IPv4 address, used as the local tunnel endpoint.
+	IfaceAddr netip.Addr
+	// PublicIP is the address published in the lease (--public-ip, else
+	// IfaceAddr).
+	PublicIP netip.Addr
+}
+
+// Options is what a backend constructor gets.
+type Options struct {
+	// Ext is the external interface.
+	Ext ExternalInterface
+	// Config is the network config; Config.Backend holds the backend's own
+	// keys as raw JSON.
+	Config *subnet.Config
+	// Netlink is the handle used to program the kernel; nil means the
+	// process's network namespace.
+	Netlink *netlink.Handle
+	// Logger receives the backend's logs.
+	Logger klog.Logger
+}
+
+// Publish is what a backend contributes to its node's lease and subnet.env.
+type Publish struct {
+	// BackendData is published in the lease (e.g. vxlan's VtepMAC); may be
+	// nil.
+	BackendData json.RawMessage
+	// MTU is FLANNEL_MTU.
+	MTU int
+}
+
+// Backend is a data path. Apply is declarative: it may be called again with
+// the same leases, and each call makes the host match exactly that set.
+type Backend interface {
+	// Init validates the backend's config keys, creates what does not depend
+	// on the lease (devices, sockets) and returns what to publish. It is
+	// called once, before the lease is acquired.
+	Init(ctx context.Context) (Publish, error)
+	// Apply configures the host for the own lease and programs the kernel
+	// (routes, neighbours, ...) for exactly the remote leases given; entries
+	// this backend owns for leases not in the set are removed. Leases of
+	// other backend types are ignored (logged once). Safe to call from one
+	// goroutine at a time.
+	Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error
+	// Close stops the backend's goroutines and closes its sockets. Routes
+	// and devices stay in place so that a restart does not interrupt
+	// traffic. Idempotent.
+	Close() error
+}
+
+// Factory builds a backend.
+type Factory func(Options) (Backend, error)
+
+var (
+	mu        sync.Mutex
+	factories = map[string]Factory{}
+)
+
+// Register adds a backend type; backends call it from init. Registering a
+// name twice panics (a programming error).
+func Register(name string, f Factory) {
+	mu.Lock()
+	defer mu.Unlock()
+	if _, dup := factories[name]; dup {
+		panic("backend: " + name + " registered twice")
+	}
+	factories[name] = f
+}
+
+// Types lists the registered backend names, sorted.
+func Types() []string {
+	mu.Lock()
+	defer mu.Unlock()
+	names := make([]string, 0, len(factories))
+	for n := range factories {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// New builds the backend registered as name.
+func New(name string, opts Options) (Backend, error) {
+	mu.Lock()
+	f, ok := factories[name]
+	mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("%w %q: use one of %s", ErrUnknownType, name, strings.Join(Types(), ", "))
+	}
+	be, err := f(opts)
+	if err != nil {
+		return nil, fmt.Errorf("creating %s backend: %w", name, err)
+	}
+	return be, nil
+}

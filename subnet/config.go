@@ -1,0 +1,182 @@
+// Package subnet holds the network config, the lease types, the contract of
+// the lease store, and the subnet.env file that docker reads.
+package subnet
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/flanneld-go/flanneld/pkg/ip"
+)
+
+// ErrInvalidConfig wraps every error ParseConfig returns for a config that
+// parses as JSON-ish input but breaks a rule.
+var ErrInvalidConfig = errors.New("invalid network config")
+
+// DefaultBackendType is the backend used when the config has no Backend block.
+const DefaultBackendType = "udp"
+
+// Config is the network config kept at <prefix>/config, with defaults applied.
+type Config struct {
+	// Network is the overlay network every lease is carved from.
+	Network netip.Prefix
+	// SubnetLen is the prefix length of each lease.
+	SubnetLen int
+	// SubnetMin and SubnetMax bound the first addresses of leased subnets.
+	SubnetMin netip.Addr
+	SubnetMax netip.Addr
+	// BackendType is Backend.Type, "udp" when the Backend block is absent.
+	BackendType string
+	// Backend is the raw Backend object, for the backend to read its own keys;
+	// nil when the config has none.
+	Backend json.RawMessage
+}
+
+// rawConfig mirrors the JSON; encoding/json matches keys case-insensitively
+// and ignores unknown ones, as flannel does.
+type rawConfig struct {
+	Network   *json.RawMessage
+	SubnetLen *json.RawMessage
+	SubnetMin *json.RawMessage
+	SubnetMax *json.RawMessage
+	Backend   json.RawMessage
+}
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalidConfig, fmt.Sprintf(format, args...))
+}
+
+// ParseConfig parses the network config JSON, applies the defaults of
+// WIRE.md and validates it. Every error names the field, the value and the
+// rule it breaks, and wraps ErrInvalidConfig.
+func ParseConfig(data []byte) (*Config, error) {
+	var raw rawConfig
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&raw); err != nil {
+		return nil, invalid("not a JSON object (%v); write it like {\"Network\":\"10.5.0.0/16\"}", err)
+	}
+	if dec.More() {
+		return nil, invalid("trailing data after the JSON object")
+	}
+	cfg := &Config{}
+
+	if raw.Network == nil {
+		return nil, invalid("Network is missing; set it to an IPv4 CIDR such as \"10.5.0.0/16\"")
+	}
+	s, err := stringField("Network", *raw.Network, "an IPv4 CIDR such as \"10.5.0.0/16\"")
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Network, err = ip.ParsePrefix(s); err != nil {
+		return nil, invalid("Network %q is not an IPv4 CIDR such as \"10.5.0.0/16\"", s)
+	}
+	nbits := cfg.Network.Bits()
+	if nbits > 28 {
+		return nil, invalid("Network %s is too small: the prefix must be /28 or shorter", cfg.Network)
+	}
+
+	if raw.SubnetLen == nil {
+		cfg.SubnetLen = 24
+		if nbits > 22 {
+			cfg.SubnetLen = nbits + 2
+		}
+	} else {
+		var n int
+		if err := json.Unmarshal(*raw.SubnetLen, &n); err != nil {
+			return nil, invalid("SubnetLen %s is not a whole number; write it like 24", *raw.SubnetLen)
+		}
+		switch {
+		case n > 30:
+			return nil, invalid("SubnetLen %d is longer than 30", n)
+		case n < nbits+2:
+			return nil, invalid("SubnetLen %d is shorter than the Network prefix + 2 (%d for %s)", n, nbits+2, cfg.Network)
+		}
+		cfg.SubnetLen = n
+	}
+
+	size := uint32(1) << (32 - cfg.SubnetLen)
+	first := ip.Uint32(cfg.Network.Addr())
+	last := first + uint32((uint64(1)<<(32-nbits))-uint64(size))
+	cfg.SubnetMin = ip.FromUint32(first + size)
+	cfg.SubnetMax = ip.FromUint32(last)
+	for _, f := range []struct {
+		name string
+		raw  *json.RawMessage
+		dst  *netip.Addr
+	}{{"SubnetMin", raw.SubnetMin, &cfg.SubnetMin}, {"SubnetMax", raw.SubnetMax, &cfg.SubnetMax}} {
+		if f.raw == nil {
+			continue
+		}
+		s, err := stringField(f.name, *f.raw, "an IPv4 address such as \"10.5.1.0\"")
+		if err != nil {
+			return nil, err
+		}
+		a, err := ip.ParseAddr(s)
+		if err != nil {
+			return nil, invalid("%s %q is not an IPv4 address such as \"10.5.1.0\"", f.name, s)
+		}
+		if !cfg.Network.Contains(a) {
+			return nil, invalid("%s %s is outside Network %s", f.name, a, cfg.Network)
+		}
+		if ip.Uint32(a)%size != 0 {
+			return nil, invalid("%s %s is not on a /%d boundary (SubnetLen)", f.name, a, cfg.SubnetLen)
+		}
+		*f.dst = a
+	}
+	if ip.Uint32(cfg.SubnetMin) > ip.Uint32(cfg.SubnetMax) {
+		return nil, invalid("SubnetMin %s is above SubnetMax %s", cfg.SubnetMin, cfg.SubnetMax)
+	}
+
+	cfg.BackendType = DefaultBackendType
+	if len(raw.Backend) > 0 && !bytes.Equal(bytes.TrimSpace(raw.Backend), []byte("null")) {
+		var be struct{ Type *json.RawMessage }
+		if err := json.Unmarshal(raw.Backend, &be); err != nil {
+			return nil, invalid("Backend is not a JSON object; write it like {\"Type\":\"vxlan\"}")
+		}
+		if be.Type == nil {
+			return nil, invalid("Backend.Type is missing; set it to udp, vxlan or host-gw")
+		}
+		t, err := stringField("Backend.Type", *be.Type, "a backend name such as \"vxlan\"")
+		if err != nil {
+			return nil, err
+		}
+		if t == "" {
+			return nil, invalid("Backend.Type is empty; set it to udp, vxlan or host-gw")
+		}
+		cfg.BackendType = t
+		cfg.Backend = raw.Backend
+	}
+	return cfg, nil
+}
+
+func stringField(name string, raw json.RawMessage, want string) (string, error) {
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return "", invalid("%s %s is not a string; write %s", name, raw, want)
+	}
+	return s, nil
+}
+
+// InRange reports whether p is a subnet this config could lease: SubnetLen
+// long, inside Network, between SubnetMin and SubnetMax.
+func (c *Config) InRange(p netip.Prefix) bool {
+	if !p.Addr().Is4() || p.Bits() != c.SubnetLen || p.Masked() != p || !c.Network.Contains(p.Addr()) {
+		return false
+	}
+	v := ip.Uint32(p.Addr())
+	return v >= ip.Uint32(c.SubnetMin) && v <= ip.Uint32(c.SubnetMax)
+}
+
+// Subnets calls yield for each leasable subnet from SubnetMin to SubnetMax in
+// order, until yield returns false.
+func (c *Config) Subnets(yield func(netip.Prefix) bool) {
+	size := uint64(1) << (32 - c.SubnetLen)
+	for v := uint64(ip.Uint32(c.SubnetMin)); v <= uint64(ip.Uint32(c.SubnetMax)); v += size {
+		if !yield(netip.PrefixFrom(ip.FromUint32(uint32(v)), c.SubnetLen)) {
+			return
+		}
+	}
+}

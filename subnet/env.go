@@ -1,0 +1,133 @@
+package subnet
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/flanneld-go/flanneld/pkg/ip"
+)
+
+// Env is the content of subnet.env.
+type Env struct {
+	Network netip.Prefix // FLANNEL_NETWORK
+	Subnet  netip.Prefix // the lease; FLANNEL_SUBNET is its first host address
+	MTU     int          // FLANNEL_MTU
+	IPMasq  bool         // FLANNEL_IPMASQ
+}
+
+// Marshal renders the file.
+func (e Env) Marshal() []byte {
+	first := ip.FromUint32(ip.Uint32(e.Subnet.Addr()) + 1)
+	return fmt.Appendf(nil, "FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s/%d\nFLANNEL_MTU=%d\nFLANNEL_IPMASQ=%t\n",
+		e.Network, first, e.Subnet.Bits(), e.MTU, e.IPMasq)
+}
+
+// WriteEnv writes subnet.env atomically: a temp file in the same directory,
+// synced, mode 0644, renamed over path. The directory is created if missing.
+func WriteEnv(path string, e Env) (err error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("writing subnet file: %w", err)
+	}
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("writing subnet file: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if _, err = f.Write(e.Marshal()); err != nil {
+		return fmt.Errorf("writing subnet file: %w", err)
+	}
+	if err = f.Chmod(0o644); err != nil {
+		return fmt.Errorf("writing subnet file: %w", err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("writing subnet file: %w", err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("writing subnet file: %w", err)
+	}
+	if err = os.Rename(f.Name(), path); err != nil {
+		return fmt.Errorf("writing subnet file: %w", err)
+	}
+	return nil
+}
+
+// ErrBadEnv wraps every error of ParseEnv about the file's content.
+var ErrBadEnv = errors.New("invalid subnet file")
+
+// ParseEnv parses subnet.env content. Blank lines, comments and unknown
+// variables are ignored; FLANNEL_NETWORK and FLANNEL_SUBNET are required.
+func ParseEnv(data []byte) (Env, error) {
+	var e Env
+	var haveNet, haveSub bool
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			return Env{}, fmt.Errorf("%w: line %d %q is not NAME=value", ErrBadEnv, n, line)
+		}
+		v = strings.Trim(v, `"'`)
+		switch k {
+		case "FLANNEL_NETWORK":
+			p, err := ip.ParsePrefix(v)
+			if err != nil {
+				return Env{}, fmt.Errorf("%w: FLANNEL_NETWORK %q is not an IPv4 CIDR", ErrBadEnv, v)
+			}
+			e.Network, haveNet = p, true
+		case "FLANNEL_SUBNET":
+			p, err := ip.ParsePrefix(v)
+			if err != nil {
+				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %q is not an IPv4 CIDR", ErrBadEnv, v)
+			}
+			e.Subnet, haveSub = p, true
+		case "FLANNEL_MTU":
+			m, err := strconv.Atoi(v)
+			if err != nil || m <= 0 {
+				return Env{}, fmt.Errorf("%w: FLANNEL_MTU %q is not a positive number", ErrBadEnv, v)
+			}
+			e.MTU = m
+		case "FLANNEL_IPMASQ":
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return Env{}, fmt.Errorf("%w: FLANNEL_IPMASQ %q is not true or false", ErrBadEnv, v)
+			}
+			e.IPMasq = b
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return Env{}, fmt.Errorf("%w: %v", ErrBadEnv, err)
+	}
+	if !haveNet || !haveSub {
+		return Env{}, fmt.Errorf("%w: FLANNEL_NETWORK and FLANNEL_SUBNET are required", ErrBadEnv)
+	}
+	return e, nil
+}
+
+// ReadEnv reads and parses the subnet file at path.
+func ReadEnv(path string) (Env, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Env{}, fmt.Errorf("reading subnet file: %w", err)
+	}
+	e, err := ParseEnv(data)
+	if err != nil {
+		return Env{}, fmt.Errorf("reading subnet file %s: %w", path, err)
+	}
+	return e, nil
+}
