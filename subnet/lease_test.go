@@ -1,0 +1,50 @@
+package subnet
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+)
+
+func TestLeaseAttrsWireFormat(t *testing.T) {
+	a := LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.8.101"), BackendType: "vxlan",
+		BackendData: []byte(`{"VtepMAC":"82:4b:b6:2f:54:4e"}`)}
+	b, err := a.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"PublicIP":"192.168.8.101","BackendType":"vxlan","BackendData":{"VtepMAC":"82:4b:b6:2f:54:4e"}}`
+	if string(b) != want {
+		t.Errorf("Marshal = %s\nwant      %s", b, want)
+	}
+	b, _ = LeaseAttrs{PublicIP: netip.MustParseAddr("10.0.0.1")}.Marshal()
+	if string(b) != `{"PublicIP":"10.0.0.1"}` {
+		t.Errorf("empty backend fields not omitted: %s", b)
+	}
+	back, err := ParseLeaseAttrs([]byte(want))
+	if err != nil || back.PublicIP != a.PublicIP || back.BackendType != "vxlan" || string(back.BackendData) != string(a.BackendData) {
+		t.Errorf("round trip = %+v, %v", back, err)
+	}
+}
+
+func TestParseLeaseAttrs(t *testing.T) {
+	good := []string{
+		`{"PublicIP":"10.0.0.1"}`,
+		`{"publicip":"10.0.0.1","backendtype":"udp"}`,
+		`{"PublicIP":"10.0.0.1","BackendType":"host-gw","BackendData":null}`,
+		`{"PublicIP":"10.0.0.1","Extra":[1,2]}`,
+	}
+	for _, s := range good {
+		a, err := ParseLeaseAttrs([]byte(s))
+		if err != nil || a.PublicIP.String() != "10.0.0.1" || a.BackendData != nil {
+			t.Errorf("ParseLeaseAttrs(%s) = %+v, %v", s, a, err)
+		}
+	}
+	bad := []string{``, `garbage`, `{}`, `{"PublicIP":""}`, `{"PublicIP":"fd00::1"}`, `{"PublicIP":"::ffff:10.0.0.1"}`,
+		`{"PublicIP":5}`, `{"PublicIP":"10.0.0.1","BackendType":7}`, `[]`, `null`}
+	for _, s := range bad {
+		if a, err := ParseLeaseAttrs([]byte(s)); !errors.Is(err, ErrBadLease) {
+			t.Errorf("ParseLeaseAttrs(%s) = %+v, %v; want ErrBadLease", s, a, err)
+		}
+	}
+}
