@@ -1,0 +1,338 @@
+// Package etcdtest runs a real, single-member etcd server with the v2 API
+// enabled, for tests and for the namespaced lab. The server keeps its data
+// in a temporary directory, listens on loopback (or on a given address,
+// optionally inside a network namespace) and logs nothing.
+package etcdtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/client/v2"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+)
+
+// readyTimeout bounds how long a start may take before it is an error.
+const readyTimeout = 60 * time.Second
+
+// ErrStopped is returned by operations that need a running server.
+var ErrStopped = errors.New("etcdtest: server is stopped")
+
+// Option configures a Server.
+type Option func(*options)
+
+type options struct {
+	addr       netip.Addr
+	clientPort int
+	peerPort   int
+	nsPath     string
+	tls        bool
+}
+
+// WithTLS serves clients over TLS and requires a client certificate signed by
+// a CA generated for this server. The PEM files are available from
+// Server.TLS; the Server's own client helpers use them.
+func WithTLS() Option { return func(o *options) { o.tls = true } }
+
+// WithListen makes the server listen on addr with the given client and peer
+// ports instead of 127.0.0.1 and two free ports. A port of 0 picks a free one.
+func WithListen(addr netip.Addr, clientPort, peerPort int) Option {
+	return func(o *options) { o.addr, o.clientPort, o.peerPort = addr, clientPort, peerPort }
+}
+
+// WithNetNS creates the server's listening sockets inside the network
+// namespace bound at nsPath (e.g. /run/netns/NAME), so the server is only
+// reachable from there. The Server's client helpers dial from inside it too.
+func WithNetNS(nsPath string) Option { return func(o *options) { o.nsPath = nsPath } }
+
+// Server is an embedded etcd server. Its methods are safe for concurrent use.
+type Server struct {
+	opts      options
+	dir       string // removed by Close
+	clientURL url.URL
+	peerURL   url.URL
+	tlsFiles  *TLSFiles
+	transport *http.Transport
+	client    client.Client
+
+	mu     sync.Mutex
+	etcd   *embed.Etcd // nil while stopped
+	closed bool
+}
+
+// Start starts a server for the test and stops it (removing its data) when
+// the test ends. It fails the test if the server does not start.
+func Start(t testing.TB, opts ...Option) *Server {
+	t.Helper()
+	s, err := New(opts...)
+	if err != nil {
+		t.Fatalf("starting embedded etcd: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("closing embedded etcd: %v", err)
+		}
+	})
+	return s
+}
+
+// New starts a server and waits until it serves requests. The caller must
+// call Close.
+func New(opts ...Option) (*Server, error) {
+	o := options{addr: netip.AddrFrom4([4]byte{127, 0, 0, 1})}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if !o.addr.IsValid() {
+		return nil, fmt.Errorf("etcdtest: invalid listen address")
+	}
+	dir, err := os.MkdirTemp("", "etcdtest-")
+	if err != nil {
+		return nil, fmt.Errorf("creating etcd directory: %w", err)
+	}
+	s := &Server{opts: o, dir: dir}
+	if err := s.init(); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Server) init() error {
+	scheme := "http"
+	if s.opts.tls {
+		scheme = "https"
+		ips := []net.IP{net.IPv4(127, 0, 0, 1), s.opts.addr.AsSlice()}
+		f, err := writePKI(filepath.Join(s.dir, "tls"), ips)
+		if err != nil {
+			return fmt.Errorf("generating test certificates: %w", err)
+		}
+		s.tlsFiles = f
+	}
+	s.transport = &http.Transport{
+		Proxy:               nil, // never route test traffic through an environment proxy
+		DialContext:         DialContextIn(s.opts.nsPath),
+		TLSHandshakeTimeout: 10 * time.Second,
+		MaxIdleConnsPerHost: 16,
+	}
+	if s.tlsFiles != nil {
+		tc, err := s.tlsFiles.ClientConfig()
+		if err != nil {
+			return err
+		}
+		s.transport.TLSClientConfig = tc
+	}
+
+	// Free ports are picked by binding and releasing them; another process
+	// may grab one in between, so retry a few times on EADDRINUSE.
+	pick := s.opts.clientPort == 0 || s.opts.peerPort == 0
+	var err error
+	for attempt := 0; attempt < 5; attempt++ {
+		cp, pp := s.opts.clientPort, s.opts.peerPort
+		if pick {
+			if cp, pp, err = s.freePorts(); err != nil {
+				return err
+			}
+		}
+		s.clientURL = url.URL{Scheme: scheme, Host: net.JoinHostPort(s.opts.addr.String(), strconv.Itoa(cp))}
+		s.peerURL = url.URL{Scheme: "http", Host: net.JoinHostPort(s.opts.addr.String(), strconv.Itoa(pp))}
+		err = s.start()
+		if err == nil || !pick || !errors.Is(err, syscall.EADDRINUSE) {
+			break
+		}
+		if rmErr := os.RemoveAll(s.dataDir()); rmErr != nil {
+			return fmt.Errorf("removing etcd data after failed start: %w", rmErr)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	c, err := client.New(client.Config{Endpoints: s.Endpoints(), Transport: s.transport})
+	if err != nil {
+		s.Stop()
+		return fmt.Errorf("creating etcd v2 client: %w", err)
+	}
+	s.client = c
+	return nil
+}
+
+func (s *Server) dataDir() string { return filepath.Join(s.dir, "data") }
+
+// freePorts returns two ports that are free on the listen address (inside
+// the namespace, if any).
+func (s *Server) freePorts() (int, int, error) {
+	var ports [2]int
+	err := InNetNS(s.opts.nsPath, func() error {
+		var ls []net.Listener
+		defer func() {
+			for _, l := range ls {
+				l.Close()
+			}
+		}()
+		for i := range ports {
+			l, err := net.Listen("tcp", net.JoinHostPort(s.opts.addr.String(), "0"))
+			if err != nil {
+				return fmt.Errorf("finding a free port: %w", err)
+			}
+			ls = append(ls, l)
+			ports[i] = l.Addr().(*net.TCPAddr).Port
+		}
+		return nil
+	})
+	return ports[0], ports[1], err
+}
+
+// start runs etcd with the fixed URLs; the caller holds no lock or s.mu.
+func (s *Server) start() error {
+	cfg := embed.NewConfig()
+	cfg.Name = "etcdtest"
+	cfg.Dir = s.dataDir()
+	cfg.EnableV2 = true
+	cfg.ListenClientUrls = []url.URL{s.clientURL}
+	cfg.AdvertiseClientUrls = []url.URL{s.clientURL}
+	cfg.ListenPeerUrls = []url.URL{s.peerURL}
+	cfg.AdvertisePeerUrls = []url.URL{s.peerURL}
+	cfg.InitialCluster = cfg.Name + "=" + s.peerURL.String()
+	cfg.InitialClusterToken = "etcdtest"
+	// The gateway would dial the client URL from the root namespace.
+	cfg.EnableGRPCGateway = false
+	// A single member elects itself after the first election timeout; keep
+	// it short so the server is ready in about a tenth of a second.
+	cfg.TickMs = 10
+	cfg.ElectionMs = 50
+	cfg.UnsafeNoFsync = true // test data; a clean stop still persists it
+	cfg.Logger = "zap"
+	cfg.LogLevel = "error"
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	if s.tlsFiles != nil {
+		cfg.ClientTLSInfo.CertFile = s.tlsFiles.ServerCert
+		cfg.ClientTLSInfo.KeyFile = s.tlsFiles.ServerKey
+		cfg.ClientTLSInfo.TrustedCAFile = s.tlsFiles.CAFile
+		cfg.ClientTLSInfo.ClientCertAuth = true
+	}
+
+	var e *embed.Etcd
+	err := InNetNS(s.opts.nsPath, func() error {
+		var err error
+		e, err = embed.StartEtcd(cfg)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("starting etcd on %s: %w", s.clientURL.String(), err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		e.Close()
+		return fmt.Errorf("starting etcd on %s: %w", s.clientURL.String(), err)
+	case <-time.After(readyTimeout):
+		e.Close()
+		return fmt.Errorf("starting etcd on %s: not ready after %v", s.clientURL.String(), readyTimeout)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed { // Close ran while we were starting
+		e.Close()
+		return ErrStopped
+	}
+	s.etcd = e
+	return nil
+}
+
+// Endpoints returns the client URL(s) of the server, e.g.
+// ["http://127.0.0.1:40123"]. They stay the same across Restart.
+func (s *Server) Endpoints() []string { return []string{s.clientURL.String()} }
+
+// TLS returns the generated PEM files, or nil without WithTLS.
+func (s *Server) TLS() *TLSFiles { return s.tlsFiles }
+
+// Transport returns the HTTP transport the Server's client uses: it dials
+// inside the server's namespace (WithNetNS) and presents the client
+// certificate (WithTLS).
+func (s *Server) Transport() *http.Transport { return s.transport }
+
+// DialContext dials addr from inside the server's namespace (or the caller's
+// namespace without WithNetNS).
+func (s *Server) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return s.transport.DialContext(ctx, network, addr)
+}
+
+// Client returns an etcd v2 client connected to the server.
+func (s *Server) Client() client.Client { return s.client }
+
+// KeysAPI returns an etcd v2 keys API connected to the server.
+func (s *Server) KeysAPI() client.KeysAPI { return client.NewKeysAPI(s.client) }
+
+// Running reports whether the server is serving.
+func (s *Server) Running() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.etcd != nil
+}
+
+// Stop stops the server, keeping its data and ports for Restart. Clients see
+// connection errors until Restart. Stopping a stopped server does nothing.
+func (s *Server) Stop() {
+	s.mu.Lock()
+	e := s.etcd
+	s.etcd = nil
+	s.mu.Unlock()
+	if e != nil {
+		e.Close()
+	}
+	s.transport.CloseIdleConnections()
+}
+
+// Restart stops the server if it is running and starts it again on the same
+// address, ports and data directory.
+func (s *Server) Restart() error {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return ErrStopped
+	}
+	s.Stop()
+	var err error
+	// The old listeners are closed synchronously, but be patient with a
+	// port that is briefly still held.
+	for attempt := 0; attempt < 20; attempt++ {
+		if err = s.start(); err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		return fmt.Errorf("restarting etcd: %w", err)
+	}
+	return nil
+}
+
+// Close stops the server and removes its data. It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	s.Stop()
+	if err := os.RemoveAll(s.dir); err != nil {
+		return fmt.Errorf("removing etcd directory: %w", err)
+	}
+	return nil
+}
