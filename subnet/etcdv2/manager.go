@@ -1,0 +1,306 @@
+package etcdv2
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"time"
+
+	client "go.etcd.io/etcd/client/v2"
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// LeaseTTL is the TTL of a lease key, set on creation and on each renewal.
+const LeaseTTL = 24 * time.Hour
+
+// maxAcquireAttempts bounds how often AcquireLease starts over after losing
+// a race for a subnet to another node.
+const maxAcquireAttempts = 10
+
+// errContention is returned when AcquireLease lost the race for a subnet
+// maxAcquireAttempts times in a row; calling it again is the remedy.
+var errContention = errors.New("other nodes kept taking the chosen subnets first")
+
+// Manager is the etcd v2 lease store. It implements subnet.Manager and is
+// safe for use by several goroutines.
+type Manager struct {
+	api         keysAPI
+	prefix      string
+	callTimeout time.Duration
+	log         klog.Logger
+
+	// Time and chance are inputs, so that tests can shorten them.
+	configRetry time.Duration        // wait between reads of a missing config
+	pollTimeout time.Duration        // longest single watch long poll
+	minBackoff  time.Duration        // first wait after a failed request
+	maxBackoff  time.Duration        // longest wait between failed requests
+	intn        func(n int) int      // random choice among free subnets
+	jitter      func() time.Duration // pause after losing a subnet race
+}
+
+var _ subnet.Manager = (*Manager)(nil)
+
+// New returns a Manager for the etcd cluster of opts. It does not contact
+// etcd; the first request does.
+func New(opts Options) (*Manager, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	api, err := newKeysAPI(&opts)
+	if err != nil {
+		return nil, err
+	}
+	return newManager(api, opts), nil
+}
+
+// newManager wraps api; opts must have its defaults applied.
+func newManager(api keysAPI, opts Options) *Manager {
+	return &Manager{
+		api:         api,
+		prefix:      opts.Prefix,
+		callTimeout: opts.RequestTimeout * time.Duration(len(opts.Endpoints)+1),
+		log:         opts.Logger,
+		configRetry: time.Second,
+		pollTimeout: 5 * time.Minute,
+		minBackoff:  100 * time.Millisecond,
+		maxBackoff:  5 * time.Second,
+		intn:        rand.IntN,
+		jitter:      func() time.Duration { return rand.N(50 * time.Millisecond) },
+	}
+}
+
+func (m *Manager) configKey() string  { return m.prefix + "/config" }
+func (m *Manager) subnetsDir() string { return m.prefix + "/subnets" }
+func (m *Manager) leaseKey(p netip.Prefix) string {
+	return m.subnetsDir() + "/" + ip.Key(p)
+}
+
+// get and set bound one call to the cluster (every member tried) and make
+// a multi-member failure one line.
+func (m *Manager) get(ctx context.Context, key string, opts *client.GetOptions) (*client.Response, error) {
+	ctx, cancel := context.WithTimeout(ctx, m.callTimeout)
+	defer cancel()
+	resp, err := m.api.Get(ctx, key, opts)
+	return resp, flatError(err)
+}
+
+func (m *Manager) set(ctx context.Context, key, value string, opts *client.SetOptions) (*client.Response, error) {
+	ctx, cancel := context.WithTimeout(ctx, m.callTimeout)
+	defer cancel()
+	resp, err := m.api.Set(ctx, key, value, opts)
+	return resp, flatError(err)
+}
+
+// clusterError is client.ClusterError on one line, keeping the member
+// errors reachable by errors.Is and errors.As.
+type clusterError struct{ errs []error }
+
+func (e *clusterError) Error() string {
+	var b strings.Builder
+	b.WriteString("no etcd member answered")
+	for _, err := range e.errs {
+		b.WriteString("; ")
+		b.WriteString(strings.TrimSpace(err.Error()))
+	}
+	return b.String()
+}
+
+func (e *clusterError) Unwrap() []error { return e.errs }
+
+func flatError(err error) error {
+	var ce *client.ClusterError
+	if errors.As(err, &ce) {
+		return &clusterError{errs: ce.Errors}
+	}
+	return err
+}
+
+// GetNetworkConfig implements subnet.Manager.
+func (m *Manager) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) {
+	key := m.configKey()
+	lastReason := ""
+	for {
+		resp, err := m.get(ctx, key, &client.GetOptions{Quorum: true})
+		if err == nil {
+			if resp.Node == nil || resp.Node.Dir {
+				return nil, fmt.Errorf("%w at %s: it is a directory; store the JSON config as the value of this key", subnet.ErrInvalidConfig, key)
+			}
+			cfg, err := subnet.ParseConfig([]byte(resp.Node.Value))
+			if err != nil {
+				return nil, configError(key, err)
+			}
+			return cfg, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		code := etcdCode(err)
+		if code == client.ErrorCodeUnauthorized {
+			return nil, fmt.Errorf("reading network config at %s: etcd refused access (%w); check the etcd username, password and client certificate", key, err)
+		}
+		reason := "waiting for the network config to be written"
+		if code != client.ErrorCodeKeyNotFound {
+			reason = "reading the network config failed: " + err.Error()
+		}
+		if reason != lastReason {
+			m.log.Info("Network config not available yet; retrying every "+m.configRetry.String(), "key", key, "reason", reason)
+			lastReason = reason
+		}
+		if !sleep(ctx, m.configRetry) {
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// configError names the key in ParseConfig's error: "invalid network config
+// at /coreos.com/network/config: SubnetLen 31 is longer than 30".
+func configError(key string, err error) error {
+	detail := strings.TrimPrefix(err.Error(), subnet.ErrInvalidConfig.Error()+": ")
+	return fmt.Errorf("%w at %s: %s", subnet.ErrInvalidConfig, key, detail)
+}
+
+// AcquireLease implements subnet.Manager.
+func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev netip.Prefix) (*subnet.Lease, error) {
+	if !attrs.PublicIP.Is4() {
+		return nil, fmt.Errorf("acquiring lease: public IP %v is not an IPv4 address", attrs.PublicIP)
+	}
+	raw, err := attrs.Marshal()
+	if err != nil {
+		return nil, fmt.Errorf("acquiring lease: encoding lease value: %w", err)
+	}
+	value := string(raw)
+	for range maxAcquireAttempts {
+		lease, err := m.tryAcquire(ctx, cfg, attrs, value, prev)
+		if err != nil {
+			return nil, fmt.Errorf("acquiring lease: %w", err)
+		}
+		if lease != nil {
+			return lease, nil
+		}
+		if !sleep(ctx, m.jitter()) {
+			return nil, ctx.Err()
+		}
+	}
+	return nil, fmt.Errorf("acquiring lease: %w (%d attempts)", errContention, maxAcquireAttempts)
+}
+
+// tryAcquire makes one attempt; a nil lease and nil error mean another node
+// changed the subnets directory under us and the caller should start over.
+func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value string, prev netip.Prefix) (*subnet.Lease, error) {
+	dir := m.subnetsDir()
+	resp, err := m.get(ctx, dir, &client.GetOptions{Recursive: true, Quorum: true})
+	var root *client.Node
+	switch {
+	case err == nil:
+		root = resp.Node
+	case etcdCode(err) == client.ErrorCodeKeyNotFound:
+	default:
+		return nil, fmt.Errorf("listing %s: %w", dir, err)
+	}
+	alloc := newAllocation(cfg, dir, root)
+
+	if own, ok := alloc.own(cfg, attrs.PublicIP); ok {
+		reservation := own.node.Expiration == nil
+		if reservation && own.node.Value == value {
+			return &subnet.Lease{Subnet: own.subnet, Attrs: attrs}, nil
+		}
+		// PrevIndex: only if nobody changed the key since we listed it.
+		opts := &client.SetOptions{PrevExist: client.PrevExist, PrevIndex: own.node.ModifiedIndex}
+		if !reservation {
+			opts.TTL = LeaseTTL
+		}
+		r, err := m.set(ctx, m.leaseKey(own.subnet), value, opts)
+		switch code := etcdCode(err); {
+		case err == nil:
+			return leaseFrom(own.subnet, attrs, r.Node), nil
+		case code == client.ErrorCodeKeyNotFound || code == client.ErrorCodeTestFailed:
+			return nil, nil
+		default:
+			return nil, fmt.Errorf("updating lease %s: %w", own.subnet, err)
+		}
+	}
+
+	p, ok := alloc.choose(cfg, prev, m.intn)
+	if !ok {
+		return nil, subnet.ErrNoFreeSubnets
+	}
+	r, err := m.set(ctx, m.leaseKey(p), value, &client.SetOptions{PrevExist: client.PrevNoExist, TTL: LeaseTTL})
+	switch code := etcdCode(err); {
+	case err == nil:
+		return leaseFrom(p, attrs, r.Node), nil
+	case code == client.ErrorCodeNodeExist:
+		return nil, nil
+	default:
+		return nil, fmt.Errorf("creating lease %s: %w", p, err)
+	}
+}
+
+func leaseFrom(p netip.Prefix, attrs subnet.LeaseAttrs, n *client.Node) *subnet.Lease {
+	l := &subnet.Lease{Subnet: p, Attrs: attrs}
+	if n != nil && n.Expiration != nil {
+		l.Expiration = *n.Expiration
+	}
+	return l
+}
+
+// RenewLease implements subnet.Manager. A lease with TTL costs one
+// compare-and-swap; a reservation one read.
+func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
+	key := m.leaseKey(lease.Subnet)
+	if lease.Reservation() {
+		resp, err := m.get(ctx, key, nil)
+		switch {
+		case etcdCode(err) == client.ErrorCodeKeyNotFound:
+			return fmt.Errorf("renewing lease %s: %w: the reservation was deleted", lease.Subnet, subnet.ErrLeaseLost)
+		case err != nil:
+			return fmt.Errorf("renewing lease %s: %w", lease.Subnet, err)
+		}
+		attrs, err := subnet.ParseLeaseAttrs([]byte(resp.Node.Value))
+		if err != nil || attrs.PublicIP != lease.Attrs.PublicIP {
+			return fmt.Errorf("renewing lease %s: %w: the key now holds another value", lease.Subnet, subnet.ErrLeaseLost)
+		}
+		lease.Expiration = leaseFrom(lease.Subnet, attrs, resp.Node).Expiration
+		return nil
+	}
+
+	raw, err := lease.Attrs.Marshal()
+	if err != nil {
+		return fmt.Errorf("renewing lease %s: encoding lease value: %w", lease.Subnet, err)
+	}
+	value := string(raw)
+	// PrevValue: the key must still hold exactly what we wrote.
+	resp, err := m.set(ctx, key, value, &client.SetOptions{PrevExist: client.PrevExist, PrevValue: value, TTL: LeaseTTL})
+	switch code := etcdCode(err); {
+	case err == nil:
+	case code == client.ErrorCodeKeyNotFound:
+		return fmt.Errorf("renewing lease %s: %w: the key was deleted or expired", lease.Subnet, subnet.ErrLeaseLost)
+	case code == client.ErrorCodeTestFailed:
+		return fmt.Errorf("renewing lease %s: %w: the key now holds another value", lease.Subnet, subnet.ErrLeaseLost)
+	default:
+		return fmt.Errorf("renewing lease %s: %w", lease.Subnet, err)
+	}
+	lease.Expiration = leaseFrom(lease.Subnet, lease.Attrs, resp.Node).Expiration
+	return nil
+}
+
+// sleep waits d or until ctx ends; false means ctx ended.
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

@@ -1,0 +1,282 @@
+package etcdv2
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"path"
+	"sort"
+	"time"
+
+	client "go.etcd.io/etcd/client/v2"
+
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// WatchLeases implements subnet.Manager. The first batch is always sent,
+// even when empty, so the receiver knows the initial set is complete.
+// Batches after it are never empty. events is not closed.
+func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event) error {
+	w := &watcher{
+		m:      m,
+		dir:    m.subnetsDir(),
+		known:  map[netip.Prefix]subnet.Lease{},
+		logged: map[string]uint64{},
+		bo:     backoff{min: m.minBackoff, max: m.maxBackoff},
+	}
+	return w.run(ctx, events)
+}
+
+// watcher is the state of one WatchLeases call, owned by its goroutine.
+type watcher struct {
+	m   *Manager
+	dir string
+	// known is the set of leases last sent, by subnet.
+	known map[netip.Prefix]subnet.Lease
+	// logged maps each key skipped as invalid to the ModifiedIndex it was
+	// logged at, so that each bad version is logged once.
+	logged map[string]uint64
+	// cursor is the etcd index the set is current to.
+	cursor uint64
+	bo     backoff
+}
+
+func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
+	log := w.m.log.WithValues("dir", w.dir)
+	needList, first := true, true
+	cleared := 0 // index-cleared answers in a row
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if needList {
+			evs, err := w.list(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				d := w.bo.next()
+				log.Error(err, "Listing leases failed; retrying", "after", d)
+				if !sleep(ctx, d) {
+					return ctx.Err()
+				}
+				continue
+			}
+			w.bo.reset()
+			needList = false
+			if first || len(evs) > 0 {
+				if err := send(ctx, events, evs); err != nil {
+					return err
+				}
+				first = false
+			}
+			continue
+		}
+
+		resp, err := w.poll(ctx)
+		if err != nil {
+			switch {
+			case ctx.Err() != nil:
+				return ctx.Err()
+			case errors.Is(err, errPollTimeout):
+				// A long poll with no news. The member may hang without
+				// closing the connection; a short read moves the client
+				// to another member if so. Then watch again.
+				if _, err := w.m.get(ctx, w.m.configKey(), nil); err != nil && etcdCode(err) == 0 && ctx.Err() == nil {
+					log.Error(err, "Checking etcd after a quiet watch failed")
+				}
+			case etcdCode(err) == client.ErrorCodeEventIndexCleared:
+				// etcd no longer has the events after our cursor: re-list
+				// and send the difference.
+				log.V(2).Info("Watch index cleared; re-listing leases", "cursor", w.cursor)
+				needList = true
+				cleared++
+				if cleared > 1 && !sleep(ctx, w.bo.next()) {
+					return ctx.Err()
+				}
+			default:
+				d := w.bo.next()
+				log.Error(err, "Watching leases failed; retrying", "after", d)
+				if !sleep(ctx, d) {
+					return ctx.Err()
+				}
+			}
+			continue
+		}
+		w.bo.reset()
+		cleared = 0
+		evs, relist := w.apply(resp)
+		if relist {
+			needList = true
+		}
+		if len(evs) > 0 {
+			if err := send(ctx, events, evs); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func send(ctx context.Context, events chan<- []subnet.Event, evs []subnet.Event) error {
+	select {
+	case events <- evs:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+var errPollTimeout = errors.New("watch long poll timed out")
+
+// poll waits for the next change after the cursor, at most pollTimeout.
+func (w *watcher) poll(ctx context.Context) (*client.Response, error) {
+	pctx, cancel := context.WithTimeout(ctx, w.m.pollTimeout)
+	defer cancel()
+	wt := w.m.api.Watcher(w.dir, &client.WatcherOptions{AfterIndex: w.cursor, Recursive: true})
+	resp, err := wt.Next(pctx)
+	if err != nil {
+		if ctx.Err() == nil && pctx.Err() != nil {
+			return nil, errPollTimeout
+		}
+		return nil, flatError(err)
+	}
+	if resp.Node == nil {
+		return nil, fmt.Errorf("watching %s: etcd sent an event without a node", w.dir)
+	}
+	return resp, nil
+}
+
+// list reads the whole directory, replaces the known set and returns the
+// difference as events.
+func (w *watcher) list(ctx context.Context) ([]subnet.Event, error) {
+	resp, err := w.m.get(ctx, w.dir, &client.GetOptions{Recursive: true})
+	var root *client.Node
+	var index uint64
+	switch {
+	case err == nil:
+		root, index = resp.Node, resp.Index
+	case etcdCode(err) == client.ErrorCodeKeyNotFound:
+		var e client.Error
+		errors.As(err, &e)
+		index = e.Index
+	default:
+		return nil, fmt.Errorf("listing %s: %w", w.dir, err)
+	}
+	current := make(map[netip.Prefix]subnet.Lease, len(w.known))
+	logged := make(map[string]uint64, len(w.logged))
+	for _, n := range flatten(root) {
+		e, err := parseNode(w.dir, n)
+		if err != nil {
+			w.logBad(n, err)
+			logged[n.Key] = n.ModifiedIndex
+			continue
+		}
+		current[e.subnet] = subnet.Lease{Subnet: e.subnet, Attrs: e.attrs, Expiration: e.expiration()}
+	}
+	evs := diffLeases(w.known, current)
+	w.known, w.logged, w.cursor = current, logged, index
+	return evs, nil
+}
+
+// apply folds one watch event into the known set. relist asks for a full
+// re-list (a directory was changed as a whole).
+func (w *watcher) apply(resp *client.Response) (evs []subnet.Event, relist bool) {
+	n := resp.Node
+	w.cursor = n.ModifiedIndex
+	if n.Dir || n.Key == w.dir {
+		return nil, resp.Action != "set" && resp.Action != "create"
+	}
+	var p netip.Prefix
+	var keyOK bool
+	if path.Dir(n.Key) == w.dir {
+		p, keyOK = leaseKeyPrefix(path.Base(n.Key))
+	}
+	switch resp.Action {
+	case "delete", "expire", "compareAndDelete":
+		delete(w.logged, n.Key)
+		if !keyOK {
+			return nil, false
+		}
+		if l, ok := w.known[p]; ok {
+			delete(w.known, p)
+			return []subnet.Event{{Type: subnet.EventRemoved, Lease: l}}, false
+		}
+		return nil, false
+	}
+	e, err := parseNode(w.dir, n)
+	if err != nil {
+		w.logBad(n, err)
+		w.logged[n.Key] = n.ModifiedIndex
+		// A key that no longer parses is no lease any more.
+		if l, ok := w.known[p]; keyOK && ok {
+			delete(w.known, p)
+			return []subnet.Event{{Type: subnet.EventRemoved, Lease: l}}, false
+		}
+		return nil, false
+	}
+	delete(w.logged, n.Key)
+	l := subnet.Lease{Subnet: e.subnet, Attrs: e.attrs, Expiration: e.expiration()}
+	old, had := w.known[p]
+	w.known[p] = l
+	if had && sameAttrs(old.Attrs, l.Attrs) {
+		return nil, false // a renewal
+	}
+	return []subnet.Event{{Type: subnet.EventAdded, Lease: l}}, false
+}
+
+// logBad logs a key that is skipped, once per version of it.
+func (w *watcher) logBad(n *client.Node, err error) {
+	if idx, ok := w.logged[n.Key]; ok && idx == n.ModifiedIndex {
+		return
+	}
+	w.m.log.Info("Skipping a key in the subnets directory", "key", n.Key, "modifiedIndex", n.ModifiedIndex, "reason", err.Error())
+}
+
+// diffLeases returns the events that turn known into current: Added for a
+// new or changed lease, Removed (with the last known attributes) for a
+// lease that went away. Added come first, each kind sorted by subnet.
+func diffLeases(known, current map[netip.Prefix]subnet.Lease) []subnet.Event {
+	var added, removed []subnet.Event
+	for p, l := range current {
+		if old, ok := known[p]; !ok || !sameAttrs(old.Attrs, l.Attrs) {
+			added = append(added, subnet.Event{Type: subnet.EventAdded, Lease: l})
+		}
+	}
+	for p, l := range known {
+		if _, ok := current[p]; !ok {
+			removed = append(removed, subnet.Event{Type: subnet.EventRemoved, Lease: l})
+		}
+	}
+	bySubnet := func(evs []subnet.Event) {
+		sort.Slice(evs, func(i, j int) bool { return evs[i].Lease.Subnet.Addr().Less(evs[j].Lease.Subnet.Addr()) })
+	}
+	bySubnet(added)
+	bySubnet(removed)
+	return append(added, removed...)
+}
+
+func sameAttrs(a, b subnet.LeaseAttrs) bool {
+	return a.PublicIP == b.PublicIP && a.BackendType == b.BackendType && bytes.Equal(a.BackendData, b.BackendData)
+}
+
+// backoff is exponential with jitter: each wait is drawn from [d/2, d],
+// d doubling from min to max; reset starts again at min.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func (b *backoff) next() time.Duration {
+	switch {
+	case b.cur == 0:
+		b.cur = b.min
+	case b.cur < b.max:
+		b.cur = min(2*b.cur, b.max)
+	}
+	half := b.cur / 2
+	return half + rand.N(b.cur-half+1)
+}
+
+func (b *backoff) reset() { b.cur = 0 }
