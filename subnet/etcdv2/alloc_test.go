@@ -127,7 +127,7 @@ func TestAllocationOwn(t *testing.T) {
 		"10.5.20.0-24":     `{"PublicIP":"192.168.0.1"}`, // ours but out of range
 		"10.5.3.0-24":      `{"PublicIP":"192.168.0.1","BackendType":"vxlan"}`,
 		"10.5.4.0-24":      `{"PublicIP":"192.168.0.2"}`,
-		"10.5.5.0-24":      `{"PublicIP":"192.168.0.3"`, // broken JSON
+		"10.5.5.0-24":      `{"PublicIP":"192.168.0.3"`,  // broken JSON
 		"sub/10.5.6.0-24":  `{"PublicIP":"192.168.0.3"}`, // in a subdirectory
 		"10.5.7.0-24extra": `{"PublicIP":"192.168.0.3"}`,
 	}))
