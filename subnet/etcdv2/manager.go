@@ -68,7 +68,7 @@ func newManager(api keysAPI, opts Options) *Manager {
 		callTimeout: opts.RequestTimeout * time.Duration(len(opts.Endpoints)+1),
 		log:         opts.Logger,
 		configRetry: time.Second,
-		pollTimeout: 5 * time.Minute,
+		pollTimeout: time.Minute,
 		minBackoff:  100 * time.Millisecond,
 		maxBackoff:  5 * time.Second,
 		intn:        rand.IntN,
