@@ -1,0 +1,177 @@
+package vxlan
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// render prints a desired set in ip/bridge syntax, one entry a line, sorted;
+// neighbours and fdb entries are on the VTEP device, routes name the device
+// index.
+func (d *desired) render() string {
+	var lines []string
+	for _, n := range d.neighs {
+		lines = append(lines, fmt.Sprintf("neigh %s lladdr %s nud %s", n.IP, n.MAC, nud(n.State)))
+	}
+	for _, f := range d.fdbs {
+		lines = append(lines, fmt.Sprintf("fdb %s self dst %s %s", f.MAC, f.Dst, nud(f.State)))
+	}
+	for _, r := range d.routes {
+		lines = append(lines, "route "+r.String())
+	}
+	for _, s := range d.skips {
+		lines = append(lines, fmt.Sprintf("skip %s: %s", s.Subnet, s.Reason))
+	}
+	slices.Sort(lines)
+	return strings.Join(lines, "\n")
+}
+
+func nud(state int) string {
+	if state == 0x80 {
+		return "permanent"
+	}
+	return fmt.Sprintf("state %#x", state)
+}
+
+func lease(sn, pub, typ, data string) subnet.Lease {
+	l := subnet.Lease{Subnet: netip.MustParsePrefix(sn), Attrs: subnet.LeaseAttrs{BackendType: typ}}
+	if pub != "" {
+		l.Attrs.PublicIP = netip.MustParseAddr(pub)
+	}
+	if data != "" {
+		l.Attrs.BackendData = json.RawMessage(data)
+	}
+	return l
+}
+
+func vx(sn, pub, mac string) subnet.Lease {
+	return lease(sn, pub, "vxlan", `{"VtepMAC":"`+mac+`"}`)
+}
+
+func TestDesiredCompute(t *testing.T) {
+	base := world{
+		network:  netip.MustParsePrefix("10.5.0.0/16"),
+		own:      lease("10.5.1.0/24", "192.168.8.1", "vxlan", `{"VtepMAC":"0e:00:00:00:00:01"}`),
+		vtep:     7,
+		ext:      2,
+		localIPs: []netip.Addr{netip.MustParseAddr("192.168.8.1")},
+	}
+	direct := base
+	direct.direct = true
+	direct.extNets = []netip.Prefix{netip.MustParsePrefix("192.168.8.0/24")}
+
+	tests := []struct {
+		name   string
+		w      world
+		remote []subnet.Lease
+		want   string
+	}{
+		{"none", base, nil, ``},
+		{
+			"two peers, in any order",
+			base,
+			[]subnet.Lease{
+				vx("10.5.3.0/24", "192.168.8.3", "0e:00:00:00:00:03"),
+				vx("10.5.2.0/24", "192.168.9.2", "82:4b:b6:2f:54:4e"),
+			},
+			`fdb 0e:00:00:00:00:03 self dst 192.168.8.3 permanent
+fdb 82:4b:b6:2f:54:4e self dst 192.168.9.2 permanent
+neigh 10.5.2.0 lladdr 82:4b:b6:2f:54:4e nud permanent
+neigh 10.5.3.0 lladdr 0e:00:00:00:00:03 nud permanent
+route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink
+route 10.5.3.0/24 via 10.5.3.0 dev 7 onlink`,
+		},
+		{
+			"every kind of unusable lease is skipped, the good one stays",
+			base,
+			[]subnet.Lease{
+				vx("10.5.2.0/24", "192.168.8.2", "0e:00:00:00:00:02"),
+				lease("10.5.4.0/24", "192.168.8.4", "host-gw", ""),
+				lease("10.5.5.0/24", "192.168.8.5", "udp", ""),
+				lease("10.5.6.0/24", "192.168.8.6", "vxlan", ""),
+				lease("10.5.7.0/24", "192.168.8.7", "vxlan", `{"Mac":"0e:00:00:00:00:07"}`),
+				lease("10.5.8.0/24", "192.168.8.8", "vxlan", `["0e:00:00:00:00:08"]`),
+				vx("10.5.9.0/24", "192.168.8.9", "garbage"),
+				vx("10.5.10.0/24", "192.168.8.10", "01:00:5e:00:00:01"),
+				vx("10.5.11.0/24", "192.168.8.11", "00:00:00:00:00:00"),
+				vx("10.5.12.0/24", "192.168.8.12", "02:00:5e:10:00:00:00:01"),
+				lease("10.5.13.0/24", "192.168.8.13", "vxlan", `{"VtepMAC":7}`),
+				vx("10.6.1.0/24", "192.168.8.20", "0e:00:00:00:00:20"),
+				vx("10.5.0.0/16", "192.168.8.21", "0e:00:00:00:00:21"),
+				vx("10.5.1.0/24", "192.168.8.22", "0e:00:00:00:00:22"),
+				vx("10.5.1.128/25", "192.168.8.23", "0e:00:00:00:00:23"),
+				vx("10.5.2.0/24", "192.168.8.24", "0e:00:00:00:00:24"),
+				vx("10.5.2.128/25", "192.168.8.25", "0e:00:00:00:00:25"),
+				vx("10.5.14.0/24", "192.168.8.14", "0e:00:00:00:00:02"),
+				vx("10.5.15.0/24", "192.168.8.1", "0e:00:00:00:00:15"),
+				lease("10.5.16.0/24", "", "vxlan", `{"VtepMAC":"0e:00:00:00:00:16"}`),
+				lease("10.5.17.0/24", "2001:db8::1", "vxlan", `{"VtepMAC":"0e:00:00:00:00:17"}`),
+			},
+			`fdb 0e:00:00:00:00:02 self dst 192.168.8.2 permanent
+neigh 10.5.2.0 lladdr 0e:00:00:00:00:02 nud permanent
+route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink
+skip 10.5.0.0/16: subnet is not inside Network 10.5.0.0/16
+skip 10.5.1.0/24: subnet overlaps this node's lease 10.5.1.0/24
+skip 10.5.1.128/25: subnet overlaps this node's lease 10.5.1.0/24
+skip 10.5.10.0/24: VtepMAC "01:00:5e:00:00:01" is unusable: 01:00:5e:00:00:01 is not a unicast address
+skip 10.5.11.0/24: VtepMAC "00:00:00:00:00:00" is unusable: 00:00:00:00:00:00 is not a unicast address
+skip 10.5.12.0/24: VtepMAC "02:00:5e:10:00:00:00:01" is unusable: "02:00:5e:10:00:00:00:01" is not a 6-byte Ethernet address
+skip 10.5.13.0/24: BackendData {"VtepMAC":7} is not a JSON object with a VtepMAC string
+skip 10.5.14.0/24: VtepMAC 0e:00:00:00:00:02 is already used by the lease 10.5.2.0/24
+skip 10.5.15.0/24: PublicIP 192.168.8.1 is this node's own address (a stale lease of this node?)
+skip 10.5.16.0/24: PublicIP is missing
+skip 10.5.17.0/24: PublicIP 2001:db8::1 is not an IPv4 address
+skip 10.5.2.0/24: subnet overlaps the lease 10.5.2.0/24
+skip 10.5.2.128/25: subnet overlaps the lease 10.5.2.0/24
+skip 10.5.4.0/24: backend type is "host-gw", not "vxlan"
+skip 10.5.5.0/24: backend type is "udp", not "vxlan"
+skip 10.5.6.0/24: BackendData is missing; a vxlan lease carries {"VtepMAC":"xx:xx:xx:xx:xx:xx"}
+skip 10.5.7.0/24: BackendData {"Mac":"0e:00:00:00:00:07"} has no VtepMAC
+skip 10.5.8.0/24: BackendData ["0e:00:00:00:00:08"] is not a JSON object with a VtepMAC string
+skip 10.5.9.0/24: VtepMAC "garbage" is unusable: address garbage: invalid MAC address
+skip 10.6.1.0/24: subnet is not inside Network 10.5.0.0/16`,
+		},
+		{
+			"DirectRouting: peers on the external network get a plain route, others the tunnel",
+			direct,
+			[]subnet.Lease{
+				vx("10.5.2.0/24", "192.168.8.2", "0e:00:00:00:00:02"),
+				vx("10.5.3.0/24", "172.16.0.3", "0e:00:00:00:00:03"),
+			},
+			`fdb 0e:00:00:00:00:03 self dst 172.16.0.3 permanent
+neigh 10.5.3.0 lladdr 0e:00:00:00:00:03 nud permanent
+route 10.5.2.0/24 via 192.168.8.2 dev 2
+route 10.5.3.0/24 via 10.5.3.0 dev 7 onlink`,
+		},
+		{
+			"without DirectRouting the same peer is tunnelled",
+			base,
+			[]subnet.Lease{vx("10.5.2.0/24", "192.168.8.2", "0e:00:00:00:00:02")},
+			`fdb 0e:00:00:00:00:02 self dst 192.168.8.2 permanent
+neigh 10.5.2.0 lladdr 0e:00:00:00:00:02 nud permanent
+route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink`,
+		},
+	}
+	d := newDesired() // reused across cases, as Apply does
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d.compute(tt.w, tt.remote)
+			if got := d.render(); got != tt.want {
+				t.Errorf("desired set:\n%s\n\nwant:\n%s", got, tt.want)
+			}
+			// The input order does not matter.
+			rev := slices.Clone(tt.remote)
+			slices.Reverse(rev)
+			d.compute(tt.w, rev)
+			if got := d.render(); got != tt.want {
+				t.Errorf("desired set from reversed leases:\n%s\n\nwant:\n%s", got, tt.want)
+			}
+		})
+	}
+}
