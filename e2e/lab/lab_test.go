@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -184,7 +185,7 @@ func TestLabNetwork(t *testing.T) {
 	if l.Etcd().Running() {
 		t.Error("etcd still running after Close")
 	}
-	if _, err := l.Host(1).StartDaemon(); err != ErrClosed {
+	if _, err := l.Host(1).StartDaemon(); !errors.Is(err, ErrClosed) {
 		t.Errorf("StartDaemon after Close: err = %v, want ErrClosed", err)
 	}
 }

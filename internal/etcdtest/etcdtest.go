@@ -56,6 +56,7 @@ func WithListen(addr netip.Addr, clientPort, peerPort int) Option {
 // WithNetNS creates the server's listening sockets inside the network
 // namespace bound at nsPath (e.g. /run/netns/NAME), so the server is only
 // reachable from there. The Server's client helpers dial from inside it too.
+// With the default listen address 127.0.0.1, bring lo up in that namespace.
 func WithNetNS(nsPath string) Option { return func(o *options) { o.nsPath = nsPath } }
 
 // Server is an embedded etcd server. Its methods are safe for concurrent use.

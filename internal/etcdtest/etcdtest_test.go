@@ -89,7 +89,7 @@ func TestStopRestartKeepsDataAndEndpoint(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatalf("second close: %v", err)
 	}
-	if err := s.Restart(); err != ErrStopped {
+	if err := s.Restart(); !errors.Is(err, ErrStopped) {
 		t.Fatalf("restart after close: err = %v, want ErrStopped", err)
 	}
 }
