@@ -1,0 +1,80 @@
+package udp
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+// tunDevice is what the packet path needs of the TUN: wireguard-go's
+// tun.Device, narrowed. Read splits a virtio GSO super-packet into packets of
+// at most the MTU; Write coalesces TCP (and UDP) segments into super-packets
+// before writing them with a virtio header.
+type tunDevice interface {
+	Read(bufs [][]byte, sizes []int, offset int) (int, error)
+	Write(bufs [][]byte, offset int) (int, error)
+	Close() error
+}
+
+// tunOffset is the headroom left before each packet in the TUN buffers: the
+// virtio-net header (10 bytes) is written there.
+const tunOffset = 16
+
+// createTUN creates the TUN device name in the calling thread's network
+// namespace: IFF_TUN|IFF_NO_PI as flannel, plus IFF_VNET_HDR when offload is
+// true, in which case wireguard-go's tun package enables the TCP (and, where
+// the kernel has them, UDP) segmentation offloads. It sets the MTU. vnet
+// reports whether offloads are on.
+func createTUN(name string, mtu int, offload bool) (dev tun.Device, vnet bool, err error) {
+	if offload {
+		dev, err = openTUN(name, mtu, unix.IFF_VNET_HDR)
+		if err == nil {
+			return dev, true, nil
+		}
+		offErr := err
+		dev, err = openTUN(name, mtu, 0)
+		if err != nil {
+			return nil, false, errors.Join(offErr, err)
+		}
+		return dev, false, nil
+	}
+	dev, err = openTUN(name, mtu, 0)
+	return dev, false, err
+}
+
+func openTUN(name string, mtu int, extra uint16) (tun.Device, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening /dev/net/tun (is the tun module loaded?): %w", err)
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("naming TUN %q: %w", name, err)
+	}
+	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI | extra)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("creating TUN %s: %w", name, err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("setting TUN %s non-blocking: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), "/dev/net/tun")
+	dev, err := tun.CreateTUNFromFile(f, mtu)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("setting up TUN %s: %w", name, err)
+	}
+	// The device reports link events; nobody needs them, but its
+	// goroutines block when the channel fills. It is closed by Close.
+	go func() {
+		for range dev.Events() {
+		}
+	}()
+	return dev, nil
+}

@@ -1,0 +1,292 @@
+package udp
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// The lab: two network namespaces joined by a veth pair carrying the
+// external network 10.250.8.0/24; overlay Network 10.5.0.0/16. Nothing is
+// created or addressed outside the namespaces.
+var (
+	labExt = netip.MustParsePrefix("10.250.8.0/24")
+	nsSeq  atomic.Int64
+)
+
+const labExtName = "eth0"
+
+func needRoot(tb testing.TB) {
+	tb.Helper()
+	if os.Geteuid() != 0 {
+		tb.Skip("skipping: needs root to create network namespaces, veth pairs and TUN devices")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		tb.Skipf("skipping: no /dev/net/tun: %v", err)
+	}
+}
+
+// labHost is one namespace of the lab.
+type labHost struct {
+	name string
+	ns   netns.NsHandle
+	h    *netlink.Handle
+	ext  *net.Interface
+	addr netip.Addr
+}
+
+// inNS runs fn on a thread switched into ns, and switches it back. If that
+// fails the thread stays locked and dies with its goroutine.
+func inNS(tb testing.TB, ns netns.NsHandle, fn func()) {
+	tb.Helper()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- err
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns); err != nil {
+			runtime.UnlockOSThread()
+			done <- err
+			return
+		}
+		fn()
+		if err := netns.Set(orig); err != nil {
+			done <- fmt.Errorf("returning to the original namespace: %w", err)
+			return
+		}
+		runtime.UnlockOSThread()
+		done <- nil
+	}()
+	if err := <-done; err != nil {
+		tb.Fatalf("running in a namespace: %v", err)
+	}
+}
+
+// newNS creates a named namespace with lo up, deleted in Cleanup.
+func newNS(tb testing.TB) (string, netns.NsHandle, *netlink.Handle) {
+	tb.Helper()
+	needRoot(tb)
+	name := fmt.Sprintf("fludp-%d-%d", os.Getpid(), nsSeq.Add(1))
+	tb.Cleanup(func() {
+		if err := netns.DeleteNamed(name); err != nil && !os.IsNotExist(err) {
+			tb.Errorf("deleting network namespace %s: %v", name, err)
+		}
+	})
+	type result struct {
+		ns  netns.NsHandle
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer orig.Close()
+		ns, err := netns.NewNamed(name)
+		if serr := netns.Set(orig); serr != nil {
+			if err == nil {
+				ns.Close()
+			}
+			ch <- result{err: fmt.Errorf("returning to the original namespace: %w", serr)}
+			return
+		}
+		runtime.UnlockOSThread()
+		ch <- result{ns, err}
+	}()
+	r := <-ch
+	if r.err != nil {
+		tb.Fatalf("creating network namespace %s: %v", name, r.err)
+	}
+	tb.Cleanup(func() { r.ns.Close() })
+	h, err := netlink.NewHandleAt(r.ns)
+	if err != nil {
+		tb.Fatalf("opening netlink in %s: %v", name, err)
+	}
+	tb.Cleanup(h.Close)
+	lo, err := h.LinkByName("lo")
+	if err == nil {
+		err = h.LinkSetUp(lo)
+	}
+	if err != nil {
+		tb.Fatalf("setting lo up in %s: %v", name, err)
+	}
+	return name, r.ns, h
+}
+
+// newLab builds two hosts whose eth0 ends of one veth pair carry
+// 10.250.8.1/24 and 10.250.8.2/24.
+func newLab(tb testing.TB) (a, b *labHost) {
+	tb.Helper()
+	nameA, nsA, ha := newNS(tb)
+	nameB, nsB, hb := newNS(tb)
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: labExtName, MTU: 1500},
+		PeerName:      labExtName,
+		PeerNamespace: netlink.NsFd(int(nsB)),
+	}
+	if err := ha.LinkAdd(veth); err != nil {
+		tb.Fatalf("creating the veth pair: %v", err)
+	}
+	a = &labHost{name: nameA, ns: nsA, h: ha, addr: netip.MustParseAddr("10.250.8.1")}
+	b = &labHost{name: nameB, ns: nsB, h: hb, addr: netip.MustParseAddr("10.250.8.2")}
+	for _, x := range []*labHost{a, b} {
+		l, err := x.h.LinkByName(labExtName)
+		if err != nil {
+			tb.Fatalf("finding %s in %s: %v", labExtName, x.name, err)
+		}
+		if err := x.h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(x.addr, labExt.Bits())}); err != nil {
+			tb.Fatalf("addressing %s in %s: %v", labExtName, x.name, err)
+		}
+		if err := x.h.LinkSetUp(l); err != nil {
+			tb.Fatalf("setting %s up in %s: %v", labExtName, x.name, err)
+		}
+		at := l.Attrs()
+		x.ext = &net.Interface{Index: at.Index, MTU: at.MTU, Name: at.Name, Flags: net.FlagUp}
+	}
+	return a, b
+}
+
+// run runs a command inside the host's namespace.
+func (x *labHost) run(ctx context.Context, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", x.name}, args...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// labConfig is the network config of the lab with the given Backend block.
+func labConfig(tb testing.TB, backendJSON string) *subnet.Config {
+	tb.Helper()
+	if backendJSON == "" {
+		backendJSON = `{"Type":"udp"}`
+	}
+	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":` + backendJSON + `}`))
+	if err != nil {
+		tb.Fatalf("parsing the lab config: %v", err)
+	}
+	return cfg
+}
+
+// lease is the udp lease of subnet held by host x.
+func (x *labHost) lease(subnetCIDR string) subnet.Lease {
+	return subnet.Lease{
+		Subnet: netip.MustParsePrefix(subnetCIDR),
+		Attrs:  subnet.LeaseAttrs{PublicIP: x.addr, BackendType: TypeName},
+	}
+}
+
+// startBackend creates and initialises a udp backend in x's namespace,
+// closed in Cleanup.
+func (x *labHost) startBackend(tb testing.TB, cfg *subnet.Config) *Backend {
+	tb.Helper()
+	be, err := New(backend.Options{
+		Ext:     backend.ExternalInterface{Iface: x.ext, IfaceAddr: x.addr, PublicIP: x.addr},
+		Config:  cfg,
+		Netlink: x.h,
+		Logger:  klog.Background().WithName(x.name),
+	})
+	if err != nil {
+		tb.Fatalf("New in %s: %v", x.name, err)
+	}
+	tb.Cleanup(func() {
+		if err := be.Close(); err != nil {
+			tb.Errorf("closing the backend in %s: %v", x.name, err)
+		}
+	})
+	var pub backend.Publish
+	inNS(tb, x.ns, func() { pub, err = be.Init(context.Background()) })
+	if err != nil {
+		tb.Fatalf("Init in %s: %v", x.name, err)
+	}
+	if want := x.ext.MTU - 28; pub.MTU != want || pub.BackendData != nil {
+		tb.Fatalf("Init in %s published %+v, want MTU %d and no BackendData", x.name, pub, want)
+	}
+	return be
+}
+
+// ping sends one echo request from src to dst inside x and reports whether
+// a reply came, with ping's output.
+func (x *labHost) ping(tb testing.TB, src, dst string) (bool, string) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := x.run(ctx, "ping", "-n", "-c1", "-W2", "-I", src, dst)
+	return err == nil, out
+}
+
+// eventually polls cond until it holds or a generous deadline passes.
+func eventually(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func needPing(tb testing.TB) {
+	tb.Helper()
+	if _, err := exec.LookPath("ping"); err != nil {
+		tb.Skip("skipping: ping is not installed (apt-get install iputils-ping)")
+	}
+}
+
+func TestNetnsPing(t *testing.T) {
+	needRoot(t)
+	needPing(t)
+	a, b := newLab(t)
+	cfg := labConfig(t, "")
+	ba := a.startBackend(t, cfg)
+	bb := b.startBackend(t, cfg)
+	la, lb := a.lease("10.5.1.0/24"), b.lease("10.5.2.0/24")
+	ctx := context.Background()
+	for i := 0; i < 2; i++ { // Apply is idempotent
+		if err := ba.Apply(ctx, la, []subnet.Lease{lb}); err != nil {
+			t.Fatalf("Apply in A: %v", err)
+		}
+		if err := bb.Apply(ctx, lb, []subnet.Lease{la}); err != nil {
+			t.Fatalf("Apply in B: %v", err)
+		}
+	}
+	out, err := a.run(ctx, "ip", "-4", "-o", "addr", "show", "dev", DeviceName)
+	if err != nil || !strings.Contains(out, "inet 10.5.1.0/16") || strings.Count(out, "inet ") != 1 {
+		t.Fatalf("flannel0 in A: want exactly 10.5.1.0/16, got %q (%v)", out, err)
+	}
+	out, _ = a.run(ctx, "ip", "-o", "link", "show", "dev", DeviceName)
+	if !strings.Contains(out, "mtu 1472") {
+		t.Fatalf("flannel0 in A: want mtu 1472, got %q", out)
+	}
+	if ok, out := a.ping(t, "10.5.1.0", "10.5.2.0"); !ok {
+		t.Fatalf("ping A->B failed:\n%s\nstats A %+v\nstats B %+v", out, ba.Stats(), bb.Stats())
+	}
+	if ok, out := b.ping(t, "10.5.2.0", "10.5.1.0"); !ok {
+		t.Fatalf("ping B->A failed:\n%s\nstats A %+v\nstats B %+v", out, ba.Stats(), bb.Stats())
+	}
+	t.Logf("stats A %+v", ba.Stats())
+}

@@ -1,0 +1,271 @@
+package udp
+
+import (
+	"errors"
+	"net"
+	"os"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/tun"
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/pkg/ip"
+)
+
+const (
+	// batchSize is the most packets one TUN read yields and one TUN write
+	// takes.
+	batchSize = 128
+	// recvMessages is the most messages one recvmmsg returns; with UDP_GRO
+	// each may hold up to 64 KB of datagrams.
+	recvMessages = 32
+	// maxPacket is the largest IPv4 packet (and GRO message).
+	maxPacket = 65535
+)
+
+// path is the packet path shared by the two loops: the lease table, the
+// counters and the policy.
+type path struct {
+	log    klog.Logger
+	strict bool
+	table  atomic.Pointer[table]
+	ctr    counters
+}
+
+// outVerdict is what becomes of a packet read from the TUN.
+type outVerdict int
+
+const (
+	outSend outVerdict = iota
+	outDrop
+	outUnreachable
+)
+
+// outbound decides about one packet read from the TUN. For outSend it
+// returns the peer index in t and the packet trimmed to its IPv4 total
+// length, with the TTL decremented.
+func (p *path) outbound(t *table, pkt []byte) (int32, []byte, outVerdict) {
+	_, tl, ok := ipv4Header(pkt)
+	if !ok {
+		r := dropMalformed
+		if len(pkt) == 0 || pkt[0]>>4 != 4 {
+			r = dropNonIPv4
+		}
+		p.ctr.drop(p.log, r, 1, nil)
+		return -1, nil, outDrop
+	}
+	pkt = pkt[:tl]
+	dst := dstAddr(pkt)
+	i := t.lookup(dst)
+	if i < 0 {
+		p.ctr.drop(p.log, dropNoRoute, 1, func() []any {
+			return []any{"src", ip.FromUint32(srcAddr(pkt)), "dst", ip.FromUint32(dst)}
+		})
+		return -1, pkt, outUnreachable
+	}
+	if !decTTL(pkt) {
+		p.ctr.drop(p.log, dropTTL, 1, nil)
+		return -1, nil, outDrop
+	}
+	return i, pkt, outSend
+}
+
+// inbound decides about one inner packet received from sender from. It
+// returns the packet with the TTL decremented, ready for the TUN, or false
+// when it is dropped.
+func (p *path) inbound(t *table, from uint32, pkt []byte) ([]byte, bool) {
+	hl, tl, ok := ipv4Header(pkt)
+	if !ok || tl != len(pkt) || !headerChecksumOK(pkt[:hl]) {
+		r := dropMalformed
+		if len(pkt) == 0 || pkt[0]>>4 != 4 {
+			r = dropNonIPv4
+		}
+		p.ctr.drop(p.log, r, 1, func() []any { return []any{"from", ip.FromUint32(from)} })
+		return nil, false
+	}
+	if p.strict {
+		switch t.check(from, srcAddr(pkt)) {
+		case unknownSender:
+			p.ctr.drop(p.log, dropUnknownSender, 1, func() []any { return []any{"from", ip.FromUint32(from)} })
+			return nil, false
+		case spoofedSource:
+			p.ctr.drop(p.log, dropSpoofedSource, 1, func() []any {
+				return []any{"from", ip.FromUint32(from), "src", ip.FromUint32(srcAddr(pkt))}
+			})
+			return nil, false
+		}
+	}
+	if !decTTL(pkt) {
+		p.ctr.drop(p.log, dropTTL, 1, nil)
+		return nil, false
+	}
+	return pkt, true
+}
+
+// tunBatch gathers the packets of one recvmmsg for one TUN write. Each
+// packet is copied into its own buffer with tunOffset headroom and room to
+// coalesce up to 64 KB onto it.
+type tunBatch struct {
+	dev     tunDevice
+	backing [][]byte
+	bufs    [][]byte
+}
+
+func newTUNBatch(dev tunDevice, n int) *tunBatch {
+	b := &tunBatch{dev: dev, backing: make([][]byte, n), bufs: make([][]byte, 0, n)}
+	for i := range b.backing {
+		b.backing[i] = make([]byte, tunOffset+maxPacket)
+	}
+	return b
+}
+
+func (b *tunBatch) add(pkt []byte) {
+	buf := b.backing[len(b.bufs)]
+	n := copy(buf[tunOffset:], pkt)
+	b.bufs = append(b.bufs, buf[:tunOffset+n])
+}
+
+func (b *tunBatch) full() bool { return len(b.bufs) == len(b.backing) }
+
+// flush writes the gathered packets and empties the batch.
+func (b *tunBatch) flush() (int, error) {
+	if len(b.bufs) == 0 {
+		return 0, nil
+	}
+	n := len(b.bufs)
+	_, err := b.dev.Write(b.bufs, tunOffset)
+	clear(b.bufs)
+	b.bufs = b.bufs[:0]
+	return n, err
+}
+
+// receive handles one received message: data from sender from, coalesced
+// by GRO into segments of seg bytes (0: one datagram). Each segment is one
+// inner packet; the accepted ones are added to out, which is flushed when
+// full.
+func (p *path) receive(t *table, from uint32, data []byte, seg int, out *tunBatch) {
+	if seg <= 0 || seg > len(data) {
+		seg = len(data)
+	}
+	for off := 0; off < len(data); off += seg {
+		end := min(off+seg, len(data))
+		p.ctr.udpReceived.Add(1)
+		pkt, ok := p.inbound(t, from, data[off:end])
+		if !ok {
+			continue
+		}
+		if out.full() {
+			p.flushTUN(out)
+		}
+		out.add(pkt)
+	}
+}
+
+func (p *path) flushTUN(out *tunBatch) {
+	n, err := out.flush()
+	if n == 0 {
+		return
+	}
+	p.ctr.tunWritten.Add(uint64(n))
+	if err != nil {
+		p.ctr.drop(p.log, dropTUNWrite, 1, func() []any { return []any{"err", err} })
+	}
+}
+
+// udpLoop moves datagrams from the socket into the TUN until the socket is
+// closed.
+func (p *path) udpLoop(c *sockConn, dev tunDevice) {
+	rx := newRecvBatch(c, recvMessages, maxPacket)
+	out := newTUNBatch(dev, batchSize)
+	for {
+		n, err := rx.read()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			p.ctr.drop(p.log, dropMalformed, 1, func() []any { return []any{"err", err} })
+			continue
+		}
+		t := p.table.Load()
+		for i := 0; i < n; i++ {
+			from, data, seg, trunc := rx.msg(i)
+			if trunc {
+				p.ctr.drop(p.log, dropMalformed, 1, func() []any { return []any{"from", ip.FromUint32(from), "err", "truncated"} })
+				continue
+			}
+			p.receive(t, from, data, seg, out)
+		}
+		p.flushTUN(out)
+	}
+}
+
+// tunLoop moves packets from the TUN to their peers until the TUN is
+// closed.
+func (p *path) tunLoop(dev tunDevice, c *sockConn, mtu int) {
+	bufs := make([][]byte, batchSize)
+	sizes := make([]int, batchSize)
+	// Without offloads the first buffer takes every read; with them, the
+	// kernel's super-packet is split into buffers of at most the MTU.
+	bufs[0] = make([]byte, tunOffset+maxPacket)
+	for i := 1; i < batchSize; i++ {
+		bufs[i] = make([]byte, tunOffset+max(mtu, 1500))
+	}
+	snd := newSendBatch(c, batchSize)
+	icmp := [][]byte{make([]byte, tunOffset+netUnreachableLen)}
+	for {
+		n, err := dev.Read(bufs, sizes, tunOffset)
+		if err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			if n == 0 {
+				p.ctr.drop(p.log, dropMalformed, 1, func() []any { return []any{"err", err} })
+				if !errors.Is(err, tun.ErrTooManySegments) && isFatalTUN(err) {
+					return
+				}
+				continue
+			}
+		}
+		t := p.table.Load()
+		for i := 0; i < n; i++ {
+			p.ctr.tunRead.Add(1)
+			idx, pkt, v := p.outbound(t, bufs[i][tunOffset:tunOffset+sizes[i]])
+			switch v {
+			case outSend:
+				if snd.full() {
+					p.flushUDP(snd)
+				}
+				snd.add(&t.peers[idx], pkt)
+			case outUnreachable:
+				if l := netUnreachable(icmp[0][tunOffset:], pkt); l > 0 {
+					icmp[0] = icmp[0][:tunOffset+l]
+					if _, err := dev.Write(icmp, tunOffset); err == nil {
+						p.ctr.unreachable.Add(1)
+					}
+					icmp[0] = icmp[0][:cap(icmp[0])]
+				}
+			}
+		}
+		p.flushUDP(snd)
+	}
+}
+
+func (p *path) flushUDP(snd *sendBatch) {
+	queued := snd.npkts
+	n, err := snd.flush()
+	p.ctr.udpSent.Add(uint64(n))
+	var refused errGSORefused
+	if errors.As(err, &refused) {
+		p.log.Info("The kernel refused UDP segmentation offload; sending one datagram per packet from now on", "err", err)
+		err = refused.err
+	}
+	if err != nil && queued > n {
+		p.ctr.drop(p.log, dropSendError, uint64(queued-n), func() []any { return []any{"err", err} })
+	}
+}
+
+// isFatalTUN reports read errors after which the TUN is unusable.
+func isFatalTUN(err error) bool {
+	return errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) || errors.Is(err, unix.EBADFD)
+}

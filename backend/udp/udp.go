@@ -1,0 +1,242 @@
+// Package udp is flannel's udp backend: a TUN device, flannel0, whose
+// packets travel as the payload of UDP datagrams, one inner IPv4 packet per
+// datagram, to the node whose lease holds the destination.
+//
+// The fast path is pure Go. The TUN is opened with a virtio-net header so
+// that one read returns a TCP super-packet of up to 64 KB, which
+// wireguard-go's tun package splits into packets of at most the MTU; each
+// run of packets for one peer goes out with one UDP_SEGMENT message, many
+// messages per sendmmsg. Datagrams come in with UDP_GRO and recvmmsg, and
+// TCP segments are coalesced again (after checking their checksums) before
+// they are written to the TUN. On the wire every datagram still carries
+// exactly one inner packet, so flannel's one-datagram-per-read receiver
+// interoperates. Each offload can be turned off in the Backend block.
+package udp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// TypeName is the backend's name in the config and in leases.
+const TypeName = "udp"
+
+// DeviceName is the TUN device's name.
+const DeviceName = "flannel0"
+
+// overhead is what the outer IPv4 and UDP headers take from the external
+// MTU.
+const overhead = 28
+
+// Errors of the backend.
+var (
+	// ErrNotInitialized is returned by Apply before a successful Init.
+	ErrNotInitialized = errors.New("udp backend: Apply called before Init")
+	// ErrClosed is returned by Init and Apply after Close.
+	ErrClosed = errors.New("udp backend: closed")
+)
+
+func init() {
+	backend.Register(TypeName, func(o backend.Options) (backend.Backend, error) { return New(o) })
+}
+
+// netlinkHandle is the part of *netlink.Handle the backend uses.
+type netlinkHandle interface {
+	LinkByName(name string) (netlink.Link, error)
+	LinkSetUp(link netlink.Link) error
+	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
+	AddrReplace(link netlink.Link, addr *netlink.Addr) error
+	AddrDel(link netlink.Link, addr *netlink.Addr) error
+}
+
+// Backend is the udp backend. Create it with New.
+type Backend struct {
+	opts backend.Options
+	cfg  config
+	log  klog.Logger
+	nl   netlinkHandle
+	mtu  int
+
+	path path
+
+	mu      sync.Mutex // guards the fields below
+	dev     tunDevice
+	sock    *sockConn
+	closed  bool
+	wg      sync.WaitGroup
+	ignored map[netip.Prefix]bool // leases of other types, logged once
+}
+
+// New checks the options and the udp keys of the Backend block. Devices and
+// sockets are created by Init.
+func New(o backend.Options) (*Backend, error) {
+	if o.Config == nil {
+		return nil, fmt.Errorf("%w: no network config", ErrInvalidConfig)
+	}
+	cfg, err := parseConfig(o.Config.Backend)
+	if err != nil {
+		return nil, err
+	}
+	if !o.Ext.IfaceAddr.Is4() {
+		return nil, fmt.Errorf("udp backend needs the IPv4 address of the external interface, got %v", o.Ext.IfaceAddr)
+	}
+	if o.Ext.Iface == nil {
+		return nil, errors.New("udp backend needs the external interface")
+	}
+	mtu := o.Ext.Iface.MTU - overhead
+	if mtu < 576 {
+		return nil, fmt.Errorf("udp backend: external interface %s has MTU %d; the overlay needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 576+overhead)
+	}
+	b := &Backend{opts: o, cfg: cfg, log: o.Logger, mtu: mtu, ignored: map[netip.Prefix]bool{}}
+	if o.Netlink != nil {
+		b.nl = o.Netlink
+	} else {
+		b.nl = &netlink.Handle{}
+	}
+	b.path.log = o.Logger
+	b.path.strict = cfg.StrictSource
+	b.path.table.Store(newTable(nil, cfg.Port))
+	return b, nil
+}
+
+// Init creates the TUN flannel0 and the UDP socket on <iface addr>:<Port>,
+// both in the calling thread's network namespace, and starts the packet
+// loops. It publishes MTU = external MTU - 28 and no BackendData.
+func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return backend.Publish{}, ErrClosed
+	}
+	if b.dev != nil {
+		return backend.Publish{MTU: b.mtu}, nil
+	}
+	sock, err := listen(netip.AddrPortFrom(b.opts.Ext.IfaceAddr, uint16(b.cfg.Port)), b.cfg.UDPGSO, b.cfg.UDPGRO)
+	if err != nil {
+		return backend.Publish{}, fmt.Errorf("opening the udp socket: %w", err)
+	}
+	dev, vnet, err := createTUN(DeviceName, b.mtu, b.cfg.TUNOffload)
+	if err != nil {
+		sock.Close()
+		return backend.Publish{}, fmt.Errorf("creating TUN %s: %w", DeviceName, err)
+	}
+	if b.cfg.TUNOffload && !vnet {
+		b.log.Info("TUN offloads unavailable; reading one packet at a time", "device", DeviceName)
+	}
+	b.log.Info("Started the udp backend", "device", DeviceName, "mtu", b.mtu,
+		"listen", netip.AddrPortFrom(b.opts.Ext.IfaceAddr, uint16(b.cfg.Port)),
+		"tunOffload", vnet, "udpGSO", sock.gso.Load(), "udpGRO", sock.gro, "strictSource", b.cfg.StrictSource)
+	b.dev, b.sock = dev, sock
+	b.wg.Add(2)
+	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
+	go func() { defer b.wg.Done(); b.path.udpLoop(sock, dev) }()
+	return backend.Publish{MTU: b.mtu}, nil
+}
+
+// Apply gives flannel0 the address <own subnet IP>/<Network prefix> (so the
+// kernel routes the whole Network into it), brings it up, and swaps in the
+// lease table built from the remote udp leases.
+func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return ErrClosed
+	}
+	if b.dev == nil {
+		return ErrNotInitialized
+	}
+	routes := make([]route, 0, len(remote))
+	for _, l := range remote {
+		if l.Subnet == own.Subnet {
+			continue
+		}
+		if l.Attrs.BackendType != TypeName {
+			if !b.ignored[l.Subnet] {
+				b.ignored[l.Subnet] = true
+				b.log.Info("Ignoring a lease of another backend type", "subnet", l.Subnet, "type", l.Attrs.BackendType)
+			}
+			continue
+		}
+		routes = append(routes, route{Subnet: l.Subnet, PublicIP: l.Attrs.PublicIP})
+	}
+	if err := b.configureDevice(own.Subnet); err != nil {
+		return err
+	}
+	b.path.table.Store(newTable(routes, b.cfg.Port))
+	return nil
+}
+
+// configureDevice makes flannel0's IPv4 addresses exactly
+// <own subnet IP>/<Network prefix> and sets it up.
+func (b *Backend) configureDevice(own netip.Prefix) error {
+	link, err := b.nl.LinkByName(DeviceName)
+	if err != nil {
+		return fmt.Errorf("finding %s: %w", DeviceName, err)
+	}
+	want := netip.PrefixFrom(own.Addr(), b.opts.Config.Network.Bits())
+	addrs, err := b.nl.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("listing addresses of %s: %w", DeviceName, err)
+	}
+	have := false
+	for _, a := range addrs {
+		p, ok := ip.FromIP(a.IP)
+		ones, _ := a.Mask.Size()
+		if ok && p == want.Addr() && ones == want.Bits() {
+			have = true
+			continue
+		}
+		if err := b.nl.AddrDel(link, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return fmt.Errorf("removing stale address %s from %s: %w", a.IPNet, DeviceName, err)
+		}
+	}
+	if !have {
+		if err := b.nl.AddrReplace(link, &netlink.Addr{IPNet: ip.HostNet(want.Addr(), want.Bits())}); err != nil {
+			return fmt.Errorf("adding address %s to %s: %w", want, DeviceName, err)
+		}
+	}
+	if err := b.nl.LinkSetUp(link); err != nil {
+		return fmt.Errorf("setting %s up: %w", DeviceName, err)
+	}
+	return nil
+}
+
+// Stats returns the packet counters.
+func (b *Backend) Stats() Stats { return b.path.ctr.snapshot() }
+
+// Close stops the packet loops and closes the socket and the TUN. The TUN
+// is not persistent: closing it removes flannel0 and with it the Network
+// route; a restarted daemon creates both again. Idempotent.
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closed = true
+	var errs []error
+	if b.sock != nil {
+		if err := b.sock.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing the udp socket: %w", err))
+		}
+	}
+	if b.dev != nil {
+		if err := b.dev.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing %s: %w", DeviceName, err))
+		}
+	}
+	b.mu.Unlock()
+	b.wg.Wait()
+	return errors.Join(errs...)
+}
