@@ -70,8 +70,9 @@ type Options struct {
 	// NamePrefix starts every namespace name (default "flab"). Names are
 	// <NamePrefix>-<pid>-<n>-lan and <NamePrefix>-<pid>-<n>-host<i>.
 	NamePrefix string
-	// Dir holds per-host subnet files and daemon logs. Default: a new
-	// temporary directory that Close removes.
+	// Dir holds per-host subnet files, daemon logs and etcd's data.
+	// Default: a new directory <tmp>/<lab name>-<random> that Close (or
+	// Teardown, after a crash) removes.
 	Dir string
 	// Logf receives progress and diagnostics; nil discards them.
 	Logf func(format string, args ...any)
@@ -257,6 +258,7 @@ func (l *Lab) build() error {
 	srv, err := etcdtest.New(
 		etcdtest.WithNetNS(nsPath(l.lanNS)),
 		etcdtest.WithListen(l.etcdAddr, EtcdClientPort, EtcdPeerPort),
+		etcdtest.WithParentDir(l.dir),
 	)
 	if err != nil {
 		return fmt.Errorf("starting etcd in %s: %w", l.lanNS, err)

@@ -320,7 +320,15 @@ func TestTeardownRemovesLeftovers(t *testing.T) {
 		t.Skip("the namespaced lab needs root (it creates network namespaces)")
 	}
 	prefix := fmt.Sprintf("flabtd%d", os.Getpid())
-	l := Start(t, Options{Hosts: 2, DaemonPath: writeFake(t), NamePrefix: prefix})
+	// New, not Start: the lab makes its own directory, as the demo's does.
+	l, err := New(Options{Hosts: 2, DaemonPath: writeFake(t), NamePrefix: prefix, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if fi, err := os.Stat(l.Dir()); err != nil || !fi.IsDir() {
+		t.Fatalf("lab directory %s: %v", l.Dir(), err)
+	}
 	ctx := ctxFor(t, time.Minute)
 	d, err := l.Host(1).StartDaemon()
 	if err != nil {
@@ -343,6 +351,9 @@ func TestTeardownRemovesLeftovers(t *testing.T) {
 	}
 	if list := netnsList(t); strings.Contains(list, prefix+"-") {
 		t.Errorf("namespaces left after Teardown:\n%s", list)
+	}
+	if _, err := os.Stat(l.Dir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lab directory %s left after Teardown: %v", l.Dir(), err)
 	}
 	if again, err := Teardown(prefix); err != nil || len(again) != 0 {
 		t.Errorf("second Teardown = %v, %v; want nothing", again, err)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -16,7 +17,8 @@ import (
 // namePrefix + "-" (e.g. after the lab's process was killed): it kills every
 // process inside those namespaces, then deletes the namespaces. It returns
 // the namespaces it deleted. The embedded etcd lives in the lab's own
-// process; Teardown does not touch that process.
+// process; Teardown does not touch that process. It also removes the
+// default directories (<tmp>/<lab name>-<random>) of the labs it tore down.
 func Teardown(namePrefix string) ([]string, error) {
 	if namePrefix == "" || strings.ContainsAny(namePrefix, "/ ") {
 		return nil, fmt.Errorf("lab: teardown needs a name prefix without '/' or spaces, got %q", namePrefix)
@@ -43,14 +45,49 @@ func Teardown(namePrefix string) ([]string, error) {
 		}
 	}
 	var deleted []string
+	labs := map[string]bool{}
 	for _, ns := range names {
 		if err := deleteNS(ns); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		deleted = append(deleted, ns)
+		labs[labName(ns)] = true
+	}
+	for name := range labs {
+		if err := removeLabDirs(name); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return deleted, errors.Join(errs...)
+}
+
+// labName strips the role (-lan, -host<i>) from a namespace name.
+func labName(ns string) string {
+	if i := strings.LastIndex(ns, "-"); i > 0 {
+		return ns[:i]
+	}
+	return ns
+}
+
+// removeLabDirs removes <tmp>/<lab name>-<digits>, the default lab
+// directories New makes.
+func removeLabDirs(name string) error {
+	entries, err := os.ReadDir(os.TempDir())
+	if err != nil {
+		return fmt.Errorf("listing %s: %w", os.TempDir(), err)
+	}
+	var errs []error
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), name+"-")
+		if !ok || !e.IsDir() || rest == "" || strings.Trim(rest, "0123456789") != "" {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(os.TempDir(), e.Name())); err != nil {
+			errs = append(errs, fmt.Errorf("removing lab directory: %w", err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // killNSProcesses sends SIGTERM to the processes in ns, then SIGKILL to

@@ -40,6 +40,7 @@ type options struct {
 	peerPort   int
 	nsPath     string
 	tls        bool
+	parentDir  string
 }
 
 // WithTLS serves clients over TLS and requires a client certificate signed by
@@ -58,6 +59,10 @@ func WithListen(addr netip.Addr, clientPort, peerPort int) Option {
 // reachable from there. The Server's client helpers dial from inside it too.
 // With the default listen address 127.0.0.1, bring lo up in that namespace.
 func WithNetNS(nsPath string) Option { return func(o *options) { o.nsPath = nsPath } }
+
+// WithParentDir creates the server's directory (data and certificates)
+// inside dir instead of the system temporary directory.
+func WithParentDir(dir string) Option { return func(o *options) { o.parentDir = dir } }
 
 // Server is an embedded etcd server. Its methods are safe for concurrent use.
 type Server struct {
@@ -100,7 +105,7 @@ func New(opts ...Option) (*Server, error) {
 	if !o.addr.IsValid() {
 		return nil, fmt.Errorf("etcdtest: invalid listen address")
 	}
-	dir, err := os.MkdirTemp("", "etcdtest-")
+	dir, err := os.MkdirTemp(o.parentDir, "etcdtest-")
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd directory: %w", err)
 	}
