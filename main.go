@@ -1,0 +1,260 @@
+// Command flanneld gives this host a subnet of the overlay network kept in
+// etcd and carries traffic to the other hosts' subnets. It is a drop-in for
+// flannel's etcd-v2-era daemon: same flags, etcd layout and wire formats.
+package main
+
+import (
+	"context"
+	goflag "flag"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/spf13/pflag"
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/backend"
+	_ "github.com/flanneld-go/flanneld/backend/hostgw"
+	flannel "github.com/flanneld-go/flanneld/daemon"
+	"github.com/flanneld-go/flanneld/network"
+	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/subnet/etcdv2"
+)
+
+// version is set at build time: -ldflags "-X main.version=...".
+var version = "dev"
+
+type flags struct {
+	etcdEndpoints  string
+	etcdPrefix     string
+	etcdKeyfile    string
+	etcdCertfile   string
+	etcdCAFile     string
+	etcdUsername   string
+	etcdPassword   string
+	iface          []string
+	ifaceRegex     []string
+	subnetFile     string
+	publicIP       string
+	renewMargin    int
+	ipMasq         bool
+	healthzIP      string
+	healthzPort    int
+	iptablesResync int
+	routeResync    int
+	version        bool
+}
+
+func newFlagSet(f *flags) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("flanneld", pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.StringVar(&f.etcdEndpoints, "etcd-endpoints", "http://127.0.0.1:4001,http://127.0.0.1:2379", "a comma-delimited list of etcd endpoints")
+	fs.StringVar(&f.etcdPrefix, "etcd-prefix", "/coreos.com/network", "etcd prefix")
+	fs.StringVar(&f.etcdKeyfile, "etcd-keyfile", "", "SSL key file used to secure etcd communication")
+	fs.StringVar(&f.etcdCertfile, "etcd-certfile", "", "SSL certification file used to secure etcd communication")
+	fs.StringVar(&f.etcdCAFile, "etcd-cafile", "", "SSL Certificate Authority file used to secure etcd communication")
+	fs.StringVar(&f.etcdUsername, "etcd-username", "", "username for BasicAuth to etcd")
+	fs.StringVar(&f.etcdPassword, "etcd-password", "", "password for BasicAuth to etcd")
+	fs.StringArrayVar(&f.iface, "iface", nil, "interface to use (IP or name) for inter-host communication; may be repeated, tried in order")
+	fs.StringArrayVar(&f.ifaceRegex, "iface-regex", nil, "regex matched against IPv4 addresses then names to pick the interface; may be repeated")
+	fs.StringVar(&f.subnetFile, "subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
+	fs.StringVar(&f.publicIP, "public-ip", "", "IP accessible by other nodes for inter-host communication (default: the interface's address)")
+	fs.IntVar(&f.renewMargin, "subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1..1439)")
+	fs.BoolVar(&f.ipMasq, "ip-masq", false, "setup IP masquerade rule for traffic destined outside of overlay network")
+	fs.StringVar(&f.healthzIP, "healthz-ip", "0.0.0.0", "the IP address for healthz server to listen")
+	fs.IntVar(&f.healthzPort, "healthz-port", 0, "the port for healthz server to listen (0 to disable)")
+	fs.IntVar(&f.iptablesResync, "iptables-resync", 5, "resync period for iptables rules, in seconds")
+	fs.IntVar(&f.routeResync, "route-resync", 10, "how often routes and other kernel entries are re-checked, in seconds")
+	fs.BoolVar(&f.version, "version", false, "print version and exit")
+	gofs := goflag.NewFlagSet("klog", goflag.ContinueOnError)
+	klog.InitFlags(gofs)
+	fs.AddGoFlagSet(gofs)
+	return fs
+}
+
+// parseFlags parses args, then fills every flag not given on the command
+// line from FLANNELD_<NAME> (upper case, '-' as '_'). Repeatable flags take a
+// comma-separated list from the environment (--iface-regex takes one regex).
+func parseFlags(args []string, getenv func(string) string) (*flags, error) {
+	f := &flags{}
+	fs := newFlagSet(f)
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q: flanneld takes only flags", fs.Arg(0))
+	}
+	var err error
+	fs.VisitAll(func(fl *pflag.Flag) {
+		if err != nil || fl.Changed {
+			return
+		}
+		name := "FLANNELD_" + strings.ToUpper(strings.ReplaceAll(fl.Name, "-", "_"))
+		v := getenv(name)
+		if v == "" {
+			return
+		}
+		vals := []string{v}
+		if fl.Name == "iface" {
+			vals = strings.Split(v, ",")
+		}
+		for _, v := range vals {
+			if e := fs.Set(fl.Name, strings.TrimSpace(v)); e != nil {
+				err = fmt.Errorf("invalid value of %s: %v", name, e)
+				return
+			}
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	if f.renewMargin < 1 || f.renewMargin > 1439 {
+		return nil, fmt.Errorf("--subnet-lease-renew-margin %d is out of range: use 1..1439 minutes", f.renewMargin)
+	}
+	if f.iptablesResync < 1 {
+		return nil, fmt.Errorf("--iptables-resync %d must be at least 1 second", f.iptablesResync)
+	}
+	if f.routeResync < 1 {
+		return nil, fmt.Errorf("--route-resync %d must be at least 1 second", f.routeResync)
+	}
+	if f.healthzPort < 0 || f.healthzPort > 65535 {
+		return nil, fmt.Errorf("--healthz-port %d is out of range: use 0..65535 (0 turns it off)", f.healthzPort)
+	}
+	if f.healthzPort != 0 {
+		if _, err := netip.ParseAddr(f.healthzIP); err != nil {
+			return nil, fmt.Errorf("--healthz-ip %q is not an IP address", f.healthzIP)
+		}
+	}
+	if f.publicIP != "" {
+		if _, err := ip.ParseAddr(f.publicIP); err != nil {
+			return nil, fmt.Errorf("--public-ip %q is not an IPv4 address", f.publicIP)
+		}
+	}
+	if (f.etcdCertfile == "") != (f.etcdKeyfile == "") {
+		return nil, fmt.Errorf("--etcd-certfile and --etcd-keyfile go together: give both or neither")
+	}
+	return f, nil
+}
+
+func main() {
+	f, err := parseFlags(os.Args[1:], os.Getenv)
+	if err == pflag.ErrHelp {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "flanneld:", err)
+		os.Exit(2)
+	}
+	if f.version {
+		fmt.Println(version)
+		return
+	}
+	if err := run(f); err != nil {
+		klog.Flush()
+		fmt.Fprintln(os.Stderr, "flanneld:", err)
+		os.Exit(1)
+	}
+	klog.Flush()
+}
+
+func run(f *flags) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	log := klog.Background()
+	log.Info("Starting flanneld", "version", version)
+
+	ext, err := ip.ChooseInterface(nil, f.iface, f.ifaceRegex)
+	if err != nil {
+		return err
+	}
+	public := ext.Addr
+	if f.publicIP != "" {
+		public, _ = ip.ParseAddr(f.publicIP)
+	}
+	log.Info("Using interface", "name", ext.Iface.Name, "addr", ext.Addr, "publicIP", public, "mtu", ext.Iface.MTU)
+
+	var endpoints []string
+	for _, e := range strings.Split(f.etcdEndpoints, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			endpoints = append(endpoints, e)
+		}
+	}
+	mgr, err := etcdv2.New(etcdv2.Options{
+		Endpoints: endpoints,
+		CertFile:  f.etcdCertfile,
+		KeyFile:   f.etcdKeyfile,
+		CAFile:    f.etcdCAFile,
+		Username:  f.etcdUsername,
+		Password:  f.etcdPassword,
+		Prefix:    f.etcdPrefix,
+		Logger:    log.WithName("etcd"),
+	})
+	if err != nil {
+		return err
+	}
+
+	var ready atomic.Bool
+	if f.healthzPort != 0 {
+		if err := serveHealthz(ctx, net.JoinHostPort(f.healthzIP, strconv.Itoa(f.healthzPort)), &ready); err != nil {
+			return err
+		}
+	}
+
+	return flannel.Run(ctx, flannel.Options{
+		Manager:     mgr,
+		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public},
+		SubnetFile:  f.subnetFile,
+		IPMasq:      f.ipMasq,
+		RenewMargin: time.Duration(f.renewMargin) * time.Minute,
+		RouteResync: time.Duration(f.routeResync) * time.Second,
+		Rules: func(nw, lease netip.Prefix, masq bool) (flannel.Rules, error) {
+			return network.New(network.Options{Network: nw, Lease: lease, IPMasq: masq,
+				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("iptables")})
+		},
+		OnReady: func() {
+			ready.Store(true)
+			if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+				log.Error(err, "Notifying systemd failed")
+			}
+		},
+		Logger: &log,
+	})
+}
+
+// serveHealthz serves /healthz (200 while running) and /readyz (503 until
+// subnet.env is written and the rules are installed) until ctx ends.
+func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening for healthz on %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready.Load() {
+			http.Error(w, "not ready: lease, subnet file or rules not in place yet", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	return nil
+}

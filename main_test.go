@@ -1,0 +1,70 @@
+package main
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func TestFlagDefaults(t *testing.T) {
+	f, err := parseFlags(nil, env(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.etcdEndpoints != "http://127.0.0.1:4001,http://127.0.0.1:2379" || f.etcdPrefix != "/coreos.com/network" ||
+		f.subnetFile != "/run/flannel/subnet.env" || f.renewMargin != 60 || f.healthzIP != "0.0.0.0" ||
+		f.healthzPort != 0 || f.iptablesResync != 5 || f.ipMasq {
+		t.Errorf("defaults = %+v", f)
+	}
+}
+
+func TestFlagsFromEnv(t *testing.T) {
+	f, err := parseFlags([]string{"--etcd-prefix=/cli", "--iface", "eth9", "-v", "3"}, env(map[string]string{
+		"FLANNELD_ETCD_PREFIX":               "/env", // the command line wins
+		"FLANNELD_ETCD_ENDPOINTS":            "https://10.0.0.1:2379",
+		"FLANNELD_IP_MASQ":                   "true",
+		"FLANNELD_IFACE":                     "ignored-because-given",
+		"FLANNELD_IFACE_REGEX":               "^10\\.(1|2),x",
+		"FLANNELD_SUBNET_LEASE_RENEW_MARGIN": "30",
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.etcdPrefix != "/cli" || f.etcdEndpoints != "https://10.0.0.1:2379" || !f.ipMasq || f.renewMargin != 30 {
+		t.Errorf("flags = %+v", f)
+	}
+	if !reflect.DeepEqual(f.iface, []string{"eth9"}) || !reflect.DeepEqual(f.ifaceRegex, []string{"^10\\.(1|2),x"}) {
+		t.Errorf("iface = %q, regex = %q", f.iface, f.ifaceRegex)
+	}
+	f, err = parseFlags(nil, env(map[string]string{"FLANNELD_IFACE": "eth0, 10.0.0.5"}))
+	if err != nil || !reflect.DeepEqual(f.iface, []string{"eth0", "10.0.0.5"}) {
+		t.Errorf("iface from env = %q, %v", f.iface, err)
+	}
+}
+
+func TestFlagErrors(t *testing.T) {
+	tests := []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"--subnet-lease-renew-margin=0"}, nil, "--subnet-lease-renew-margin 0 is out of range"},
+		{[]string{"--subnet-lease-renew-margin=1440"}, nil, "out of range: use 1..1439"},
+		{nil, map[string]string{"FLANNELD_SUBNET_LEASE_RENEW_MARGIN": "x"}, "invalid value of FLANNELD_SUBNET_LEASE_RENEW_MARGIN"},
+		{[]string{"--public-ip=fd00::1"}, nil, `--public-ip "fd00::1" is not an IPv4 address`},
+		{[]string{"--healthz-port=70000"}, nil, "--healthz-port 70000 is out of range"},
+		{[]string{"--healthz-port=8080", "--healthz-ip=nope"}, nil, `--healthz-ip "nope" is not an IP address`},
+		{[]string{"--iptables-resync=0"}, nil, "--iptables-resync 0 must be at least 1 second"},
+		{[]string{"--etcd-certfile=/c"}, nil, "--etcd-certfile and --etcd-keyfile go together"},
+		{[]string{"--no-such-flag"}, nil, "unknown flag: --no-such-flag"},
+		{[]string{"stray"}, nil, `unexpected argument "stray"`},
+	}
+	for _, tt := range tests {
+		_, err := parseFlags(tt.args, env(tt.env))
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("parseFlags(%q, %v) = %v, want %q", tt.args, tt.env, err, tt.want)
+		}
+	}
+}
