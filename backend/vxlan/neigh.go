@@ -1,0 +1,190 @@
+package vxlan
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flanneld-go/flanneld/pkg/ip"
+)
+
+// neighNetlink is the part of *netlink.Handle the neighbour and fdb code
+// uses.
+type neighNetlink interface {
+	NeighListExecute(msg netlink.Ndmsg) ([]netlink.Neigh, error)
+	NeighSet(neigh *netlink.Neigh) error
+	NeighDel(neigh *netlink.Neigh) error
+}
+
+// dumpAttempts bounds the re-dumps when the kernel reports that a table
+// changed during a dump.
+const dumpAttempts = 3
+
+// dumpNeigh lists the entries of one family on one link. An interrupted
+// dump is retried; if it keeps being interrupted the last view is used,
+// which is safe: a set replaces, a delete of an entry already gone succeeds,
+// and whatever was missed is fixed by the next Apply.
+func dumpNeigh(nl neighNetlink, family, link int) ([]netlink.Neigh, error) {
+	var list []netlink.Neigh
+	var err error
+	for range dumpAttempts {
+		list, err = nl.NeighListExecute(netlink.Ndmsg{Family: uint8(family), Index: uint32(link)})
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return nil, err
+	}
+	// The kernel may ignore the link filter; make sure.
+	out := list[:0]
+	for _, n := range list {
+		if n.LinkIndex == link {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+// neighTable is the IPv4 neighbour table of the VTEP device, as far as the
+// backend owns it: every permanent entry (nobody but this backend adds
+// those on flannel.<VNI>), plus whatever entry the kernel holds for a
+// desired IP, so that a resolved or failed entry there is made permanent.
+// Entries the kernel manages for other IPs are left to it.
+type neighTable struct {
+	nl   neighNetlink
+	link int
+	have map[netip.Addr]neighEntry
+}
+
+// load reads the table; want is the desired set.
+func (t *neighTable) load(want map[netip.Addr]neighEntry) error {
+	list, err := dumpNeigh(t.nl, unix.AF_INET, t.link)
+	if err != nil {
+		return fmt.Errorf("listing neighbours: %w", err)
+	}
+	clear(t.have)
+	for _, n := range list {
+		a, ok := ip.FromIP(n.IP)
+		if !ok {
+			continue
+		}
+		if _, desired := want[a]; !desired && n.State&unix.NUD_PERMANENT == 0 {
+			continue
+		}
+		var m hwAddr
+		if len(n.HardwareAddr) == len(m) {
+			m = hwAddr(n.HardwareAddr)
+		}
+		t.have[a] = neighEntry{IP: a, MAC: m, State: n.State}
+	}
+	return nil
+}
+
+func (t *neighTable) set(_ netip.Addr, e neighEntry) error {
+	err := t.nl.NeighSet(&netlink.Neigh{
+		LinkIndex:    t.link,
+		Family:       unix.AF_INET,
+		State:        unix.NUD_PERMANENT,
+		Type:         unix.RTN_UNICAST,
+		IP:           ip.IP(e.IP),
+		HardwareAddr: e.MAC[:],
+	})
+	if err != nil {
+		return fmt.Errorf("setting neighbour %s lladdr %s: %w", e.IP, e.MAC, err)
+	}
+	return nil
+}
+
+func (t *neighTable) del(_ netip.Addr, e neighEntry) error {
+	err := t.nl.NeighDel(&netlink.Neigh{LinkIndex: t.link, Family: unix.AF_INET, IP: ip.IP(e.IP)})
+	if err != nil && !isNotFound(err) {
+		return fmt.Errorf("deleting neighbour %s: %w", e.IP, err)
+	}
+	return nil
+}
+
+// fdbTable is the forwarding database of the VTEP device; the backend owns
+// all of it (learning is off, so only configured entries exist).
+type fdbTable struct {
+	nl   neighNetlink
+	link int
+	have map[hwAddr]fdbEntry
+	// extra holds entries no set replaces: further remotes of one MAC (only
+	// the all-zeros and multicast MACs can have several, with bridge fdb
+	// append) and entries whose MAC does not parse.
+	extra []netlink.Neigh
+}
+
+// load reads the table; want is the desired set.
+func (t *fdbTable) load(want map[hwAddr]fdbEntry) error {
+	list, err := dumpNeigh(t.nl, unix.AF_BRIDGE, t.link)
+	if err != nil {
+		return fmt.Errorf("listing fdb entries: %w", err)
+	}
+	clear(t.have)
+	clear(t.extra)
+	t.extra = t.extra[:0]
+	for _, n := range list {
+		if n.Flags&netlink.NTF_SELF == 0 {
+			continue // a bridge's entry for the device as its port; not the device's own table
+		}
+		dst, ok := netip.AddrFromSlice(n.IP)
+		if !ok || len(n.HardwareAddr) != 6 {
+			if ok {
+				t.extra = append(t.extra, n)
+			}
+			continue
+		}
+		got := fdbEntry{MAC: hwAddr(n.HardwareAddr), Dst: dst.Unmap(), VNI: n.VNI, State: n.State}
+		prev, dup := t.have[got.MAC]
+		if !dup {
+			t.have[got.MAC] = got
+			continue
+		}
+		// Several remotes for one MAC (a flood list): keep the desired one,
+		// if any, and delete the rest.
+		if got == want[got.MAC] {
+			t.have[got.MAC], got = got, prev
+		}
+		t.extra = append(t.extra, t.neigh(got))
+	}
+	return nil
+}
+
+func (t *fdbTable) neigh(e fdbEntry) netlink.Neigh {
+	return netlink.Neigh{
+		LinkIndex:    t.link,
+		Family:       unix.AF_BRIDGE,
+		Flags:        netlink.NTF_SELF,
+		State:        unix.NUD_PERMANENT,
+		IP:           e.Dst.AsSlice(),
+		HardwareAddr: e.MAC[:],
+		VNI:          e.VNI,
+	}
+}
+
+func (t *fdbTable) set(_ hwAddr, e fdbEntry) error {
+	n := t.neigh(e)
+	if err := t.nl.NeighSet(&n); err != nil {
+		return fmt.Errorf("setting fdb entry %s dst %s: %w", e.MAC, e.Dst, err)
+	}
+	return nil
+}
+
+func (t *fdbTable) del(_ hwAddr, e fdbEntry) error {
+	n := t.neigh(e)
+	return t.delNeigh(&n)
+}
+
+// delNeigh deletes one remote of one MAC (the dst is always given, so that
+// an appended remote goes alone).
+func (t *fdbTable) delNeigh(n *netlink.Neigh) error {
+	if err := t.nl.NeighDel(n); err != nil && !isNotFound(err) {
+		return fmt.Errorf("deleting fdb entry %s dst %s: %w", n.HardwareAddr, n.IP, err)
+	}
+	return nil
+}
