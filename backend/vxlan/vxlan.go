@@ -1,0 +1,435 @@
+// Package vxlan is the vxlan backend: a VXLAN device flannel.<VNI> and, per
+// remote lease, a permanent neighbour, an fdb entry and an onlink route, the
+// way flannel v0.10 programs them, so that nodes of both daemons reach each
+// other (see WIRE.md).
+package vxlan
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+func init() {
+	backend.Register(backendType, func(o backend.Options) (backend.Backend, error) { return newBackend(o) })
+}
+
+// ErrClosed is returned by Init and Apply after Close.
+var ErrClosed = errors.New("vxlan backend: closed")
+
+// routeNetlink is the part of *netlink.Handle the shared route reconciler
+// uses.
+type routeNetlink interface {
+	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
+	RouteReplace(route *netlink.Route) error
+	RouteDel(route *netlink.Route) error
+}
+
+// kernel is everything the backend asks of netlink.
+type kernel interface {
+	linkNetlink
+	neighNetlink
+	routeNetlink
+}
+
+// vxlanBackend is the vxlan backend. Use it from one goroutine at a time.
+type vxlanBackend struct {
+	cfg     config
+	network netip.Prefix
+	ext     backend.ExternalInterface
+	spec    deviceSpec
+	nl      kernel
+	log     klog.Logger
+
+	closed bool
+	dev    *netlink.Vxlan // the device as last ensured; nil before Init
+	mac    hwAddr         // the published VTEP MAC
+
+	routes    *backend.RouteReconciler
+	routeLink int // the device index routes was built for
+	rec       routeRecorder
+
+	want   *desired
+	neighs neighTable
+	fdbs   fdbTable
+	ignore map[netip.Prefix]ignored // leases skipped, with the reason logged
+
+	// halfDone holds, by subnet IP, the tunnelled leases of this Apply that
+	// could not be programmed completely.
+	halfDone map[netip.Addr]struct{}
+	routeBuf []backend.Route
+
+	// last counts what the last Apply changed, per kind.
+	last stats
+}
+
+// stats counts what one Apply changed.
+type stats struct {
+	Neigh, FDB, Route backend.Changes
+	// RolledBack counts leases whose neighbour and fdb entry were removed
+	// again because their route could not be installed.
+	RolledBack int
+}
+
+type ignored struct {
+	reason string
+	gen    uint64
+}
+
+// newBackend checks the options and the vxlan keys of the Backend block; it
+// touches nothing. Every config error names the key, the value and the rule
+// and wraps subnet.ErrInvalidConfig.
+func newBackend(o backend.Options) (*vxlanBackend, error) {
+	if o.Config == nil {
+		return nil, errors.New("vxlan backend: no network config given")
+	}
+	cfg, err := parseConfig(o.Config.Backend)
+	if err != nil {
+		return nil, err
+	}
+	if o.Ext.Iface == nil || o.Ext.Iface.Index <= 0 {
+		return nil, errors.New("vxlan backend: no external interface given")
+	}
+	if !o.Ext.IfaceAddr.Is4() {
+		return nil, fmt.Errorf("vxlan backend: external interface %s has no IPv4 address to use as the tunnel endpoint", o.Ext.Iface.Name)
+	}
+	mtu := o.Ext.Iface.MTU - encapOverhead
+	if mtu < 68 {
+		return nil, fmt.Errorf("vxlan backend: external interface %s MTU %d is too small: VXLAN needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 68+encapOverhead)
+	}
+	var nl kernel = o.Netlink
+	if o.Netlink == nil {
+		nl = &netlink.Handle{}
+	}
+	b := &vxlanBackend{
+		cfg:     cfg,
+		network: o.Config.Network.Masked(),
+		ext:     o.Ext,
+		spec: deviceSpec{
+			Name:     deviceName(cfg.VNI),
+			VNI:      cfg.VNI,
+			Local:    o.Ext.IfaceAddr,
+			ExtIndex: o.Ext.Iface.Index,
+			Port:     cfg.Port,
+			GBP:      cfg.GBP,
+			MTU:      mtu,
+		},
+		nl:     nl,
+		log:    o.Logger,
+		want:   newDesired(),
+		ignore: map[netip.Prefix]ignored{},
+	}
+	b.neighs.have = map[netip.Addr]neighEntry{}
+	b.fdbs.have = map[hwAddr]fdbEntry{}
+	b.halfDone = map[netip.Addr]struct{}{}
+	b.rec = routeRecorder{routeNetlink: nl, failed: map[netip.Prefix]struct{}{}}
+	return b, nil
+}
+
+// Init creates flannel.<VNI> or adopts a matching one, and returns its MAC
+// as BackendData {"VtepMAC":"..."} with MTU = external MTU − 50.
+func (b *vxlanBackend) Init(ctx context.Context) (backend.Publish, error) {
+	if b.closed {
+		return backend.Publish{}, ErrClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return backend.Publish{}, err
+	}
+	if err := b.ensureDevice(); err != nil {
+		return backend.Publish{}, err
+	}
+	data, err := json.Marshal(backendData{VtepMAC: b.mac.String()})
+	if err != nil {
+		return backend.Publish{}, fmt.Errorf("encoding BackendData: %w", err)
+	}
+	b.log.Info("VXLAN device ready", "device", b.spec.Name, "vni", b.spec.VNI, "vtepMAC", b.mac.String(),
+		"local", b.spec.Local, "dstport", b.spec.Port, "mtu", b.spec.MTU, "directRouting", b.cfg.DirectRouting)
+	return backend.Publish{BackendData: data, MTU: b.spec.MTU}, nil
+}
+
+// ensureDevice makes the device match the spec (recreating it with the same
+// MAC if it went away or was changed) and keeps the route reconciler on its
+// current index.
+func (b *vxlanBackend) ensureDevice() error {
+	dev, replaced, err := ensureDevice(b.nl, b.spec, b.mac)
+	if err != nil {
+		return err
+	}
+	if replaced != "" {
+		b.log.Info("Replaced a VXLAN device that did not match the config, keeping its MAC", "device", b.spec.Name, "mismatch", replaced)
+	}
+	mac, err := macOf(dev)
+	if err != nil {
+		return fmt.Errorf("reading the MAC of %s: %w", b.spec.Name, err)
+	}
+	if b.dev != nil && mac != b.mac {
+		// Someone changed the MAC by hand; peers hold the published one.
+		// Putting it back is cheaper than re-publishing the lease.
+		if err := b.setMAC(dev, b.mac); err != nil {
+			return err
+		}
+		mac = b.mac
+	}
+	b.dev, b.mac = dev, mac
+	if b.routes == nil || b.routeLink != dev.Index {
+		// Routes leave through the device or, with DirectRouting, the
+		// external interface. Owning routes on the external interface even
+		// without DirectRouting cleans up after the option is turned off.
+		b.routes = backend.NewRouteReconciler(&b.rec, b.network, dev.Index, b.spec.ExtIndex)
+		b.routeLink = dev.Index
+	}
+	b.neighs.nl, b.neighs.link = b.nl, dev.Index
+	b.fdbs.nl, b.fdbs.link = b.nl, dev.Index
+	return nil
+}
+
+func (b *vxlanBackend) setMAC(dev *netlink.Vxlan, mac hwAddr) error {
+	if err := b.nl.LinkSetHardwareAddr(dev, mac[:]); err != nil {
+		return fmt.Errorf("restoring the MAC of %s from %s to the published %s: %w", b.spec.Name, dev.HardwareAddr, mac, err)
+	}
+	b.log.Info("Restored the published MAC of the VXLAN device", "device", b.spec.Name, "was", dev.HardwareAddr.String(), "vtepMAC", mac.String())
+	dev.HardwareAddr = mac[:]
+	return nil
+}
+
+// Apply brings the device to the own lease (address <subnet IP>/32, up) and
+// makes the neighbour, fdb and route entries exactly those of the vxlan
+// leases in remote. It reads each table once, sets missing or different
+// entries (neighbours, then fdb entries, then routes), removes the entries
+// of leases no longer present (routes, then fdb entries, then neighbours),
+// and, for a lease whose route fails, takes its neighbour and fdb entry out
+// again. A lease that cannot be programmed is left out and logged once; it
+// never fails the call.
+func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error {
+	if b.closed {
+		return ErrClosed
+	}
+	if b.dev == nil {
+		return errors.New("vxlan backend: Apply called before Init")
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if !own.Subnet.Addr().Is4() || !ip.Contains(b.network, own.Subnet) {
+		return fmt.Errorf("applying vxlan leases: own lease %s is not a subnet of Network %s", own.Subnet, b.network)
+	}
+	if err := b.ensureDevice(); err != nil {
+		return fmt.Errorf("applying vxlan leases: %w", err)
+	}
+	if err := ensureAddress(b.nl, b.dev, own.Subnet.Addr()); err != nil {
+		return fmt.Errorf("applying vxlan leases: %w", err)
+	}
+
+	w := world{
+		network:  b.network,
+		own:      own,
+		vtep:     b.dev.Index,
+		ext:      b.spec.ExtIndex,
+		direct:   b.cfg.DirectRouting,
+		localIPs: []netip.Addr{b.ext.IfaceAddr, b.ext.PublicIP, own.Attrs.PublicIP},
+	}
+	if b.cfg.DirectRouting {
+		nets, err := b.extNets()
+		if err != nil {
+			return fmt.Errorf("applying vxlan leases: %w", err)
+		}
+		w.extNets = nets
+	}
+	b.want.compute(w, remote)
+	b.logSkips()
+
+	var st stats
+	var errs []error
+	note := func(what string, err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", what, err))
+		}
+	}
+	if err := b.neighs.load(b.want.neighs); err != nil {
+		return fmt.Errorf("applying vxlan leases: %w", err)
+	}
+	if err := b.fdbs.load(b.want.fdbs); err != nil {
+		return fmt.Errorf("applying vxlan leases: %w", err)
+	}
+
+	// Per lease, WIRE.md's order: neighbour, fdb entry, route; a lease whose
+	// neighbour or fdb entry fails gets no route, and one whose route fails
+	// loses its neighbour and fdb entry again, so that none is left half
+	// programmed (the next Apply tries all three again). Everything is set
+	// before anything is deleted, and deletions go in the reverse order.
+	clear(b.halfDone)
+	var staleNeigh []neighEntry
+	var staleFDB []fdbEntry
+	var err error
+	st.Neigh, err = backend.Diff(b.want.neighs, b.neighs.have,
+		func(k netip.Addr, e neighEntry) error {
+			err := b.neighs.set(k, e)
+			if err != nil {
+				b.halfDone[k] = struct{}{}
+			}
+			return err
+		},
+		func(_ netip.Addr, e neighEntry) error { staleNeigh = append(staleNeigh, e); return nil })
+	note("programming neighbours", err)
+	st.FDB, err = backend.Diff(b.want.fdbs, b.fdbs.have,
+		func(k hwAddr, e fdbEntry) error {
+			err := b.fdbs.set(k, e)
+			if err != nil {
+				b.halfDone[b.want.macOwner[k].Addr()] = struct{}{}
+			}
+			return err
+		},
+		func(_ hwAddr, e fdbEntry) error { staleFDB = append(staleFDB, e); return nil })
+	note("programming fdb entries", err)
+
+	routes := b.want.routes
+	if len(b.halfDone) > 0 {
+		b.routeBuf = b.routeBuf[:0]
+		for _, r := range b.want.routes {
+			if _, bad := b.halfDone[r.Gw]; bad && r.LinkIndex == b.dev.Index {
+				continue
+			}
+			b.routeBuf = append(b.routeBuf, r)
+		}
+		routes = b.routeBuf
+	}
+	clear(b.rec.failed)
+	st.Route, err = b.routes.Reconcile(own.Subnet, routes)
+	note("programming routes", err)
+	for dst := range b.rec.failed {
+		if _, tunnelled := b.want.neighs[dst.Addr()]; tunnelled {
+			b.halfDone[dst.Addr()] = struct{}{}
+		}
+	}
+	st.RolledBack = b.rollBack(&st)
+
+	for i := range b.fdbs.extra {
+		st.FDB.Removed++
+		if err := b.fdbs.delNeigh(&b.fdbs.extra[i]); err != nil {
+			st.FDB.Removed--
+			st.FDB.Failed++
+			note("removing fdb entries", err)
+		}
+	}
+	clear(b.fdbs.extra)
+	for _, e := range staleFDB {
+		if err := b.fdbs.del(e.MAC, e); err != nil {
+			st.FDB.Removed--
+			st.FDB.Failed++
+			note("removing fdb entries", err)
+		}
+	}
+	for _, e := range staleNeigh {
+		if err := b.neighs.del(e.IP, e); err != nil {
+			st.Neigh.Removed--
+			st.Neigh.Failed++
+			note("removing neighbours", err)
+		}
+	}
+
+	b.last = st
+	if st.Neigh.Any() || st.FDB.Any() || st.Route.Any() {
+		b.log.V(1).Info("Programmed vxlan leases", "leases", len(remote), "routes", len(routes),
+			"neigh", st.Neigh, "fdb", st.FDB, "route", st.Route, "rolledBack", st.RolledBack)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("applying vxlan leases: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// rollBack removes the neighbour and fdb entry of each tunnelled lease in
+// halfDone. It returns how many leases it rolled back.
+func (b *vxlanBackend) rollBack(st *stats) int {
+	for gw := range b.halfDone {
+		e := b.want.neighs[gw]
+		if err := b.neighs.del(gw, e); err != nil {
+			st.Neigh.Failed++
+		}
+		// The entry as desired, and as it was if the set failed to change it.
+		for _, f := range [...]fdbEntry{b.want.fdbs[e.MAC], b.fdbs.have[e.MAC]} {
+			if f.Dst.IsValid() {
+				if err := b.fdbs.del(f.MAC, f); err != nil {
+					st.FDB.Failed++
+				}
+			}
+		}
+	}
+	return len(b.halfDone)
+}
+
+// logSkips logs each lease that cannot be programmed once per reason, not on
+// every Apply, and forgets leases that are gone or fixed.
+func (b *vxlanBackend) logSkips() {
+	var gen uint64
+	for _, v := range b.ignore {
+		gen = max(gen, v.gen)
+	}
+	gen++
+	for _, s := range b.want.skips {
+		if prev, ok := b.ignore[s.Subnet]; !ok || prev.reason != s.Reason {
+			b.log.Info("Ignoring lease", "subnet", s.Subnet, "reason", s.Reason)
+		}
+		b.ignore[s.Subnet] = ignored{reason: s.Reason, gen: gen}
+	}
+	for k, v := range b.ignore {
+		if v.gen != gen {
+			delete(b.ignore, k)
+		}
+	}
+}
+
+// extNets returns the networks the external interface is directly attached
+// to (the prefixes of its IPv4 addresses).
+func (b *vxlanBackend) extNets() ([]netip.Prefix, error) {
+	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: b.spec.ExtIndex, Name: b.ext.Iface.Name}}
+	addrs, err := b.nl.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses of %s: %w", b.ext.Iface.Name, err)
+	}
+	var nets []netip.Prefix
+	for _, a := range addrs {
+		if p, ok := ip.FromIPNet(a.IPNet); ok {
+			nets = append(nets, p)
+		}
+		if a.Peer != nil {
+			if p, ok := ip.FromIPNet(a.Peer); ok {
+				nets = append(nets, p)
+			}
+		}
+	}
+	return nets, nil
+}
+
+// Close marks the backend closed. The device and every entry stay in place
+// so that a restarted daemon carries on without interrupting traffic.
+func (b *vxlanBackend) Close() error {
+	b.closed = true
+	return nil
+}
+
+// routeRecorder passes route calls through to the kernel and remembers the
+// destinations whose RouteReplace failed, for the rollback.
+type routeRecorder struct {
+	routeNetlink
+	failed map[netip.Prefix]struct{}
+}
+
+func (r *routeRecorder) RouteReplace(rt *netlink.Route) error {
+	err := r.routeNetlink.RouteReplace(rt)
+	if err != nil {
+		if p, ok := ip.FromIPNet(rt.Dst); ok {
+			r.failed[p] = struct{}{}
+		}
+	}
+	return err
+}
