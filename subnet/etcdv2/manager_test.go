@@ -548,6 +548,9 @@ func TestBasicAuth(t *testing.T) {
 			if etcdCode(err) != client.ErrorCodeUnauthorized {
 				t.Fatalf("GetNetworkConfig = %v, want etcd error %d (unauthorized) at once", err, client.ErrorCodeUnauthorized)
 			}
+			if tc.user != "" {
+				return // each request with a password costs a bcrypt on the server
+			}
 			if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), netip.Prefix{}); etcdCode(err) != client.ErrorCodeUnauthorized {
 				t.Fatalf("AcquireLease = %v, want etcd error %d (unauthorized)", err, client.ErrorCodeUnauthorized)
 			}
