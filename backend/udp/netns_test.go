@@ -290,3 +290,52 @@ func TestNetnsPing(t *testing.T) {
 	}
 	t.Logf("stats A %+v", ba.Stats())
 }
+
+// labPair starts a udp backend on each host with the given Backend block
+// and applies each other's lease: A holds 10.5.1.0/24, B 10.5.2.0/24.
+func labPair(t *testing.T, backendJSON string) (a, b *labHost, ba, bb *Backend) {
+	t.Helper()
+	a, b = newLab(t)
+	cfg := labConfig(t, backendJSON)
+	ba = a.startBackend(t, cfg)
+	bb = b.startBackend(t, cfg)
+	la, lb := a.lease("10.5.1.0/24"), b.lease("10.5.2.0/24")
+	if err := ba.Apply(context.Background(), la, []subnet.Lease{lb}); err != nil {
+		t.Fatalf("Apply in A: %v", err)
+	}
+	if err := bb.Apply(context.Background(), lb, []subnet.Lease{la}); err != nil {
+		t.Fatalf("Apply in B: %v", err)
+	}
+	return a, b, ba, bb
+}
+
+func TestNetnsTCPIntegrity(t *testing.T) {
+	needRoot(t)
+	for _, tc := range []struct{ name, backend string }{
+		{"offloads", `{"Type":"udp"}`},
+		{"no-offloads", `{"Type":"udp","TUNOffload":false,"UDPGSO":false,"UDPGRO":false}`},
+		{"gso-only", `{"Type":"udp","UDPGRO":false}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b, ba, bb := labPair(t, tc.backend)
+			r, err := tcpStream(t, a, b, "10.5.2.0", 48<<20, 0, true)
+			if err != nil {
+				t.Fatalf("A->B: %v\nstats A %+v\nstats B %+v", err, ba.Stats(), bb.Stats())
+			}
+			r2, err := tcpStream(t, b, a, "10.5.1.0", 8<<20, 0, true)
+			if err != nil {
+				t.Fatalf("B->A: %v\nstats A %+v\nstats B %+v", err, ba.Stats(), bb.Stats())
+			}
+			sa, sb := ba.Stats(), bb.Stats()
+			if sa.UDPSent == 0 || sb.TUNWritten == 0 {
+				t.Fatalf("traffic did not pass the backends: A %+v B %+v", sa, sb)
+			}
+			for _, s := range []Stats{sa, sb} {
+				if s.Malformed+s.SpoofedSource+s.UnknownSender+s.SendErrors+s.TUNWriteErrors != 0 {
+					t.Errorf("unexpected drops: %+v", s)
+				}
+			}
+			t.Logf("A->B %d bytes in %v, B->A %d bytes in %v; A %+v", r.bytes, r.elapsed, r2.bytes, r2.elapsed, sa)
+		})
+	}
+}

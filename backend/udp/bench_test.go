@@ -1,0 +1,122 @@
+package udp
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// benchStreamDuration is how long each TCP stream of the benchmark runs.
+const benchStreamDuration = 3 * time.Second
+
+// addVXLAN gives host x a kernel vxlan device (VNI 42, port 8472) with
+// overlayAddr/24, flooding to the peer's external address.
+func addVXLAN(tb testing.TB, x *labHost, overlayAddr string, peer *labHost) {
+	tb.Helper()
+	vx := &netlink.Vxlan{
+		LinkAttrs:    netlink.LinkAttrs{Name: "vxbench", MTU: x.ext.MTU - 50},
+		VxlanId:      42,
+		VtepDevIndex: x.ext.Index,
+		SrcAddr:      ip.IP(x.addr),
+		Port:         8472,
+		Learning:     false,
+	}
+	if err := x.h.LinkAdd(vx); err != nil {
+		tb.Fatalf("creating vxlan in %s: %v", x.name, err)
+	}
+	l, err := x.h.LinkByName("vxbench")
+	if err != nil {
+		tb.Fatalf("finding vxlan in %s: %v", x.name, err)
+	}
+	a, _ := netlink.ParseAddr(overlayAddr + "/24")
+	if err := x.h.AddrAdd(l, a); err != nil {
+		tb.Fatalf("addressing vxlan in %s: %v", x.name, err)
+	}
+	if err := x.h.NeighAppend(&netlink.Neigh{
+		LinkIndex:    l.Attrs().Index,
+		Family:       unix.AF_BRIDGE,
+		Flags:        netlink.NTF_SELF,
+		State:        netlink.NUD_PERMANENT,
+		HardwareAddr: net.HardwareAddr{0, 0, 0, 0, 0, 0},
+		IP:           ip.IP(peer.addr),
+	}); err != nil {
+		tb.Fatalf("adding the flood entry in %s: %v", x.name, err)
+	}
+	if err := x.h.LinkSetUp(l); err != nil {
+		tb.Fatalf("setting vxlan up in %s: %v", x.name, err)
+	}
+}
+
+func cpuSeconds() float64 {
+	var ru unix.Rusage
+	_ = unix.Getrusage(unix.RUSAGE_SELF, &ru)
+	return float64(ru.Utime.Sec+ru.Stime.Sec) + float64(ru.Utime.Usec+ru.Stime.Usec)/1e6
+}
+
+// BenchmarkTCPThroughput runs, in the same lab and the same run, one TCP
+// stream of benchStreamDuration over the udp backend, over a kernel vxlan
+// pair and over the raw veth underlay, and reports Gbit/s for each, the
+// ratio udp/vxlan, and the process CPU seconds per GB moved over udp.
+func BenchmarkTCPThroughput(b *testing.B) {
+	needRoot(b)
+	a, bh := newLab(b)
+	cfg := labConfig(b, "")
+	ba := a.startBackend(b, cfg)
+	bb := bh.startBackend(b, cfg)
+	la, lb := a.lease("10.5.1.0/24"), bh.lease("10.5.2.0/24")
+	if err := ba.Apply(b.Context(), la, nil); err != nil {
+		b.Fatal(err)
+	}
+	if err := bb.Apply(b.Context(), lb, nil); err != nil {
+		b.Fatal(err)
+	}
+	if err := ba.Apply(b.Context(), la, []subnet.Lease{lb}); err != nil {
+		b.Fatal(err)
+	}
+	if err := bb.Apply(b.Context(), lb, []subnet.Lease{la}); err != nil {
+		b.Fatal(err)
+	}
+	addVXLAN(b, a, "10.6.1.1", bh)
+	addVXLAN(b, bh, "10.6.1.2", a)
+
+	type target struct {
+		name string
+		dst  string
+		sum  float64 // Gbit/s summed over b.N
+		cpu  float64 // CPU seconds
+		gb   float64 // GB moved
+	}
+	targets := []*target{
+		{name: "udp", dst: "10.5.2.0"},
+		{name: "vxlan", dst: "10.6.1.2"},
+		{name: "underlay", dst: bh.addr.String()},
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for _, tg := range targets {
+			c0 := cpuSeconds()
+			r, err := tcpStream(b, a, bh, tg.dst, 0, benchStreamDuration, false)
+			if err != nil {
+				b.Fatalf("%s stream: %v", tg.name, err)
+			}
+			tg.cpu += cpuSeconds() - c0
+			tg.gb += float64(r.bytes) / 1e9
+			tg.sum += float64(r.bytes) * 8 / r.elapsed.Seconds() / 1e9
+		}
+	}
+	b.StopTimer()
+	for _, tg := range targets {
+		b.ReportMetric(tg.sum/float64(b.N), tg.name+"-Gbit/s")
+	}
+	b.ReportMetric(targets[0].sum/targets[1].sum, "udp/vxlan")
+	b.ReportMetric(targets[0].cpu/targets[0].gb, "udp-cpu-s/GB")
+	b.ReportMetric(targets[1].cpu/targets[1].gb, "vxlan-cpu-s/GB")
+	b.ReportMetric(0, "ns/op")
+	b.Logf("udp backend A: %+v", ba.Stats())
+}
