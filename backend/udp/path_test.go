@@ -23,7 +23,7 @@ func testTable() *table {
 		{netip.MustParsePrefix("10.5.3.0/24"), netip.MustParseAddr("192.0.2.3")},
 		{netip.MustParsePrefix("10.5.4.0/24"), netip.MustParseAddr("192.0.2.3")}, // two leases, one node
 		{netip.MustParsePrefix("10.7.0.0/16"), netip.MustParseAddr("192.0.2.7")},
-		{netip.MustParsePrefix("10.7.9.0/24"), netip.MustParseAddr("192.0.2.9")}, // nested: longest wins
+		{netip.MustParsePrefix("10.7.9.0/24"), netip.MustParseAddr("192.0.2.9")},   // nested: longest wins
 		{netip.MustParsePrefix("2001:db8::/64"), netip.MustParseAddr("192.0.2.6")}, // skipped
 	}, 8285)
 }
@@ -152,7 +152,9 @@ func TestOutbound(t *testing.T) {
 
 func TestInbound(t *testing.T) {
 	from := a4("192.0.2.2")
-	good := func() []byte { return mkIPv4([4]byte{10, 5, 2, 7}, [4]byte{10, 5, 1, 1}, protoUDP, 9, nil, []byte("x")) }
+	good := func() []byte {
+		return mkIPv4([4]byte{10, 5, 2, 7}, [4]byte{10, 5, 1, 1}, protoUDP, 9, nil, []byte("x"))
+	}
 	badSum := good()
 	badSum[10] ^= 0xff
 	padded := append(good(), 0)
