@@ -12,9 +12,28 @@ import (
 	"github.com/flanneld-go/flanneld/pkg/ip"
 )
 
-// ErrInvalidConfig wraps every error ParseConfig returns for a config that
-// parses as JSON-ish input but breaks a rule.
+// ErrInvalidConfig matches (errors.Is) every error ParseConfig returns.
 var ErrInvalidConfig = errors.New("invalid network config")
+
+// ConfigError is the error ParseConfig returns: one line naming the field,
+// the value and the rule it breaks.
+type ConfigError struct {
+	// Key is where the config was read from (e.g. the etcd key); the reader
+	// fills it in, ParseConfig leaves it empty.
+	Key string
+	// Reason names the field, the value and the rule.
+	Reason string
+}
+
+func (e *ConfigError) Error() string {
+	if e.Key == "" {
+		return ErrInvalidConfig.Error() + ": " + e.Reason
+	}
+	return ErrInvalidConfig.Error() + " at " + e.Key + ": " + e.Reason
+}
+
+// Is makes errors.Is(err, ErrInvalidConfig) true.
+func (e *ConfigError) Is(target error) bool { return target == ErrInvalidConfig }
 
 // DefaultBackendType is the backend used when the config has no Backend block.
 const DefaultBackendType = "udp"
@@ -46,12 +65,11 @@ type rawConfig struct {
 }
 
 func invalid(format string, args ...any) error {
-	return fmt.Errorf("%w: %s", ErrInvalidConfig, fmt.Sprintf(format, args...))
+	return &ConfigError{Reason: fmt.Sprintf(format, args...)}
 }
 
 // ParseConfig parses the network config JSON, applies the defaults of
-// WIRE.md and validates it. Every error names the field, the value and the
-// rule it breaks, and wraps ErrInvalidConfig.
+// WIRE.md and validates it. Every error is a *ConfigError.
 func ParseConfig(data []byte) (*Config, error) {
 	var raw rawConfig
 	dec := json.NewDecoder(bytes.NewReader(data))

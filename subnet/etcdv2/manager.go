@@ -162,8 +162,13 @@ func (m *Manager) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) 
 // configError names the key in ParseConfig's error: "invalid network config
 // at /coreos.com/network/config: SubnetLen 31 is longer than 30".
 func configError(key string, err error) error {
-	detail := strings.TrimPrefix(err.Error(), subnet.ErrInvalidConfig.Error()+": ")
-	return fmt.Errorf("%w at %s: %s", subnet.ErrInvalidConfig, key, detail)
+	var ce *subnet.ConfigError
+	if errors.As(err, &ce) {
+		withKey := *ce
+		withKey.Key = key
+		return &withKey
+	}
+	return fmt.Errorf("%w at %s: %w", subnet.ErrInvalidConfig, key, err)
 }
 
 // AcquireLease implements subnet.Manager.
