@@ -339,3 +339,112 @@ func TestNetnsTCPIntegrity(t *testing.T) {
 		})
 	}
 }
+
+func TestNetnsLeaseRemovedAndUnreachable(t *testing.T) {
+	needRoot(t)
+	needPing(t)
+	a, b, ba, bb := labPair(t, "")
+	ctx := context.Background()
+	if ok, out := a.ping(t, "10.5.1.0", "10.5.2.0"); !ok {
+		t.Fatalf("ping A->B failed:\n%s", out)
+	}
+
+	// A destination no lease holds gets ICMP net-unreachable and never
+	// leaves the host.
+	before := bb.Stats()
+	ok, out := a.ping(t, "10.5.1.0", "10.5.77.1")
+	if ok || !strings.Contains(out, "Net Unreachable") {
+		t.Fatalf("ping to an unleased address: ok %v, want a net-unreachable error; output:\n%s", ok, out)
+	}
+	if s := ba.Stats(); s.Unreachable == 0 || s.NoRoute == 0 {
+		t.Fatalf("A counted no ICMP net-unreachable: %+v", s)
+	}
+	if s := bb.Stats(); s.UDPReceived != before.UDPReceived {
+		t.Fatalf("B received %d datagrams for an unleased destination", s.UDPReceived-before.UDPReceived)
+	}
+
+	// Removing B's lease stops traffic to it.
+	la, lb := a.lease("10.5.1.0/24"), b.lease("10.5.2.0/24")
+	if err := ba.Apply(ctx, la, nil); err != nil {
+		t.Fatalf("Apply without B: %v", err)
+	}
+	before = bb.Stats()
+	noRoute := ba.Stats().NoRoute
+	if ok, out := a.ping(t, "10.5.1.0", "10.5.2.0"); ok {
+		t.Fatalf("ping A->B still works after B's lease was removed:\n%s", out)
+	}
+	if s := bb.Stats(); s.UDPReceived != before.UDPReceived {
+		t.Fatalf("B still received %d datagrams after its lease was removed", s.UDPReceived-before.UDPReceived)
+	}
+	if ba.Stats().NoRoute == noRoute {
+		t.Fatal("A did not count the packet to a removed lease as no route")
+	}
+	if err := ba.Apply(ctx, la, []subnet.Lease{lb}); err != nil {
+		t.Fatalf("Apply with B again: %v", err)
+	}
+	if ok, out := a.ping(t, "10.5.1.0", "10.5.2.0"); !ok {
+		t.Fatalf("ping A->B failed after B's lease came back:\n%s", out)
+	}
+}
+
+// sendDatagram sends payload from src (an address of x) to dst, with a
+// socket created inside x's namespace.
+func (x *labHost) sendDatagram(t *testing.T, src string, dst netip.AddrPort, payload []byte) {
+	t.Helper()
+	var c *net.UDPConn
+	var err error
+	inNS(t, x.ns, func() {
+		c, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(src)})
+	})
+	if err != nil {
+		t.Fatalf("opening a udp socket on %s in %s: %v", src, x.name, err)
+	}
+	defer c.Close()
+	if _, err := c.WriteToUDPAddrPort(payload, dst); err != nil {
+		t.Fatalf("sending from %s: %v", src, err)
+	}
+}
+
+func TestNetnsDropsInjectedDatagrams(t *testing.T) {
+	needRoot(t)
+	for _, strict := range []bool{true, false} {
+		t.Run(fmt.Sprintf("strict=%v", strict), func(t *testing.T) {
+			a, b, ba, _ := labPair(t, fmt.Sprintf(`{"Type":"udp","StrictSource":%v}`, strict))
+			l, err := b.h.LinkByName(labExtName)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := b.h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(netip.MustParseAddr("10.250.8.99"), 24)}); err != nil {
+				t.Fatalf("adding a non-lease address in B: %v", err)
+			}
+			to := netip.AddrPortFrom(a.addr, DefaultPort)
+			echo := []byte{8, 0, 0xf7, 0xfe, 0, 1, 0, 0} // ICMP echo request, valid checksum
+			base := ba.Stats()
+
+			// From an address that holds no lease.
+			b.sendDatagram(t, "10.250.8.99", to, mkIPv4([4]byte{10, 5, 2, 5}, [4]byte{10, 5, 1, 0}, protoICMP, 64, nil, echo))
+			// From B's lease address, but with a source outside B's subnet.
+			b.sendDatagram(t, b.addr.String(), to, mkIPv4([4]byte{10, 5, 9, 9}, [4]byte{10, 5, 1, 0}, protoICMP, 64, nil, echo))
+			// Garbage from B.
+			b.sendDatagram(t, b.addr.String(), to, []byte("not a packet"))
+
+			if strict {
+				eventually(t, "A to count the injected datagrams", func() bool {
+					s := ba.Stats()
+					return s.UnknownSender == base.UnknownSender+1 && s.SpoofedSource == base.SpoofedSource+1 && s.Malformed+s.NonIPv4 >= base.Malformed+base.NonIPv4+1
+				})
+				if s := ba.Stats(); s.TUNWritten != base.TUNWritten {
+					t.Fatalf("A wrote %d injected packets to its TUN", s.TUNWritten-base.TUNWritten)
+				}
+				return
+			}
+			eventually(t, "A to accept both injected packets", func() bool {
+				s := ba.Stats()
+				return s.TUNWritten == base.TUNWritten+2 && s.Malformed+s.NonIPv4 >= base.Malformed+base.NonIPv4+1
+			})
+			if s := ba.Stats(); s.UnknownSender != 0 || s.SpoofedSource != 0 {
+				t.Fatalf("non-strict mode dropped by origin: %+v", s)
+			}
+		})
+	}
+}
