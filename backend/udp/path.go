@@ -188,6 +188,7 @@ func (p *path) udpLoop(c *sockConn, dev tunDevice) {
 			continue
 		}
 		t := p.table.Load()
+		p.ctr.udpMessages.Add(uint64(n))
 		for i := 0; i < n; i++ {
 			from, data, seg, trunc := rx.msg(i)
 			if trunc {
@@ -228,8 +229,9 @@ func (p *path) tunLoop(dev tunDevice, c *sockConn, mtu int) {
 			}
 		}
 		t := p.table.Load()
+		p.ctr.tunReads.Add(1)
+		p.ctr.tunRead.Add(uint64(n))
 		for i := 0; i < n; i++ {
-			p.ctr.tunRead.Add(1)
 			idx, pkt, v := p.outbound(t, bufs[i][tunOffset:tunOffset+sizes[i]])
 			switch v {
 			case outSend:

@@ -9,11 +9,17 @@ import (
 
 // Stats are the backend's packet counters since Init.
 type Stats struct {
+	// TUNReads is the number of reads from the TUN; with offloads one read
+	// may return a super-packet of many packets.
+	TUNReads uint64
 	// TUNRead is the number of packets read from the TUN (after splitting
 	// super-packets).
 	TUNRead uint64
 	// UDPSent is the number of datagrams handed to the kernel.
 	UDPSent uint64
+	// UDPMessages is the number of messages received; with UDP_GRO one
+	// message may carry many datagrams.
+	UDPMessages uint64
 	// UDPReceived is the number of inner packets received (after splitting
 	// coalesced datagrams).
 	UDPReceived uint64
@@ -67,14 +73,16 @@ var dropNames = [numDropReasons]string{
 const logEvery = 10 * time.Second
 
 type counters struct {
-	tunRead, udpSent, udpReceived, tunWritten, unreachable atomic.Uint64
-	drops                                                  [numDropReasons]atomic.Uint64
-	lastLog                                                [numDropReasons]atomic.Int64
+	tunReads, tunRead, udpSent, udpMessages, udpReceived, tunWritten, unreachable atomic.Uint64
+	drops                                                                         [numDropReasons]atomic.Uint64
+	lastLog                                                                       [numDropReasons]atomic.Int64
 }
 
 func (c *counters) snapshot() Stats {
 	return Stats{
+		TUNReads:       c.tunReads.Load(),
 		TUNRead:        c.tunRead.Load(),
+		UDPMessages:    c.udpMessages.Load(),
 		UDPSent:        c.udpSent.Load(),
 		UDPReceived:    c.udpReceived.Load(),
 		TUNWritten:     c.tunWritten.Load(),

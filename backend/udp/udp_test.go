@@ -1,0 +1,120 @@
+package udp
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"runtime"
+	"strings"
+	"testing"
+
+	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+func TestNewRejectsBadOptions(t *testing.T) {
+	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	badPort, err := subnet.ParseConfig([]byte(`{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Port":0}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eth := &net.Interface{Name: "eth0", MTU: 1500}
+	addr := netip.MustParseAddr("192.0.2.1")
+	ok := backend.Options{Ext: backend.ExternalInterface{Iface: eth, IfaceAddr: addr, PublicIP: addr}, Config: cfg, Logger: klog.Background()}
+	if _, err := New(ok); err != nil {
+		t.Fatalf("New with good options: %v", err)
+	}
+	for _, tc := range []struct {
+		name    string
+		mutate  func(*backend.Options)
+		mention string
+	}{
+		{"no config", func(o *backend.Options) { o.Config = nil }, "no network config"},
+		{"bad port", func(o *backend.Options) { o.Config = badPort }, "Backend.Port 0 is out of range"},
+		{"no address", func(o *backend.Options) { o.Ext.IfaceAddr = netip.Addr{} }, "IPv4 address of the external interface"},
+		{"ipv6 address", func(o *backend.Options) { o.Ext.IfaceAddr = netip.MustParseAddr("2001:db8::1") }, "IPv4 address of the external interface"},
+		{"no interface", func(o *backend.Options) { o.Ext.Iface = nil }, "needs the external interface"},
+		{"tiny mtu", func(o *backend.Options) { o.Ext.Iface = &net.Interface{Name: "eth0", MTU: 500} }, "has MTU 500"},
+	} {
+		o := ok
+		tc.mutate(&o)
+		_, err := New(o)
+		if err == nil || !strings.Contains(err.Error(), tc.mention) {
+			t.Errorf("%s: New = %v, want an error mentioning %q", tc.name, err, tc.mention)
+		}
+	}
+	// Through the registry, as main builds it.
+	if _, err := backend.New(TypeName, ok); err != nil {
+		t.Fatalf("backend.New(udp): %v", err)
+	}
+	o := ok
+	o.Config = badPort
+	if _, err := backend.New(TypeName, o); !errors.Is(err, ErrInvalidConfig) {
+		t.Fatalf("backend.New(udp) with Port 0 = %v, want ErrInvalidConfig", err)
+	}
+}
+
+func TestApplyBeforeInitAndAfterClose(t *testing.T) {
+	cfg, _ := subnet.ParseConfig([]byte(`{"Network":"10.5.0.0/16"}`))
+	addr := netip.MustParseAddr("192.0.2.1")
+	b, err := New(backend.Options{Ext: backend.ExternalInterface{Iface: &net.Interface{MTU: 1500}, IfaceAddr: addr, PublicIP: addr}, Config: cfg, Logger: klog.Background()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.5.1.0/24")}
+	if err := b.Apply(context.Background(), own, nil); !errors.Is(err, ErrNotInitialized) {
+		t.Fatalf("Apply before Init = %v, want ErrNotInitialized", err)
+	}
+	for i := 0; i < 2; i++ {
+		if err := b.Close(); err != nil {
+			t.Fatalf("Close #%d: %v", i+1, err)
+		}
+	}
+	if _, err := b.Init(context.Background()); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Init after Close = %v, want ErrClosed", err)
+	}
+	if err := b.Apply(context.Background(), own, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Apply after Close = %v, want ErrClosed", err)
+	}
+}
+
+// TestNetnsCloseEndsGoroutines checks that Close stops the packet loops and
+// the TUN's own goroutines, and removes flannel0 (the TUN is not
+// persistent).
+func TestNetnsCloseEndsGoroutines(t *testing.T) {
+	needRoot(t)
+	a, _ := newLab(t)
+	cfg := labConfig(t, "")
+	be := a.startBackend(t, cfg)
+	if err := be.Apply(context.Background(), a.lease("10.5.1.0/24"), nil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the packet loops to run", func() bool {
+		return stacksContain("udp.(*path).tunLoop") && stacksContain("udp.(*path).udpLoop")
+	})
+	if err := be.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := be.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	eventually(t, "the backend's goroutines to end", func() bool {
+		return !stacksContain("udp.(*path)") && !stacksContain("wireguard/tun.(*NativeTun)") && !stacksContain("udp.openTUN")
+	})
+	eventually(t, "flannel0 to go away", func() bool {
+		_, err := a.h.LinkByName(DeviceName)
+		return err != nil
+	})
+}
+
+func stacksContain(s string) bool {
+	buf := make([]byte, 1<<20)
+	n := runtime.Stack(buf, true)
+	return strings.Contains(string(buf[:n]), s)
+}
