@@ -25,6 +25,7 @@ import (
 	"github.com/flanneld-go/flanneld/backend"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	flannel "github.com/flanneld-go/flanneld/daemon"
+	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/network"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet/etcdv2"
@@ -230,8 +231,9 @@ func run(f *flags) error {
 	})
 }
 
-// serveHealthz serves /healthz (200 while running) and /readyz (503 until
-// subnet.env is written and the rules are installed) until ctx ends.
+// serveHealthz serves /healthz (200 while running), /readyz (503 until
+// subnet.env is written and the rules are installed) and /metrics
+// (Prometheus text format) until ctx ends.
 func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -241,6 +243,7 @@ func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool) error {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
+	mux.Handle("/metrics", metrics.Handler())
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready.Load() {
 			http.Error(w, "not ready: lease, subnet file or rules not in place yet", http.StatusServiceUnavailable)

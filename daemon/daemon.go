@@ -16,6 +16,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -150,7 +151,7 @@ func Run(ctx context.Context, o Options) error {
 	case batch := <-events:
 		n.update(batch)
 	}
-	if err := n.be.Apply(ctx, n.lease, n.remotes()); err != nil {
+	if err := n.apply(ctx); err != nil {
 		return ctxOr(ctx, fmt.Errorf("programming %s backend: %w", cfg.BackendType, err))
 	}
 	if err := n.publish(ctx); err != nil {
@@ -178,7 +179,7 @@ func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-ch
 	var coalesce <-chan time.Time // non-nil while an Apply is pending
 	apply := func() {
 		coalesce = nil
-		if err := n.be.Apply(ctx, n.lease, n.remotes()); err != nil && ctx.Err() == nil {
+		if err := n.apply(ctx); err != nil && ctx.Err() == nil {
 			n.log.Error(err, "Programming the backend failed; retrying at the next resync")
 		}
 	}
@@ -207,14 +208,18 @@ func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-ch
 			err := n.o.Manager.RenewLease(ctx, &n.lease)
 			switch {
 			case err == nil:
+				metrics.LeaseRenewals.WithLabelValues("ok").Inc()
+				metrics.LeaseExpiration.Set(expiry(n.lease))
 				n.log.V(1).Info("Renewed lease", "subnet", n.lease.Subnet, "expires", n.lease.Expiration)
 				renew.Reset(n.renewDelay())
 			case errors.Is(err, subnet.ErrLeaseLost):
+				metrics.LeaseRenewals.WithLabelValues("lost").Inc()
 				n.log.Info("Own lease is gone; acquiring again", "subnet", n.lease.Subnet, "reason", err)
 				n.reacquire(ctx)
 				renew.Reset(n.renewDelay())
 				apply()
 			case ctx.Err() == nil:
+				metrics.LeaseRenewals.WithLabelValues("error").Inc()
 				n.log.Error(err, "Renewing lease failed; retrying", "in", n.o.RenewRetry)
 				renew.Reset(n.o.RenewRetry)
 			}
@@ -260,6 +265,25 @@ func (n *node) update(batch []subnet.Event) (lost bool) {
 		}
 	}
 	return lost
+}
+
+// apply hands the current lease set to the backend.
+func (n *node) apply(ctx context.Context) error {
+	start := time.Now()
+	err := n.be.Apply(ctx, n.lease, n.remotes())
+	metrics.ReconcileDuration.Observe(time.Since(start).Seconds())
+	metrics.Leases.Set(float64(len(n.leases)))
+	if err != nil {
+		metrics.ReconcileErrors.Inc()
+	}
+	return err
+}
+
+func expiry(l subnet.Lease) float64 {
+	if l.Reservation() {
+		return 0
+	}
+	return float64(l.Expiration.Unix())
 }
 
 // remotes is every lease but our own.
@@ -339,6 +363,8 @@ func (n *node) reacquire(ctx context.Context) {
 }
 
 func (n *node) setLease(l subnet.Lease) {
+	metrics.LeaseAcquisitions.Inc()
+	metrics.LeaseExpiration.Set(expiry(l))
 	n.lease = l
 	n.leases[l.Subnet] = l
 	if n.o.OnLease != nil {

@@ -14,12 +14,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	client "go.etcd.io/etcd/client/v2"
 	"k8s.io/klog/v2"
 	"k8s.io/klog/v2/ktesting"
 
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/internal/etcdtest"
+	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/subnet"
 	"github.com/flanneld-go/flanneld/subnet/etcdv2"
 )
@@ -199,6 +201,13 @@ func TestRunPublishesAndFollowsLeases(t *testing.T) {
 	}
 	if resp.Node.Value != `{"PublicIP":"192.168.8.1","BackendType":"fake-test","BackendData":{"Fake":1}}` {
 		t.Errorf("own lease value = %s", resp.Node.Value)
+	}
+
+	if got := testutil.ToFloat64(metrics.LeaseExpiration); got != float64(own.Expiration.Unix()) {
+		t.Errorf("lease expiration metric = %v, want %v", got, own.Expiration.Unix())
+	}
+	if got := testutil.ToFloat64(metrics.Leases); got != 2 {
+		t.Errorf("leases metric = %v, want 2 (own and 10.5.7.0/24)", got)
 	}
 
 	l.set("subnets/10.5.9.0-24", `{"PublicIP":"192.168.8.19","BackendType":"fake-test"}`, time.Hour)

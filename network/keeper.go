@@ -12,6 +12,8 @@ import (
 
 	"github.com/coreos/go-iptables/iptables"
 	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/internal/metrics"
 )
 
 // DefaultResyncInterval is used when Options.ResyncInterval is zero; it is
@@ -216,6 +218,7 @@ func (k *Keeper) ensureSet(ctx context.Context, s chainSet) error {
 	defer func() {
 		if restored {
 			k.restores.Add(1)
+			metrics.IPTablesRestores.Inc()
 		}
 	}()
 	if reason != "" {
@@ -334,6 +337,7 @@ func (k *Keeper) removeMasq(ctx context.Context) error {
 	}
 	if removed {
 		k.restores.Add(1)
+		metrics.IPTablesRestores.Inc()
 		k.log.Info("Removed iptables masquerade rules left from an earlier run", "table", TableNAT, "chain", ChainMasquerade, "reason", "ip-masq is off")
 	}
 	return nil

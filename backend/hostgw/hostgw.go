@@ -18,6 +18,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
@@ -134,6 +135,7 @@ func (b *hostGW) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Le
 	b.noted, b.skipped = b.skipped, b.noted
 
 	c, err := b.routes.Reconcile(own.Subnet, b.desired)
+	metrics.Programmed.WithLabelValues(Type, "route").Set(float64(len(b.desired) - c.Failed))
 	if c.Any() {
 		b.log.Info("Reconciled host-gw routes", "routes", len(b.desired), "added", c.Added, "updated", c.Updated, "removed", c.Removed, "failed", c.Failed)
 	}

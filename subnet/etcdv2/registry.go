@@ -18,6 +18,8 @@ import (
 
 	client "go.etcd.io/etcd/client/v2"
 	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/internal/metrics"
 )
 
 // Defaults of Options.
@@ -99,7 +101,35 @@ func newKeysAPI(opts *Options) (keysAPI, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd client: %w", err)
 	}
-	return client.NewKeysAPI(c), nil
+	return countingKeys{client.NewKeysAPI(c)}, nil
+}
+
+// countingKeys counts failed requests in metrics.EtcdErrors. Expected
+// answers (key not found, compare failed, key exists, index cleared) and
+// cancelled requests are not failures.
+type countingKeys struct{ keysAPI }
+
+func (k countingKeys) Get(ctx context.Context, key string, opts *client.GetOptions) (*client.Response, error) {
+	r, err := k.keysAPI.Get(ctx, key, opts)
+	countError(ctx, "get", err)
+	return r, err
+}
+
+func (k countingKeys) Set(ctx context.Context, key, value string, opts *client.SetOptions) (*client.Response, error) {
+	r, err := k.keysAPI.Set(ctx, key, value, opts)
+	countError(ctx, "set", err)
+	return r, err
+}
+
+func countError(ctx context.Context, op string, err error) {
+	if err == nil || ctx.Err() != nil {
+		return
+	}
+	switch etcdCode(err) {
+	case client.ErrorCodeKeyNotFound, client.ErrorCodeTestFailed, client.ErrorCodeNodeExist, client.ErrorCodeEventIndexCleared:
+		return
+	}
+	metrics.EtcdErrors.WithLabelValues(op).Inc()
 }
 
 // tlsConfig returns the client TLS config of opts, or nil when no TLS file

@@ -13,6 +13,7 @@ import (
 
 	client "go.etcd.io/etcd/client/v2"
 
+	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -93,6 +94,7 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 				// and send the difference.
 				log.V(2).Info("Watch index cleared; re-listing leases", "cursor", w.cursor)
 				needList = true
+				metrics.WatchResyncs.Inc()
 				cleared++
 				if cleared > 1 && !sleep(ctx, w.bo.next()) {
 					return ctx.Err()
@@ -141,6 +143,7 @@ func (w *watcher) poll(ctx context.Context) (*client.Response, error) {
 		if ctx.Err() == nil && pctx.Err() != nil {
 			return nil, errPollTimeout
 		}
+		countError(ctx, "watch", err)
 		return nil, flatError(err)
 	}
 	if resp.Node == nil {
