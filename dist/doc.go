@@ -1,0 +1,8 @@
+// Package dist holds what an operator installs besides the flanneld binary:
+// the systemd unit (flanneld.service) with its example environment file
+// (flanneld.default), the docker.service drop-in (docker-flannel.conf),
+// mk-docker-opts.sh, which turns subnet.env into Docker daemon options, and
+// a sample subnet.env. The repository's Dockerfile builds the container
+// image. The package has no Go API: its tests check that these files work,
+// against the real daemon where it matters.
+package dist
