@@ -1,0 +1,44 @@
+package ip
+
+import (
+	"strings"
+	"testing"
+)
+
+// FuzzParseKey checks the lease key codec on any string: ParseKey never
+// panics, what it accepts is a masked IPv4 prefix whose Key is exactly the
+// input (one spelling per subnet, so two nodes can never write the same
+// subnet under two names), and what it rejects gets a one-line error.
+//
+//	go test -run '^$' -fuzz '^FuzzParseKey$' -fuzztime 30s ./pkg/ip/
+func FuzzParseKey(f *testing.F) {
+	for _, s := range []string{
+		"10.5.34.0-24", "0.0.0.0-0", "255.255.255.255-32", "10.5.0.4-30", "192.168.8.128-25",
+		"10.5.34.1-24", "10.5.34.0-024", "10.5.34.0-+24", "10.5.34.0-33", "10.5.34.0--1",
+		"10.5.34.0-24-1", "010.5.34.0-24", "10.5.34.0/24", "fd00::-64", "::ffff:10.5.34.0-120",
+		"10.5.34.0-", "-24", "", "10.5.34.0-2\n4", "10.5.34.0-٢٤",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := ParseKey(s)
+		if err != nil {
+			if strings.ContainsAny(err.Error(), "\n\r") {
+				t.Errorf("ParseKey(%q) error is not one line: %q", s, err)
+			}
+			return
+		}
+		if !p.IsValid() || !p.Addr().Is4() {
+			t.Fatalf("ParseKey(%q) = %v: not an IPv4 prefix", s, p)
+		}
+		if p.Masked() != p {
+			t.Errorf("ParseKey(%q) = %v: host bits set", s, p)
+		}
+		if got := Key(p); got != s {
+			t.Errorf("Key(ParseKey(%q)) = %q, want the input back", s, got)
+		}
+		if back, err := ParseKey(Key(p)); err != nil || back != p {
+			t.Errorf("ParseKey(Key(%v)) = %v, %v", p, back, err)
+		}
+	})
+}
