@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 
 	"github.com/flanneld-go/flanneld/pkg/ip"
@@ -76,7 +77,7 @@ func ParseConfig(data []byte) (*Config, error) {
 	if err := dec.Decode(&raw); err != nil {
 		return nil, invalid("not a JSON object (%v); write it like {\"Network\":\"10.5.0.0/16\"}", err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return nil, invalid("trailing data after the JSON object")
 	}
 	cfg := &Config{}
@@ -104,7 +105,7 @@ func ParseConfig(data []byte) (*Config, error) {
 	} else {
 		var n int
 		if err := json.Unmarshal(*raw.SubnetLen, &n); err != nil {
-			return nil, invalid("SubnetLen %s is not a whole number; write it like 24", *raw.SubnetLen)
+			return nil, invalid("SubnetLen %s is not a whole number; write it like 24", jsonText(*raw.SubnetLen))
 		}
 		switch {
 		case n > 30:
@@ -173,9 +174,23 @@ func ParseConfig(data []byte) (*Config, error) {
 func stringField(name string, raw json.RawMessage, want string) (string, error) {
 	var s string
 	if err := json.Unmarshal(raw, &s); err != nil {
-		return "", invalid("%s %s is not a string; write %s", name, raw, want)
+		return "", invalid("%s %s is not a string; write %s", name, jsonText(raw), want)
 	}
 	return s, nil
+}
+
+// jsonText renders a raw JSON value for an error message: compacted, so
+// that the message stays on one line, and cut after 64 bytes.
+func jsonText(raw json.RawMessage) string {
+	var b bytes.Buffer
+	if err := json.Compact(&b, raw); err != nil {
+		return fmt.Sprintf("%q", raw)
+	}
+	if b.Len() > 64 {
+		b.Truncate(64)
+		b.WriteString("...")
+	}
+	return b.String()
 }
 
 // InRange reports whether p is a subnet this config could lease: SubnetLen
