@@ -22,11 +22,15 @@ type Env struct {
 	IPMasq  bool         // FLANNEL_IPMASQ
 }
 
-// Marshal renders the file.
+// Marshal renders the file. An MTU of 0 (unknown) leaves FLANNEL_MTU out
+// rather than telling docker to use 0.
 func (e Env) Marshal() []byte {
 	first := ip.FromUint32(ip.Uint32(e.Subnet.Addr()) + 1)
-	return fmt.Appendf(nil, "FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s/%d\nFLANNEL_MTU=%d\nFLANNEL_IPMASQ=%t\n",
-		e.Network, first, e.Subnet.Bits(), e.MTU, e.IPMasq)
+	b := fmt.Appendf(nil, "FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s/%d\n", e.Network, first, e.Subnet.Bits())
+	if e.MTU != 0 {
+		b = fmt.Appendf(b, "FLANNEL_MTU=%d\n", e.MTU)
+	}
+	return fmt.Appendf(b, "FLANNEL_IPMASQ=%t\n", e.IPMasq)
 }
 
 // WriteEnv writes subnet.env atomically: a temp file in the same directory,
@@ -94,6 +98,11 @@ func ParseEnv(data []byte) (Env, error) {
 			p, err := ip.ParsePrefix(v)
 			if err != nil {
 				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %q is not an IPv4 CIDR", ErrBadEnv, v)
+			}
+			// A lease is /30 or shorter (SubnetLen); FLANNEL_SUBNET holds
+			// its first host address, which a /31 or /32 does not have.
+			if p.Bits() > 30 {
+				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %q is longer than /30, which no lease is", ErrBadEnv, v)
 			}
 			e.Subnet, haveSub = p, true
 		case "FLANNEL_MTU":
