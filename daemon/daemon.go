@@ -140,8 +140,13 @@ func Run(ctx context.Context, o Options) error {
 	events := make(chan []subnet.Event, 64)
 	wctx, wcancel := context.WithCancel(ctx)
 	werr := make(chan error, 1)
-	go func() { werr <- o.Manager.WatchLeases(wctx, events) }()
-	defer func() { wcancel(); <-werr }()
+	wdone := make(chan struct{})
+	go func() {
+		defer close(wdone)
+		werr <- o.Manager.WatchLeases(wctx, events)
+	}()
+	// Wait on wdone, not werr: loop may already have taken the error.
+	defer func() { wcancel(); <-wdone }()
 
 	// Program the kernel from the first snapshot, never from an empty set:
 	// an empty set would remove the routes a previous run left in place.
