@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -63,6 +64,9 @@ func newLab(tb testing.TB, hosts int, config string) *lab.Lab {
 	needRoot(tb)
 	bin := lab.BuildDaemon(tb)
 	l := lab.Start(tb, lab.Options{Hosts: hosts, DaemonPath: bin})
+	// Runs before the lab's own cleanup, which would only kill a stuck
+	// daemon: here a daemon that does not exit 0 fails the test.
+	tb.Cleanup(func() { stopAll(tb, l) })
 	if config != "" {
 		ctx, cancel := context.WithTimeout(context.Background(), converge)
 		defer cancel()
@@ -117,6 +121,43 @@ func stop(tb testing.TB, d *lab.Daemon) int {
 		tb.Fatal(err)
 	}
 	return code
+}
+
+// stopAll sends SIGTERM to every running daemon of the lab and checks that
+// each exits 0 within exitWait. A daemon still running then gets SIGQUIT, so
+// that its log shows where its goroutines are stuck, and fails the test.
+func stopAll(tb testing.TB, l *lab.Lab) {
+	tb.Helper()
+	var wg sync.WaitGroup
+	for _, h := range l.Hosts() {
+		d := h.Daemon()
+		if d == nil || d.Exited() {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.Signal(syscall.SIGTERM); err != nil {
+				tb.Error(err)
+				return
+			}
+			select {
+			case <-d.Done():
+			case <-time.After(exitWait):
+				d.Signal(syscall.SIGQUIT)
+				select {
+				case <-d.Done():
+				case <-time.After(5 * time.Second):
+				}
+				tb.Errorf("flanneld on %s did not exit within %v of SIGTERM; sent SIGQUIT; log:\n%s", h.Name, exitWait, d.Log())
+				return
+			}
+			if code, _ := d.Wait(); code != 0 {
+				tb.Errorf("flanneld on %s exited with %d after SIGTERM, want 0; log:\n%s", h.Name, code, d.Log())
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // waitExit waits for d to exit by itself and returns its exit code.
