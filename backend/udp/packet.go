@@ -2,6 +2,7 @@ package udp
 
 import (
 	"encoding/binary"
+	"math/bits"
 )
 
 // IPv4 header facts used by the packet path.
@@ -34,29 +35,52 @@ func srcAddr(pkt []byte) uint32 { return binary.BigEndian.Uint32(pkt[12:16]) }
 func dstAddr(pkt []byte) uint32 { return binary.BigEndian.Uint32(pkt[16:20]) }
 
 // sum adds b to the one's-complement running sum acc (RFC 1071), without
-// folding.
+// folding. It adds big-endian 64-bit words with carry, which folds to the
+// same 16-bit sum.
 func sum(b []byte, acc uint64) uint64 {
+	var c uint64
+	for len(b) >= 64 {
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[0:8]), c)
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[8:16]), c)
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[16:24]), c)
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[24:32]), c)
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[32:40]), c)
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[40:48]), c)
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[48:56]), c)
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b[56:64]), c)
+		b = b[64:]
+	}
 	for len(b) >= 8 {
-		v := binary.BigEndian.Uint64(b)
-		acc += v >> 32
-		acc += v & 0xffffffff
+		acc, c = bits.Add64(acc, binary.BigEndian.Uint64(b), c)
 		b = b[8:]
 	}
-	for len(b) >= 2 {
-		acc += uint64(binary.BigEndian.Uint16(b))
+	if len(b) >= 4 {
+		acc, c = bits.Add64(acc, uint64(binary.BigEndian.Uint32(b)), c)
+		b = b[4:]
+	}
+	if len(b) >= 2 {
+		acc, c = bits.Add64(acc, uint64(binary.BigEndian.Uint16(b)), c)
 		b = b[2:]
 	}
 	if len(b) == 1 {
-		acc += uint64(b[0]) << 8
+		acc, c = bits.Add64(acc, uint64(b[0])<<8, c)
 	}
-	return acc
+	acc, c = bits.Add64(acc, 0, c)
+	return acc + c
 }
 
 func fold(acc uint64) uint16 {
-	for acc > 0xffff {
-		acc = (acc >> 16) + (acc & 0xffff)
-	}
+	acc = (acc >> 32) + (acc & 0xffffffff)
+	acc = (acc >> 32) + (acc & 0xffffffff)
+	acc = (acc >> 16) + (acc & 0xffff)
+	acc = (acc >> 16) + (acc & 0xffff)
 	return uint16(acc)
+}
+
+// pseudoSum is the sum of the IPv4 pseudo-header of pkt for protocol proto
+// and an L4 length of l4len.
+func pseudoSum(pkt []byte, proto byte, l4len int) uint64 {
+	return uint64(binary.BigEndian.Uint32(pkt[12:16])) + uint64(binary.BigEndian.Uint32(pkt[16:20])) + uint64(proto) + uint64(l4len)
 }
 
 // checksum is the Internet checksum of b: the value to store in a checksum

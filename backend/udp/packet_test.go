@@ -169,3 +169,57 @@ func TestNetUnreachable(t *testing.T) {
 		}
 	}
 }
+
+// slowSum is RFC 1071's reference loop over 16-bit words.
+func slowSum(b []byte) uint16 {
+	var acc uint32
+	for len(b) >= 2 {
+		acc += uint32(binary.BigEndian.Uint16(b))
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		acc += uint32(b[0]) << 8
+	}
+	for acc > 0xffff {
+		acc = acc>>16 + acc&0xffff
+	}
+	return uint16(acc)
+}
+
+func TestSumMatchesReference(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	for n := 0; n < 300; n++ {
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = byte(r.Uint32())
+		}
+		if n%7 == 0 {
+			for i := range b {
+				b[i] = 0xff // carries everywhere
+			}
+		}
+		want := slowSum(b)
+		got := fold(sum(b, 0))
+		// 0x0000 and 0xffff are the same number in one's complement.
+		if got != want && !(got == 0xffff && want == 0) && !(got == 0 && want == 0xffff) {
+			t.Fatalf("len %d: sum folds to %#04x, reference %#04x", n, got, want)
+		}
+		// Chaining sums equals summing the concatenation when the first
+		// part has even length.
+		if n >= 2 {
+			k := (n / 2) &^ 1
+			chained := fold(sum(b[k:], sum(b[:k], 0)))
+			if chained != got && !(chained == 0xffff && got == 0) && !(chained == 0 && got == 0xffff) {
+				t.Fatalf("len %d split at %d: chained %#04x, whole %#04x", n, k, chained, got)
+			}
+		}
+	}
+}
+
+func BenchmarkChecksum64K(b *testing.B) {
+	buf := make([]byte, 65535)
+	b.SetBytes(int64(len(buf)))
+	for b.Loop() {
+		_ = fold(sum(buf, 0))
+	}
+}

@@ -103,48 +103,11 @@ func (p *path) inbound(t *table, from uint32, pkt []byte) ([]byte, bool) {
 	return pkt, true
 }
 
-// tunBatch gathers the packets of one recvmmsg for one TUN write. Each
-// packet is copied into its own buffer with tunOffset headroom and room to
-// coalesce up to 64 KB onto it.
-type tunBatch struct {
-	dev     tunDevice
-	backing [][]byte
-	bufs    [][]byte
-}
-
-func newTUNBatch(dev tunDevice, n int) *tunBatch {
-	b := &tunBatch{dev: dev, backing: make([][]byte, n), bufs: make([][]byte, 0, n)}
-	for i := range b.backing {
-		b.backing[i] = make([]byte, tunOffset+maxPacket)
-	}
-	return b
-}
-
-func (b *tunBatch) add(pkt []byte) {
-	buf := b.backing[len(b.bufs)]
-	n := copy(buf[tunOffset:], pkt)
-	b.bufs = append(b.bufs, buf[:tunOffset+n])
-}
-
-func (b *tunBatch) full() bool { return len(b.bufs) == len(b.backing) }
-
-// flush writes the gathered packets and empties the batch.
-func (b *tunBatch) flush() (int, error) {
-	if len(b.bufs) == 0 {
-		return 0, nil
-	}
-	n := len(b.bufs)
-	_, err := b.dev.Write(b.bufs, tunOffset)
-	clear(b.bufs)
-	b.bufs = b.bufs[:0]
-	return n, err
-}
-
 // receive handles one received message: data from sender from, coalesced
 // by GRO into segments of seg bytes (0: one datagram). Each segment is one
-// inner packet; the accepted ones are added to out, which is flushed when
-// full.
-func (p *path) receive(t *table, from uint32, data []byte, seg int, out *tunBatch) {
+// inner packet; the accepted ones are added to out. data must stay
+// untouched until out is flushed.
+func (p *path) receive(t *table, from uint32, data []byte, seg int, out *tunWriter) {
 	if seg <= 0 || seg > len(data) {
 		seg = len(data)
 	}
@@ -155,29 +118,24 @@ func (p *path) receive(t *table, from uint32, data []byte, seg int, out *tunBatc
 		if !ok {
 			continue
 		}
-		if out.full() {
-			p.flushTUN(out)
-		}
 		out.add(pkt)
 	}
 }
 
-func (p *path) flushTUN(out *tunBatch) {
-	n, err := out.flush()
-	if n == 0 {
-		return
-	}
-	p.ctr.tunWritten.Add(uint64(n))
-	if err != nil {
-		p.ctr.drop(p.log, dropTUNWrite, 1, func() []any { return []any{"err", err} })
+// flushTUN writes what out holds and counts the results.
+func (p *path) flushTUN(out *tunWriter) {
+	out.flush()
+	n, errs, err := out.take()
+	p.ctr.tunWritten.Add(n)
+	if errs > 0 {
+		p.ctr.drop(p.log, dropTUNWrite, errs, func() []any { return []any{"err", err} })
 	}
 }
 
 // udpLoop moves datagrams from the socket into the TUN until the socket is
 // closed.
-func (p *path) udpLoop(c *sockConn, dev tunDevice) {
+func (p *path) udpLoop(c *sockConn, out *tunWriter) {
 	rx := newRecvBatch(c, recvMessages, maxPacket)
-	out := newTUNBatch(dev, batchSize)
 	for {
 		n, err := rx.read()
 		if err != nil {

@@ -137,10 +137,17 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 	b.log.Info("Started the udp backend", "device", DeviceName, "mtu", b.mtu,
 		"listen", netip.AddrPortFrom(b.opts.Ext.IfaceAddr, uint16(b.cfg.Port)),
 		"tunOffload", vnet, "udpGSO", sock.gso.Load(), "udpGRO", sock.gro, "strictSource", b.cfg.StrictSource)
+	rc, err := dev.File().SyscallConn()
+	if err != nil {
+		dev.Close()
+		sock.Close()
+		return backend.Publish{}, fmt.Errorf("getting the file of TUN %s: %w", DeviceName, err)
+	}
+	out := newTUNWriter(rc, vnet)
 	b.dev, b.sock = dev, sock
 	b.wg.Add(2)
 	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
-	go func() { defer b.wg.Done(); b.path.udpLoop(sock, dev) }()
+	go func() { defer b.wg.Done(); b.path.udpLoop(sock, out) }()
 	return backend.Publish{MTU: b.mtu}, nil
 }
 
