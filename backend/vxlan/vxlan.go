@@ -2,6 +2,21 @@
 // remote lease, a permanent neighbour, an fdb entry and an onlink route, the
 // way flannel v0.10 programs them, so that nodes of both daemons reach each
 // other (see WIRE.md).
+//
+// What the backend owns, and so removes when no lease wants it (also the
+// leftovers of a previous run, at the first Apply):
+//   - on flannel.<VNI>: every IPv4 address but the own lease's, every
+//     permanent IPv4 neighbour, every fdb entry; neighbours the kernel
+//     resolved itself are left to it;
+//   - in the main table: routes with a gateway to a part of Network (never
+//     Network itself nor the own subnet) through flannel.<VNI> or the
+//     external interface. The external interface is included even without
+//     DirectRouting, so that turning the option off removes its routes.
+//
+// With DirectRouting, a peer whose PublicIP is on a network of the external
+// interface's addresses gets only `<subnet> via <PublicIP> dev <ext>`, and no
+// neighbour or fdb entry, as in flannel v0.10; entries left from when it was
+// tunnelled are removed.
 package vxlan
 
 import (
@@ -12,6 +27,7 @@ import (
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
@@ -48,6 +64,7 @@ type vxlanBackend struct {
 	ext     backend.ExternalInterface
 	spec    deviceSpec
 	nl      kernel
+	owned   *netlink.Handle // the handle New opened, closed by Close; nil if given
 	log     klog.Logger
 
 	closed bool
@@ -85,8 +102,9 @@ type ignored struct {
 	gen    uint64
 }
 
-// newBackend checks the options and the vxlan keys of the Backend block; it
-// touches nothing. Every config error names the key, the value and the rule
+// newBackend checks the options and the vxlan keys of the Backend block and
+// opens a netlink socket if none is given; it changes nothing in the kernel.
+// Every config error names the key, the value and the rule
 // and wraps subnet.ErrInvalidConfig.
 func newBackend(o backend.Options) (*vxlanBackend, error) {
 	if o.Config == nil {
@@ -107,8 +125,16 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 		return nil, fmt.Errorf("vxlan backend: external interface %s MTU %d is too small: VXLAN needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 68+encapOverhead)
 	}
 	var nl kernel = o.Netlink
+	var owned *netlink.Handle
 	if o.Netlink == nil {
-		nl = &netlink.Handle{}
+		// A handle with its own socket, rather than the zero Handle that
+		// opens a socket per request: applying 10,000 leases makes 30,000
+		// requests, and a socket each triples their cost.
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+		if err != nil {
+			return nil, fmt.Errorf("vxlan backend: opening a netlink socket: %w", err)
+		}
+		nl, owned = h, h
 	}
 	b := &vxlanBackend{
 		cfg:     cfg,
@@ -124,6 +150,7 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 			MTU:      mtu,
 		},
 		nl:     nl,
+		owned:  owned,
 		log:    o.Logger,
 		want:   newDesired(),
 		ignore: map[netip.Prefix]ignored{},
@@ -410,10 +437,17 @@ func (b *vxlanBackend) extNets() ([]netip.Prefix, error) {
 	return nets, nil
 }
 
-// Close marks the backend closed. The device and every entry stay in place
-// so that a restarted daemon carries on without interrupting traffic.
+// Close marks the backend closed and closes the netlink handle it opened
+// itself. The device and every entry stay in place so that a restarted
+// daemon carries on without interrupting traffic.
 func (b *vxlanBackend) Close() error {
+	if b.closed {
+		return nil
+	}
 	b.closed = true
+	if b.owned != nil {
+		b.owned.Close()
+	}
 	return nil
 }
 

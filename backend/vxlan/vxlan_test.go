@@ -566,8 +566,12 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		Ext:    backend.ExternalInterface{Iface: ext, IfaceAddr: netip.MustParseAddr("10.250.9.1"), PublicIP: netip.MustParseAddr("10.250.9.1")},
 		Config: &subnet.Config{Network: network, SubnetLen: 24, BackendType: "vxlan", Backend: []byte(`{"Type":"vxlan"}`)},
 	}
-	if _, err := backend.New("vxlan", good); err != nil {
+	be, err := backend.New("vxlan", good)
+	if err != nil {
 		t.Fatalf("good options: %v", err)
+	}
+	if err := be.Close(); err != nil {
+		t.Fatal(err)
 	}
 	tests := []struct {
 		name   string
@@ -592,8 +596,12 @@ func TestNewRejectsBadOptions(t *testing.T) {
 			}
 		})
 	}
-	be, _ := newBackend(good)
-	if err := be.Apply(context.Background(), subnet.Lease{Subnet: netip.MustParsePrefix("10.5.1.0/24")}, nil); err == nil {
+	vb, err := newBackend(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vb.Close()
+	if err := vb.Apply(context.Background(), subnet.Lease{Subnet: netip.MustParsePrefix("10.5.1.0/24")}, nil); err == nil {
 		t.Error("Apply before Init succeeded")
 	}
 }
