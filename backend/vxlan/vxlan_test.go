@@ -130,6 +130,35 @@ func TestTunnelBetweenTwoNodes(t *testing.T) {
 	}
 }
 
+func TestCustomVNIPortAndGBP(t *testing.T) {
+	l := newLab(t, `{"Type":"vxlan","VNI":4242,"Port":4789,"GBP":true}`)
+	apply(t, l.ba, l.la, l.lb)
+	apply(t, l.bb, l.lb, l.la)
+	macB := vtepMAC(t, l.lb)
+	want := strings.Join([]string{
+		"link flannel.4242 vxlan id 4242 local 10.250.9.1 dev eth0 dstport 4789 nolearning gbp=true l2miss=false l3miss=false mtu 1450 up",
+		"addr 10.5.1.0/32",
+		"neigh 10.5.2.0 lladdr " + macB + " permanent",
+		"fdb " + macB + " self dst 10.250.9.2 permanent",
+		"route 10.5.2.0/24 via 10.5.2.0 dev flannel.4242 onlink",
+	}, "\n")
+	if got := l.a.state(t, "flannel.4242"); got != want {
+		t.Errorf("kernel state:\n%s\n\nwant:\n%s", got, want)
+	}
+	if _, err := l.a.h.LinkByName("flannel.1"); err == nil {
+		t.Error("flannel.1 exists too")
+	}
+	l.a.addBridge(t, "10.5.1.1/24")
+	l.b.addBridge(t, "10.5.2.1/24")
+	rx := l.b.rxPackets(t, "flannel.4242")
+	if err := l.a.ping(t, "10.5.1.1", "10.5.2.1"); err != nil {
+		t.Fatal(err)
+	}
+	if l.b.rxPackets(t, "flannel.4242") <= rx {
+		t.Error("the ping did not cross flannel.4242")
+	}
+}
+
 func TestReinitKeepsDeviceAndMAC(t *testing.T) {
 	l := newLab(t, `{"Type":"vxlan"}`)
 	apply(t, l.ba, l.la, l.lb)
@@ -171,6 +200,7 @@ func TestReinitKeepsDeviceAndMAC(t *testing.T) {
 }
 
 func TestMismatchedDeviceReplacedWithSameMAC(t *testing.T) {
+	needRoot(t)
 	const oldMAC = "0e:aa:bb:cc:dd:01"
 	tests := []struct {
 		name string
@@ -506,6 +536,7 @@ func (be *vxlanBackend) useKernel(k kernel) {
 }
 
 func TestPartialFailureRollsBackTheLease(t *testing.T) {
+	needRoot(t)
 	c := peer("10.5.3.0/24", "10.250.9.3", "0e:00:00:00:00:03")
 	tests := []struct {
 		name  string
