@@ -1,6 +1,7 @@
 package udp
 
 import (
+	"bytes"
 	"testing"
 )
 
@@ -39,6 +40,39 @@ func FuzzReceive(f *testing.F) {
 		s := p.ctr.snapshot()
 		if s.TUNWritten != uint64(len(written)) {
 			t.Fatalf("TUNWritten %d, wrote %d", s.TUNWritten, len(written))
+		}
+	})
+}
+
+// FuzzOutbound feeds any bytes, as a packet read from the TUN, to the send
+// path and, for an unknown destination, to the ICMP error builder. It must
+// not panic; what it sends must be a well-formed IPv4 packet for the peer
+// holding its destination, and any ICMP error must be well-formed.
+func FuzzOutbound(f *testing.F) {
+	f.Add(mkIPv4([4]byte{10, 5, 1, 5}, [4]byte{10, 5, 3, 1}, protoTCP, 64, nil, []byte("payload")))
+	f.Add(mkIPv4([4]byte{10, 5, 1, 5}, [4]byte{10, 5, 99, 1}, protoUDP, 64, []byte{1, 1, 1, 1}, []byte("payload")))
+	f.Add(mkIPv4([4]byte{10, 5, 1, 5}, [4]byte{10, 5, 99, 1}, protoICMP, 1, nil, []byte{3, 0}))
+	f.Add([]byte{0x60, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, pkt []byte) {
+		p := newTestPath(true)
+		tb := p.table.Load()
+		idx, out, v := p.outbound(tb, bytes.Clone(pkt))
+		switch v {
+		case outSend:
+			hl, tl, ok := ipv4Header(out)
+			if !ok || tl != len(out) || tb.lookup(dstAddr(out)) != idx {
+				t.Fatalf("sent a bad packet % x to peer %d", out, idx)
+			}
+			if hl == 20 && !headerChecksumOK(out[:20]) && headerChecksumOK(pkt[:20]) {
+				t.Fatal("decrementing the TTL broke a valid header checksum")
+			}
+		case outUnreachable:
+			buf := make([]byte, netUnreachableLen)
+			if n := netUnreachable(buf, out); n > 0 {
+				if _, tl, ok := ipv4Header(buf[:n]); !ok || tl != n || !headerChecksumOK(buf[:20]) || fold(sum(buf[20:n], 0)) != 0xffff {
+					t.Fatalf("bad ICMP error % x", buf[:n])
+				}
+			}
 		}
 	})
 }

@@ -7,7 +7,6 @@ import (
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
-	"golang.zx2c4.com/wireguard/tun"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/pkg/ip"
@@ -175,14 +174,13 @@ func (p *path) tunLoop(dev tunDevice, c *sockConn, mtu int) {
 	for {
 		n, err := dev.Read(bufs, sizes, tunOffset)
 		if err != nil {
-			if errors.Is(err, os.ErrClosed) {
+			if isFatalTUN(err) {
 				return
 			}
+			// A super-packet that could not be split (or not all of it);
+			// what was split (n packets) still goes out.
+			p.ctr.drop(p.log, dropMalformed, 1, func() []any { return []any{"err", err} })
 			if n == 0 {
-				p.ctr.drop(p.log, dropMalformed, 1, func() []any { return []any{"err", err} })
-				if !errors.Is(err, tun.ErrTooManySegments) && isFatalTUN(err) {
-					return
-				}
 				continue
 			}
 		}
