@@ -82,17 +82,20 @@ func (c *sockConn) Close() error { return c.conn.Close() }
 // one. Each datagram on the wire is exactly one inner packet. Not safe for
 // concurrent use.
 type sendBatch struct {
-	c      *sockConn
-	hdrs   []unix.Mmsghdr
-	iovs   []unix.Iovec
-	oob    []byte
-	msgs   []txMsg
-	npkts  int
-	gsoOn  bool
-	fn     func(fd uintptr) bool
-	callN  int
-	callE  error
-	callAt int
+	c     *sockConn
+	hdrs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+	oob   []byte
+	msgs  []txMsg
+	npkts int
+	gsoOn bool
+	fn    func(fd uintptr) bool
+	// syscall runs sendmmsg on hdrs[callAt:callN] and sets callN and
+	// callE; tests replace it.
+	syscall func() error
+	callN   int
+	callE   error
+	callAt  int
 }
 
 // txMsg is one message of a batch: count packets starting at iovs[first],
@@ -117,6 +120,7 @@ func newSendBatch(c *sockConn, size int) *sendBatch {
 		msgs: make([]txMsg, 0, size),
 	}
 	s.fn = s.sendmmsg
+	s.syscall = func() error { return s.c.rc.Write(s.fn) }
 	return s
 }
 
@@ -237,14 +241,14 @@ func (s *sendBatch) send(nh int, gso bool) (hdrsSent, pkts int, err error) {
 	for hdrsSent < nh {
 		s.callAt = hdrsSent
 		s.callN = nh
-		if err := s.c.rc.Write(s.fn); err != nil {
+		if err := s.syscall(); err != nil {
 			return hdrsSent, pkts, fmt.Errorf("sending on udp socket: %w", err)
 		}
 		if s.callE != nil {
 			// Skip the message that failed and carry on with the rest,
 			// unless GSO itself was refused.
 			e := s.callE
-			if gso && gsoRefused(e) {
+			if gso && s.hdrs[hdrsSent].Hdr.Controllen > 0 && gsoRefused(e) {
 				return hdrsSent, pkts, fmt.Errorf("sending udp datagrams: %w", e)
 			}
 			hdrsSent++
