@@ -20,10 +20,12 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/spf13/pflag"
+	"github.com/vishvananda/netlink"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
+	_ "github.com/flanneld-go/flanneld/backend/vxlan"
 	flannel "github.com/flanneld-go/flanneld/daemon"
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/network"
@@ -173,7 +175,15 @@ func run(f *flags) error {
 	log := klog.Background()
 	log.Info("Starting flanneld", "version", version)
 
-	ext, err := ip.ChooseInterface(nil, f.iface, f.ifaceRegex)
+	// One netlink socket for the daemon's life; a zero Handle would open
+	// one per request.
+	nl, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("opening netlink: %w", err)
+	}
+	defer nl.Close()
+
+	ext, err := ip.ChooseInterface(nl, f.iface, f.ifaceRegex)
 	if err != nil {
 		return err
 	}
@@ -213,6 +223,7 @@ func run(f *flags) error {
 	return flannel.Run(ctx, flannel.Options{
 		Manager:     mgr,
 		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public},
+		Netlink:     nl,
 		SubnetFile:  f.subnetFile,
 		IPMasq:      f.ipMasq,
 		RenewMargin: time.Duration(f.renewMargin) * time.Minute,

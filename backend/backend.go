@@ -114,9 +114,6 @@ func New(name string, opts Options) (Backend, error) {
 	if !ok {
 		return nil, fmt.Errorf("%w %q: use one of %s", ErrUnknownType, name, strings.Join(Types(), ", "))
 	}
-	be, err := f(opts)
-	if err != nil {
-		return nil, fmt.Errorf("creating %s backend: %w", name, err)
-	}
-	return be, nil
+	// Factory errors name their backend ("vxlan backend: VNI 0 is ...").
+	return f(opts)
 }
