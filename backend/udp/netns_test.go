@@ -311,24 +311,38 @@ func labPair(t *testing.T, backendJSON string) (a, b *labHost, ba, bb *Backend) 
 
 func TestNetnsTCPIntegrity(t *testing.T) {
 	needRoot(t)
-	for _, tc := range []struct{ name, backend string }{
-		{"offloads", `{"Type":"udp"}`},
-		{"no-offloads", `{"Type":"udp","TUNOffload":false,"UDPGSO":false,"UDPGRO":false}`},
-		{"gso-only", `{"Type":"udp","UDPGRO":false}`},
+	yes, no := true, false
+	for _, tc := range []struct {
+		name, backend string
+		size          int64
+		// superReads: A's TUN reads return super-packets; gro: B receives
+		// coalesced datagrams. nil: not checked.
+		superReads, gro *bool
+	}{
+		{"offloads", `{"Type":"udp"}`, 32 << 20, &yes, &yes},
+		{"no-offloads", `{"Type":"udp","TUNOffload":false,"UDPGSO":false,"UDPGRO":false}`, 8 << 20, &no, &no},
+		{"gso-only", `{"Type":"udp","UDPGRO":false}`, 8 << 20, &yes, &no},
+		{"gro-only", `{"Type":"udp","UDPGSO":false}`, 8 << 20, &yes, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a, b, ba, bb := labPair(t, tc.backend)
-			r, err := tcpStream(t, a, b, "10.5.2.0", 48<<20, 0, true)
+			r, err := tcpStream(t, a, b, "10.5.2.0", tc.size, 0, true)
 			if err != nil {
 				t.Fatalf("A->B: %v\nstats A %+v\nstats B %+v", err, ba.Stats(), bb.Stats())
 			}
-			r2, err := tcpStream(t, b, a, "10.5.1.0", 8<<20, 0, true)
+			r2, err := tcpStream(t, b, a, "10.5.1.0", 4<<20, 0, true)
 			if err != nil {
 				t.Fatalf("B->A: %v\nstats A %+v\nstats B %+v", err, ba.Stats(), bb.Stats())
 			}
 			sa, sb := ba.Stats(), bb.Stats()
 			if sa.UDPSent == 0 || sb.TUNWritten == 0 {
 				t.Fatalf("traffic did not pass the backends: A %+v B %+v", sa, sb)
+			}
+			if tc.superReads != nil && (sa.TUNReads < sa.TUNRead) != *tc.superReads {
+				t.Errorf("A read %d packets in %d TUN reads; want super-packets: %v", sa.TUNRead, sa.TUNReads, *tc.superReads)
+			}
+			if tc.gro != nil && (sb.UDPMessages < sb.UDPReceived) != *tc.gro {
+				t.Errorf("B received %d datagrams in %d messages; want coalesced: %v", sb.UDPReceived, sb.UDPMessages, *tc.gro)
 			}
 			for _, s := range []Stats{sa, sb} {
 				if s.Malformed+s.SpoofedSource+s.UnknownSender+s.SendErrors+s.TUNWriteErrors != 0 {
