@@ -88,10 +88,9 @@ func TestHostGW(t *testing.T) {
 	}
 
 	waitRoutes(t, hosts, envs)
+	// subnet.env is written just before the rules are installed: wait.
 	for i, h := range hosts {
-		if err := checkRules(ctx, h, network, envs[i].Subnet, true); err != nil {
-			t.Error(err)
-		}
+		eventually(t, "rules on "+h.Name, func() error { return checkRules(ctx, h, network, envs[i].Subnet, true) })
 	}
 
 	for i, h := range hosts {
@@ -202,9 +201,7 @@ func TestRestart(t *testing.T) {
 		}
 	}
 	h1 := l.Host(1)
-	if err := checkRules(ctx, h1, network, envs[0].Subnet, false); err != nil {
-		t.Error(err)
-	}
+	eventually(t, "rules on host1", func() error { return checkRules(ctx, h1, network, envs[0].Subnet, false) })
 
 	if code := stop(t, h1.Daemon()); code != 0 {
 		t.Fatalf("flanneld on host1 exited with %d after SIGTERM, want 0; log:\n%s", code, h1.Daemon().Log())

@@ -63,7 +63,20 @@ func newLab(tb testing.TB, hosts int, config string) *lab.Lab {
 	tb.Helper()
 	needRoot(tb)
 	bin := lab.BuildDaemon(tb)
-	l := lab.Start(tb, lab.Options{Hosts: hosts, DaemonPath: bin})
+	var l *lab.Lab
+	// Registered first, so it runs last: after the lab's Close nothing of
+	// it may be left.
+	tb.Cleanup(func() {
+		if l == nil {
+			return
+		}
+		for _, ns := range l.Namespaces() {
+			if _, err := os.Stat(filepath.Join("/run/netns", ns)); !errors.Is(err, os.ErrNotExist) {
+				tb.Errorf("namespace %s left behind after the test (stat: %v)", ns, err)
+			}
+		}
+	})
+	l = lab.Start(tb, lab.Options{Hosts: hosts, DaemonPath: bin})
 	// Runs before the lab's own cleanup, which would only kill a stuck
 	// daemon: here a daemon that does not exit 0 fails the test.
 	tb.Cleanup(func() { stopAll(tb, l) })
