@@ -3,6 +3,7 @@ package udp
 import (
 	"net"
 	"os"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -64,7 +65,8 @@ func cpuSeconds() float64 {
 // BenchmarkTCPThroughput runs, in the same lab and the same run, one TCP
 // stream of benchStreamDuration over the udp backend, over a kernel vxlan
 // pair and over the raw veth underlay, and reports Gbit/s for each, the
-// ratio udp/vxlan, and the process CPU seconds per GB moved over udp.
+// ratio udp/vxlan, the process CPU seconds per GB moved over udp and
+// vxlan, and the process's heap allocations per GB for each.
 func BenchmarkTCPThroughput(b *testing.B) {
 	needRoot(b)
 	a, bh := newLab(b)
@@ -88,11 +90,12 @@ func BenchmarkTCPThroughput(b *testing.B) {
 	addVXLAN(b, bh, "10.6.1.2", a)
 
 	type target struct {
-		name string
-		dst  string
-		sum  float64 // Gbit/s summed over b.N
-		cpu  float64 // CPU seconds
-		gb   float64 // GB moved
+		name   string
+		dst    string
+		sum    float64 // Gbit/s summed over b.N
+		cpu    float64 // CPU seconds
+		gb     float64 // GB moved
+		allocs uint64  // heap allocations of the whole process
 	}
 	targets := []*target{
 		{name: "udp", dst: "10.5.2.0"},
@@ -109,12 +112,16 @@ func BenchmarkTCPThroughput(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for _, tg := range targets {
+			var m0, m1 runtime.MemStats
+			runtime.ReadMemStats(&m0)
 			c0 := cpuSeconds()
 			r, err := tcpStream(b, a, bh, tg.dst, 0, benchStreamDuration, false)
 			if err != nil {
 				b.Fatalf("%s stream: %v", tg.name, err)
 			}
 			tg.cpu += cpuSeconds() - c0
+			runtime.ReadMemStats(&m1)
+			tg.allocs += m1.Mallocs - m0.Mallocs
 			tg.gb += float64(r.bytes) / 1e9
 			tg.sum += float64(r.bytes) * 8 / r.elapsed.Seconds() / 1e9
 		}
@@ -122,6 +129,9 @@ func BenchmarkTCPThroughput(b *testing.B) {
 	b.StopTimer()
 	for _, tg := range targets {
 		b.ReportMetric(tg.sum/float64(b.N), tg.name+"-Gbit/s")
+	}
+	for _, tg := range targets {
+		b.ReportMetric(float64(tg.allocs)/tg.gb, tg.name+"-allocs/GB")
 	}
 	if len(targets) == 3 {
 		b.ReportMetric(targets[0].sum/targets[1].sum, "udp/vxlan")

@@ -213,8 +213,10 @@ func (p *path) flushUDP(snd *sendBatch) {
 	queued := snd.npkts
 	n, err := snd.flush()
 	p.ctr.udpSent.Add(uint64(n))
-	var refused errGSORefused
-	if errors.As(err, &refused) {
+	if err == nil {
+		return
+	}
+	if refused, ok := err.(errGSORefused); ok {
 		p.log.Info("The kernel refused UDP segmentation offload; sending one datagram per packet from now on", "err", err)
 		err = refused.err
 	}

@@ -461,3 +461,55 @@ func TestParseConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestFastPathDoesNotAllocate runs both directions of the packet path,
+// with the syscalls faked, and counts heap allocations.
+func TestFastPathDoesNotAllocate(t *testing.T) {
+	p := newTestPath(true)
+	tb := p.table.Load()
+
+	// TUN -> UDP: route, TTL, GSO grouping, sendmmsg.
+	c := &sockConn{}
+	c.gso.Store(true)
+	snd := newSendBatch(c, batchSize)
+	snd.syscall = func() error { snd.callE = nil; return nil } // all of hdrs[callAt:callN] sent
+	var out [][]byte
+	for i := 0; i < 40; i++ {
+		pkt := mkTCP([4]byte{10, 5, 1, 1}, [4]byte{10, 5, 3, 1}, 1, 2, uint32(i*1400), uint16(i), make([]byte, 1400))
+		pkt[8] = 255
+		out = append(out, pkt)
+	}
+	if n := testing.AllocsPerRun(100, func() {
+		for _, pkt := range out {
+			if idx, b, v := p.outbound(tb, pkt); v == outSend {
+				snd.add(&tb.peers[idx], b)
+			}
+		}
+		p.flushUDP(snd)
+	}); n != 0 {
+		t.Fatalf("the send path allocates %v times per batch", n)
+	}
+
+	// UDP -> TUN: split, strict check, TTL, coalescing, writev.
+	var trains [][]byte
+	for r := 0; r < 102; r++ {
+		var data []byte
+		for i := 0; i < 40; i++ {
+			pkt := mkTCP([4]byte{10, 5, 2, 7}, [4]byte{10, 5, 1, 1}, 1, 2, uint32(i*1400), uint16(i), make([]byte, 1400))
+			data = append(data, pkt...)
+		}
+		trains = append(trains, data)
+	}
+	w := &tunWriter{vnet: true, pieces: make([][]byte, 0, maxCoalesceSegs+2), write: func([][]byte) error { return nil }}
+	r := 0
+	if n := testing.AllocsPerRun(100, func() {
+		p.receive(tb, a4("192.0.2.2"), trains[r], 1440, w)
+		p.flushTUN(w)
+		r++
+	}); n != 0 {
+		t.Fatalf("the receive path allocates %v times per message", n)
+	}
+	if s := p.ctr.snapshot(); s.TUNWritten == 0 || s.UDPSent == 0 || s.Malformed+s.SpoofedSource+s.TTL != 0 {
+		t.Fatalf("the packets did not take the fast path: %+v", s)
+	}
+}
