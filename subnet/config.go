@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"strconv"
 
 	"github.com/flanneld-go/flanneld/pkg/ip"
 )
@@ -90,7 +91,7 @@ func ParseConfig(data []byte) (*Config, error) {
 		return nil, err
 	}
 	if cfg.Network, err = ip.ParsePrefix(s); err != nil {
-		return nil, invalid("Network %q is not an IPv4 CIDR such as \"10.5.0.0/16\"", s)
+		return nil, invalid("Network %s is not an IPv4 CIDR such as \"10.5.0.0/16\"", quote(s))
 	}
 	nbits := cfg.Network.Bits()
 	if nbits > 28 {
@@ -135,7 +136,7 @@ func ParseConfig(data []byte) (*Config, error) {
 		}
 		a, err := ip.ParseAddr(s)
 		if err != nil {
-			return nil, invalid("%s %q is not an IPv4 address such as \"10.5.1.0\"", f.name, s)
+			return nil, invalid("%s %s is not an IPv4 address such as \"10.5.1.0\"", f.name, quote(s))
 		}
 		if !cfg.Network.Contains(a) {
 			return nil, invalid("%s %s is outside Network %s", f.name, a, cfg.Network)
@@ -179,15 +180,28 @@ func stringField(name string, raw json.RawMessage, want string) (string, error) 
 	return s, nil
 }
 
+// maxQuoted is how much of a user's value an error message repeats, so
+// that a huge value still makes a short line.
+const maxQuoted = 64
+
+// quote renders a user's value for an error message: quoted, and cut
+// after maxQuoted bytes.
+func quote(s string) string {
+	if len(s) > maxQuoted {
+		return strconv.Quote(s[:maxQuoted]) + "..."
+	}
+	return strconv.Quote(s)
+}
+
 // jsonText renders a raw JSON value for an error message: compacted, so
-// that the message stays on one line, and cut after 64 bytes.
+// that the message stays on one line, and cut after maxQuoted bytes.
 func jsonText(raw json.RawMessage) string {
 	var b bytes.Buffer
 	if err := json.Compact(&b, raw); err != nil {
-		return fmt.Sprintf("%q", raw)
+		return quote(string(raw))
 	}
-	if b.Len() > 64 {
-		b.Truncate(64)
+	if b.Len() > maxQuoted {
+		b.Truncate(maxQuoted)
 		b.WriteString("...")
 	}
 	return b.String()

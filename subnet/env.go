@@ -84,37 +84,37 @@ func ParseEnv(data []byte) (Env, error) {
 		}
 		k, v, ok := strings.Cut(line, "=")
 		if !ok {
-			return Env{}, fmt.Errorf("%w: line %d %q is not NAME=value", ErrBadEnv, n, line)
+			return Env{}, fmt.Errorf("%w: line %d %s is not NAME=value", ErrBadEnv, n, quote(line))
 		}
 		v = strings.Trim(v, `"'`)
 		switch k {
 		case "FLANNEL_NETWORK":
 			p, err := ip.ParsePrefix(v)
 			if err != nil {
-				return Env{}, fmt.Errorf("%w: FLANNEL_NETWORK %q is not an IPv4 CIDR", ErrBadEnv, v)
+				return Env{}, fmt.Errorf("%w: FLANNEL_NETWORK %s is not an IPv4 CIDR", ErrBadEnv, quote(v))
 			}
 			e.Network, haveNet = p, true
 		case "FLANNEL_SUBNET":
 			p, err := ip.ParsePrefix(v)
 			if err != nil {
-				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %q is not an IPv4 CIDR", ErrBadEnv, v)
+				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %s is not an IPv4 CIDR", ErrBadEnv, quote(v))
 			}
 			// A lease is /30 or shorter (SubnetLen); FLANNEL_SUBNET holds
 			// its first host address, which a /31 or /32 does not have.
 			if p.Bits() > 30 {
-				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %q is longer than /30, which no lease is", ErrBadEnv, v)
+				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %s is longer than /30, which no lease is", ErrBadEnv, quote(v))
 			}
 			e.Subnet, haveSub = p, true
 		case "FLANNEL_MTU":
 			m, err := strconv.Atoi(v)
 			if err != nil || m <= 0 {
-				return Env{}, fmt.Errorf("%w: FLANNEL_MTU %q is not a positive number", ErrBadEnv, v)
+				return Env{}, fmt.Errorf("%w: FLANNEL_MTU %s is not a positive number", ErrBadEnv, quote(v))
 			}
 			e.MTU = m
 		case "FLANNEL_IPMASQ":
 			b, err := strconv.ParseBool(v)
 			if err != nil {
-				return Env{}, fmt.Errorf("%w: FLANNEL_IPMASQ %q is not true or false", ErrBadEnv, v)
+				return Env{}, fmt.Errorf("%w: FLANNEL_IPMASQ %s is not true or false", ErrBadEnv, quote(v))
 			}
 			e.IPMasq = b
 		}

@@ -18,12 +18,12 @@ import (
 //
 // Their seeds are the f.Add calls and testdata/fuzz/<FuzzName>/.
 
-// oneLine fails t when err's text spans lines: a user's mistake gets one
-// line naming the problem.
+// oneLine fails t when err's text spans lines or is long: a user's
+// mistake gets one short line naming the problem, however big the input.
 func oneLine(t *testing.T, what string, err error) {
 	t.Helper()
-	if strings.ContainsAny(err.Error(), "\n\r") {
-		t.Errorf("%s: error is not one line: %q", what, err)
+	if msg := err.Error(); strings.ContainsAny(msg, "\n\r") || len(msg) > 512 {
+		t.Errorf("%s: error is not one short line (%d bytes): %.600q", what, len(msg), msg)
 	}
 }
 

@@ -42,7 +42,7 @@ func ParseLeaseAttrs(data []byte) (LeaseAttrs, error) {
 	}
 	a, err := netip.ParseAddr(*raw.PublicIP)
 	if err != nil || !a.Is4() {
-		return LeaseAttrs{}, fmt.Errorf("%w: PublicIP %q is not an IPv4 address", ErrBadLease, *raw.PublicIP)
+		return LeaseAttrs{}, fmt.Errorf("%w: PublicIP %s is not an IPv4 address", ErrBadLease, quote(*raw.PublicIP))
 	}
 	attrs := LeaseAttrs{PublicIP: a, BackendType: raw.BackendType}
 	if d := bytes.TrimSpace(raw.BackendData); len(d) > 0 && !bytes.Equal(d, []byte("null")) {
