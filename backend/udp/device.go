@@ -11,8 +11,8 @@ import (
 
 // tunDevice is what the packet path needs of the TUN: wireguard-go's
 // tun.Device, narrowed. Read splits a virtio GSO super-packet into packets of
-// at most the MTU; Write coalesces TCP (and UDP) segments into super-packets
-// before writing them with a virtio header.
+// at most the MTU (computing their checksums); Write is used for the ICMP
+// errors only, received packets go through tunWriter.
 type tunDevice interface {
 	Read(bufs [][]byte, sizes []int, offset int) (int, error)
 	Write(bufs [][]byte, offset int) (int, error)

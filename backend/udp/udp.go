@@ -5,12 +5,24 @@
 // The fast path is pure Go. The TUN is opened with a virtio-net header so
 // that one read returns a TCP super-packet of up to 64 KB, which
 // wireguard-go's tun package splits into packets of at most the MTU; each
-// run of packets for one peer goes out with one UDP_SEGMENT message, many
-// messages per sendmmsg. Datagrams come in with UDP_GRO and recvmmsg, and
-// TCP segments are coalesced again (after checking their checksums) before
-// they are written to the TUN. On the wire every datagram still carries
-// exactly one inner packet, so flannel's one-datagram-per-read receiver
-// interoperates. Each offload can be turned off in the Backend block.
+// run of packets for one peer goes out as one UDP_SEGMENT message, many
+// messages per sendmmsg. Datagrams come in with UDP_GRO and recvmmsg; TCP
+// segments of one flow are checked (checksums included) and coalesced again
+// into one GSO write to the TUN, made with writev straight from the receive
+// buffers. On the wire every datagram still carries exactly one inner
+// packet, so flannel's one-datagram-per-read receiver interoperates.
+//
+// Keys of the Backend block (JSON, matched case-insensitively):
+//
+//	Port          UDP port on every node, 1..65535 (default 8285)
+//	TUNOffload    virtio header and TCP/UDP segmentation offload on the TUN (true)
+//	UDPGSO        send runs of datagrams with UDP_SEGMENT (true)
+//	UDPGRO        receive coalesced datagrams with UDP_GRO (true)
+//	StrictSource  accept a datagram only from a lease's PublicIP, with an inner
+//	              source inside that lease's subnet (true)
+//
+// The offloads exist to be switched off when a kernel gets them wrong; a
+// refused UDP_SEGMENT send also turns GSO off by itself.
 package udp
 
 import (
