@@ -197,7 +197,9 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 }
 
 // configureDevice makes flannel0's IPv4 addresses exactly
-// <own subnet IP>/<Network prefix> and sets it up.
+// <own subnet IP>/<Network prefix> and sets it up. Stale addresses go
+// first: an address added in the same subnet would be a secondary, and
+// deleting the primary after it would take it along.
 func (b *Backend) configureDevice(own netip.Prefix) error {
 	link, err := b.nl.LinkByName(DeviceName)
 	if err != nil {

@@ -9,9 +9,12 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -117,4 +120,70 @@ func stacksContain(s string) bool {
 	buf := make([]byte, 1<<20)
 	n := runtime.Stack(buf, true)
 	return strings.Contains(string(buf[:n]), s)
+}
+
+// fakeNetlink is a link with a set of IPv4 addresses.
+type fakeNetlink struct {
+	addrs []netlink.Addr
+	up    bool
+	calls []string
+}
+
+func (f *fakeNetlink) LinkByName(name string) (netlink.Link, error) {
+	if name != DeviceName {
+		return nil, errors.New("no such link")
+	}
+	return &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name, Index: 7}}, nil
+}
+func (f *fakeNetlink) LinkSetUp(netlink.Link) error {
+	f.up = true
+	f.calls = append(f.calls, "up")
+	return nil
+}
+func (f *fakeNetlink) AddrList(netlink.Link, int) ([]netlink.Addr, error) {
+	return append([]netlink.Addr(nil), f.addrs...), nil
+}
+func (f *fakeNetlink) AddrReplace(_ netlink.Link, a *netlink.Addr) error {
+	f.calls = append(f.calls, "replace "+a.IPNet.String())
+	f.addrs = append(f.addrs, *a)
+	return nil
+}
+func (f *fakeNetlink) AddrDel(_ netlink.Link, a *netlink.Addr) error {
+	f.calls = append(f.calls, "del "+a.IPNet.String())
+	for i, x := range f.addrs {
+		if x.IPNet.String() == a.IPNet.String() {
+			f.addrs = append(f.addrs[:i], f.addrs[i+1:]...)
+			return nil
+		}
+	}
+	return unix.EADDRNOTAVAIL
+}
+
+func TestConfigureDeviceReconcilesAddresses(t *testing.T) {
+	cfg, _ := subnet.ParseConfig([]byte(`{"Network":"10.5.0.0/16"}`))
+	addr := netip.MustParseAddr("192.0.2.1")
+	b, err := New(backend.Options{Ext: backend.ExternalInterface{Iface: &net.Interface{MTU: 1500}, IfaceAddr: addr, PublicIP: addr}, Config: cfg, Logger: klog.Background()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nl := &fakeNetlink{addrs: []netlink.Addr{
+		{IPNet: ip.HostNet(netip.MustParseAddr("10.5.9.0"), 16)}, // a previous lease
+		{IPNet: ip.HostNet(netip.MustParseAddr("10.5.1.0"), 24)}, // the right address, wrong length
+	}}
+	b.nl = nl
+	own := netip.MustParsePrefix("10.5.1.0/24")
+	if err := b.configureDevice(own); err != nil {
+		t.Fatalf("configureDevice: %v", err)
+	}
+	if len(nl.addrs) != 1 || nl.addrs[0].IPNet.String() != "10.5.1.0/16" || !nl.up {
+		t.Fatalf("addresses %v up %v; want exactly 10.5.1.0/16, up", nl.addrs, nl.up)
+	}
+	// Again: nothing to change but setting the link up.
+	nl.calls = nil
+	if err := b.configureDevice(own); err != nil {
+		t.Fatalf("configureDevice again: %v", err)
+	}
+	if len(nl.calls) != 1 || nl.calls[0] != "up" {
+		t.Fatalf("second call made %v, want only [up]", nl.calls)
+	}
 }
