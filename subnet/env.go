@@ -119,7 +119,9 @@ func ParseEnv(data []byte) (Env, error) {
 			e.IPMasq = b
 		}
 	}
-	if err := sc.Err(); err != nil {
+	if err := sc.Err(); errors.Is(err, bufio.ErrTooLong) {
+		return Env{}, fmt.Errorf("%w: a line is longer than %d KiB; it is not a subnet file", ErrBadEnv, bufio.MaxScanTokenSize/1024)
+	} else if err != nil {
 		return Env{}, fmt.Errorf("%w: %v", ErrBadEnv, err)
 	}
 	if !haveNet || !haveSub {
