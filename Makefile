@@ -6,8 +6,9 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 BIN     := bin/flanneld
 BACKEND ?= host-gw
 KEEP    ?=
+IMAGE   ?= flanneld:$(VERSION)
 
-.PHONY: all build test vet lint demo bench fuzz clean
+.PHONY: all build test vet lint demo bench fuzz image install clean
 
 all: build
 
@@ -30,6 +31,17 @@ demo: build
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem -timeout 30m ./...
+
+# Needs a Docker engine (none in CI; TestDockerfile checks the file there).
+image:
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)/usr/local/bin/flanneld
+	install -D -m 0755 dist/mk-docker-opts.sh $(DESTDIR)/usr/local/bin/mk-docker-opts.sh
+	install -D -m 0644 dist/flanneld.service $(DESTDIR)/etc/systemd/system/flanneld.service
+	install -D -m 0644 dist/docker-flannel.conf $(DESTDIR)/etc/systemd/system/docker.service.d/flannel.conf
+	test -e $(DESTDIR)/etc/default/flanneld || install -D -m 0644 dist/flanneld.default $(DESTDIR)/etc/default/flanneld
 
 clean:
 	rm -rf bin
