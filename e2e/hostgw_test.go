@@ -251,6 +251,11 @@ func TestLeaseDeleted(t *testing.T) {
 	envs := startAll(t, l)
 	waitRoutes(t, hosts, envs)
 	h1, h3 := l.Host(1), l.Host(3)
+	for i, h := range hosts {
+		if err := h.SetBridgeAddr(envs[i].Subnet); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	if code := stop(t, h3.Daemon()); code != 0 {
 		t.Fatalf("flanneld on host3 exited with %d after SIGTERM, want 0", code)
@@ -281,6 +286,11 @@ func TestLeaseDeleted(t *testing.T) {
 	}
 	if h1.Daemon().Exited() {
 		t.Fatalf("flanneld on host1 exited")
+	}
+	for _, p := range [][2]int{{1, 0}, {0, 1}} {
+		if err := hosts[p[0]].WaitPing(testCtx(t, converge), envs[p[0]].Subnet.Addr(), envs[p[1]].Subnet.Addr()); err != nil {
+			t.Errorf("after host1 re-acquired its lease: %v", err)
+		}
 	}
 
 	// host3's subnet is free and its subnet.env names it.
