@@ -195,6 +195,7 @@ func TestLabNetwork(t *testing.T) {
 // writes a subnet.env derived from that address, and exits 0 on SIGTERM.
 // "--fake-exit N" makes it exit with N at once.
 const fakeDaemon = `#!/bin/bash
+trap 'echo "got TERM"; exit 0' TERM # before subnet.env: the test signals once it exists
 echo "pid=$$"
 echo "args=$*"
 echo "env=${FLANNELD_IFACE:-unset}"
@@ -212,7 +213,6 @@ echo "eth0=$a"
 ip=${a%/*}
 printf 'FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.%s.1/24\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=%s\n' "${ip##*.}" "$masq" > "$sf.tmp"
 mv "$sf.tmp" "$sf"
-trap 'echo "got TERM"; exit 0' TERM
 while :; do sleep 0.1; done
 `
 
