@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	goflag "flag"
 	"fmt"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -91,7 +93,7 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 	f := &flags{}
 	fs := newFlagSet(f)
 	if err := fs.Parse(args); err != nil {
-		return nil, err
+		return nil, flagError(err)
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q: flanneld takes only flags", fs.Arg(0))
@@ -112,7 +114,7 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 		}
 		for _, v := range vals {
 			if e := fs.Set(fl.Name, strings.TrimSpace(v)); e != nil {
-				err = fmt.Errorf("invalid value of %s: %v", name, e)
+				err = fmt.Errorf("invalid value of %s: %v", name, flagError(e))
 				return
 			}
 		}
@@ -145,7 +147,50 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 	if (f.etcdCertfile == "") != (f.etcdKeyfile == "") {
 		return nil, fmt.Errorf("--etcd-certfile and --etcd-keyfile go together: give both or neither")
 	}
+	if strings.Trim(f.etcdEndpoints, ", ") == "" {
+		return nil, fmt.Errorf("--etcd-endpoints is empty: give a comma-separated list such as http://127.0.0.1:2379")
+	}
+	if !strings.HasPrefix(f.etcdPrefix, "/") {
+		return nil, fmt.Errorf("--etcd-prefix %q is not an absolute key directory: give one such as /coreos.com/network", f.etcdPrefix)
+	}
+	if strings.TrimSpace(f.subnetFile) == "" {
+		return nil, fmt.Errorf("--subnet-file is empty: give a path such as /run/flannel/subnet.env")
+	}
+	for _, name := range f.iface {
+		if name == "" {
+			return nil, fmt.Errorf("--iface is empty: give an interface name or IPv4 address, such as eth0 or 10.0.0.5")
+		}
+	}
+	for _, expr := range f.ifaceRegex {
+		if _, err := regexp.Compile(expr); err != nil {
+			return nil, fmt.Errorf("--iface-regex %q is not a valid regular expression: %v", expr, err)
+		}
+	}
 	return f, nil
+}
+
+// flagError adds the remedy pflag leaves out: where to find the flags for
+// an unknown one, and the expected form of a number or boolean (klog's Go
+// flags say only "parse error" or strconv's words).
+func flagError(err error) error {
+	var unknown *pflag.NotExistError
+	var invalid *pflag.InvalidValueError
+	switch {
+	case errors.As(err, &unknown):
+		return fmt.Errorf("%w; run flanneld --help for the flags", err)
+	case errors.As(err, &invalid):
+		var want string
+		switch invalid.GetFlag().Value.Type() {
+		case "bool":
+			want = "must be true or false"
+		case "int", "uint64", "Level":
+			want = "must be a whole number"
+		default:
+			return err
+		}
+		return fmt.Errorf("invalid argument %q for --%s: %s", invalid.GetValue(), invalid.GetFlag().Name, want)
+	}
+	return err
 }
 
 func main() {
