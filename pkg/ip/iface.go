@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"regexp"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 )
@@ -96,7 +97,12 @@ func ChooseInterface(h *netlink.Handle, names, regexes []string) (Iface, error) 
 		errs = append(errs, fmt.Errorf("--iface-regex %q matches no interface with an IPv4 address", expr))
 	}
 	if len(names) > 0 || len(regexes) > 0 {
-		return Iface{}, fmt.Errorf("%w: %w", ErrNoInterface, errors.Join(errs...))
+		// One line: "; " between the reasons, not errors.Join's newlines.
+		msgs := make([]string, len(errs))
+		for i, e := range errs {
+			msgs[i] = e.Error()
+		}
+		return Iface{}, fmt.Errorf("%w: %s", ErrNoInterface, strings.Join(msgs, "; "))
 	}
 	routes, err := h.RouteList(nil, netlink.FAMILY_V4)
 	if err != nil {
