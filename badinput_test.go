@@ -1,8 +1,13 @@
 package main
 
 import (
+	"errors"
+	"fmt"
+	"os"
 	"strings"
 	"testing"
+
+	"github.com/flanneld-go/flanneld/pkg/ip"
 )
 
 // TestFlagBadInput extends TestFlagErrors: every malformed flag or
@@ -88,6 +93,38 @@ func TestFlagGoodInputStillParses(t *testing.T) {
 	} {
 		if _, err := parseFlags(tc.args, env(tc.env)); err != nil {
 			t.Errorf("parseFlags(%q, %v) = %v, want success", tc.args, tc.env, err)
+		}
+	}
+}
+
+// TestIfaceBadInput: --iface and --iface-regex values that name no usable
+// interface fail at start with one line giving each reason. It only reads
+// this namespace's links and addresses; the names cannot exist (pid in
+// them) and 203.0.113.0/24 is TEST-NET-3.
+func TestIfaceBadInput(t *testing.T) {
+	missing := fmt.Sprintf("nosuch%d", os.Getpid()%100000)
+	names := []string{missing, "fd00::1", "203.0.113.77"}
+	regexes := []string{fmt.Sprintf("^no-such-iface-%d$", os.Getpid())}
+	f, err := parseFlags([]string{"--iface=" + names[0], "--iface=" + names[1], "--iface=" + names[2], "--iface-regex=" + regexes[0]}, env(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = ip.ChooseInterface(nil, f.iface, f.ifaceRegex)
+	if !errors.Is(err, ip.ErrNoInterface) {
+		t.Fatalf("ChooseInterface(%q, %q) = %v, want ErrNoInterface", names, regexes, err)
+	}
+	msg := err.Error()
+	if strings.ContainsAny(msg, "\n\r") {
+		t.Errorf("error spans lines: %q", msg)
+	}
+	for _, want := range []string{
+		"--iface " + missing + ": no such interface",
+		"--iface fd00::1 is not an IPv4 address",
+		"--iface 203.0.113.77: no interface has this address",
+		"--iface-regex \"" + regexes[0] + "\" matches no interface",
+	} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q: want it to say %q", msg, want)
 		}
 	}
 }
