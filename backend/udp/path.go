@@ -175,6 +175,9 @@ func (p *path) tunLoop(dev tunDevice, c *sockConn, mtu int) {
 		n, err := dev.Read(bufs, sizes, tunOffset)
 		if err != nil {
 			if isFatalTUN(err) {
+				if !errors.Is(err, os.ErrClosed) {
+					p.log.Error(err, "Stopped reading the TUN; packets to other nodes are no longer forwarded", "device", DeviceName)
+				}
 				return
 			}
 			// A super-packet that could not be split (or not all of it);
