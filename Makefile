@@ -7,6 +7,7 @@ BIN     := bin/flanneld
 BACKEND ?= host-gw
 KEEP    ?=
 IMAGE   ?= flanneld:$(VERSION)
+FUZZTIME ?= 30s
 
 .PHONY: all build test vet lint demo bench fuzz image install clean
 
@@ -31,6 +32,16 @@ demo: build
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem -timeout 30m ./...
+
+# Each fuzz target for FUZZTIME (go test -fuzz takes one target at a time);
+# seed corpora live in testdata/fuzz/ and run as plain tests in `make test`.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParseKey$$' -fuzztime $(FUZZTIME) ./pkg/ip/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseConfig$$' -fuzztime $(FUZZTIME) ./subnet/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseLeaseAttrs$$' -fuzztime $(FUZZTIME) ./subnet/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseEnv$$' -fuzztime $(FUZZTIME) ./subnet/
+	$(GO) test -run '^$$' -fuzz '^FuzzReceive$$' -fuzztime $(FUZZTIME) ./backend/udp/
+	$(GO) test -run '^$$' -fuzz '^FuzzOutbound$$' -fuzztime $(FUZZTIME) ./backend/udp/
 
 # Needs a Docker engine (none in CI; TestDockerfile checks the file there).
 image:
