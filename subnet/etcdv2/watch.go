@@ -235,7 +235,7 @@ func (w *watcher) logBad(n *client.Node, err error) {
 	if idx, ok := w.logged[n.Key]; ok && idx == n.ModifiedIndex {
 		return
 	}
-	w.m.log.Info("Skipping a key in the subnets directory", "key", n.Key, "modifiedIndex", n.ModifiedIndex, "reason", err.Error())
+	w.m.log.Info("Skipping a key in the subnets directory; fix its value or remove it from etcd", "key", n.Key, "modifiedIndex", n.ModifiedIndex, "reason", err.Error())
 }
 
 // diffLeases returns the events that turn known into current: Added for a
