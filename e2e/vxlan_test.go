@@ -230,7 +230,7 @@ type vxlanWorld struct {
 // describes it with its own address, and for every other host a permanent
 // neighbour, an fdb entry and an onlink route (or, with DirectRouting, only
 // a route via the peer's eth0 address).
-func (w vxlanWorld) want(i int, eth0MTU int) vxlanKernel {
+func (w vxlanWorld) want(i, eth0MTU int) vxlanKernel {
 	h := w.hosts[i]
 	k := vxlanKernel{
 		Dev: fmt.Sprintf("vxlan id 1 local %s dev %s dstport %d nolearning l2miss=false l3miss=false gbp=false mtu %d up",
@@ -544,6 +544,7 @@ func TestVXLANEntriesRestored(t *testing.T) {
 		t.Fatal(err)
 	}
 	wrongMAC := net.HardwareAddr{0x02, 0, 0, 0, 0, 0x99}
+	wrongDst := l.Host(2).Addr.Next() // a LAN address no host has
 
 	edit := func(fn func(nh *netlink.Handle, dev netlink.Link) error) func() error {
 		return func() error {
@@ -572,7 +573,7 @@ func TestVXLANEntriesRestored(t *testing.T) {
 	})
 	wrongFDB := edit(func(nh *netlink.Handle, dev netlink.Link) error {
 		return nh.NeighSet(&netlink.Neigh{LinkIndex: dev.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-			State: unix.NUD_PERMANENT, IP: net.IPv4(10, 250, 0, 99), HardwareAddr: peerMAC})
+			State: unix.NUD_PERMANENT, IP: wrongDst.AsSlice(), HardwareAddr: peerMAC})
 	})
 	all := func() error { return errors.Join(delRoute(), delFDB(), delNeigh()) }
 
