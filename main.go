@@ -27,6 +27,7 @@ import (
 
 	"github.com/flanneld-go/flanneld/backend"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
+	_ "github.com/flanneld-go/flanneld/backend/udp"
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
 	flannel "github.com/flanneld-go/flanneld/daemon"
 	"github.com/flanneld-go/flanneld/internal/metrics"
