@@ -111,7 +111,9 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 		w.bo.reset()
 		cleared = 0
 		evs, relist := w.apply(resp)
-		if relist {
+		// Far behind etcd (a burst of writes): one listing catches up
+		// faster than one request per event, and sends one batch.
+		if relist || resp.Index > resp.Node.ModifiedIndex+relistLag {
 			needList = true
 		}
 		if len(evs) > 0 {
@@ -132,6 +134,10 @@ func send(ctx context.Context, events chan<- []subnet.Event, evs []subnet.Event)
 }
 
 var errPollTimeout = errors.New("watch long poll timed out")
+
+// relistLag is how many etcd writes the watch may trail the store by before
+// it re-lists instead of reading the events one by one.
+const relistLag = 256
 
 // poll waits for the next change after the cursor, at most pollTimeout.
 func (w *watcher) poll(ctx context.Context) (*client.Response, error) {
