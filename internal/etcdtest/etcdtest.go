@@ -1,7 +1,10 @@
-// Package etcdtest runs a real, single-member etcd server with the v2 API
-// enabled, for tests and for the namespaced lab. The server keeps its data
-// in a temporary directory, listens on loopback (or on a given address,
-// optionally inside a network namespace) and logs nothing.
+// Package etcdtest runs a real etcd server with the v2 API enabled, for
+// tests and for the namespaced lab: a single member (Start, New) or a
+// cluster of several (StartCluster, NewCluster). A server keeps its data in
+// a temporary directory, listens on loopback (or on a given address,
+// optionally inside a network namespace) and logs nothing. Stopping a
+// server closes every client connection at once, as the death of the
+// member would.
 package etcdtest
 
 import (
@@ -43,6 +46,16 @@ type options struct {
 	parentDir  string
 }
 
+// member is what a server knows of its cluster; the zero value is a
+// cluster of one.
+type member struct {
+	name           string // member name (default "etcdtest")
+	initialCluster string // name=peerURL,... (default: just this member)
+	token          string // initial cluster token (default "etcdtest")
+	tickMs         uint   // heartbeat interval (default 10)
+	electionMs     uint   // election timeout (default 50)
+}
+
 // WithTLS serves clients over TLS and requires a client certificate signed by
 // a CA generated for this server. The PEM files are available from
 // Server.TLS; the Server's own client helpers use them.
@@ -67,15 +80,20 @@ func WithParentDir(dir string) Option { return func(o *options) { o.parentDir = 
 // Server is an embedded etcd server. Its methods are safe for concurrent use.
 type Server struct {
 	opts      options
-	dir       string // removed by Close
-	clientURL url.URL
-	peerURL   url.URL
-	tlsFiles  *TLSFiles
-	transport *http.Transport
-	client    client.Client
+	member    member
+	dir       string  // removed by Close
+	clientURL url.URL // the door clients use
+	// backendURL is etcd's own client listener behind the door: same
+	// address and scheme, another port.
+	backendURL url.URL
+	peerURL    url.URL
+	tlsFiles   *TLSFiles
+	transport  *http.Transport
+	client     client.Client
 
 	mu     sync.Mutex
 	etcd   *embed.Etcd // nil while stopped
+	door   *door       // nil while stopped
 	closed bool
 }
 
@@ -98,29 +116,61 @@ func Start(t testing.TB, opts ...Option) *Server {
 // New starts a server and waits until it serves requests. The caller must
 // call Close.
 func New(opts ...Option) (*Server, error) {
+	o, err := parseOptions(opts)
+	if err != nil {
+		return nil, err
+	}
+	s, err := newServer(o, member{})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.init(); err != nil {
+		os.RemoveAll(s.dir)
+		return nil, err
+	}
+	return s, nil
+}
+
+func parseOptions(opts []Option) (options, error) {
 	o := options{addr: netip.AddrFrom4([4]byte{127, 0, 0, 1})}
 	for _, opt := range opts {
 		opt(&o)
 	}
 	if !o.addr.IsValid() {
-		return nil, fmt.Errorf("etcdtest: invalid listen address")
+		return o, fmt.Errorf("etcdtest: invalid listen address")
+	}
+	return o, nil
+}
+
+// newServer makes the server's directory, certificates and client
+// transport; it starts nothing. On error nothing is left behind.
+func newServer(o options, m member) (*Server, error) {
+	if m.name == "" {
+		m.name = "etcdtest"
+	}
+	if m.token == "" {
+		m.token = "etcdtest"
+	}
+	if m.tickMs == 0 {
+		// A single member elects itself after the first election timeout;
+		// keep it short so the server is ready in about a tenth of a second.
+		m.tickMs, m.electionMs = 10, 50
 	}
 	dir, err := os.MkdirTemp(o.parentDir, "etcdtest-")
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd directory: %w", err)
 	}
-	s := &Server{opts: o, dir: dir}
-	if err := s.init(); err != nil {
+	s := &Server{opts: o, member: m, dir: dir}
+	if err := s.prepare(); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
 	}
 	return s, nil
 }
 
-func (s *Server) init() error {
-	scheme := "http"
+// prepare generates the certificates (WithTLS) and the client transport.
+func (s *Server) prepare() error {
 	if s.opts.tls {
-		scheme = "https"
 		ips := []net.IP{net.IPv4(127, 0, 0, 1), s.opts.addr.AsSlice()}
 		f, err := writePKI(filepath.Join(s.dir, "tls"), ips)
 		if err != nil {
@@ -141,22 +191,20 @@ func (s *Server) init() error {
 		}
 		s.transport.TLSClientConfig = tc
 	}
+	return nil
+}
 
+// init picks the ports, starts the single member and makes its client.
+func (s *Server) init() error {
 	// Free ports are picked by binding and releasing them; another process
 	// may grab one in between, so retry a few times on EADDRINUSE.
-	pick := s.opts.clientPort == 0 || s.opts.peerPort == 0
 	var err error
 	for attempt := 0; attempt < 5; attempt++ {
-		cp, pp := s.opts.clientPort, s.opts.peerPort
-		if pick {
-			if cp, pp, err = s.freePorts(); err != nil {
-				return err
-			}
+		if err = s.pickPorts(); err != nil {
+			return err
 		}
-		s.clientURL = url.URL{Scheme: scheme, Host: net.JoinHostPort(s.opts.addr.String(), strconv.Itoa(cp))}
-		s.peerURL = url.URL{Scheme: "http", Host: net.JoinHostPort(s.opts.addr.String(), strconv.Itoa(pp))}
 		err = s.start()
-		if err == nil || !pick || !errors.Is(err, syscall.EADDRINUSE) {
+		if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
 			break
 		}
 		if rmErr := os.RemoveAll(s.dataDir()); rmErr != nil {
@@ -166,6 +214,41 @@ func (s *Server) init() error {
 	if err != nil {
 		return err
 	}
+	return s.newClient()
+}
+
+// pickPorts sets the URLs: the client and peer ports of WithListen (free
+// ones where 0) and a free port for etcd's own client listener.
+func (s *Server) pickPorts() error {
+	ports, err := s.freePorts(3)
+	if err != nil {
+		return err
+	}
+	cp, pp := s.opts.clientPort, s.opts.peerPort
+	if cp == 0 {
+		cp = ports[0]
+	}
+	if pp == 0 {
+		pp = ports[1]
+	}
+	s.setPorts(cp, pp, ports[2])
+	return nil
+}
+
+// setPorts sets the client (door), peer and backend URLs.
+func (s *Server) setPorts(cp, pp, bp int) {
+	scheme := "http"
+	if s.opts.tls {
+		scheme = "https"
+	}
+	host := func(port int) string { return net.JoinHostPort(s.opts.addr.String(), strconv.Itoa(port)) }
+	s.clientURL = url.URL{Scheme: scheme, Host: host(cp)}
+	s.backendURL = url.URL{Scheme: scheme, Host: host(bp)}
+	s.peerURL = url.URL{Scheme: "http", Host: host(pp)}
+}
+
+// newClient makes the v2 client of the server's own endpoint.
+func (s *Server) newClient() error {
 	c, err := client.New(client.Config{Endpoints: s.Endpoints(), Transport: s.transport})
 	if err != nil {
 		s.Stop()
@@ -177,10 +260,10 @@ func (s *Server) init() error {
 
 func (s *Server) dataDir() string { return filepath.Join(s.dir, "data") }
 
-// freePorts returns two ports that are free on the listen address (inside
-// the namespace, if any).
-func (s *Server) freePorts() (int, int, error) {
-	var ports [2]int
+// freePorts returns n distinct ports that are free on the listen address
+// (inside the namespace, if any).
+func (s *Server) freePorts(n int) ([]int, error) {
+	ports := make([]int, n)
 	err := InNetNS(s.opts.nsPath, func() error {
 		var ls []net.Listener
 		defer func() {
@@ -198,27 +281,40 @@ func (s *Server) freePorts() (int, int, error) {
 		}
 		return nil
 	})
-	return ports[0], ports[1], err
+	return ports, err
 }
 
-// start runs etcd with the fixed URLs; the caller holds no lock or s.mu.
+// start runs etcd with the fixed URLs, waits until it is ready and opens
+// the door; the caller holds no lock or s.mu.
 func (s *Server) start() error {
+	e, err := s.startEtcd()
+	if err != nil {
+		return err
+	}
+	return s.started(e)
+}
+
+// startEtcd starts etcd on the backend URL and returns it without waiting
+// for it to be ready (a member of a new cluster is ready only once a
+// quorum of members runs).
+func (s *Server) startEtcd() (*embed.Etcd, error) {
 	cfg := embed.NewConfig()
-	cfg.Name = "etcdtest"
+	cfg.Name = s.member.name
 	cfg.Dir = s.dataDir()
 	cfg.EnableV2 = true
-	cfg.ListenClientUrls = []url.URL{s.clientURL}
+	cfg.ListenClientUrls = []url.URL{s.backendURL}
 	cfg.AdvertiseClientUrls = []url.URL{s.clientURL}
 	cfg.ListenPeerUrls = []url.URL{s.peerURL}
 	cfg.AdvertisePeerUrls = []url.URL{s.peerURL}
-	cfg.InitialCluster = cfg.Name + "=" + s.peerURL.String()
-	cfg.InitialClusterToken = "etcdtest"
+	cfg.InitialCluster = s.member.initialCluster
+	if cfg.InitialCluster == "" {
+		cfg.InitialCluster = cfg.Name + "=" + s.peerURL.String()
+	}
+	cfg.InitialClusterToken = s.member.token
 	// The gateway would dial the client URL from the root namespace.
 	cfg.EnableGRPCGateway = false
-	// A single member elects itself after the first election timeout; keep
-	// it short so the server is ready in about a tenth of a second.
-	cfg.TickMs = 10
-	cfg.ElectionMs = 50
+	cfg.TickMs = s.member.tickMs
+	cfg.ElectionMs = s.member.electionMs
 	cfg.UnsafeNoFsync = true // test data; a clean stop still persists it
 	cfg.Logger = "zap"
 	cfg.LogLevel = "error"
@@ -237,8 +333,14 @@ func (s *Server) start() error {
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("starting etcd on %s: %w", s.clientURL.String(), err)
+		return nil, fmt.Errorf("starting etcd on %s: %w", s.clientURL.String(), err)
 	}
+	return e, nil
+}
+
+// started waits until e is ready, opens the door in front of it and
+// records both. On error e is closed.
+func (s *Server) started(e *embed.Etcd) error {
 	select {
 	case <-e.Server.ReadyNotify():
 	case err := <-e.Err():
@@ -248,13 +350,19 @@ func (s *Server) start() error {
 		e.Close()
 		return fmt.Errorf("starting etcd on %s: not ready after %v", s.clientURL.String(), readyTimeout)
 	}
+	d, err := openDoor(s.opts.nsPath, s.clientURL.Host, s.backendURL.Host)
+	if err != nil {
+		e.Close()
+		return fmt.Errorf("starting etcd on %s: %w", s.clientURL.String(), err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed { // Close ran while we were starting
+		d.close()
 		e.Close()
 		return ErrStopped
 	}
-	s.etcd = e
+	s.etcd, s.door = e, d
 	return nil
 }
 
@@ -289,14 +397,23 @@ func (s *Server) Running() bool {
 	return s.etcd != nil
 }
 
-// Stop stops the server, keeping its data and ports for Restart. Clients see
-// connection errors until Restart. Stopping a stopped server does nothing.
+// Stop stops the server, keeping its data and ports for Restart. As when
+// the member dies, every client connection is closed at once (a pending
+// watch ends with an error) and new ones are refused until Restart.
+// Stopping a stopped server does nothing.
 func (s *Server) Stop() {
 	s.mu.Lock()
-	e := s.etcd
-	s.etcd = nil
+	e, d := s.etcd, s.door
+	s.etcd, s.door = nil, nil
 	s.mu.Unlock()
+	if d != nil {
+		d.close()
+	}
 	if e != nil {
+		// A dying member hands nothing over: stop raft before Close, which
+		// would first try to pass the leadership on (and wait up to the
+		// request timeout for members that are stopping too).
+		e.Server.HardStop()
 		e.Close()
 	}
 	s.transport.CloseIdleConnections()
