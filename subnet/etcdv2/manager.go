@@ -70,7 +70,7 @@ func newManager(api keysAPI, opts Options) *Manager {
 		configRetry: time.Second,
 		pollTimeout: time.Minute,
 		minBackoff:  100 * time.Millisecond,
-		maxBackoff:  5 * time.Second,
+		maxBackoff:  time.Second, // as flannel: watches resume within ~1 s of etcd coming back
 		intn:        rand.IntN,
 		jitter:      func() time.Duration { return rand.N(50 * time.Millisecond) },
 	}
