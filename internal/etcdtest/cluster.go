@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +17,13 @@ import (
 // Cluster is a cluster of embedded etcd members that replicate one v2
 // keyspace. Each member is a Server: stop one (Member(i).Stop) to see the
 // others carry on, restart it to see it catch up.
+//
+// The members run in the caller's network namespace on 127.0.0.1: etcd
+// dials its peers from goroutines that may run on any thread, so members
+// inside another namespace would dial each other from the caller's (and
+// send their traffic wherever its routes lead). WithNetNS and WithListen's
+// address place only the members' client ports, each a relay to its
+// member.
 type Cluster struct {
 	members   []*Server
 	transport *http.Transport
@@ -39,9 +47,9 @@ func StartCluster(t testing.TB, n int, opts ...Option) *Cluster {
 }
 
 // NewCluster starts n members (1 to 9) and waits until every one serves
-// requests. The options apply to every member; WithListen's ports must be
-// 0 (each member takes free ones on the address), and WithTLS is not
-// supported. The caller must call Close.
+// requests. WithNetNS and WithListen's address say where the members'
+// client ports are; WithListen's ports must be 0 (free ones are picked),
+// and WithTLS is not supported. The caller must call Close.
 func NewCluster(n int, opts ...Option) (*Cluster, error) {
 	if n < 1 || n > 9 {
 		return nil, fmt.Errorf("etcdtest: a cluster of %d members requested; use 1 to 9", n)
@@ -70,13 +78,20 @@ func NewCluster(n int, opts ...Option) (*Cluster, error) {
 		c.members = append(c.members, s)
 	}
 	// All ports at once, so that no two members pick the same.
-	ports, err := c.members[0].freePorts(3 * n)
+	loopback := netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	clientPorts, err := freePorts(o.nsPath, o.addr, n)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	ports, err := freePorts("", loopback, 2*n)
 	if err != nil {
 		c.Close()
 		return nil, err
 	}
 	for i, s := range c.members {
-		s.setPorts(ports[3*i], ports[3*i+1], ports[3*i+2])
+		s.etcdNS, s.etcdAddr = "", loopback
+		s.setPorts(clientPorts[i], ports[2*i], ports[2*i+1])
 		peers = append(peers, s.member.name+"="+s.peerURL.String())
 	}
 	for _, s := range c.members {

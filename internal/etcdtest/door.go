@@ -27,9 +27,9 @@ type door struct {
 }
 
 // openDoor listens on addr inside the namespace at nsPath ("" for the
-// caller's) and relays each connection to backend, dialled from the same
-// namespace.
-func openDoor(nsPath, addr, backend string) (*door, error) {
+// caller's) and relays each connection to backend, dialled from the
+// namespace at backendNS.
+func openDoor(nsPath, addr, backendNS, backend string) (*door, error) {
 	var ln net.Listener
 	err := InNetNS(nsPath, func() error {
 		var err error
@@ -39,7 +39,7 @@ func openDoor(nsPath, addr, backend string) (*door, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s for etcd clients: %w", addr, err)
 	}
-	d := &door{ln: ln, backend: backend, dial: DialContextIn(nsPath), conns: map[net.Conn]struct{}{}}
+	d := &door{ln: ln, backend: backend, dial: DialContextIn(backendNS), conns: map[net.Conn]struct{}{}}
 	d.wg.Add(1)
 	go d.serve()
 	return d, nil

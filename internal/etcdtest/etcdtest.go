@@ -83,13 +83,20 @@ type Server struct {
 	member    member
 	dir       string  // removed by Close
 	clientURL url.URL // the door clients use
-	// backendURL is etcd's own client listener behind the door: same
-	// address and scheme, another port.
+	// backendURL is etcd's own client listener behind the door, with the
+	// same scheme.
 	backendURL url.URL
 	peerURL    url.URL
-	tlsFiles   *TLSFiles
-	transport  *http.Transport
-	client     client.Client
+	// etcdNS and etcdAddr are where etcd itself (backend and peer
+	// listeners) runs: for a single server those of the options; for a
+	// cluster member the caller's namespace and 127.0.0.1, because etcd
+	// dials its peers from goroutines on any thread, which are never in
+	// another namespace.
+	etcdNS    string
+	etcdAddr  netip.Addr
+	tlsFiles  *TLSFiles
+	transport *http.Transport
+	client    client.Client
 
 	mu     sync.Mutex
 	etcd   *embed.Etcd // nil while stopped
@@ -160,7 +167,7 @@ func newServer(o options, m member) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd directory: %w", err)
 	}
-	s := &Server{opts: o, member: m, dir: dir}
+	s := &Server{opts: o, member: m, dir: dir, etcdNS: o.nsPath, etcdAddr: o.addr}
 	if err := s.prepare(); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -220,7 +227,7 @@ func (s *Server) init() error {
 // pickPorts sets the URLs: the client and peer ports of WithListen (free
 // ones where 0) and a free port for etcd's own client listener.
 func (s *Server) pickPorts() error {
-	ports, err := s.freePorts(3)
+	ports, err := freePorts(s.opts.nsPath, s.opts.addr, 3)
 	if err != nil {
 		return err
 	}
@@ -241,10 +248,10 @@ func (s *Server) setPorts(cp, pp, bp int) {
 	if s.opts.tls {
 		scheme = "https"
 	}
-	host := func(port int) string { return net.JoinHostPort(s.opts.addr.String(), strconv.Itoa(port)) }
-	s.clientURL = url.URL{Scheme: scheme, Host: host(cp)}
-	s.backendURL = url.URL{Scheme: scheme, Host: host(bp)}
-	s.peerURL = url.URL{Scheme: "http", Host: host(pp)}
+	host := func(a netip.Addr, port int) string { return net.JoinHostPort(a.String(), strconv.Itoa(port)) }
+	s.clientURL = url.URL{Scheme: scheme, Host: host(s.opts.addr, cp)}
+	s.backendURL = url.URL{Scheme: scheme, Host: host(s.etcdAddr, bp)}
+	s.peerURL = url.URL{Scheme: "http", Host: host(s.etcdAddr, pp)}
 }
 
 // newClient makes the v2 client of the server's own endpoint.
@@ -260,11 +267,11 @@ func (s *Server) newClient() error {
 
 func (s *Server) dataDir() string { return filepath.Join(s.dir, "data") }
 
-// freePorts returns n distinct ports that are free on the listen address
-// (inside the namespace, if any).
-func (s *Server) freePorts(n int) ([]int, error) {
+// freePorts returns n distinct ports that are free on addr in the
+// namespace at nsPath ("" for the caller's).
+func freePorts(nsPath string, addr netip.Addr, n int) ([]int, error) {
 	ports := make([]int, n)
-	err := InNetNS(s.opts.nsPath, func() error {
+	err := InNetNS(nsPath, func() error {
 		var ls []net.Listener
 		defer func() {
 			for _, l := range ls {
@@ -272,7 +279,7 @@ func (s *Server) freePorts(n int) ([]int, error) {
 			}
 		}()
 		for i := range ports {
-			l, err := net.Listen("tcp", net.JoinHostPort(s.opts.addr.String(), "0"))
+			l, err := net.Listen("tcp", net.JoinHostPort(addr.String(), "0"))
 			if err != nil {
 				return fmt.Errorf("finding a free port: %w", err)
 			}
@@ -327,7 +334,7 @@ func (s *Server) startEtcd() (*embed.Etcd, error) {
 	}
 
 	var e *embed.Etcd
-	err := InNetNS(s.opts.nsPath, func() error {
+	err := InNetNS(s.etcdNS, func() error {
 		var err error
 		e, err = embed.StartEtcd(cfg)
 		return err
@@ -350,7 +357,7 @@ func (s *Server) started(e *embed.Etcd) error {
 		e.Close()
 		return fmt.Errorf("starting etcd on %s: not ready after %v", s.clientURL.String(), readyTimeout)
 	}
-	d, err := openDoor(s.opts.nsPath, s.clientURL.Host, s.backendURL.Host)
+	d, err := openDoor(s.opts.nsPath, s.clientURL.Host, s.etcdNS, s.backendURL.Host)
 	if err != nil {
 		e.Close()
 		return fmt.Errorf("starting etcd on %s: %w", s.clientURL.String(), err)
