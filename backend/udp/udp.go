@@ -160,6 +160,7 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 	b.wg.Add(2)
 	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
 	go func() { defer b.wg.Done(); b.path.udpLoop(sock, out) }()
+	track(b, true)
 	return backend.Publish{MTU: b.mtu}, nil
 }
 
@@ -246,6 +247,7 @@ func (b *Backend) Close() error {
 		return nil
 	}
 	b.closed = true
+	track(b, false)
 	var errs []error
 	if b.sock != nil {
 		if err := b.sock.Close(); err != nil {
