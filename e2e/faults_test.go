@@ -267,6 +267,33 @@ func cpuTime(pid int) (time.Duration, error) {
 	return time.Duration(ticks) * time.Second / userHZ, nil
 }
 
+// logSummary counts klog lines by message: `"Watching leases failed" ×7, ...`.
+func logSummary(log string) string {
+	counts := map[string]int{}
+	var order []string
+	for _, ln := range strings.Split(strings.TrimSpace(log), "\n") {
+		msg := ln
+		if _, rest, ok := strings.Cut(ln, "] "); ok {
+			msg = rest
+			if q, err := strconv.QuotedPrefix(rest); err == nil {
+				msg = q
+			}
+		}
+		if msg == "" {
+			continue
+		}
+		if counts[msg] == 0 {
+			order = append(order, msg)
+		}
+		counts[msg]++
+	}
+	var parts []string
+	for _, m := range order {
+		parts = append(parts, fmt.Sprintf("%s ×%d", m, counts[m]))
+	}
+	return strings.Join(parts, ", ")
+}
+
 // hasRouteTo reports whether h has a main-table route to exactly dst.
 func hasRouteTo(h *lab.Host, dst netip.Prefix) (bool, error) {
 	rs, err := overlayRoutes(h)
@@ -415,8 +442,8 @@ func testOutage(t *testing.T, backendType, config string, outage time.Duration) 
 		used := cpu - cpu0[i]
 		share := used.Seconds() / downFor.Seconds()
 		logged := d.Log()[logLen[i]:]
-		t.Logf("%s %s: %v CPU in %v of outage (%.2f%% of a core); %d log lines, %d bytes",
-			backendType, hosts[i].Name, used, downFor.Round(time.Millisecond), 100*share, strings.Count(logged, "\n"), len(logged))
+		t.Logf("%s %s: %v CPU in %v of outage (%.2f%% of a core); %d log lines, %d bytes: %s",
+			backendType, hosts[i].Name, used, downFor.Round(time.Millisecond), 100*share, strings.Count(logged, "\n"), len(logged), logSummary(logged))
 		if share > maxOutageCPU {
 			t.Errorf("%s: flanneld used %.0f%% of a core while etcd was down, want under %.0f%% (is it spinning?); its log then:\n%s",
 				hosts[i].Name, 100*share, 100*maxOutageCPU, tailLines(logged, 30))
