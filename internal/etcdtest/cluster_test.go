@@ -34,9 +34,21 @@ func TestCluster(t *testing.T) {
 		}
 	}
 
+	leaders := 0
+	for _, m := range c.Members() {
+		if m.IsLeader() {
+			leaders++
+		}
+	}
+	if leaders != 1 {
+		t.Errorf("%d members say they lead, want 1", leaders)
+	}
 	begin = time.Now()
 	c.Member(1).Stop()
 	t.Logf("stopped in %v", time.Since(begin))
+	if c.Member(1).IsLeader() {
+		t.Error("a stopped member says it leads")
+	}
 	if _, err := c.KeysAPI().Set(ctx, "/c", "two", nil); err != nil {
 		t.Fatalf("set with member 1 stopped: %v", err)
 	}

@@ -404,6 +404,15 @@ func (s *Server) Running() bool {
 	return s.etcd != nil
 }
 
+// IsLeader reports whether the server runs and is its cluster's raft
+// leader (a single server is its own leader once ready).
+func (s *Server) IsLeader() bool {
+	s.mu.Lock()
+	e := s.etcd
+	s.mu.Unlock()
+	return e != nil && e.Server.Leader() == e.Server.ID()
+}
+
 // Stop stops the server, keeping its data and ports for Restart. As when
 // the member dies, every client connection is closed at once (a pending
 // watch ends with an error) and new ones are refused until Restart.
