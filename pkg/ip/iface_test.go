@@ -2,83 +2,22 @@ package ip
 
 import (
 	"errors"
-	"fmt"
-	"os"
-	"runtime"
 	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
+
+	"github.com/flanneld-go/flanneld/internal/nstest"
 )
 
-// newNS makes a network namespace for the test and returns a handle in it;
-// the namespace is deleted when the test ends.
-func newNS(t *testing.T) *netlink.Handle {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer orig.Close()
-	name := fmt.Sprintf("flt-ip-%d", os.Getpid())
-	ns, err := netns.NewNamed(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netns.Set(orig); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ns.Close()
-		netns.DeleteNamed(name)
-	})
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return h
-}
-
-func addDummy(t *testing.T, h *netlink.Handle, name string, mtu int, addrs ...string) {
-	t.Helper()
-	// No dummy driver on every kernel: a veth pair with both ends here.
-	l := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}, PeerName: name + "p"}
-	if err := h.LinkAdd(l); err != nil {
-		t.Fatal(err)
-	}
-	peer, err := h.LinkByName(name + "p")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.LinkSetUp(peer); err != nil {
-		t.Fatal(err)
-	}
-	for _, a := range addrs {
-		addr, err := netlink.ParseAddr(a)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := h.AddrAdd(l, addr); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := h.LinkSetUp(l); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func TestChooseInterface(t *testing.T) {
-	h := newNS(t)
-	addDummy(t, h, "ext0", 1400, "10.250.1.5/24", "10.250.1.6/24")
-	addDummy(t, h, "ext1", 1500, "10.250.2.5/24")
-	addDummy(t, h, "bare0", 1500)
+	// Links with carrier: veth pairs with both ends here (no dummy driver
+	// on every kernel).
+	n := nstest.New(t, "flt-ip")
+	h := n.NL
+	n.Veth(t, "ext0", 1400, nil, "ext0p", "10.250.1.5/24", "10.250.1.6/24")
+	n.Veth(t, "ext1", 1500, nil, "ext1p", "10.250.2.5/24")
+	n.Veth(t, "bare0", 1500, nil, "bare0p")
 
 	got, err := ChooseInterface(h, nil, nil)
 	if !errors.Is(err, ErrNoInterface) || !strings.Contains(err.Error(), "no IPv4 default route") {
