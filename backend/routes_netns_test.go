@@ -3,108 +3,16 @@ package backend
 import (
 	"fmt"
 	"net/netip"
-	"os"
-	"runtime"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 )
-
-var nsSeq atomic.Int64
-
-// newTestNetNS creates a named network namespace for the test, deleted in
-// Cleanup even if the test fails, and returns a netlink handle into it.
-// Nothing is done in the caller's namespace.
-func newTestNetNS(tb testing.TB) *netlink.Handle {
-	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Skip("skipping: creating a network namespace needs root")
-	}
-	name := fmt.Sprintf("flbe-%d-%d", os.Getpid(), nsSeq.Add(1))
-	tb.Cleanup(func() {
-		if err := netns.DeleteNamed(name); err != nil && !os.IsNotExist(err) {
-			tb.Errorf("deleting network namespace %s: %v", name, err)
-		}
-	})
-	type result struct {
-		ns  netns.NsHandle
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		// NewNamed moves this thread into the new namespace; move it back.
-		// If that fails the thread stays locked and dies with the goroutine.
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.NewNamed(name)
-		if serr := netns.Set(orig); serr != nil {
-			if err == nil {
-				ns.Close()
-			}
-			ch <- result{err: fmt.Errorf("returning to the original namespace: %w", serr)}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- result{ns, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		tb.Fatalf("creating network namespace %s: %v", name, r.err)
-	}
-	tb.Cleanup(func() { r.ns.Close() })
-	h, err := netlink.NewHandleAt(r.ns)
-	if err != nil {
-		tb.Fatalf("opening netlink in %s: %v", name, err)
-	}
-	tb.Cleanup(h.Close)
-	return h
-}
-
-// addLink creates an up link in the namespace of h, with an address if cidr
-// is not empty, and returns its index. It is one end of a veth pair (the
-// other end, name+"p", is up too, so the link has carrier): veth is
-// available where the dummy driver may not be.
-func addLink(tb testing.TB, h *netlink.Handle, name, cidr string) int {
-	tb.Helper()
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}
-	if err := h.LinkAdd(veth); err != nil {
-		tb.Fatalf("adding link %s: %v", name, err)
-	}
-	peer, err := h.LinkByName(name + "p")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := h.LinkSetUp(peer); err != nil {
-		tb.Fatal(err)
-	}
-	l, err := h.LinkByName(name)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if cidr != "" {
-		p := netip.MustParsePrefix(cidr)
-		if err := h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(p.Addr(), p.Bits())}); err != nil {
-			tb.Fatalf("adding %s to %s: %v", cidr, name, err)
-		}
-	}
-	if err := h.LinkSetUp(l); err != nil {
-		tb.Fatal(err)
-	}
-	return l.Attrs().Index
-}
 
 // kernelRoutes lists the gateway routes of a table, as sorted lines.
 func kernelRoutes(tb testing.TB, h *netlink.Handle, table int) []string {
@@ -150,10 +58,13 @@ func mustAdd(tb testing.TB, h *netlink.Handle, add func(*netlink.Route) error, d
 // namespace: the kernel's replace semantics (a route moving to another link,
 // onlink), non-zero metrics, duplicate routes and foreign routes.
 func TestReconcileInNetns(t *testing.T) {
-	h := newTestNetNS(t)
-	eth0 := addLink(t, h, "eth0", "10.250.0.1/24")
-	eth1 := addLink(t, h, "eth1", "10.251.0.1/24")
-	vx := addLink(t, h, "flannel.1", "")
+	// Links with carrier: veth pairs with both ends here (veth is
+	// available where the dummy driver may not be).
+	ns := nstest.New(t, "flbe")
+	h := ns.NL
+	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24").Attrs().Index
+	eth1 := ns.Veth(t, "eth1", 0, nil, "eth1p", "10.251.0.1/24").Attrs().Index
+	vx := ns.Veth(t, "flannel.1", 0, nil, "flannel.1p").Attrs().Index
 	main := unix.RT_TABLE_MAIN
 
 	// Foreign: another link, the whole Network, outside Network, another table.
@@ -226,8 +137,9 @@ func TestReconcileInNetns(t *testing.T) {
 
 func BenchmarkReconcileNetns(b *testing.B) {
 	for _, n := range []int{10000, 50000} {
-		h := newTestNetNS(b)
-		eth0 := addLink(b, h, "eth0", "10.250.0.1/16")
+		ns := nstest.New(b, "flbe")
+		h := ns.NL
+		eth0 := ns.Veth(b, "eth0", 0, nil, "eth0p", "10.250.0.1/16").Attrs().Index
 		network := netip.MustParsePrefix("10.0.0.0/8")
 		own := netip.MustParsePrefix("10.255.255.0/24")
 		desired := leaseRoutes(n)
