@@ -5,104 +5,18 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
-
-// newTestNetNS creates a named network namespace for the test, deleted in
-// Cleanup even if the test fails, and returns a netlink handle into it.
-// Nothing is done in the caller's namespace.
-func newTestNetNS(t *testing.T) *netlink.Handle {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: creating a network namespace needs root")
-	}
-	name := fmt.Sprintf("flhgw-%d", os.Getpid())
-	t.Cleanup(func() {
-		if err := netns.DeleteNamed(name); err != nil && !os.IsNotExist(err) {
-			t.Errorf("deleting network namespace %s: %v", name, err)
-		}
-		if _, err := os.Stat("/run/netns/" + name); !os.IsNotExist(err) {
-			t.Errorf("network namespace %s left behind", name)
-		}
-	})
-	type result struct {
-		ns  netns.NsHandle
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		// NewNamed moves this thread into the new namespace; move it back.
-		// If that fails the thread stays locked and dies with the goroutine.
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.NewNamed(name)
-		if serr := netns.Set(orig); serr != nil {
-			if err == nil {
-				ns.Close()
-			}
-			ch <- result{err: fmt.Errorf("returning to the original namespace: %w", serr)}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- result{ns, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		t.Fatalf("creating network namespace %s: %v", name, r.err)
-	}
-	t.Cleanup(func() { r.ns.Close() })
-	h, err := netlink.NewHandleAt(r.ns)
-	if err != nil {
-		t.Fatalf("opening netlink in %s: %v", name, err)
-	}
-	t.Cleanup(h.Close)
-	return h
-}
-
-// addLink creates an up veth link (its peer name+"p" up too, for carrier)
-// with address cidr in the namespace of h.
-func addLink(t *testing.T, h *netlink.Handle, name, cidr string) netlink.Link {
-	t.Helper()
-	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
-		t.Fatalf("adding link %s: %v", name, err)
-	}
-	for _, n := range []string{name + "p", name} {
-		l, err := h.LinkByName(n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := h.LinkSetUp(l); err != nil {
-			t.Fatal(err)
-		}
-	}
-	l, err := h.LinkByName(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := netip.MustParsePrefix(cidr)
-	if err := h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(p.Addr(), p.Bits())}); err != nil {
-		t.Fatalf("adding %s to %s: %v", cidr, name, err)
-	}
-	return l
-}
 
 // gatewayRoutes lists the main table's routes with a gateway, sorted.
 func gatewayRoutes(t *testing.T, h *netlink.Handle) []string {
@@ -129,9 +43,11 @@ func gatewayRoutes(t *testing.T, h *netlink.Handle) []string {
 // TestHostGWInNetns runs the registered backend against a real kernel in a
 // fresh namespace.
 func TestHostGWInNetns(t *testing.T) {
-	h := newTestNetNS(t)
-	eth0 := addLink(t, h, "eth0", "10.250.0.1/24")
-	eth1 := addLink(t, h, "eth1", "10.251.0.1/24")
+	// Up veth links, their peers up too for carrier.
+	ns := nstest.New(t, "flhgw")
+	h := ns.NL
+	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24")
+	eth1 := ns.Veth(t, "eth1", 0, nil, "eth1p", "10.251.0.1/24")
 	add := func(dst, gw string, link netlink.Link) {
 		t.Helper()
 		r := &netlink.Route{Dst: ip.IPNet(netip.MustParsePrefix(dst)), Gw: ip.IP(netip.MustParseAddr(gw)), LinkIndex: link.Attrs().Index}
