@@ -34,18 +34,18 @@ func addVXLAN(tb testing.TB, x *labHost, overlayAddr string, peer *labHost) {
 		Port:         8472,
 		Learning:     false,
 	}
-	if err := x.h.LinkAdd(vx); err != nil {
-		tb.Fatalf("creating vxlan in %s: %v", x.name, err)
+	if err := x.NL.LinkAdd(vx); err != nil {
+		tb.Fatalf("creating vxlan in %s: %v", x.Name, err)
 	}
-	l, err := x.h.LinkByName("vxbench")
+	l, err := x.NL.LinkByName("vxbench")
 	if err != nil {
-		tb.Fatalf("finding vxlan in %s: %v", x.name, err)
+		tb.Fatalf("finding vxlan in %s: %v", x.Name, err)
 	}
 	a, _ := netlink.ParseAddr(overlayAddr + "/24")
-	if err := x.h.AddrAdd(l, a); err != nil {
-		tb.Fatalf("addressing vxlan in %s: %v", x.name, err)
+	if err := x.NL.AddrAdd(l, a); err != nil {
+		tb.Fatalf("addressing vxlan in %s: %v", x.Name, err)
 	}
-	if err := x.h.NeighAppend(&netlink.Neigh{
+	if err := x.NL.NeighAppend(&netlink.Neigh{
 		LinkIndex:    l.Attrs().Index,
 		Family:       unix.AF_BRIDGE,
 		Flags:        netlink.NTF_SELF,
@@ -53,10 +53,10 @@ func addVXLAN(tb testing.TB, x *labHost, overlayAddr string, peer *labHost) {
 		HardwareAddr: net.HardwareAddr{0, 0, 0, 0, 0, 0},
 		IP:           ip.IP(peer.addr),
 	}); err != nil {
-		tb.Fatalf("adding the flood entry in %s: %v", x.name, err)
+		tb.Fatalf("adding the flood entry in %s: %v", x.Name, err)
 	}
-	if err := x.h.LinkSetUp(l); err != nil {
-		tb.Fatalf("setting vxlan up in %s: %v", x.name, err)
+	if err := x.NL.LinkSetUp(l); err != nil {
+		tb.Fatalf("setting vxlan up in %s: %v", x.Name, err)
 	}
 }
 
@@ -180,7 +180,7 @@ func BenchmarkIperf3(b *testing.B) {
 		for k := range targets {
 			tg := &targets[k]
 			ctx, cancel := context.WithTimeout(b.Context(), benchStreamDuration+30*time.Second)
-			srv := exec.CommandContext(ctx, "ip", "netns", "exec", bh.name, "iperf3", "-s", "-1", "-B", tg.dst, "-p", "5299")
+			srv := bh.Command(ctx, "iperf3", "-s", "-1", "-B", tg.dst, "-p", "5299")
 			if err := srv.Start(); err != nil {
 				cancel()
 				b.Fatalf("starting iperf3 -s: %v", err)
@@ -201,7 +201,7 @@ func BenchmarkIperf3(b *testing.B) {
 			)
 			c0 := cpuSeconds()
 			for try := 0; try < 50; try++ { // the server needs a moment to listen
-				out, err = exec.CommandContext(ctx, "ip", "netns", "exec", a.name, "iperf3", "-c", tg.dst, "-p", "5299",
+				out, err = a.Command(ctx, "iperf3", "-c", tg.dst, "-p", "5299",
 					"-t", fmt.Sprint(int(benchStreamDuration.Seconds())), "-J").Output()
 				res = report{}
 				if err == nil {

@@ -38,7 +38,7 @@ func startFlannelPeer(t *testing.T, x *labHost, own netip.Prefix, remote netip.A
 		conn *net.UDPConn
 		err  error
 	)
-	inNS(t, x.ns, func() {
+	inNS(t, x.Handle, func() {
 		var fd int
 		fd, err = unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 		if err != nil {
@@ -65,22 +65,22 @@ func startFlannelPeer(t *testing.T, x *labHost, own netip.Prefix, remote netip.A
 		if f != nil {
 			f.Close()
 		}
-		t.Fatalf("starting the flannel-style peer in %s: %v", x.name, err)
+		t.Fatalf("starting the flannel-style peer in %s: %v", x.Name, err)
 	}
-	l, err := x.h.LinkByName(DeviceName)
+	l, err := x.NL.LinkByName(DeviceName)
 	if err == nil {
-		err = x.h.LinkSetMTU(l, fp.mtu)
-	}
-	if err == nil {
-		err = x.h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(own.Addr(), 16)})
+		err = x.NL.LinkSetMTU(l, fp.mtu)
 	}
 	if err == nil {
-		err = x.h.LinkSetUp(l)
+		err = x.NL.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(own.Addr(), 16)})
+	}
+	if err == nil {
+		err = x.NL.LinkSetUp(l)
 	}
 	if err != nil {
 		f.Close()
 		conn.Close()
-		t.Fatalf("configuring the flannel-style TUN in %s: %v", x.name, err)
+		t.Fatalf("configuring the flannel-style TUN in %s: %v", x.Name, err)
 	}
 	t.Cleanup(func() {
 		conn.Close()

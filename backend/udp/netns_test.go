@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
@@ -25,10 +25,7 @@ import (
 // The lab: two network namespaces joined by a veth pair carrying the
 // external network 10.250.8.0/24; overlay Network 10.5.0.0/16. Nothing is
 // created or addressed outside the namespaces.
-var (
-	labExt = netip.MustParsePrefix("10.250.8.0/24")
-	nsSeq  atomic.Int64
-)
+var labExt = netip.MustParsePrefix("10.250.8.0/24")
 
 const labExtName = "eth0"
 
@@ -44,9 +41,7 @@ func needRoot(tb testing.TB) {
 
 // labHost is one namespace of the lab.
 type labHost struct {
-	name string
-	ns   netns.NsHandle
-	h    *netlink.Handle
+	*nstest.NS
 	ext  *net.Interface
 	addr netip.Addr
 }
@@ -84,88 +79,23 @@ func inNS(tb testing.TB, ns netns.NsHandle, fn func()) {
 }
 
 // newNS creates a named namespace with lo up, deleted in Cleanup.
-func newNS(tb testing.TB) (string, netns.NsHandle, *netlink.Handle) {
+func newNS(tb testing.TB) *nstest.NS {
 	tb.Helper()
 	needRoot(tb)
-	name := fmt.Sprintf("fludp-%d-%d", os.Getpid(), nsSeq.Add(1))
-	tb.Cleanup(func() {
-		if err := netns.DeleteNamed(name); err != nil && !os.IsNotExist(err) {
-			tb.Errorf("deleting network namespace %s: %v", name, err)
-		}
-	})
-	type result struct {
-		ns  netns.NsHandle
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.NewNamed(name)
-		if serr := netns.Set(orig); serr != nil {
-			if err == nil {
-				ns.Close()
-			}
-			ch <- result{err: fmt.Errorf("returning to the original namespace: %w", serr)}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- result{ns, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		tb.Fatalf("creating network namespace %s: %v", name, r.err)
-	}
-	tb.Cleanup(func() { r.ns.Close() })
-	h, err := netlink.NewHandleAt(r.ns)
-	if err != nil {
-		tb.Fatalf("opening netlink in %s: %v", name, err)
-	}
-	tb.Cleanup(h.Close)
-	lo, err := h.LinkByName("lo")
-	if err == nil {
-		err = h.LinkSetUp(lo)
-	}
-	if err != nil {
-		tb.Fatalf("setting lo up in %s: %v", name, err)
-	}
-	return name, r.ns, h
+	n := nstest.New(tb, "fludp")
+	n.Up(tb, "lo")
+	return n
 }
 
 // newLab builds two hosts whose eth0 ends of one veth pair carry
 // 10.250.8.1/24 and 10.250.8.2/24.
 func newLab(tb testing.TB) (a, b *labHost) {
 	tb.Helper()
-	nameA, nsA, ha := newNS(tb)
-	nameB, nsB, hb := newNS(tb)
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: labExtName, MTU: 1500},
-		PeerName:      labExtName,
-		PeerNamespace: netlink.NsFd(int(nsB)),
-	}
-	if err := ha.LinkAdd(veth); err != nil {
-		tb.Fatalf("creating the veth pair: %v", err)
-	}
-	a = &labHost{name: nameA, ns: nsA, h: ha, addr: netip.MustParseAddr("10.250.8.1")}
-	b = &labHost{name: nameB, ns: nsB, h: hb, addr: netip.MustParseAddr("10.250.8.2")}
+	a = &labHost{NS: newNS(tb), addr: netip.MustParseAddr("10.250.8.1")}
+	b = &labHost{NS: newNS(tb), addr: netip.MustParseAddr("10.250.8.2")}
+	a.Veth(tb, labExtName, 1500, b.NS, labExtName)
 	for _, x := range []*labHost{a, b} {
-		l, err := x.h.LinkByName(labExtName)
-		if err != nil {
-			tb.Fatalf("finding %s in %s: %v", labExtName, x.name, err)
-		}
-		if err := x.h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(x.addr, labExt.Bits())}); err != nil {
-			tb.Fatalf("addressing %s in %s: %v", labExtName, x.name, err)
-		}
-		if err := x.h.LinkSetUp(l); err != nil {
-			tb.Fatalf("setting %s up in %s: %v", labExtName, x.name, err)
-		}
-		at := l.Attrs()
+		at := x.Up(tb, labExtName, netip.PrefixFrom(x.addr, labExt.Bits()).String()).Attrs()
 		x.ext = &net.Interface{Index: at.Index, MTU: at.MTU, Name: at.Name, Flags: net.FlagUp}
 	}
 	return a, b
@@ -173,8 +103,7 @@ func newLab(tb testing.TB) (a, b *labHost) {
 
 // run runs a command inside the host's namespace.
 func (x *labHost) run(ctx context.Context, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", x.name}, args...)...)
-	out, err := cmd.CombinedOutput()
+	out, err := x.Command(ctx, args...).CombinedOutput()
 	return string(out), err
 }
 
@@ -206,24 +135,24 @@ func (x *labHost) startBackend(tb testing.TB, cfg *subnet.Config) *Backend {
 	be, err := New(backend.Options{
 		Ext:     backend.ExternalInterface{Iface: x.ext, IfaceAddr: x.addr, PublicIP: x.addr},
 		Config:  cfg,
-		Netlink: x.h,
-		Logger:  klog.Background().WithName(x.name),
+		Netlink: x.NL,
+		Logger:  klog.Background().WithName(x.Name),
 	})
 	if err != nil {
-		tb.Fatalf("New in %s: %v", x.name, err)
+		tb.Fatalf("New in %s: %v", x.Name, err)
 	}
 	tb.Cleanup(func() {
 		if err := be.Close(); err != nil {
-			tb.Errorf("closing the backend in %s: %v", x.name, err)
+			tb.Errorf("closing the backend in %s: %v", x.Name, err)
 		}
 	})
 	var pub backend.Publish
-	inNS(tb, x.ns, func() { pub, err = be.Init(context.Background()) })
+	inNS(tb, x.Handle, func() { pub, err = be.Init(context.Background()) })
 	if err != nil {
-		tb.Fatalf("Init in %s: %v", x.name, err)
+		tb.Fatalf("Init in %s: %v", x.Name, err)
 	}
 	if want := x.ext.MTU - 28; pub.MTU != want || pub.BackendData != nil {
-		tb.Fatalf("Init in %s published %+v, want MTU %d and no BackendData", x.name, pub, want)
+		tb.Fatalf("Init in %s published %+v, want MTU %d and no BackendData", x.Name, pub, want)
 	}
 	return be
 }
@@ -407,11 +336,11 @@ func (x *labHost) sendDatagram(t *testing.T, src string, dst netip.AddrPort, pay
 	t.Helper()
 	var c *net.UDPConn
 	var err error
-	inNS(t, x.ns, func() {
+	inNS(t, x.Handle, func() {
 		c, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(src)})
 	})
 	if err != nil {
-		t.Fatalf("opening a udp socket on %s in %s: %v", src, x.name, err)
+		t.Fatalf("opening a udp socket on %s in %s: %v", src, x.Name, err)
 	}
 	defer c.Close()
 	if _, err := c.WriteToUDPAddrPort(payload, dst); err != nil {
@@ -424,11 +353,11 @@ func TestNetnsDropsInjectedDatagrams(t *testing.T) {
 	for _, strict := range []bool{true, false} {
 		t.Run(fmt.Sprintf("strict=%v", strict), func(t *testing.T) {
 			a, b, ba, _ := labPair(t, fmt.Sprintf(`{"Type":"udp","StrictSource":%v}`, strict))
-			l, err := b.h.LinkByName(labExtName)
+			l, err := b.NL.LinkByName(labExtName)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := b.h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(netip.MustParseAddr("10.250.8.99"), 24)}); err != nil {
+			if err := b.NL.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(netip.MustParseAddr("10.250.8.99"), 24)}); err != nil {
 				t.Fatalf("adding a non-lease address in B: %v", err)
 			}
 			to := netip.AddrPortFrom(a.addr, DefaultPort)

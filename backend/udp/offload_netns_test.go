@@ -58,7 +58,8 @@ func mkTCP(src, dst [4]byte, sport, dport uint16, seq uint32, id uint16, payload
 // checksums.
 func TestNetnsOffloadRoundTrip(t *testing.T) {
 	needRoot(t)
-	name, ns, h := newNS(t)
+	x := &labHost{NS: newNS(t)}
+	ns, h := x.Handle, x.NL
 	var dev tun.Device
 	var vnet bool
 	var err error
@@ -80,7 +81,6 @@ func TestNetnsOffloadRoundTrip(t *testing.T) {
 	if err := h.LinkSetUp(l); err != nil {
 		t.Fatal(err)
 	}
-	x := &labHost{name: name, ns: ns, h: h}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, kv := range []string{

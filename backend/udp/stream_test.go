@@ -39,9 +39,9 @@ func tcpStream(tb testing.TB, src, dst *labHost, dstAddr string, limit int64, du
 	tb.Helper()
 	var ln net.Listener
 	var err error
-	inNS(tb, dst.ns, func() { ln, err = net.Listen("tcp4", net.JoinHostPort(dstAddr, "0")) })
+	inNS(tb, dst.Handle, func() { ln, err = net.Listen("tcp4", net.JoinHostPort(dstAddr, "0")) })
 	if err != nil {
-		return streamResult{}, fmt.Errorf("listening in %s: %w", dst.name, err)
+		return streamResult{}, fmt.Errorf("listening in %s: %w", dst.Name, err)
 	}
 	defer ln.Close()
 	overall := time.Now().Add(dur + 60*time.Second)
@@ -68,12 +68,12 @@ func tcpStream(tb testing.TB, src, dst *labHost, dstAddr string, limit int64, du
 		got <- recv{n: n, sum: h.Sum(nil), err: err}
 	}()
 	var c net.Conn
-	inNS(tb, src.ns, func() {
+	inNS(tb, src.Handle, func() {
 		d := net.Dialer{Timeout: 10 * time.Second}
 		c, err = d.Dial("tcp4", ln.Addr().String())
 	})
 	if err != nil {
-		return streamResult{}, fmt.Errorf("dialing %s from %s: %w", ln.Addr(), src.name, err)
+		return streamResult{}, fmt.Errorf("dialing %s from %s: %w", ln.Addr(), src.Name, err)
 	}
 	_ = c.SetDeadline(overall)
 	h := sha256.New()

@@ -111,7 +111,7 @@ func TestNetnsCloseEndsGoroutines(t *testing.T) {
 		return !stacksContain("udp.(*path)") && !stacksContain("wireguard/tun.(*NativeTun)") && !stacksContain("udp.openTUN")
 	})
 	eventually(t, "flannel0 to go away", func() bool {
-		_, err := a.h.LinkByName(DeviceName)
+		_, err := a.NL.LinkByName(DeviceName)
 		return err != nil
 	})
 }
