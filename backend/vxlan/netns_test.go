@@ -8,19 +8,17 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	"github.com/go-logr/logr/funcr"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
@@ -31,13 +29,13 @@ import (
 var (
 	network = netip.MustParsePrefix("10.5.0.0/16")
 	extNet  = netip.MustParsePrefix("10.250.9.0/24")
-	nsSeq   atomic.Int64
 )
 
 const extName = "eth0"
 
 // host is one namespace of the lab.
 type host struct {
+	ns   *nstest.NS
 	name string // the namespace, as `ip netns exec` knows it
 	h    *netlink.Handle
 	ext  *net.Interface
@@ -52,92 +50,26 @@ func needRoot(tb testing.TB) {
 	}
 }
 
-// newNS creates a named network namespace, deleted in Cleanup even when the
-// test fails, and returns its name and a netlink handle into it. The
-// creating thread is switched back to its namespace; if that fails the
-// thread stays locked and dies with its goroutine.
-func newNS(tb testing.TB) (string, netns.NsHandle, *netlink.Handle) {
+// newNS creates a named network namespace with lo up, deleted in Cleanup
+// even when the test fails.
+func newNS(tb testing.TB) *nstest.NS {
 	tb.Helper()
 	needRoot(tb)
-	name := fmt.Sprintf("flvx-%d-%d", os.Getpid(), nsSeq.Add(1))
-	tb.Cleanup(func() {
-		if err := netns.DeleteNamed(name); err != nil && !os.IsNotExist(err) {
-			tb.Errorf("deleting network namespace %s: %v", name, err)
-		}
-	})
-	type result struct {
-		ns  netns.NsHandle
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.NewNamed(name)
-		if serr := netns.Set(orig); serr != nil {
-			if err == nil {
-				ns.Close()
-			}
-			ch <- result{err: fmt.Errorf("returning to the original namespace: %w", serr)}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- result{ns, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		tb.Fatalf("creating network namespace %s: %v", name, r.err)
-	}
-	tb.Cleanup(func() { r.ns.Close() })
-	h, err := netlink.NewHandleAt(r.ns)
-	if err != nil {
-		tb.Fatalf("opening netlink in %s: %v", name, err)
-	}
-	tb.Cleanup(h.Close)
-	lo, err := h.LinkByName("lo")
-	if err == nil {
-		err = h.LinkSetUp(lo)
-	}
-	if err != nil {
-		tb.Fatalf("setting lo up in %s: %v", name, err)
-	}
-	return name, r.ns, h
+	n := nstest.New(tb, "flvx")
+	n.Up(tb, "lo")
+	return n
 }
 
 // newPair builds two hosts whose eth0 ends of one veth pair carry
 // 10.250.9.1/24 and 10.250.9.2/24.
 func newPair(tb testing.TB) (a, b *host) {
 	tb.Helper()
-	nameA, _, ha := newNS(tb)
-	nameB, nsB, hb := newNS(tb)
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: extName, MTU: 1500},
-		PeerName:      extName,
-		PeerNamespace: netlink.NsFd(int(nsB)),
-	}
-	if err := ha.LinkAdd(veth); err != nil {
-		tb.Fatalf("creating the veth pair: %v", err)
-	}
-	a = &host{name: nameA, h: ha, addr: netip.MustParseAddr("10.250.9.1"), logs: &logLines{}}
-	b = &host{name: nameB, h: hb, addr: netip.MustParseAddr("10.250.9.2"), logs: &logLines{}}
+	na, nb := newNS(tb), newNS(tb)
+	na.Veth(tb, extName, 1500, nb, extName)
+	a = &host{ns: na, name: na.Name, h: na.NL, addr: netip.MustParseAddr("10.250.9.1"), logs: &logLines{}}
+	b = &host{ns: nb, name: nb.Name, h: nb.NL, addr: netip.MustParseAddr("10.250.9.2"), logs: &logLines{}}
 	for _, x := range []*host{a, b} {
-		l, err := x.h.LinkByName(extName)
-		if err != nil {
-			tb.Fatalf("finding %s in %s: %v", extName, x.name, err)
-		}
-		if err := x.h.AddrAdd(l, &netlink.Addr{IPNet: ip.HostNet(x.addr, extNet.Bits())}); err != nil {
-			tb.Fatalf("addressing %s in %s: %v", extName, x.name, err)
-		}
-		if err := x.h.LinkSetUp(l); err != nil {
-			tb.Fatalf("setting %s up in %s: %v", extName, x.name, err)
-		}
-		at := l.Attrs()
+		at := x.ns.Up(tb, extName, netip.PrefixFrom(x.addr, extNet.Bits()).String()).Attrs()
 		x.ext = &net.Interface{Index: at.Index, MTU: at.MTU, Name: at.Name, HardwareAddr: at.HardwareAddr}
 	}
 	return a, b
@@ -385,7 +317,7 @@ func (x *host) ping(tb testing.TB, src, dst string) error {
 	if _, err := exec.LookPath("ping"); err != nil {
 		tb.Skip("skipping the ping: no ping binary (apt-get install iputils-ping)")
 	}
-	out, err := exec.Command("ip", "netns", "exec", x.name, "ping", "-n", "-c1", "-W2", "-I", src, dst).CombinedOutput()
+	out, err := x.ns.Command(context.Background(), "ping", "-n", "-c1", "-W2", "-I", src, dst).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("ping -I %s %s in %s: %w\n%s", src, dst, x.name, err, out)
 	}
