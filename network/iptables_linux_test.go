@@ -1,23 +1,19 @@
 package network
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/coreos/go-iptables/iptables"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
+
+	"github.com/flanneld-go/flanneld/internal/nstest"
 )
 
 // The expected kernel listings (iptables -S) of our chains and jumps.
@@ -96,51 +92,6 @@ func TestKeeperInNetns(t *testing.T) {
 			testKeeperInNetns(t, nsenter, path)
 		})
 	}
-}
-
-var netnsSeq atomic.Int32
-
-// newNetns creates a named network namespace that is deleted when the test
-// ends, and returns its path.
-func newNetns(t *testing.T) string {
-	name := fmt.Sprintf("flanneld-ipt-%d-%d", os.Getpid(), netnsSeq.Add(1))
-	path := filepath.Join("/run/netns", name)
-	t.Cleanup(func() {
-		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			t.Errorf("unmounting namespace %s: %v", path, err)
-		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			t.Errorf("removing namespace %s: %v", path, err)
-		}
-	})
-	errc := make(chan error, 1)
-	go func() {
-		// NewNamed moves this thread into the new namespace. The thread
-		// stays locked, so it ends with this goroutine (or, if it is the
-		// main thread, is parked for good) and no other goroutine ever runs
-		// in that namespace.
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		h, err := netns.NewNamed(name)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer h.Close()
-		if h.Equal(orig) {
-			err = errors.New("the new namespace is the test's own")
-		}
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
-		t.Fatalf("creating network namespace %s: %v", name, err)
-	}
-	return path
 }
 
 // nsIPTables runs iptables inside one namespace only: every call goes
@@ -223,7 +174,7 @@ func (n *nsIPTables) snapshot() string {
 }
 
 func testKeeperInNetns(t *testing.T, nsenter, bin string) {
-	nsPath := newNetns(t)
+	nsPath := nstest.New(t, "flanneld-ipt").Path
 	n := newNSIPTables(t, nsenter, nsPath, bin)
 
 	// A fresh namespace has no rules and no chains of its own.
