@@ -11,13 +11,13 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/flanneld-go/flanneld/e2e/lab"
 	"github.com/flanneld-go/flanneld/internal/etcdtest"
+	"github.com/flanneld-go/flanneld/internal/nstest"
 )
 
 // Generous bounds for convergence; nothing is asserted about timing.
@@ -25,24 +25,6 @@ const (
 	readyTimeout = 2 * time.Minute
 	stopTimeout  = 30 * time.Second
 )
-
-var nsSeq atomic.Int32
-
-// newNetNS creates a network namespace with a unique name and deletes it
-// when the test ends. It returns the name.
-func newNetNS(t *testing.T) string {
-	t.Helper()
-	name := fmt.Sprintf("fldist-%d-%d", os.Getpid(), nsSeq.Add(1))
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	return name
-}
 
 // ipIn runs ip -n ns args... or fails.
 func ipIn(t *testing.T, ns string, args ...string) {
@@ -79,7 +61,7 @@ func TestNotifyReadyAfterSubnetFile(t *testing.T) {
 	// interface (a veth pair with both ends in the namespace). Nothing
 	// outside this namespace is touched; the daemon's routes and iptables
 	// rules go away with it.
-	ns := newNetNS(t)
+	ns := nstest.New(t, "fldist").Name
 	ipIn(t, ns, "link", "set", "lo", "up")
 	ipIn(t, ns, "link", "add", "ext0", "type", "veth", "peer", "name", "ext0peer")
 	ipIn(t, ns, "addr", "add", "192.0.2.10/24", "dev", "ext0")
