@@ -12,6 +12,7 @@ import (
 	"time"
 
 	client "go.etcd.io/etcd/client/v2"
+	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/subnet"
@@ -43,6 +44,8 @@ type watcher struct {
 	// cursor is the etcd index the set is current to.
 	cursor uint64
 	bo     backoff
+	// failures counts failed requests since etcd last answered.
+	failures int
 }
 
 func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
@@ -60,13 +63,14 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 					return ctx.Err()
 				}
 				d := w.bo.next()
-				log.Error(err, "Listing leases failed; retrying", "after", d)
+				w.logFailure(log, err, "Listing leases failed; retrying", d)
 				if !sleep(ctx, d) {
 					return ctx.Err()
 				}
 				continue
 			}
 			w.bo.reset()
+			w.recovered(log)
 			needList = false
 			if first || len(evs) > 0 {
 				if err := send(ctx, events, evs); err != nil {
@@ -101,7 +105,7 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 				}
 			default:
 				d := w.bo.next()
-				log.Error(err, "Watching leases failed; retrying", "after", d)
+				w.logFailure(log, err, "Watching leases failed; retrying", d)
 				if !sleep(ctx, d) {
 					return ctx.Err()
 				}
@@ -109,6 +113,7 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 			continue
 		}
 		w.bo.reset()
+		w.recovered(log)
 		cleared = 0
 		evs, relist := w.apply(resp)
 		// Far behind etcd (a burst of writes): one listing catches up
@@ -121,6 +126,25 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 				return err
 			}
 		}
+	}
+}
+
+// logFailure logs the first failure of an outage, and the rest only at -v=2,
+// so an etcd outage costs a line, not one per retry.
+func (w *watcher) logFailure(log klog.Logger, err error, msg string, retry time.Duration) {
+	w.failures++
+	if w.failures == 1 {
+		log.Error(err, msg, "after", retry)
+		return
+	}
+	log.V(2).Info(msg, "err", err.Error(), "after", retry, "failures", w.failures)
+}
+
+// recovered notes the end of an outage.
+func (w *watcher) recovered(log klog.Logger) {
+	if w.failures > 0 {
+		log.Info("etcd answers again; watching leases", "failedAttempts", w.failures)
+		w.failures = 0
 	}
 }
 
