@@ -71,23 +71,6 @@ func fakeLeaseOf(l *lab.Lab, backendType string, sn netip.Prefix, pub netip.Addr
 // lanNSPath is the path of the lab's LAN namespace, for etcdtest.WithNetNS.
 func lanNSPath(l *lab.Lab) string { return filepath.Join("/run/netns", l.LANNamespace()) }
 
-// waitFor polls check every 50 ms until it returns nil, failing the test
-// with the last error after within (a deadline, not a timing assertion).
-func waitFor(tb testing.TB, what string, within time.Duration, check func() error) {
-	tb.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		err := check()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("%s: not reached within %v: %v", what, within, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // kernelSnapshot lists what h's kernel holds that a daemon programs or
 // relies on, one entry a string, sorted: links (type, MAC, admin state),
 // IPv4 addresses, main-table IPv4 routes, IPv4 policy rules, permanent IPv4

@@ -340,33 +340,7 @@ func TestBadInput(t *testing.T) {
 				t.Fatal(err)
 			}
 			code, log := runDaemon(t, l, h, tc.args...)
-			if code == 0 {
-				t.Errorf("flanneld exited 0, want non-zero; log:\n%s", log)
-			}
-			if strings.Contains(log, "panic:") || strings.Contains(log, "goroutine ") {
-				t.Errorf("flanneld panicked:\n%s", log)
-			}
-			lines := strings.Split(strings.TrimSpace(log), "\n")
-			last := lines[len(lines)-1]
-			if !strings.HasPrefix(last, "flanneld: ") {
-				t.Errorf("last line %q is not flanneld's error line; log:\n%s", last, log)
-			}
-			for _, w := range tc.want {
-				if !strings.Contains(last, w) {
-					t.Errorf("error line %q does not mention %s", last, w)
-				}
-			}
-			t.Logf("error line: %s", last)
-			leases, err := readLeases(ctx, l)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(leases) != 0 {
-				t.Errorf("etcd holds leases after a failed start: %v", leases)
-			}
-			if _, err := os.Stat(h.SubnetFile); !os.IsNotExist(err) {
-				t.Errorf("subnet.env exists after a failed start (stat: %v)", err)
-			}
+			checkFailedStart(ctx, t, l, h, code, log, tc.want)
 		})
 	}
 }

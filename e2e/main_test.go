@@ -188,20 +188,61 @@ func waitExit(tb testing.TB, d *lab.Daemon) int {
 	return code
 }
 
-// eventually polls check until it returns nil, failing the test with the
-// last error if that does not happen within converge.
-func eventually(tb testing.TB, what string, check func() error) {
+// waitFor polls check every 50 ms until it returns nil, failing the test
+// with the last error after within (a deadline, not a timing assertion).
+func waitFor(tb testing.TB, what string, within time.Duration, check func() error) {
 	tb.Helper()
-	deadline := time.Now().Add(converge)
+	deadline := time.Now().Add(within)
 	for {
 		err := check()
 		if err == nil {
 			return
 		}
 		if time.Now().After(deadline) {
-			tb.Fatalf("%s: not reached within %v: %v", what, converge, err)
+			tb.Fatalf("%s: not reached within %v: %v", what, within, err)
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// eventually polls check until it returns nil, failing the test with the
+// last error if that does not happen within converge.
+func eventually(tb testing.TB, what string, check func() error) {
+	tb.Helper()
+	waitFor(tb, what, converge, check)
+}
+
+// checkFailedStart checks a daemon that had to refuse to start: a non-zero
+// exit, no panic, a last line "flanneld: ..." naming every word of want, and
+// nothing left behind (no lease in etcd, no subnet.env).
+func checkFailedStart(ctx context.Context, t *testing.T, l *lab.Lab, h *lab.Host, code int, log string, want []string) {
+	t.Helper()
+	if code == 0 {
+		t.Errorf("flanneld exited 0, want non-zero; log:\n%s", log)
+	}
+	if strings.Contains(log, "panic:") || strings.Contains(log, "goroutine ") {
+		t.Errorf("flanneld panicked:\n%s", log)
+	}
+	lines := strings.Split(strings.TrimSpace(log), "\n")
+	last := lines[len(lines)-1]
+	if !strings.HasPrefix(last, "flanneld: ") {
+		t.Errorf("last line %q is not flanneld's error line; log:\n%s", last, log)
+	}
+	for _, w := range want {
+		if !strings.Contains(last, w) {
+			t.Errorf("error line %q does not mention %s", last, w)
+		}
+	}
+	t.Logf("error line: %s", last)
+	leases, err := readLeases(ctx, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(leases) != 0 {
+		t.Errorf("etcd holds leases after a failed start: %v", leases)
+	}
+	if _, err := os.Stat(h.SubnetFile); !os.IsNotExist(err) {
+		t.Errorf("subnet.env exists after a failed start (stat: %v)", err)
 	}
 }
 
