@@ -397,6 +397,7 @@ type lease struct {
 	Subnet      netip.Prefix
 	PublicIP    netip.Addr
 	BackendType string
+	VtepMAC     string // BackendData.VtepMAC, vxlan leases only
 	TTL         int64
 }
 
@@ -435,6 +436,7 @@ func readLeases(ctx context.Context, l *lab.Lab) (map[netip.Prefix]lease, error)
 		var v struct {
 			PublicIP    string
 			BackendType string
+			BackendData struct{ VtepMAC string }
 		}
 		if err := json.Unmarshal([]byte(n.Value), &v); err != nil {
 			return nil, fmt.Errorf("lease %s value %q: %w", n.Key, n.Value, err)
@@ -444,7 +446,7 @@ func readLeases(ctx context.Context, l *lab.Lab) (map[netip.Prefix]lease, error)
 			return nil, fmt.Errorf("lease %s PublicIP: %w", n.Key, err)
 		}
 		p := netip.PrefixFrom(a, b)
-		out[p] = lease{Subnet: p, PublicIP: pub, BackendType: v.BackendType, TTL: n.TTL}
+		out[p] = lease{Subnet: p, PublicIP: pub, BackendType: v.BackendType, VtepMAC: v.BackendData.VtepMAC, TTL: n.TTL}
 	}
 	return out, nil
 }

@@ -1,13 +1,10 @@
 package e2e
 
 import (
-	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,7 +12,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"go.etcd.io/etcd/client/v2"
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/e2e/lab"
@@ -34,49 +30,6 @@ const (
 	// vxlanPort is the kernel's default VXLAN port, used for Port 0.
 	vxlanPort = 8472
 )
-
-// vxlanLease is one lease as stored in etcd, with its VtepMAC.
-type vxlanLease struct {
-	Subnet      netip.Prefix
-	PublicIP    netip.Addr
-	BackendType string
-	VtepMAC     string
-	TTL         int64
-}
-
-// readVXLANLeases lists the leases in etcd by subnet, parsing keys and
-// values as another flannel node would (readLeases leaves BackendData out).
-func readVXLANLeases(ctx context.Context, l *lab.Lab) (map[netip.Prefix]vxlanLease, error) {
-	dir := l.EtcdPrefix() + "/subnets"
-	resp, err := l.KeysAPI().Get(ctx, dir, &client.GetOptions{Recursive: true, Quorum: true})
-	if client.IsKeyNotFound(err) {
-		return map[netip.Prefix]vxlanLease{}, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("listing %s: %w", dir, err)
-	}
-	out := map[netip.Prefix]vxlanLease{}
-	for _, n := range resp.Node.Nodes {
-		p, err := netip.ParsePrefix(strings.Replace(path.Base(n.Key), "-", "/", 1))
-		if err != nil {
-			return nil, fmt.Errorf("lease key %s is not <A.B.C.D>-<len>: %w", n.Key, err)
-		}
-		var v struct {
-			PublicIP    string
-			BackendType string
-			BackendData struct{ VtepMAC string }
-		}
-		if err := json.Unmarshal([]byte(n.Value), &v); err != nil {
-			return nil, fmt.Errorf("lease %s value %q: %w", n.Key, n.Value, err)
-		}
-		pub, err := netip.ParseAddr(v.PublicIP)
-		if err != nil {
-			return nil, fmt.Errorf("lease %s PublicIP: %w", n.Key, err)
-		}
-		out[p] = vxlanLease{Subnet: p, PublicIP: pub, BackendType: v.BackendType, VtepMAC: v.BackendData.VtepMAC, TTL: n.TTL}
-	}
-	return out, nil
-}
 
 // vxlanKernel is what a host's kernel holds for the vxlan backend, read
 // with netlink and rendered one entry a string (sorted within each kind),
@@ -329,7 +282,7 @@ func vxlanStart(t *testing.T, l *lab.Lab, args ...string) vxlanWorld {
 	hosts := l.Hosts()
 	envs := startAll(t, l, args...)
 	w := vxlanWorld{hosts: hosts, envs: envs, macs: make([]string, len(hosts))}
-	leases, err := readVXLANLeases(testCtx(t, converge), l)
+	leases, err := readLeases(testCtx(t, converge), l)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -352,8 +305,8 @@ func vxlanStart(t *testing.T, l *lab.Lab, args ...string) vxlanWorld {
 
 // checkVXLANLease checks that h holds exactly one lease, for the subnet of
 // env, as a vxlan node with VtepMAC mac and a TTL.
-func checkVXLANLease(leases map[netip.Prefix]vxlanLease, h *lab.Host, env lab.SubnetEnv, mac string) error {
-	var mine []vxlanLease
+func checkVXLANLease(leases map[netip.Prefix]lease, h *lab.Host, env lab.SubnetEnv, mac string) error {
+	var mine []lease
 	for _, ls := range leases {
 		if ls.PublicIP == h.Addr {
 			mine = append(mine, ls)
@@ -474,7 +427,7 @@ func TestVXLANRestart(t *testing.T) {
 	if mac != w.macs[0] {
 		t.Errorf("after restart host1's %s has MAC %s, want %s as before", vxlanDev, mac, w.macs[0])
 	}
-	leases, err := readVXLANLeases(ctx, l)
+	leases, err := readLeases(ctx, l)
 	if err != nil {
 		t.Fatal(err)
 	}
