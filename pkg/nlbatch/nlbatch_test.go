@@ -1,0 +1,296 @@
+package nlbatch_test
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flanneld-go/flanneld/internal/nstest"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
+)
+
+// lab is a namespace with a veth pair: eth0 (192.168.0.1/16) and its peer.
+type lab struct {
+	ns   *nstest.NS
+	h    *nlbatch.Handle
+	eth0 int
+}
+
+func newLab(t *testing.T) *lab {
+	ns := nstest.New(t, "nlbatch")
+	peer := nstest.New(t, "nlbatchp")
+	eth0 := ns.Veth(t, "eth0", 1500, peer, "eth0", "192.168.0.1/16")
+	h, err := nlbatch.NewHandleAt(ns.Handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return &lab{ns: ns, h: h, eth0: eth0.Attrs().Index}
+}
+
+// routes returns the main table's routes into 10.0.0.0/8 as "dst via gw".
+func (l *lab) routes(t *testing.T) map[string]string {
+	t.Helper()
+	got := map[string]string{}
+	err := l.h.RouteListFilteredIter(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
+		if r.Dst != nil && r.Dst.IP[0] == 10 {
+			got[r.Dst.String()] = fmt.Sprintf("via %s dev %d onlink=%v", r.Gw, r.LinkIndex, r.Flags&unix.RTNH_F_ONLINK != 0)
+		}
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
+func subnet(i int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24)
+}
+
+func gw(i int) netip.Addr { return netip.AddrFrom4([4]byte{192, 168, byte(1 + i>>8), byte(i)}) }
+
+// TestRoutesManyChunks replaces and deletes more routes than fit one chunk,
+// with failing requests spread over the chunks: each failure is reported at
+// its own index and the rest are all in the kernel.
+func TestRoutesManyChunks(t *testing.T) {
+	l := newLab(t)
+	const n = 2000
+	routes := make([]nlbatch.Route, n)
+	bad := map[int]bool{0: true, 511: true, 512: true, 1337: true, n - 1: true}
+	for i := range routes {
+		routes[i] = nlbatch.Route{Dst: subnet(i), Gw: gw(i), LinkIndex: l.eth0}
+		if bad[i] {
+			routes[i].LinkIndex = 999999 // no such link
+		}
+	}
+	errs := make([]error, n)
+	if err := l.h.ReplaceRoutes(routes, errs); err != nil {
+		t.Fatal(err)
+	}
+	for i, err := range errs {
+		if bad[i] != (err != nil) {
+			t.Fatalf("route %d: error %v, want failure %v", i, err, bad[i])
+		}
+	}
+	got := l.routes(t)
+	if len(got) != n-len(bad) {
+		t.Fatalf("%d routes in the kernel, want %d", len(got), n-len(bad))
+	}
+	for i := range routes {
+		want := fmt.Sprintf("via %s dev %d onlink=false", gw(i), l.eth0)
+		if g := got[subnet(i).String()]; !bad[i] && g != want {
+			t.Fatalf("route %s: %q, want %q", subnet(i), g, want)
+		}
+	}
+
+	// Replacing changes the gateway in place; deleting removes exactly
+	// the named routes, and a route already gone answers ESRCH.
+	for i := range routes {
+		routes[i].LinkIndex = l.eth0
+		routes[i].Gw = gw(i + 1)
+		routes[i].Onlink = i%2 == 0
+	}
+	if err := l.h.ReplaceRoutes(routes, errs); err != nil {
+		t.Fatal(err)
+	}
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("replacing route %d: %v", i, err)
+		}
+	}
+	got = l.routes(t)
+	if g, want := got[subnet(7).String()], fmt.Sprintf("via %s dev %d onlink=false", gw(8), l.eth0); g != want {
+		t.Fatalf("route %s: %q, want %q", subnet(7), g, want)
+	}
+	if g, want := got[subnet(8).String()], fmt.Sprintf("via %s dev %d onlink=true", gw(9), l.eth0); g != want {
+		t.Fatalf("route %s: %q, want %q", subnet(8), g, want)
+	}
+	if err := l.h.DeleteRoutes(routes[:n-1], errs[:n-1]); err != nil {
+		t.Fatal(err)
+	}
+	for i, err := range errs[:n-1] {
+		if err != nil {
+			t.Fatalf("deleting route %d: %v", i, err)
+		}
+	}
+	if got := l.routes(t); len(got) != 1 || got[subnet(n-1).String()] == "" {
+		t.Fatalf("left after delete: %v, want only %s", got, subnet(n-1))
+	}
+	if err := l.h.DeleteRoutes(routes[:1], errs[:1]); !errors.Is(errs[0], unix.ESRCH) || err != nil {
+		t.Fatalf("deleting a missing route: %v, %v; want ESRCH", err, errs[0])
+	}
+}
+
+// TestNexthopRoutes installs routes through nexthop objects: the kernel
+// shows them with the nexthop's gateway and link.
+func TestNexthopRoutes(t *testing.T) {
+	l := newLab(t)
+	const n = 600
+	nhs := make([]nlbatch.Nexthop, n)
+	routes := make([]nlbatch.Route, n)
+	ids := make([]uint32, n)
+	for i := range n {
+		ids[i] = uint32(1000 + i)
+		nhs[i] = nlbatch.Nexthop{ID: ids[i], Gw: gw(i), LinkIndex: l.eth0}
+		routes[i] = nlbatch.Route{Dst: subnet(i), NexthopID: ids[i]}
+	}
+	errs := make([]error, n)
+	if err := l.h.ReplaceNexthops(nhs, errs); err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Fatalf("adding nexthops: %v", err)
+	}
+	if err := l.h.ReplaceRoutes(routes, errs); err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Fatalf("adding routes: %v", err)
+	}
+	got := l.routes(t)
+	if len(got) != n {
+		t.Fatalf("%d routes, want %d", len(got), n)
+	}
+	if g, want := got[subnet(5).String()], fmt.Sprintf("via %s dev %d onlink=false", gw(5), l.eth0); g != want {
+		t.Fatalf("route %s: %q, want %q", subnet(5), g, want)
+	}
+	// Deleting a nexthop object takes its routes with it.
+	if err := l.h.DeleteNexthops(ids[:100], errs[:100]); err != nil || errors.Join(errs[:100]...) != nil {
+		t.Fatalf("deleting nexthops: %v %v", err, errors.Join(errs[:100]...))
+	}
+	if got := l.routes(t); len(got) != n-100 {
+		t.Fatalf("%d routes after deleting 100 nexthops, want %d", len(got), n-100)
+	}
+	// A route to a deleted nexthop fails alone.
+	bad := []nlbatch.Route{{Dst: subnet(1), NexthopID: 1}, {Dst: subnet(2), NexthopID: ids[200]}}
+	if err := l.h.ReplaceRoutes(bad, errs[:2]); err != nil || errs[0] == nil || errs[1] != nil {
+		t.Fatalf("a route via a deleted and one via a live nexthop: %v %v", err, errs[:2])
+	}
+}
+
+// TestNeighsAndFDB sets and deletes neighbours and fdb entries on a vxlan
+// device.
+func TestNeighsAndFDB(t *testing.T) {
+	l := newLab(t)
+	vx := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: "flannel.1"}, VxlanId: 1, VtepDevIndex: l.eth0, Port: 8472, Learning: false}
+	if err := l.h.LinkAdd(vx); err != nil {
+		t.Fatal(err)
+	}
+	link, err := l.h.LinkByName("flannel.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx := link.Attrs().Index
+	const n = 700
+	neighs := make([]nlbatch.Neigh, 0, 2*n)
+	for i := range n {
+		mac := [6]byte{0x0a, 0x58, 0, 0, byte(i >> 8), byte(i)}
+		neighs = append(neighs,
+			nlbatch.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: subnet(i).Addr(), MAC: mac},
+			nlbatch.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, State: unix.NUD_PERMANENT, Flags: netlink.NTF_SELF, IP: gw(i), MAC: mac})
+	}
+	errs := make([]error, len(neighs))
+	if err := l.h.SetNeighs(neighs, errs); err != nil || errors.Join(errs...) != nil {
+		t.Fatalf("setting: %v %v", err, errors.Join(errs...))
+	}
+	count := func() (ip4, fdb int) {
+		t.Helper()
+		list, err := l.h.NeighList(idx, unix.AF_INET)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, nb := range list {
+			if nb.State == unix.NUD_PERMANENT {
+				ip4++
+			}
+		}
+		list, err = l.h.NeighList(idx, unix.AF_BRIDGE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, nb := range list {
+			if nb.Flags&netlink.NTF_SELF != 0 && nb.IP.To4() != nil && nb.IP.To4()[0] == 192 {
+				fdb++
+			}
+		}
+		return ip4, fdb
+	}
+	if a, f := count(); a != n || f != n {
+		t.Fatalf("%d neighbours and %d fdb entries, want %d each", a, f, n)
+	}
+	list, err := l.h.NeighList(idx, unix.AF_INET)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, nb := range list {
+		if nb.IP.Equal(subnet(3).Addr().AsSlice()) && nb.HardwareAddr.String() != "0a:58:00:00:00:03" {
+			t.Fatalf("neighbour %s has lladdr %s", nb.IP, nb.HardwareAddr)
+		}
+	}
+	if err := l.h.DeleteNeighs(neighs, errs); err != nil || errors.Join(errs...) != nil {
+		t.Fatalf("deleting: %v %v", err, errors.Join(errs...))
+	}
+	if a, f := count(); a != 0 || f != 0 {
+		t.Fatalf("%d neighbours and %d fdb entries left, want none", a, f)
+	}
+	if err := l.h.DeleteNeighs(neighs[:1], errs[:1]); err != nil || !errors.Is(errs[0], unix.ENOENT) {
+		t.Fatalf("deleting a missing neighbour: %v %v; want ENOENT", err, errs[0])
+	}
+}
+
+// TestResultsLength rejects a result slice of the wrong length.
+func TestResultsLength(t *testing.T) {
+	l := newLab(t)
+	err := l.h.ReplaceRoutes([]nlbatch.Route{{Dst: subnet(1), Gw: gw(1), LinkIndex: l.eth0}}, make([]error, 2))
+	if err == nil {
+		t.Fatal("2 results for 1 request accepted")
+	}
+	if got := l.routes(t); len(got) != 0 {
+		t.Fatalf("routes installed despite the error: %v", got)
+	}
+}
+
+// BenchmarkReplaceRoutes programs 10,000 routes through one gateway per
+// iteration (the kernel's per-route cost without its distinct-gateway
+// slowdown), batched and one request at a time.
+func BenchmarkReplaceRoutes(b *testing.B) {
+	ns := nstest.New(b, "nlbatchb")
+	peer := nstest.New(b, "nlbatchbp")
+	eth0 := ns.Veth(b, "eth0", 1500, peer, "eth0", "192.168.0.1/16").Attrs().Index
+	h, err := nlbatch.NewHandleAt(ns.Handle)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	const n = 10000
+	routes := make([]nlbatch.Route, n)
+	for i := range routes {
+		routes[i] = nlbatch.Route{Dst: subnet(i), Gw: gw(1), LinkIndex: eth0}
+	}
+	errs := make([]error, n)
+	b.Run("batched", func(b *testing.B) {
+		for b.Loop() {
+			if err := h.ReplaceRoutes(routes, errs); err != nil || errors.Join(errs...) != nil {
+				b.Fatal(err, errors.Join(errs...))
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/route")
+	})
+	b.Run("single", func(b *testing.B) {
+		for b.Loop() {
+			for i := range routes {
+				r := &netlink.Route{LinkIndex: eth0, Dst: &net.IPNet{IP: routes[i].Dst.Addr().AsSlice(), Mask: net.CIDRMask(24, 32)}, Gw: gw(1).AsSlice()}
+				if err := h.RouteReplace(r); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/route")
+	})
+}
