@@ -22,7 +22,6 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/spf13/pflag"
-	"github.com/vishvananda/netlink"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
@@ -33,6 +32,7 @@ import (
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/network"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet/etcdv2"
 )
 
@@ -223,13 +223,13 @@ func run(f *flags) error {
 
 	// One netlink socket for the daemon's life; a zero Handle would open
 	// one per request.
-	nl, err := netlink.NewHandle()
+	nl, err := nlbatch.NewHandle()
 	if err != nil {
 		return fmt.Errorf("opening netlink: %w", err)
 	}
 	defer nl.Close()
 
-	ext, err := ip.ChooseInterface(nl, f.iface, f.ifaceRegex)
+	ext, err := ip.ChooseInterface(nl.Handle, f.iface, f.ifaceRegex)
 	if err != nil {
 		return err
 	}

@@ -13,9 +13,9 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/vishvananda/netlink"
 	"k8s.io/klog/v2"
 
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -42,7 +42,7 @@ type Options struct {
 	Config *subnet.Config
 	// Netlink is the handle used to program the kernel; nil means the
 	// process's network namespace.
-	Netlink *netlink.Handle
+	Netlink *nlbatch.Handle
 	// Logger receives the backend's logs.
 	Logger klog.Logger
 }

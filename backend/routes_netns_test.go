@@ -12,10 +12,11 @@ import (
 
 	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
 // kernelRoutes lists the gateway routes of a table, as sorted lines.
-func kernelRoutes(tb testing.TB, h *netlink.Handle, table int) []string {
+func kernelRoutes(tb testing.TB, h *nlbatch.Handle, table int) []string {
 	tb.Helper()
 	rs, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
 	if err != nil {
@@ -43,7 +44,7 @@ func kernelRoutes(tb testing.TB, h *netlink.Handle, table int) []string {
 	return lines
 }
 
-func mustAdd(tb testing.TB, h *netlink.Handle, add func(*netlink.Route) error, dst, gw string, link, metric, table int) {
+func mustAdd(tb testing.TB, h *nlbatch.Handle, add func(*netlink.Route) error, dst, gw string, link, metric, table int) {
 	tb.Helper()
 	r := &netlink.Route{
 		Dst: ip.IPNet(netip.MustParsePrefix(dst)), Gw: ip.IP(netip.MustParseAddr(gw)),

@@ -12,11 +12,11 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/internal/metrics"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -36,7 +36,7 @@ type Options struct {
 	Ext backend.ExternalInterface
 	// Netlink is the handle backends program the kernel with; nil means the
 	// process's network namespace.
-	Netlink *netlink.Handle
+	Netlink *nlbatch.Handle
 	// SubnetFile is where subnet.env is written and read back from.
 	SubnetFile string
 	// IPMasq is published as FLANNEL_IPMASQ and passed to Rules.

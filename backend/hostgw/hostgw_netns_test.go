@@ -15,11 +15,12 @@ import (
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // gatewayRoutes lists the main table's routes with a gateway, sorted.
-func gatewayRoutes(t *testing.T, h *netlink.Handle) []string {
+func gatewayRoutes(t *testing.T, h *nlbatch.Handle) []string {
 	t.Helper()
 	rs, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 	if err != nil {

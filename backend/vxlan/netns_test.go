@@ -20,6 +20,7 @@ import (
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -37,7 +38,7 @@ const extName = "eth0"
 type host struct {
 	ns   *nstest.NS
 	name string // the namespace, as `ip netns exec` knows it
-	h    *netlink.Handle
+	h    *nlbatch.Handle
 	ext  *net.Interface
 	addr netip.Addr // the external address, 10.250.9.N
 	logs *logLines

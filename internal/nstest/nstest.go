@@ -16,6 +16,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
 // NS is a named network namespace made for one test.
@@ -23,7 +25,7 @@ type NS struct {
 	Name   string          // as `ip netns` knows it: PREFIX-PID-N
 	Path   string          // /run/netns/NAME
 	Handle netns.NsHandle  // open until the test ends
-	NL     *netlink.Handle // netlink in the namespace, open until the test ends
+	NL     *nlbatch.Handle // netlink in the namespace, open until the test ends
 }
 
 var seq atomic.Int64
@@ -85,7 +87,7 @@ func New(tb testing.TB, prefix string) *NS {
 	}
 	n.Handle = r.ns
 	tb.Cleanup(func() { r.ns.Close() })
-	h, err := netlink.NewHandleAt(r.ns)
+	h, err := nlbatch.NewHandleAt(r.ns)
 	if err != nil {
 		tb.Fatalf("opening netlink in %s: %v", name, err)
 	}

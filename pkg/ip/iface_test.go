@@ -19,7 +19,7 @@ func TestChooseInterface(t *testing.T) {
 	n.Veth(t, "ext1", 1500, nil, "ext1p", "10.250.2.5/24")
 	n.Veth(t, "bare0", 1500, nil, "bare0p")
 
-	got, err := ChooseInterface(h, nil, nil)
+	got, err := ChooseInterface(h.Handle, nil, nil)
 	if !errors.Is(err, ErrNoInterface) || !strings.Contains(err.Error(), "no IPv4 default route") {
 		t.Fatalf("no default route: %v, %v", got, err)
 	}
@@ -49,7 +49,7 @@ func TestChooseInterface(t *testing.T) {
 		{nil, []string{"^bare"}, "", "", "matches no interface with an IPv4 address"},
 	}
 	for _, tt := range tests {
-		got, err := ChooseInterface(h, tt.names, tt.regexes)
+		got, err := ChooseInterface(h.Handle, tt.names, tt.regexes)
 		if tt.err != "" {
 			if !errors.Is(err, ErrNoInterface) || !strings.Contains(err.Error(), tt.err) {
 				t.Errorf("ChooseInterface(%v, %v) = %v, want error containing %q", tt.names, tt.regexes, err, tt.err)
