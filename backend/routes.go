@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
 // ErrRouteNotOwned is returned (wrapped) by Reconcile for a desired route it
@@ -37,7 +38,12 @@ func (r Route) String() string {
 	return s
 }
 
-// netlinkRoute converts r to the form the kernel takes.
+// batch converts r to the form nlbatch writes.
+func (r Route) batch() nlbatch.Route {
+	return nlbatch.Route{Dst: r.Dst, Gw: r.Gw, LinkIndex: r.LinkIndex, Onlink: r.Onlink}
+}
+
+// netlinkRoute converts r to the form vishvananda/netlink takes.
 func (r Route) netlinkRoute() *netlink.Route {
 	nr := &netlink.Route{
 		LinkIndex: r.LinkIndex,
@@ -80,10 +86,13 @@ func (h nextHop) route(k routeKey) Route {
 	}
 }
 
-// routeNetlink is the part of *netlink.Handle the reconciler uses.
+// routeNetlink is the part of *nlbatch.Handle the reconciler uses: a dump,
+// batched writes, and a single delete for the odd route a batch cannot name
+// (one with a metric or TOS).
 type routeNetlink interface {
 	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
-	RouteReplace(route *netlink.Route) error
+	ReplaceRoutes(routes []nlbatch.Route, errs []error) error
+	DeleteRoutes(routes []nlbatch.Route, errs []error) error
 	RouteDel(route *netlink.Route) error
 }
 
@@ -113,16 +122,16 @@ type RouteReconciler struct {
 	want  map[routeKey]nextHop
 	have  map[routeKey]nextHop
 	extra []netlink.Route // owned routes that no desired route replaces
+	sets  []nlbatch.Route // routes to replace
+	upd   []bool          // whether sets[i] replaces a different route
+	dels  []nlbatch.Route // routes to delete
+	errs  []error         // the kernel's answer to each set or delete
 }
 
 // NewRouteReconciler returns a reconciler for routes inside network that leave
 // through the links with the given indexes. nl is the netlink handle of the
-// namespace to program, usually a *netlink.Handle; nil means the process's
-// namespace.
+// namespace to program, usually an *nlbatch.Handle.
 func NewRouteReconciler(nl routeNetlink, network netip.Prefix, links ...int) *RouteReconciler {
-	if h, ok := nl.(*netlink.Handle); nl == nil || (ok && h == nil) {
-		nl = &netlink.Handle{}
-	}
 	return &RouteReconciler{
 		nl:      nl,
 		network: network.Masked(),
@@ -159,17 +168,7 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes,
 		return Changes{Failed: bad}, fmt.Errorf("listing routes: %w", err)
 	}
 
-	c, err := diff(r.want, r.have, r.replace, r.del)
-	for i := range r.extra {
-		if derr := r.delNetlink(&r.extra[i]); derr != nil {
-			c.Failed++
-			if err == nil {
-				err = derr
-			}
-			continue
-		}
-		c.Removed++
-	}
+	c, err := r.write()
 	clear(r.extra) // drop the references to the kernel's routes
 	if bad > 0 {
 		c.Failed += bad
@@ -246,16 +245,77 @@ func (r *RouteReconciler) onLink(index int) bool {
 	return index > 0 && slices.Contains(r.links, index)
 }
 
-func (r *RouteReconciler) replace(k routeKey, h nextHop) error {
-	d := h.route(k)
-	if err := r.nl.RouteReplace(d.netlinkRoute()); err != nil {
-		return fmt.Errorf("installing route %s: %w", d, err)
+// write replaces the missing or different routes in one batch, then
+// deletes the stale ones in another (adding first keeps traffic flowing
+// while a route moves), then the extra routes one by one.
+func (r *RouteReconciler) write() (Changes, error) {
+	var c Changes
+	var first error
+	fail := func(err error) {
+		c.Failed++
+		if first == nil {
+			first = err
+		}
 	}
-	return nil
+	r.sets, r.upd, r.dels = r.sets[:0], r.upd[:0], r.dels[:0]
+	for k, want := range r.want {
+		have, ok := r.have[k]
+		if ok && have == want {
+			continue
+		}
+		r.sets = append(r.sets, want.route(k).batch())
+		r.upd = append(r.upd, ok)
+	}
+	for k, have := range r.have {
+		if _, ok := r.want[k]; !ok {
+			r.dels = append(r.dels, have.route(k).batch())
+		}
+	}
+	errs := r.results(len(r.sets))
+	if len(r.sets) > 0 {
+		_ = r.nl.ReplaceRoutes(r.sets, errs) // a socket failure is in errs too
+	}
+	for i, err := range errs {
+		switch {
+		case err != nil:
+			s := &r.sets[i]
+			fail(fmt.Errorf("installing route %s: %w", Route{Dst: s.Dst, Gw: s.Gw, LinkIndex: s.LinkIndex, Onlink: s.Onlink}, err))
+		case r.upd[i]:
+			c.Updated++
+		default:
+			c.Added++
+		}
+	}
+	errs = r.results(len(r.dels))
+	if len(r.dels) > 0 {
+		_ = r.nl.DeleteRoutes(r.dels, errs)
+	}
+	for i, err := range errs {
+		if err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
+			d := &r.dels[i]
+			fail(fmt.Errorf("deleting route %s via %s dev %d: %w", d.Dst, d.Gw, d.LinkIndex, err))
+			continue
+		}
+		c.Removed++
+	}
+	for i := range r.extra {
+		if err := r.delNetlink(&r.extra[i]); err != nil {
+			fail(err)
+			continue
+		}
+		c.Removed++
+	}
+	return c, first
 }
 
-func (r *RouteReconciler) del(k routeKey, h nextHop) error {
-	return r.delNetlink(h.route(k).netlinkRoute())
+// results returns the reused result slice, n long.
+func (r *RouteReconciler) results(n int) []error {
+	if cap(r.errs) < n {
+		r.errs = make([]error, n)
+	}
+	r.errs = r.errs[:n]
+	clear(r.errs)
+	return r.errs
 }
 
 // delNetlink deletes one route, naming its gateway and link so that only

@@ -20,6 +20,7 @@ import (
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -33,18 +34,28 @@ var ErrPublicIP = errors.New("host-gw needs the public IP to be the external int
 
 func init() {
 	backend.Register(Type, func(opts backend.Options) (backend.Backend, error) {
-		var nl netlinkHandle = opts.Netlink
-		if opts.Netlink == nil {
-			nl = &netlink.Handle{}
+		if opts.Netlink != nil {
+			return newHostGW(opts, opts.Netlink)
 		}
-		return newHostGW(opts, nl)
+		h, err := nlbatch.NewHandle()
+		if err != nil {
+			return nil, fmt.Errorf("host-gw backend: %w", err)
+		}
+		b, err := newHostGW(opts, h)
+		if err != nil {
+			h.Close()
+			return nil, err
+		}
+		b.owned = h
+		return b, nil
 	})
 }
 
-// netlinkHandle is the part of *netlink.Handle the backend uses.
+// netlinkHandle is the part of *nlbatch.Handle the backend uses.
 type netlinkHandle interface {
 	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
-	RouteReplace(route *netlink.Route) error
+	ReplaceRoutes(routes []nlbatch.Route, errs []error) error
+	DeleteRoutes(routes []nlbatch.Route, errs []error) error
 	RouteDel(route *netlink.Route) error
 	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
 }
@@ -53,6 +64,7 @@ type hostGW struct {
 	ext    backend.ExternalInterface
 	config *subnet.Config
 	nl     netlinkHandle
+	owned  *nlbatch.Handle // opened by the factory, closed by Close
 	log    klog.Logger
 	routes *backend.RouteReconciler
 
@@ -206,6 +218,12 @@ func (b *hostGW) connected() ([]netip.Prefix, error) {
 	return nets, nil
 }
 
-// Close has nothing to stop: routes stay so that a restart does not
-// interrupt traffic.
-func (b *hostGW) Close() error { return nil }
+// Close closes the netlink handle the backend opened, if any; routes stay
+// so that a restart does not interrupt traffic. Idempotent.
+func (b *hostGW) Close() error {
+	if b.owned != nil {
+		b.owned.Close()
+		b.owned = nil
+	}
+	return nil
+}

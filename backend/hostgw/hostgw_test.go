@@ -18,6 +18,7 @@ import (
 
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -68,6 +69,21 @@ func (f *fakeKernel) RouteReplace(r *netlink.Route) error {
 	c.Type = unix.RTN_UNICAST
 	dst, _ := ip.FromIPNet(r.Dst)
 	f.routes[dst] = c
+	return nil
+}
+
+// ReplaceRoutes and DeleteRoutes are the batched calls, one route at a time.
+func (f *fakeKernel) ReplaceRoutes(rs []nlbatch.Route, errs []error) error {
+	for i := range rs {
+		errs[i] = f.RouteReplace(rs[i].Netlink())
+	}
+	return nil
+}
+
+func (f *fakeKernel) DeleteRoutes(rs []nlbatch.Route, errs []error) error {
+	for i := range rs {
+		errs[i] = f.RouteDel(rs[i].Netlink())
+	}
 	return nil
 }
 

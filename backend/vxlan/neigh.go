@@ -9,14 +9,40 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
-// neighNetlink is the part of *netlink.Handle the neighbour and fdb code
-// uses.
+// neighNetlink is the part of *nlbatch.Handle the neighbour and fdb code
+// uses: dumps, batched writes for the bulk, single writes for the rollback
+// and odd entries.
 type neighNetlink interface {
 	NeighListExecute(msg netlink.Ndmsg) ([]netlink.Neigh, error)
 	NeighSet(neigh *netlink.Neigh) error
 	NeighDel(neigh *netlink.Neigh) error
+	SetNeighs(ns []nlbatch.Neigh, errs []error) error
+	DeleteNeighs(ns []nlbatch.Neigh, errs []error) error
+}
+
+// writeAll converts each entry with conv, writes them all with one batched
+// call (SetNeighs or DeleteNeighs) and leaves in errs[i] the result of
+// es[i], described by what (nil for success; with ignoreNotFound a missing
+// entry counts as success). buf is reused scratch space.
+func writeAll[E any](buf *[]nlbatch.Neigh, es []E, errs []error, conv func(E) nlbatch.Neigh,
+	write func([]nlbatch.Neigh, []error) error, ignoreNotFound bool, what func(E, error) error) {
+	*buf = (*buf)[:0]
+	for _, e := range es {
+		*buf = append(*buf, conv(e))
+	}
+	_ = write(*buf, errs) // a socket failure is in errs too
+	for i, err := range errs {
+		if err != nil && ignoreNotFound && isNotFound(err) {
+			err = nil
+		}
+		if err != nil {
+			err = what(es[i], err)
+		}
+		errs[i] = err
+	}
 }
 
 // dumpAttempts bounds the re-dumps when the kernel reports that a table
@@ -58,6 +84,7 @@ type neighTable struct {
 	nl   neighNetlink
 	link int
 	have map[netip.Addr]neighEntry
+	buf  []nlbatch.Neigh
 }
 
 // load reads the table; want is the desired set.
@@ -82,6 +109,28 @@ func (t *neighTable) load(want map[netip.Addr]neighEntry) error {
 		t.have[a] = neighEntry{IP: a, MAC: m, State: n.State}
 	}
 	return nil
+}
+
+// entry is e as written to the kernel: permanent, unicast.
+func (t *neighTable) entry(e neighEntry) nlbatch.Neigh {
+	return nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_INET, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: e.IP, MAC: e.MAC}
+}
+
+// setAll sets each entry; errs[i] receives the result of es[i].
+func (t *neighTable) setAll(es []neighEntry, errs []error) {
+	writeAll(&t.buf, es, errs, t.entry, t.nl.SetNeighs, false, func(e neighEntry, err error) error {
+		return fmt.Errorf("setting neighbour %s lladdr %s: %w", e.IP, e.MAC, err)
+	})
+}
+
+// delAll deletes each entry (by IP); one already gone counts as deleted.
+func (t *neighTable) delAll(es []neighEntry, errs []error) {
+	byIP := func(e neighEntry) nlbatch.Neigh {
+		return nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_INET, IP: e.IP}
+	}
+	writeAll(&t.buf, es, errs, byIP, t.nl.DeleteNeighs, true, func(e neighEntry, err error) error {
+		return fmt.Errorf("deleting neighbour %s: %w", e.IP, err)
+	})
 }
 
 func (t *neighTable) set(_ netip.Addr, e neighEntry) error {
@@ -117,6 +166,28 @@ type fdbTable struct {
 	// the all-zeros and multicast MACs can have several, with bridge fdb
 	// append) and entries whose MAC does not parse.
 	extra []netlink.Neigh
+	buf   []nlbatch.Neigh
+}
+
+// entry is e as written to the kernel: permanent, in the device's own table.
+func (t *fdbTable) entry(e fdbEntry) nlbatch.Neigh {
+	return nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: unix.NUD_PERMANENT,
+		IP: e.Dst, MAC: e.MAC, VNI: uint32(e.VNI)}
+}
+
+// setAll sets each entry; errs[i] receives the result of es[i].
+func (t *fdbTable) setAll(es []fdbEntry, errs []error) {
+	writeAll(&t.buf, es, errs, t.entry, t.nl.SetNeighs, false, func(e fdbEntry, err error) error {
+		return fmt.Errorf("setting fdb entry %s dst %s: %w", e.MAC, e.Dst, err)
+	})
+}
+
+// delAll deletes each entry (MAC and dst); one already gone counts as
+// deleted.
+func (t *fdbTable) delAll(es []fdbEntry, errs []error) {
+	writeAll(&t.buf, es, errs, t.entry, t.nl.DeleteNeighs, true, func(e fdbEntry, err error) error {
+		return fmt.Errorf("deleting fdb entry %s dst %s: %w", e.MAC, e.Dst, err)
+	})
 }
 
 // load reads the table; want is the desired set.

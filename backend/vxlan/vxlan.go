@@ -27,11 +27,11 @@ import (
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -42,11 +42,12 @@ func init() {
 // ErrClosed is returned by Init and Apply after Close.
 var ErrClosed = errors.New("vxlan backend: closed")
 
-// routeNetlink is the part of *netlink.Handle the shared route reconciler
+// routeNetlink is the part of *nlbatch.Handle the shared route reconciler
 // uses.
 type routeNetlink interface {
 	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
-	RouteReplace(route *netlink.Route) error
+	ReplaceRoutes(routes []nlbatch.Route, errs []error) error
+	DeleteRoutes(routes []nlbatch.Route, errs []error) error
 	RouteDel(route *netlink.Route) error
 }
 
@@ -64,7 +65,7 @@ type vxlanBackend struct {
 	ext     backend.ExternalInterface
 	spec    deviceSpec
 	nl      kernel
-	owned   *netlink.Handle // the handle New opened, closed by Close; nil if given
+	owned   *nlbatch.Handle // the handle New opened, closed by Close; nil if given
 	log     klog.Logger
 
 	closed bool
@@ -84,6 +85,10 @@ type vxlanBackend struct {
 	// could not be programmed completely.
 	halfDone map[netip.Addr]struct{}
 	routeBuf []backend.Route
+	// Reused by each Apply: the entries to set and the kernel's answers.
+	setNeighs []neighEntry
+	setFDBs   []fdbEntry
+	errs      []error
 
 	// last counts what the last Apply changed, per kind.
 	last stats
@@ -125,12 +130,9 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 		return nil, fmt.Errorf("vxlan backend: external interface %s MTU %d is too small: VXLAN needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 68+encapOverhead)
 	}
 	var nl kernel = o.Netlink
-	var owned *netlink.Handle
+	var owned *nlbatch.Handle
 	if o.Netlink == nil {
-		// A handle with its own socket, rather than the zero Handle that
-		// opens a socket per request: applying 10,000 leases makes 30,000
-		// requests, and a socket each triples their cost.
-		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+		h, err := nlbatch.NewHandle()
 		if err != nil {
 			return nil, fmt.Errorf("vxlan backend: opening a netlink socket: %w", err)
 		}
@@ -297,26 +299,34 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 	var staleNeigh []neighEntry
 	var staleFDB []fdbEntry
 	var err error
-	st.Neigh, err = backend.Diff(b.want.neighs, b.neighs.have,
-		func(k netip.Addr, e neighEntry) error {
-			err := b.neighs.set(k, e)
-			if err != nil {
-				b.halfDone[k] = struct{}{}
-			}
-			return err
-		},
+	b.setNeighs = b.setNeighs[:0]
+	st.Neigh, _ = backend.Diff(b.want.neighs, b.neighs.have,
+		func(_ netip.Addr, e neighEntry) error { b.setNeighs = append(b.setNeighs, e); return nil },
 		func(_ netip.Addr, e neighEntry) error { staleNeigh = append(staleNeigh, e); return nil })
-	note("programming neighbours", err)
-	st.FDB, err = backend.Diff(b.want.fdbs, b.fdbs.have,
-		func(k hwAddr, e fdbEntry) error {
-			err := b.fdbs.set(k, e)
-			if err != nil {
-				b.halfDone[b.want.macOwner[k].Addr()] = struct{}{}
-			}
-			return err
-		},
+	res := b.results(len(b.setNeighs))
+	b.neighs.setAll(b.setNeighs, res)
+	for i, err := range res {
+		if err != nil {
+			e := b.setNeighs[i]
+			failedSet(&st.Neigh, b.neighs.have, e.IP)
+			b.halfDone[e.IP] = struct{}{}
+		}
+	}
+	note("programming neighbours", firstFailure(res))
+	b.setFDBs = b.setFDBs[:0]
+	st.FDB, _ = backend.Diff(b.want.fdbs, b.fdbs.have,
+		func(_ hwAddr, e fdbEntry) error { b.setFDBs = append(b.setFDBs, e); return nil },
 		func(_ hwAddr, e fdbEntry) error { staleFDB = append(staleFDB, e); return nil })
-	note("programming fdb entries", err)
+	res = b.results(len(b.setFDBs))
+	b.fdbs.setAll(b.setFDBs, res)
+	for i, err := range res {
+		if err != nil {
+			e := b.setFDBs[i]
+			failedSet(&st.FDB, b.fdbs.have, e.MAC)
+			b.halfDone[b.want.macOwner[e.MAC].Addr()] = struct{}{}
+		}
+	}
+	note("programming fdb entries", firstFailure(res))
 
 	routes := b.want.routes
 	if len(b.halfDone) > 0 {
@@ -348,20 +358,14 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 		}
 	}
 	clear(b.fdbs.extra)
-	for _, e := range staleFDB {
-		if err := b.fdbs.del(e.MAC, e); err != nil {
-			st.FDB.Removed--
-			st.FDB.Failed++
-			note("removing fdb entries", err)
-		}
-	}
-	for _, e := range staleNeigh {
-		if err := b.neighs.del(e.IP, e); err != nil {
-			st.Neigh.Removed--
-			st.Neigh.Failed++
-			note("removing neighbours", err)
-		}
-	}
+	res = b.results(len(staleFDB))
+	b.fdbs.delAll(staleFDB, res)
+	failedRemovals(&st.FDB, res)
+	note("removing fdb entries", firstFailure(res))
+	res = b.results(len(staleNeigh))
+	b.neighs.delAll(staleNeigh, res)
+	failedRemovals(&st.Neigh, res)
+	note("removing neighbours", firstFailure(res))
 
 	b.last = st
 	if st.Neigh.Any() || st.FDB.Any() || st.Route.Any() {
@@ -372,6 +376,57 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 		return fmt.Errorf("applying vxlan leases: %w", errors.Join(errs...))
 	}
 	return nil
+}
+
+// results returns the reused result slice, n long and cleared.
+func (b *vxlanBackend) results(n int) []error {
+	if cap(b.errs) < n {
+		b.errs = make([]error, n)
+	}
+	b.errs = b.errs[:n]
+	clear(b.errs)
+	return b.errs
+}
+
+// failedSet turns the set of key k that Diff counted as an add or an update
+// into a failure.
+func failedSet[K comparable, V any](c *backend.Changes, have map[K]V, k K) {
+	if _, ok := have[k]; ok {
+		c.Updated--
+	} else {
+		c.Added--
+	}
+	c.Failed++
+}
+
+// failedRemovals turns each failed removal Diff counted as done into a
+// failure.
+func failedRemovals(c *backend.Changes, errs []error) {
+	for _, err := range errs {
+		if err != nil {
+			c.Removed--
+			c.Failed++
+		}
+	}
+}
+
+// firstFailure returns the first error in errs, noting how many more
+// failed, or nil.
+func firstFailure(errs []error) error {
+	var first error
+	n := 0
+	for _, err := range errs {
+		if err != nil {
+			if first == nil {
+				first = err
+			}
+			n++
+		}
+	}
+	if n > 1 {
+		return fmt.Errorf("%w (and %d more failed)", first, n-1)
+	}
+	return first
 }
 
 // rollBack removes the neighbour and fdb entry of each tunnelled lease in
@@ -452,17 +507,17 @@ func (b *vxlanBackend) Close() error {
 }
 
 // routeRecorder passes route calls through to the kernel and remembers the
-// destinations whose RouteReplace failed, for the rollback.
+// destinations whose replace failed, for the rollback.
 type routeRecorder struct {
 	routeNetlink
 	failed map[netip.Prefix]struct{}
 }
 
-func (r *routeRecorder) RouteReplace(rt *netlink.Route) error {
-	err := r.routeNetlink.RouteReplace(rt)
-	if err != nil {
-		if p, ok := ip.FromIPNet(rt.Dst); ok {
-			r.failed[p] = struct{}{}
+func (r *routeRecorder) ReplaceRoutes(routes []nlbatch.Route, errs []error) error {
+	err := r.routeNetlink.ReplaceRoutes(routes, errs)
+	for i, e := range errs {
+		if e != nil {
+			r.failed[routes[i].Dst] = struct{}{}
 		}
 	}
 	return err

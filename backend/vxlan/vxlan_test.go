@@ -14,6 +14,7 @@ import (
 
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -512,21 +513,36 @@ type faultyKernel struct {
 
 var errInjected = errors.New("injected failure")
 
-func (k *faultyKernel) RouteReplace(r *netlink.Route) error {
-	if p, _ := ip.FromIPNet(r.Dst); p == k.failRoute {
-		return errInjected
-	}
-	return k.kernel.RouteReplace(r)
+func (k *faultyKernel) ReplaceRoutes(rs []nlbatch.Route, errs []error) error {
+	return writeExcept(rs, errs, k.kernel.ReplaceRoutes, func(r nlbatch.Route) bool { return r.Dst == k.failRoute })
 }
 
-func (k *faultyKernel) NeighSet(n *netlink.Neigh) error {
-	if a, _ := ip.FromIP(n.IP); n.Family == unix.AF_INET && a == k.failNeigh {
-		return errInjected
+func (k *faultyKernel) SetNeighs(ns []nlbatch.Neigh, errs []error) error {
+	return writeExcept(ns, errs, k.kernel.SetNeighs, func(n nlbatch.Neigh) bool {
+		return (n.Family == unix.AF_INET && n.IP == k.failNeigh) ||
+			(n.Family == unix.AF_BRIDGE && net.HardwareAddr(n.MAC[:]).String() == k.failFDB.String())
+	})
+}
+
+// writeExcept writes the items fail rejects with errInjected and the rest
+// through write.
+func writeExcept[T any](items []T, errs []error, write func([]T, []error) error, fail func(T) bool) error {
+	var pass []T
+	var at []int
+	for i, it := range items {
+		if fail(it) {
+			errs[i] = errInjected
+			continue
+		}
+		pass = append(pass, it)
+		at = append(at, i)
 	}
-	if n.Family == unix.AF_BRIDGE && n.HardwareAddr.String() == k.failFDB.String() {
-		return errInjected
+	perr := make([]error, len(pass))
+	err := write(pass, perr)
+	for j, i := range at {
+		errs[i] = perr[j]
 	}
-	return k.kernel.NeighSet(n)
+	return err
 }
 
 // useKernel points every netlink call of be at k.
