@@ -14,6 +14,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"syscall"
 
@@ -108,6 +109,21 @@ type Route struct {
 	LinkIndex int
 	Onlink    bool
 	NexthopID uint32
+}
+
+// Netlink returns r in vishvananda/netlink's form (without NexthopID,
+// which that package does not model).
+func (r Route) Netlink() *netlink.Route {
+	nr := &netlink.Route{
+		LinkIndex: r.LinkIndex,
+		Dst:       &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), 32)},
+		Gw:        r.Gw.AsSlice(),
+		Table:     unix.RT_TABLE_MAIN,
+	}
+	if r.Onlink {
+		nr.Flags = int(netlink.FLAG_ONLINK)
+	}
+	return nr
 }
 
 // Nexthop is an IPv4 nexthop object: Gw on link LinkIndex.
