@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	client "go.etcd.io/etcd/client/v2"
@@ -42,6 +43,37 @@ type Manager struct {
 	maxBackoff  time.Duration        // longest wait between failed requests
 	intn        func(n int) int      // random choice among free subnets
 	jitter      func() time.Duration // pause after losing a subnet race
+
+	// listing is the subnets directory as the last acquisition read it,
+	// kept for the first WatchLeases to start from instead of reading it
+	// again (at start-up, with thousands of leases, that read is a large
+	// part of the time to ready). Once a watch has started nothing is kept.
+	listing struct {
+		sync.Mutex
+		watched bool
+		root    *client.Node // nil: the directory does not exist
+		index   uint64
+		ok      bool
+	}
+}
+
+// keepListing stores a listing of the subnets directory for the first
+// watch, unless one has started.
+func (m *Manager) keepListing(root *client.Node, index uint64) {
+	m.listing.Lock()
+	defer m.listing.Unlock()
+	if !m.listing.watched {
+		m.listing.root, m.listing.index, m.listing.ok = root, index, true
+	}
+}
+
+// takeListing returns the kept listing, if any, and stops keeping them.
+func (m *Manager) takeListing() (root *client.Node, index uint64, ok bool) {
+	m.listing.Lock()
+	defer m.listing.Unlock()
+	root, index, ok = m.listing.root, m.listing.index, m.listing.ok
+	m.listing.root, m.listing.ok, m.listing.watched = nil, false, true
+	return root, index, ok
 }
 
 var _ subnet.Manager = (*Manager)(nil)
@@ -205,7 +237,12 @@ func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subn
 	switch {
 	case err == nil:
 		root = resp.Node
+		m.keepListing(root, resp.Index)
 	case etcdCode(err) == client.ErrorCodeKeyNotFound:
+		var e client.Error
+		if errors.As(err, &e) {
+			m.keepListing(nil, e.Index)
+		}
 	default:
 		return nil, fmt.Errorf("listing %s: %w", dir, err)
 	}

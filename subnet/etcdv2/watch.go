@@ -184,19 +184,23 @@ func (w *watcher) poll(ctx context.Context) (*client.Response, error) {
 
 // list reads the whole directory, replaces the known set and returns the
 // difference as events.
+// The first list of a Manager's first watch uses the listing its lease
+// acquisition just read, if any: the watch then resumes from that listing's
+// index, so nothing written since is missed.
 func (w *watcher) list(ctx context.Context) ([]subnet.Event, error) {
-	resp, err := w.m.get(ctx, w.dir, &client.GetOptions{Recursive: true})
-	var root *client.Node
-	var index uint64
-	switch {
-	case err == nil:
-		root, index = resp.Node, resp.Index
-	case etcdCode(err) == client.ErrorCodeKeyNotFound:
-		var e client.Error
-		errors.As(err, &e)
-		index = e.Index
-	default:
-		return nil, fmt.Errorf("listing %s: %w", w.dir, err)
+	root, index, kept := w.m.takeListing()
+	if !kept {
+		resp, err := w.m.get(ctx, w.dir, &client.GetOptions{Recursive: true})
+		switch {
+		case err == nil:
+			root, index = resp.Node, resp.Index
+		case etcdCode(err) == client.ErrorCodeKeyNotFound:
+			var e client.Error
+			errors.As(err, &e)
+			index = e.Index
+		default:
+			return nil, fmt.Errorf("listing %s: %w", w.dir, err)
+		}
 	}
 	current := make(map[netip.Prefix]subnet.Lease, len(w.known))
 	logged := make(map[string]uint64, len(w.logged))

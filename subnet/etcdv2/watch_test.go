@@ -364,3 +364,42 @@ func TestWatchEndsOnCancel(t *testing.T) {
 		})
 	}
 }
+
+// TestWatchStartsFromAcquireListing: the first watch after an acquisition
+// starts from the listing the acquisition read, so start-up reads the
+// subnets directory once, and a lease written between the two is still
+// reported. A later watch lists for itself.
+func TestWatchStartsFromAcquireListing(t *testing.T) {
+	srv := etcdtest.Start(t)
+	cfg := mustConfig(t, testConfig)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	other := netip.MustParsePrefix("10.5.77.0/24")
+	put(t, srv, leaseKeyOf(netip.MustParsePrefix("10.5.78.0/24")), `{"PublicIP":"192.168.0.78"}`, time.Hour)
+	m, api := newTestManager(t, srv)
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	getsAfterAcquire := api.gets.Load()
+	put(t, srv, leaseKeyOf(other), `{"PublicIP":"192.168.0.77"}`, time.Hour)
+
+	col := startCollector(t, ctx, m)
+	col.waitFor(t, map[netip.Prefix]string{
+		l.Subnet: "192.168.0.1", other: "192.168.0.77", netip.MustParsePrefix("10.5.78.0/24"): "192.168.0.78",
+	})
+	if got := api.gets.Load() - getsAfterAcquire; got != 0 {
+		t.Errorf("the first watch made %d GETs, want 0 (it starts from the acquisition's listing)", got)
+	}
+
+	wctx, wcancel := context.WithCancel(ctx)
+	defer wcancel()
+	before := api.gets.Load()
+	col2 := startCollector(t, wctx, m)
+	col2.waitFor(t, map[netip.Prefix]string{
+		l.Subnet: "192.168.0.1", other: "192.168.0.77", netip.MustParsePrefix("10.5.78.0/24"): "192.168.0.78",
+	})
+	if got := api.gets.Load() - before; got != 1 {
+		t.Errorf("a second watch made %d GETs, want 1 (its own listing)", got)
+	}
+}
