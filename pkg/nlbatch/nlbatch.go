@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/netip"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -32,6 +33,9 @@ const (
 	chunkMsgs  = 512
 	chunkBytes = 48 << 10
 )
+
+// recvTimeout bounds each wait for the kernel's answer.
+const recvTimeout = 30 * time.Second
 
 // Message types and attributes x/sys/unix may lack on older versions.
 const (
@@ -53,6 +57,7 @@ type Handle struct {
 	ends []int   // where each request ends in buf
 	seq  uint32  // last sequence number used
 	errs []error // scratch results when the caller gives none
+	rbuf []byte  // receive buffer of dumps
 }
 
 // NewHandle returns a handle for the process's network namespace.
@@ -77,7 +82,7 @@ func NewHandleAt(ns netns.NsHandle) (*Handle, error) {
 		return nil, fmt.Errorf("opening netlink batch socket: %w", err)
 	}
 	// A kernel that never answers must not hang the daemon.
-	if err := sock.SetReceiveTimeout(&unix.Timeval{Sec: 30}); err != nil {
+	if err := sock.SetReceiveTimeout(&unix.Timeval{Sec: int64(recvTimeout / time.Second)}); err != nil {
 		sock.Close()
 		h.Close()
 		return nil, fmt.Errorf("setting the netlink receive timeout: %w", err)

@@ -1,0 +1,181 @@
+package nlbatch
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// RouteEntry is an IPv4 route as a dump reports it, decoded without
+// allocating: only what a route reconciler needs.
+type RouteEntry struct {
+	Dst       netip.Prefix // 0.0.0.0/0 for a default route
+	Gw        netip.Addr   // invalid if none
+	LinkIndex int
+	Table     int
+	Protocol  int
+	Scope     int
+	Type      int
+	Flags     int // rtm_flags (RTNH_F_ONLINK ...)
+	Tos       int
+	Priority  int    // the metric
+	NexthopID uint32 // 0 unless the route uses a nexthop object
+	Multipath bool   // several next hops (RTA_MULTIPATH)
+}
+
+// dumpBuf is the receive buffer of a dump; the kernel sends at most about
+// 32 KiB per datagram.
+const dumpBuf = 64 << 10
+
+// ListRoutes dumps the IPv4 routes of every table, calling fn for each until
+// it returns false. If the kernel reports that the tables changed during
+// the dump, every route is still delivered and the error is
+// netlink.ErrDumpInterrupted: the view may be inconsistent.
+func (h *Handle) ListRoutes(fn func(*RouteEntry) bool) error {
+	h.reset()
+	b := h.begin(unix.RTM_GETROUTE, unix.NLM_F_DUMP)
+	b = append(b, unix.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+	h.end(b)
+	h.seq++
+	seq := h.seq
+	binary.NativeEndian.PutUint32(h.buf[8:], seq)
+	if err := unix.Sendto(h.sock.GetFd(), h.buf, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("requesting a route dump: %w", err)
+	}
+	if cap(h.rbuf) < dumpBuf {
+		h.rbuf = make([]byte, dumpBuf)
+	}
+	var e RouteEntry
+	interrupted, stop := false, false
+	for {
+		n, _, err := unix.Recvfrom(h.sock.GetFd(), h.rbuf[:dumpBuf], 0)
+		if err == unix.EAGAIN || err == unix.EINTR {
+			if err = h.wait(); err != nil {
+				return fmt.Errorf("reading a route dump: %w", err)
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("reading a route dump: %w", err)
+		}
+		for msg := h.rbuf[:n]; len(msg) >= unix.SizeofNlMsghdr; {
+			l := int(binary.NativeEndian.Uint32(msg))
+			if l < unix.SizeofNlMsghdr || l > len(msg) {
+				return ErrShortAnswer
+			}
+			typ := binary.NativeEndian.Uint16(msg[4:])
+			flags := binary.NativeEndian.Uint16(msg[6:])
+			mseq := binary.NativeEndian.Uint32(msg[8:])
+			body := msg[unix.SizeofNlMsghdr:l]
+			msg = msg[min(nlmAlign(l), len(msg)):]
+			if mseq != seq {
+				continue // a late answer to an abandoned request
+			}
+			if flags&unix.NLM_F_DUMP_INTR != 0 {
+				interrupted = true
+			}
+			switch typ {
+			case unix.NLMSG_DONE:
+				if interrupted {
+					return netlink.ErrDumpInterrupted
+				}
+				return nil
+			case unix.NLMSG_ERROR:
+				if len(body) >= 4 {
+					if code := int32(binary.NativeEndian.Uint32(body)); code != 0 {
+						return fmt.Errorf("dumping routes: %w", unix.Errno(-code))
+					}
+				}
+				return nil
+			case unix.RTM_NEWROUTE:
+				if stop || !decodeRoute(body, &e) {
+					continue
+				}
+				stop = !fn(&e)
+			}
+		}
+	}
+}
+
+// wait blocks until the socket is readable or the receive timeout passes.
+func (h *Handle) wait() error {
+	fds := []unix.PollFd{{Fd: int32(h.sock.GetFd()), Events: unix.POLLIN}}
+	for {
+		n, err := unix.Poll(fds, int(recvTimeout.Milliseconds()))
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return err
+		case n == 0:
+			return unix.EAGAIN
+		}
+		return nil
+	}
+}
+
+func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
+
+// decodeRoute fills e from an rtmsg and its attributes; false for anything
+// but a well-formed IPv4 route.
+func decodeRoute(b []byte, e *RouteEntry) bool {
+	if len(b) < unix.SizeofRtMsg || b[0] != unix.AF_INET {
+		return false
+	}
+	*e = RouteEntry{
+		Tos:      int(b[3]),
+		Table:    int(b[4]),
+		Protocol: int(b[5]),
+		Scope:    int(b[6]),
+		Type:     int(b[7]),
+		Flags:    int(binary.NativeEndian.Uint32(b[8:])),
+	}
+	dstLen := int(b[1])
+	if dstLen > 32 {
+		return false
+	}
+	var dst [4]byte
+	for a := b[unix.SizeofRtMsg:]; len(a) >= unix.SizeofRtAttr; {
+		l := int(binary.NativeEndian.Uint16(a))
+		t := binary.NativeEndian.Uint16(a[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
+		if l < unix.SizeofRtAttr || l > len(a) {
+			return false
+		}
+		v := a[unix.SizeofRtAttr:l]
+		a = a[min((l+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(a)):]
+		switch t {
+		case unix.RTA_DST:
+			if len(v) != 4 {
+				return false
+			}
+			dst = [4]byte(v)
+		case unix.RTA_GATEWAY:
+			if len(v) == 4 {
+				e.Gw = netip.AddrFrom4([4]byte(v))
+			}
+		case unix.RTA_OIF:
+			if len(v) == 4 {
+				e.LinkIndex = int(binary.NativeEndian.Uint32(v))
+			}
+		case unix.RTA_PRIORITY:
+			if len(v) == 4 {
+				e.Priority = int(binary.NativeEndian.Uint32(v))
+			}
+		case unix.RTA_TABLE:
+			if len(v) == 4 {
+				e.Table = int(binary.NativeEndian.Uint32(v))
+			}
+		case unix.RTA_MULTIPATH:
+			e.Multipath = true
+		case rtaNHID:
+			if len(v) == 4 {
+				e.NexthopID = binary.NativeEndian.Uint32(v)
+			}
+		}
+	}
+	e.Dst = netip.PrefixFrom(netip.AddrFrom4(dst), dstLen)
+	return true
+}
