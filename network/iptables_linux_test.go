@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/coreos/go-iptables/iptables"
-
 	"github.com/flanneld-go/flanneld/internal/nstest"
 )
 
@@ -96,19 +94,35 @@ func TestKeeperInNetns(t *testing.T) {
 
 // nsIPTables runs iptables inside one namespace only: every call goes
 // through a wrapper that enters the namespace first, so it fails instead of
-// reaching the host's tables if the namespace is gone.
+// reaching the host's tables if the namespace is gone. The Keeper's
+// iptables-save and iptables-restore (of the same back-end) go through
+// wrappers too.
 type nsIPTables struct {
 	t       *testing.T
 	wrapper string
+	keeper  *execIPTables
 }
 
 func newNSIPTables(t *testing.T, nsenter, nsPath, bin string) *nsIPTables {
-	wrapper := filepath.Join(t.TempDir(), "iptables-in-netns")
-	script := fmt.Sprintf("#!/bin/sh\nexec %s --net=%s -- %s \"$@\"\n", nsenter, nsPath, bin)
-	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
+	dir := t.TempDir()
+	wrap := func(name, bin string) string {
+		t.Helper()
+		path, err := exec.LookPath(bin)
+		if err != nil {
+			t.Fatalf("%s not found beside %s: %v", bin, name, err)
+		}
+		wrapper := filepath.Join(dir, name+"-in-netns")
+		script := fmt.Sprintf("#!/bin/sh\nexec %s --net=%s -- %s \"$@\"\n", nsenter, nsPath, path)
+		if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return wrapper
 	}
-	return &nsIPTables{t: t, wrapper: wrapper}
+	return &nsIPTables{
+		t:       t,
+		wrapper: wrap("iptables", bin),
+		keeper:  &execIPTables{save: wrap("iptables-save", bin+"-save"), restore: wrap("iptables-restore", bin+"-restore")},
+	}
 }
 
 // run runs iptables with args in the namespace and returns its output lines.
@@ -195,12 +209,8 @@ func testKeeperInNetns(t *testing.T, nsenter, bin string) {
 		n.run(r...)
 	}
 
-	ipt, err := iptables.New(iptables.Path(n.wrapper))
-	if err != nil {
-		t.Fatalf("setting up go-iptables with the namespace wrapper: %v", err)
-	}
 	newKeeper := func(ipMasq bool, interval time.Duration) *Keeper {
-		k, err := New(Options{Network: testNetwork, Lease: testLease, IPMasq: ipMasq, ResyncInterval: interval, Logger: testLogger(t), ipt: ipt})
+		k, err := New(Options{Network: testNetwork, Lease: testLease, IPMasq: ipMasq, ResyncInterval: interval, Logger: testLogger(t), ipt: n.keeper})
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/coreos/go-iptables/iptables"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
@@ -20,17 +20,16 @@ import (
 // flannel's --iptables-resync default.
 const DefaultResyncInterval = 5 * time.Second
 
-// iptablesAPI is the part of go-iptables the Keeper uses. Tests replace it
-// with a fake; *iptables.IPTables implements it.
+// iptablesAPI is how the Keeper reads and changes the kernel's rules: one
+// dump of every table, and one batch of changes applied atomically per
+// table. Tests replace it with a fake; execIPTables runs iptables-save and
+// iptables-restore.
 type iptablesAPI interface {
-	ChainExists(table, chain string) (bool, error)
-	ClearChain(table, chain string) error // creates the chain if missing, else flushes it
-	DeleteChain(table, chain string) error
-	List(table, chain string) ([]string, error) // `iptables -t table -S chain`
-	Append(table, chain string, rulespec ...string) error
-	Insert(table, chain string, pos int, rulespec ...string) error
-	Exists(table, chain string, rulespec ...string) (bool, error)
-	Delete(table, chain string, rulespec ...string) error
+	// Save returns the rules of every table in iptables-save format.
+	Save(ctx context.Context) ([]byte, error)
+	// Restore applies an iptables-restore script without flushing the
+	// tables it names (--noflush), waiting for the xtables lock.
+	Restore(ctx context.Context, script []byte) error
 }
 
 // Options configures a Keeper.
@@ -51,8 +50,8 @@ type Options struct {
 	// value means klog.Background().
 	Logger klog.Logger
 
-	// ipt replaces the iptables client in tests; nil means go-iptables for
-	// IPv4 with the default binary, which waits for the xtables lock.
+	// ipt replaces the iptables binaries in tests; nil means iptables-save
+	// and iptables-restore found on PATH.
 	ipt iptablesAPI
 }
 
@@ -73,8 +72,9 @@ type Keeper struct {
 	mu    sync.Mutex // guards lease
 	lease netip.Prefix
 
-	ensureMu sync.Mutex           // serialises Ensure; guards rendered
+	ensureMu sync.Mutex           // serialises Ensure; guards rendered and lastOK
 	rendered map[string]rendering // by setKey: what our last restore read back
+	lastOK   time.Time            // end of the last Ensure that succeeded
 
 	restores atomic.Uint64
 	wake     chan struct{} // tells Run the lease changed
@@ -104,11 +104,11 @@ func New(opts Options) (*Keeper, error) {
 	}
 	ipt := opts.ipt
 	if ipt == nil {
-		c, err := iptables.New() // IPv4, waits for the xtables lock (--wait)
+		e, err := lookIPTables()
 		if err != nil {
-			return nil, fmt.Errorf("setting up iptables: %w; install the iptables package", err)
+			return nil, fmt.Errorf("setting up iptables: %w; install the iptables package (it provides iptables-save and iptables-restore)", err)
 		}
-		ipt = c
+		ipt = e
 	}
 	return &Keeper{
 		ipt:      ipt,
@@ -159,16 +159,23 @@ func (k *Keeper) SetLease(lease netip.Prefix) error {
 // and once per removal of a masquerade chain left over while IPMasq is off.
 func (k *Keeper) Restores() uint64 { return k.restores.Load() }
 
-// Run calls Ensure at once and then every ResyncInterval (and whenever
-// SetLease changed the lease) until ctx ends, logging failures and retrying
-// at the next tick. It returns nil when ctx ends.
+// Run calls Ensure at once (unless an Ensure succeeded less than
+// ResyncInterval ago, e.g. the caller's own first install) and then every
+// ResyncInterval, and whenever SetLease changed the lease, until ctx ends. It
+// logs failures and retries at the next tick. It returns nil when ctx ends.
 func (k *Keeper) Run(ctx context.Context) error {
 	t := time.NewTicker(k.interval)
 	defer t.Stop()
+	k.ensureMu.Lock()
+	recent := !k.lastOK.IsZero() && time.Since(k.lastOK) < k.interval
+	k.ensureMu.Unlock()
 	for {
-		if err := k.Ensure(ctx); err != nil && ctx.Err() == nil {
-			k.log.Error(err, "Failed to keep iptables rules in place; retrying", "interval", k.interval)
+		if !recent {
+			if err := k.Ensure(ctx); err != nil && ctx.Err() == nil {
+				k.log.Error(err, "Failed to keep iptables rules in place; retrying", "interval", k.interval)
+			}
 		}
+		recent = false
 		select {
 		case <-ctx.Done():
 			return nil
@@ -178,93 +185,260 @@ func (k *Keeper) Run(ctx context.Context) error {
 	}
 }
 
-// Ensure makes the kernel's rules match Rules for the current lease. For
-// each of our chains it creates the chain if missing; if any rule is missing,
-// extra or out of order it flushes the chain and appends the whole set in
-// order; and if the jump from FORWARD or POSTROUTING is missing it inserts it
-// at position 1 (an existing jump stays where it is). With IPMasq off it
-// removes any jump to FLANNEL-POSTRTG from POSTROUTING and deletes the chain.
-// Calling it again with nothing changed changes nothing. Both tables are
-// handled even if one fails; the errors are joined.
+// Ensure makes the kernel's rules match Rules for the current lease. It
+// reads every table with one iptables-save and, only if something is off,
+// applies the changes with one iptables-restore: a chain missing or with any
+// rule missing, extra or out of order is declared again (which empties it)
+// and refilled in order in the same transaction, so the chain is never seen
+// half-filled; a missing jump from FORWARD or POSTROUTING is inserted at
+// position 1 (an existing jump stays where it is). With IPMasq off, every
+// jump to FLANNEL-POSTRTG is deleted from POSTROUTING and the chain removed.
+// Calling it again with nothing changed changes nothing. If the restore
+// fails, each table is tried again on its own, so that one table's failure
+// does not keep the other's rules out; the errors are joined.
 func (k *Keeper) Ensure(ctx context.Context) error {
 	k.ensureMu.Lock()
 	defer k.ensureMu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("ensuring iptables rules: %w", err)
+	}
+	p, err := k.plan(ctx)
+	if err != nil {
+		return err
+	}
+	if len(p) == 0 {
+		k.lastOK = time.Now()
+		return nil
+	}
+	err = k.ipt.Restore(ctx, p.script())
+	if err == nil {
+		k.done(ctx, p)
+		k.lastOK = time.Now()
+		return nil
+	}
+	if len(p) == 1 || ctx.Err() != nil {
+		return p[0].wrap(err)
+	}
+	// One table failed; the other may or may not have been committed before
+	// it. Look again and apply each table on its own.
+	first := p
+	if p, err = k.plan(ctx); err != nil {
+		return err
+	}
+	var errs []error
+	var applied plan
+	for _, tc := range first {
+		if !slices.ContainsFunc(p, func(o *tableChange) bool { return o.table == tc.table }) {
+			applied = append(applied, tc) // committed before the failure
+		}
+	}
+	for _, tc := range p {
+		if err := k.ipt.Restore(ctx, plan{tc}.script()); err != nil {
+			errs = append(errs, tc.wrap(err))
+			continue
+		}
+		applied = append(applied, tc)
+	}
+	k.done(ctx, applied)
+	return errors.Join(errs...)
+}
+
+// plan is the changes one Ensure makes, per table, in script order.
+type plan []*tableChange
+
+// tableChange is what must change in one table.
+type tableChange struct {
+	table string
+	lines []string // iptables-restore lines, without *table and COMMIT
+	sets  []chainSet
+	// What each line group restores, for the log and the counters.
+	chains  []chainSet // chains declared again and refilled
+	jumps   []chainSet // jumps inserted
+	removed bool       // the masquerade chain or jumps to it were removed
+	reasons map[string]string
+}
+
+func (tc *tableChange) wrap(err error) error {
+	var names []string
+	for _, s := range tc.sets {
+		names = append(names, s.chain)
+	}
+	if tc.removed {
+		names = append(names, ChainMasquerade+" removal")
+	}
+	return fmt.Errorf("restoring iptables table %s (%s): %w", tc.table, strings.Join(names, ", "), err)
+}
+
+// script renders the plan as one iptables-restore input.
+func (p plan) script() []byte {
+	var b strings.Builder
+	for _, tc := range p {
+		b.WriteString("*" + tc.table + "\n")
+		for _, l := range tc.lines {
+			b.WriteString(l + "\n")
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return []byte(b.String())
+}
+
+// plan reads the tables and works out what must change.
+func (k *Keeper) plan(ctx context.Context) (plan, error) {
+	dump, err := k.ipt.Save(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("reading iptables rules: %w", err)
+	}
+	tables := parseSave(dump)
 	k.mu.Lock()
 	lease := k.lease
 	k.mu.Unlock()
 
-	errFwd := k.ensureSet(ctx, forwardSet(k.network))
-	var errMasq error
-	if k.ipMasq {
-		errMasq = k.ensureSet(ctx, masqSet(k.network, lease))
-	} else {
-		errMasq = k.removeMasq(ctx)
+	var p plan
+	if tc := k.planSet(tables, forwardSet(k.network)); tc != nil {
+		p = append(p, tc)
 	}
-	return errors.Join(errFwd, errMasq)
+	if k.ipMasq {
+		if tc := k.planSet(tables, masqSet(k.network, lease)); tc != nil {
+			p = append(p, tc)
+		}
+	} else if tc := planRemoveMasq(tables[TableNAT]); tc != nil {
+		p = append(p, tc)
+	}
+	return p, nil
 }
 
-func setKey(s chainSet) string { return s.table + " " + s.chain }
-
-// ensureSet puts one chain and its jump in place.
-func (k *Keeper) ensureSet(ctx context.Context, s chainSet) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("ensuring chain %s %s: %w", s.table, s.chain, err)
+// planSet returns the changes that put one chain and its jump in place, or
+// nil if they are in place.
+func (k *Keeper) planSet(tables map[string]*savedTable, s chainSet) *tableChange {
+	t := tables[s.table]
+	if t == nil {
+		t = &savedTable{}
 	}
-	reason, err := k.chainDrift(s)
-	if err != nil {
-		return fmt.Errorf("checking chain %s %s: %w", s.table, s.chain, err)
-	}
-	restored := false
-	defer func() {
-		if restored {
-			k.restores.Add(1)
-			metrics.IPTablesRestores.Inc()
+	tc := &tableChange{table: s.table, sets: []chainSet{s}, reasons: map[string]string{}}
+	if reason := k.chainDrift(t, s); reason != "" {
+		tc.lines = append(tc.lines, ":"+s.chain+" - [0:0]")
+		for _, r := range s.rules {
+			tc.lines = append(tc.lines, ruleLine("-A", s.chain, r))
 		}
-	}()
-	if reason != "" {
-		if err := k.restoreChain(s); err != nil {
-			return fmt.Errorf("restoring chain %s %s: %w", s.table, s.chain, err)
-		}
-		restored = true
-		k.log.Info("Restored iptables chain", "table", s.table, "chain", s.chain, "reason", reason, "rules", len(s.rules))
+		tc.chains = append(tc.chains, s)
+		tc.reasons[s.chain] = reason
 	}
-	ok, err := k.ipt.Exists(s.table, s.parent, s.jump...)
-	if err != nil {
-		return fmt.Errorf("checking jump from %s %s to %s: %w", s.table, s.parent, s.chain, err)
+	if !hasRule(t.rules[s.parent], s.parent, s.jump) {
+		tc.lines = append(tc.lines, ruleLine("-I", s.parent+" 1", s.jump))
+		tc.jumps = append(tc.jumps, s)
 	}
-	if !ok {
-		if err := k.ipt.Insert(s.table, s.parent, 1, s.jump...); err != nil {
-			return fmt.Errorf("inserting jump from %s %s to %s: %w", s.table, s.parent, s.chain, err)
-		}
-		restored = true
-		k.log.Info("Restored iptables jump", "table", s.table, "from", s.parent, "to", s.chain)
+	if len(tc.lines) == 0 {
+		return nil
 	}
-	return nil
+	return tc
 }
 
 // chainDrift returns why the chain must be restored, or "" if it is in place.
-func (k *Keeper) chainDrift(s chainSet) (string, error) {
-	ok, err := k.ipt.ChainExists(s.table, s.chain)
-	if err != nil {
-		return "", err
+func (k *Keeper) chainDrift(t *savedTable, s chainSet) string {
+	if !t.chains[s.chain] {
+		return "chain missing"
 	}
-	if !ok {
-		return "chain missing", nil
-	}
-	listing, err := k.ipt.List(s.table, s.chain)
-	if err != nil {
-		return "", err
-	}
+	listing := t.rules[s.chain]
 	if chainMatches(listing, s.chain, s.rules) {
-		return "", nil
+		return ""
 	}
 	// An iptables version that prints rules differently from how we write
 	// them would otherwise cause a restore at every check: accept exactly
 	// what it printed after our last restore of these same rules.
 	if r, ok := k.rendered[setKey(s)]; ok && r.rules == rulesKey(s.rules) && slices.Equal(r.listing, listing) {
-		return "", nil
+		return ""
 	}
-	return "rules missing, extra or out of order", nil
+	return "rules missing, extra or out of order"
+}
+
+// hasRule reports whether a chain's "-A" lines hold rulespec.
+func hasRule(lines []string, chain string, rulespec []string) bool {
+	for _, l := range lines {
+		if s, ok := appendedSpec(l, chain); ok && slices.Equal(s, rulespec) {
+			return true
+		}
+	}
+	return false
+}
+
+// planRemoveMasq returns the changes that delete every jump from nat
+// POSTROUTING to FLANNEL-POSTRTG (whatever its comment) and then the chain,
+// or nil if there is none of either.
+func planRemoveMasq(t *savedTable) *tableChange {
+	if t == nil {
+		return nil
+	}
+	tc := &tableChange{table: TableNAT, removed: true}
+	for _, l := range t.rules[chainNATPostrouting] {
+		s, ok := appendedSpec(l, chainNATPostrouting)
+		if !ok || !jumpsTo(s, ChainMasquerade) {
+			continue
+		}
+		// By rulespec, as iptables-save printed it, not by position, so a
+		// rule someone else inserted meanwhile cannot be hit.
+		tc.lines = append(tc.lines, "-D"+strings.TrimPrefix(l, "-A"))
+	}
+	if t.chains[ChainMasquerade] {
+		tc.lines = append(tc.lines, ":"+ChainMasquerade+" - [0:0]", "-X "+ChainMasquerade)
+	}
+	if len(tc.lines) == 0 {
+		return nil
+	}
+	return tc
+}
+
+func setKey(s chainSet) string { return s.table + " " + s.chain }
+
+// done remembers how iptables prints the chains an applied plan refilled
+// (see chainDrift), then logs and counts what it restored.
+func (k *Keeper) done(ctx context.Context, p plan) {
+	var refilled []chainSet
+	for _, tc := range p {
+		refilled = append(refilled, tc.chains...)
+	}
+	for _, s := range refilled {
+		delete(k.rendered, setKey(s))
+	}
+	if len(refilled) > 0 {
+		// A failed read only loses the shortcut.
+		if dump, err := k.ipt.Save(ctx); err == nil {
+			tables := parseSave(dump)
+			for _, s := range refilled {
+				t := tables[s.table]
+				if t == nil {
+					continue
+				}
+				// Only a listing with as many rules as were written can be
+				// another rendering of them; anything else is a change made
+				// since the restore, which the next check repairs.
+				if l := t.rules[s.chain]; len(l) == len(s.rules) && !chainMatches(l, s.chain, s.rules) {
+					k.rendered[setKey(s)] = rendering{rules: rulesKey(s.rules), listing: l}
+				}
+			}
+		}
+	}
+	for _, tc := range p {
+		for _, s := range tc.sets {
+			restored := false
+			if slices.ContainsFunc(tc.chains, func(c chainSet) bool { return c.chain == s.chain }) {
+				restored = true
+				k.log.Info("Restored iptables chain", "table", s.table, "chain", s.chain, "reason", tc.reasons[s.chain], "rules", len(s.rules))
+			}
+			if slices.ContainsFunc(tc.jumps, func(c chainSet) bool { return c.chain == s.chain }) {
+				restored = true
+				k.log.Info("Restored iptables jump", "table", s.table, "from", s.parent, "to", s.chain)
+			}
+			if restored {
+				k.restores.Add(1)
+				metrics.IPTablesRestores.Inc()
+			}
+		}
+		if tc.removed {
+			k.restores.Add(1)
+			metrics.IPTablesRestores.Inc()
+			k.log.Info("Removed iptables masquerade rules left from an earlier run", "table", TableNAT, "chain", ChainMasquerade, "reason", "ip-masq is off")
+		}
+	}
 }
 
 // rendering is a chain's listing read back right after we restored it.
@@ -277,68 +451,4 @@ type rendering struct {
 // the rules it was read back from.
 func rulesKey(rules [][]string) string {
 	return fmt.Sprintf("%q", rules)
-}
-
-// restoreChain creates or flushes the chain and appends the rules in order.
-func (k *Keeper) restoreChain(s chainSet) error {
-	key := setKey(s)
-	delete(k.rendered, key)
-	if err := k.ipt.ClearChain(s.table, s.chain); err != nil {
-		return err
-	}
-	for _, r := range s.rules {
-		if err := k.ipt.Append(s.table, s.chain, r...); err != nil {
-			return err
-		}
-	}
-	// Remember how iptables prints what we just wrote (see chainDrift). A
-	// failed read only loses that shortcut.
-	if listing, err := k.ipt.List(s.table, s.chain); err == nil {
-		k.rendered[key] = rendering{rules: rulesKey(s.rules), listing: listing}
-	}
-	return nil
-}
-
-// removeMasq deletes every jump from nat POSTROUTING to FLANNEL-POSTRTG
-// (whatever its comment) and then the chain itself.
-func (k *Keeper) removeMasq(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("removing chain %s %s: %w", TableNAT, ChainMasquerade, err)
-	}
-	listing, err := k.ipt.List(TableNAT, chainNATPostrouting)
-	if err != nil {
-		return fmt.Errorf("listing %s %s: %w", TableNAT, chainNATPostrouting, err)
-	}
-	removed := false
-	for _, line := range listing {
-		s, ok := appendedSpec(line, chainNATPostrouting)
-		if !ok || !jumpsTo(s, ChainMasquerade) {
-			continue
-		}
-		// Deleting by rulespec, not by position, so a rule someone else
-		// inserted meanwhile cannot be hit.
-		if err := k.ipt.Delete(TableNAT, chainNATPostrouting, s...); err != nil {
-			return fmt.Errorf("deleting jump from %s %s to %s: %w", TableNAT, chainNATPostrouting, ChainMasquerade, err)
-		}
-		removed = true
-	}
-	ok, err := k.ipt.ChainExists(TableNAT, ChainMasquerade)
-	if err != nil {
-		return fmt.Errorf("checking chain %s %s: %w", TableNAT, ChainMasquerade, err)
-	}
-	if ok {
-		if err := k.ipt.ClearChain(TableNAT, ChainMasquerade); err != nil {
-			return fmt.Errorf("flushing chain %s %s: %w", TableNAT, ChainMasquerade, err)
-		}
-		if err := k.ipt.DeleteChain(TableNAT, ChainMasquerade); err != nil {
-			return fmt.Errorf("deleting chain %s %s: %w", TableNAT, ChainMasquerade, err)
-		}
-		removed = true
-	}
-	if removed {
-		k.restores.Add(1)
-		metrics.IPTablesRestores.Inc()
-		k.log.Info("Removed iptables masquerade rules left from an earlier run", "table", TableNAT, "chain", ChainMasquerade, "reason", "ip-masq is off")
-	}
-	return nil
 }

@@ -340,37 +340,48 @@ func TestEnsureMasqOffRemovesLeftovers(t *testing.T) {
 }
 
 func TestEnsureErrors(t *testing.T) {
+	leftoverMasq := func(f *fakeIPT) { f.add("nat", ChainMasquerade, "-j", "RETURN") }
 	tests := []struct {
 		name         string
 		ipMasq       bool
+		setup        func(f *fakeIPT)
 		fail         string
 		wantRestores uint64
 		wantInDump   []string // rules that must be in place despite the error
+		wantNotIn    []string // rules a failed transaction must not leave behind
 	}{
-		{name: "check fails", ipMasq: true, fail: "chainexists"},
-		{name: "flush fails", ipMasq: true, fail: "clear"},
-		{name: "append fails", ipMasq: true, fail: "append"},
+		{name: "check fails", ipMasq: true, fail: "save"},
+		{name: "restore fails", ipMasq: true, fail: "restore", wantNotIn: []string{"FLANNEL-FWD", "FLANNEL-POSTRTG"}},
+		{name: "flush fails", ipMasq: true, fail: "clear", wantNotIn: []string{"FLANNEL-FWD", "FLANNEL-POSTRTG"}},
+		{name: "append fails", ipMasq: true, fail: "append", wantNotIn: []string{"FLANNEL-FWD", "FLANNEL-POSTRTG"}},
 		{
-			name: "jump insert fails after chains restored", ipMasq: true, fail: "insert1",
-			wantRestores: 2, wantInDump: []string{"-A FLANNEL-FWD -s 10.5.0.0/16", "-A FLANNEL-POSTRTG ! -s 10.5.0.0/16 -d 10.5.0.0/16"},
+			// Each table is one transaction: a failed jump leaves no
+			// half-installed chain behind either.
+			name: "jump insert fails", ipMasq: true, fail: "insert1",
+			wantNotIn: []string{"FLANNEL-FWD", "FLANNEL-POSTRTG"},
 		},
 		{
-			name: "filter fails, nat still done", ipMasq: true, fail: "clear filter",
+			name: "filter fails, nat still done", ipMasq: true, fail: "restore filter",
 			wantRestores: 1, wantInDump: []string{"-A POSTROUTING -m comment --comment \"flanneld masquerade\" -j FLANNEL-POSTRTG"},
+			wantNotIn: []string{"FLANNEL-FWD"},
 		},
 		{
 			name: "nat fails, filter still done", ipMasq: true, fail: "append nat",
 			wantRestores: 1, wantInDump: []string{"-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD"},
+			wantNotIn: []string{"FLANNEL-POSTRTG"},
 		},
 		{
-			name: "listing for removal fails, filter still done", ipMasq: false, fail: "list",
+			name: "removal fails, filter still done", ipMasq: false, setup: leftoverMasq, fail: "deletechain",
 			wantRestores: 1,
-			wantInDump:   []string{"-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD"},
+			wantInDump:   []string{"-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD", "-N FLANNEL-POSTRTG"},
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := withForeignRules()
+			if tt.setup != nil {
+				tt.setup(f)
+			}
 			f.setFail(tt.fail, errFake)
 			k := newTestKeeper(t, f, tt.ipMasq, 0)
 			err := k.Ensure(context.Background())
@@ -381,6 +392,11 @@ func TestEnsureErrors(t *testing.T) {
 			for _, r := range tt.wantInDump {
 				if !strings.Contains(dump, r) {
 					t.Errorf("rule %q missing after partial failure:\n%s", r, dump)
+				}
+			}
+			for _, r := range tt.wantNotIn {
+				if strings.Contains(dump, r) {
+					t.Errorf("%q is in the tables after its transaction failed:\n%s", r, dump)
 				}
 			}
 			if got := k.Restores(); got != tt.wantRestores {
@@ -396,6 +412,59 @@ func TestEnsureErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestEnsureExecs counts the iptables-save and iptables-restore runs: a
+// check that finds everything in place reads once and writes nothing; an
+// install or repair is one restore of both tables, and the declared chains
+// are refilled in the same transaction.
+func TestEnsureExecs(t *testing.T) {
+	f := withForeignRules()
+	k := newTestKeeper(t, f, true, 0)
+	ensure(t, k)
+	if f.saves != 2 || len(f.scripts) != 1 {
+		t.Errorf("install: %d saves and %d restores, want 2 (check, read-back) and 1", f.saves, len(f.scripts))
+	}
+	want := `*filter
+:FLANNEL-FWD - [0:0]
+-A FLANNEL-FWD -s 10.5.0.0/16 -m comment --comment "flanneld forward from network" -j ACCEPT
+-A FLANNEL-FWD -d 10.5.0.0/16 -m comment --comment "flanneld forward to network" -j ACCEPT
+-I FORWARD 1 -m comment --comment "flanneld forward" -j FLANNEL-FWD
+COMMIT
+*nat
+:FLANNEL-POSTRTG - [0:0]
+-A FLANNEL-POSTRTG -s 10.5.0.0/16 -d 10.5.0.0/16 -m comment --comment "flanneld no masq within network" -j RETURN
+-A FLANNEL-POSTRTG -s 10.5.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq leaving network" -j MASQUERADE
+-A FLANNEL-POSTRTG ! -s 10.5.0.0/16 -d 10.5.34.0/24 -m comment --comment "flanneld no masq to own subnet" -j RETURN
+-A FLANNEL-POSTRTG ! -s 10.5.0.0/16 -d 10.5.0.0/16 -m comment --comment "flanneld masq entering network" -j MASQUERADE
+-I POSTROUTING 1 -m comment --comment "flanneld masquerade" -j FLANNEL-POSTRTG
+COMMIT
+`
+	if len(f.scripts) > 0 && f.scripts[0] != want {
+		t.Errorf("install script:\n%s\nwant:\n%s", f.scripts[0], want)
+	}
+
+	f.saves, f.scripts = 0, nil
+	ensure(t, k)
+	if f.saves != 1 || len(f.scripts) != 0 {
+		t.Errorf("check with rules in place: %d saves and %d restores, want 1 and 0", f.saves, len(f.scripts))
+	}
+
+	// A rule deleted from FLANNEL-FWD: only the filter table is touched,
+	// the chain declared again and refilled in the same script.
+	f.edit("filter", ChainForward, func(r [][]string) [][]string { return r[1:] })
+	f.saves, f.scripts = 0, nil
+	ensure(t, k)
+	wantFwd := `*filter
+:FLANNEL-FWD - [0:0]
+-A FLANNEL-FWD -s 10.5.0.0/16 -m comment --comment "flanneld forward from network" -j ACCEPT
+-A FLANNEL-FWD -d 10.5.0.0/16 -m comment --comment "flanneld forward to network" -j ACCEPT
+COMMIT
+`
+	if f.saves != 2 || !slices.Equal(f.scripts, []string{wantFwd}) {
+		t.Errorf("repair: %d saves, restores %q; want 2 saves and one restore %q", f.saves, f.scripts, wantFwd)
+	}
+	checkDump(t, f, goldenMasq)
 }
 
 func TestEnsureCanceledContext(t *testing.T) {
@@ -593,7 +662,7 @@ func TestRunLogsErrorsAndRetries(t *testing.T) {
 		return len(logged) >= 2
 	})
 	mu.Lock()
-	if !strings.Contains(logged[0], "restoring chain filter FLANNEL-FWD") {
+	if !strings.Contains(logged[0], "restoring iptables table filter (FLANNEL-FWD)") {
 		t.Errorf("logged error %s does not name the chain", logged[0])
 	}
 	mu.Unlock()

@@ -91,3 +91,60 @@ func jumpsTo(rulespec []string, chain string) bool {
 	}
 	return false
 }
+
+// savedTable is one table of an iptables-save dump.
+type savedTable struct {
+	chains map[string]bool     // every chain declared, built-in ones included
+	rules  map[string][]string // "-A chain ..." lines by chain, in order
+}
+
+// parseSave reads an iptables-save dump (without counters) into its tables.
+// Comments, COMMIT and blank lines are skipped; a rule line of a chain not
+// declared (which iptables-save never prints) still counts as the chain's.
+func parseSave(dump []byte) map[string]*savedTable {
+	tables := map[string]*savedTable{}
+	var cur *savedTable
+	for _, line := range strings.Split(string(dump), "\n") {
+		line = strings.TrimRight(line, "\r")
+		switch {
+		case strings.HasPrefix(line, "*"):
+			name := strings.TrimSpace(line[1:])
+			cur = tables[name]
+			if cur == nil {
+				cur = &savedTable{chains: map[string]bool{}, rules: map[string][]string{}}
+				tables[name] = cur
+			}
+		case cur == nil:
+		case strings.HasPrefix(line, ":"):
+			if f := strings.Fields(line[1:]); len(f) > 0 {
+				cur.chains[f[0]] = true
+			}
+		case strings.HasPrefix(line, "-A "):
+			if f := strings.Fields(line); len(f) > 1 {
+				cur.rules[f[1]] = append(cur.rules[f[1]], line)
+			}
+		}
+	}
+	return tables
+}
+
+// quoteArg quotes one argument for iptables-restore the way iptables-save
+// prints it: in double quotes, with backslash escapes, if it is empty or
+// holds a space, a quote or a backslash.
+func quoteArg(a string) string {
+	if a != "" && !strings.ContainsAny(a, " \t\"'\\") {
+		return a
+	}
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(a) + `"`
+}
+
+// ruleLine renders "<op> <chain> <rulespec>" for iptables-restore, e.g.
+// `-A FLANNEL-FWD -s 10.5.0.0/16 -m comment --comment "flanneld forward from network" -j ACCEPT`.
+func ruleLine(op, chain string, spec []string) string {
+	var b strings.Builder
+	b.WriteString(op + " " + chain)
+	for _, a := range spec {
+		b.WriteString(" " + quoteArg(a))
+	}
+	return b.String()
+}

@@ -7,7 +7,10 @@
 //	nat    POSTROUTING -j FLANNEL-POSTRTG  (only with --ip-masq)
 //
 // Rules returns the desired rules as data; a Keeper installs them and puts
-// them back whenever a check finds any of them missing or out of order.
+// them back whenever a check finds any of them missing or out of order. A
+// check is one iptables-save; a repair is one iptables-restore --noflush that
+// declares a drifted chain again (emptying it) and refills it in the same
+// transaction, so traffic never meets a half-filled chain.
 // Rules in other chains, and rules other than our jumps in FORWARD and
 // POSTROUTING, are never touched. Anything else found inside FLANNEL-FWD or
 // FLANNEL-POSTRTG is removed, because those chains are ours.
