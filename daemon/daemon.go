@@ -136,6 +136,12 @@ func Run(ctx context.Context, o Options) error {
 		return ctxOr(ctx, err)
 	}
 	n.setLease(*lease)
+	// The rules depend only on the network and the lease: install them
+	// while the backend is programmed.
+	rulesIn, err := n.startRules(ctx)
+	if err != nil {
+		return ctxOr(ctx, err)
+	}
 
 	events := make(chan []subnet.Event, 64)
 	wctx, wcancel := context.WithCancel(ctx)
@@ -159,7 +165,10 @@ func Run(ctx context.Context, o Options) error {
 	if err := n.apply(ctx); err != nil {
 		return ctxOr(ctx, fmt.Errorf("programming %s backend: %w", cfg.BackendType, err))
 	}
-	if err := n.publish(ctx); err != nil {
+	if err := n.writeEnv(); err != nil {
+		return ctxOr(ctx, err)
+	}
+	if err := n.awaitRules(ctx, rulesIn); err != nil {
 		return ctxOr(ctx, err)
 	}
 	if o.OnReady != nil {
@@ -377,33 +386,69 @@ func (n *node) setLease(l subnet.Lease) {
 	}
 }
 
-// publish writes subnet.env and (re)starts the rule keeper for the lease.
+// publish writes subnet.env and (re)starts the rule keeper for the lease,
+// returning once both are in place.
 func (n *node) publish(ctx context.Context) error {
-	env := subnet.Env{Network: n.cfg.Network, Subnet: n.lease.Subnet, MTU: n.mtu, IPMasq: n.o.IPMasq}
-	if err := subnet.WriteEnv(n.o.SubnetFile, env); err != nil {
+	rulesIn, err := n.startRules(ctx)
+	if err != nil {
 		return err
 	}
+	if err := n.writeEnv(); err != nil {
+		return err
+	}
+	return n.awaitRules(ctx, rulesIn)
+}
+
+func (n *node) writeEnv() error {
+	env := subnet.Env{Network: n.cfg.Network, Subnet: n.lease.Subnet, MTU: n.mtu, IPMasq: n.o.IPMasq}
+	return subnet.WriteEnv(n.o.SubnetFile, env)
+}
+
+// startRules (re)starts the rule keeper for the current lease: a goroutine
+// installs the rules, reports the result on the returned channel (nil
+// without Options.Rules) and, if that succeeded, keeps them in place until
+// stopRules.
+func (n *node) startRules(ctx context.Context) (<-chan error, error) {
 	if n.o.Rules == nil {
-		return nil
+		return nil, nil
 	}
 	n.stopRules()
 	r, err := n.o.Rules(n.cfg.Network, n.lease.Subnet, n.o.IPMasq)
 	if err != nil {
-		return fmt.Errorf("setting up iptables rules: %w", err)
-	}
-	if err := r.Ensure(ctx); err != nil {
-		return fmt.Errorf("installing iptables rules: %w", err)
+		return nil, fmt.Errorf("setting up iptables rules: %w", err)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
+	installed := make(chan error, 1)
 	n.rulesCancel, n.rulesDone = cancel, done
 	go func() {
 		defer close(done)
+		err := r.Ensure(rctx)
+		installed <- err
+		if err != nil {
+			return
+		}
 		if err := r.Run(rctx); err != nil && rctx.Err() == nil {
 			n.log.Error(err, "Keeping iptables rules in place stopped")
 		}
 	}()
-	return nil
+	return installed, nil
+}
+
+// awaitRules waits for the first install started by startRules.
+func (n *node) awaitRules(ctx context.Context, installed <-chan error) error {
+	if installed == nil {
+		return nil
+	}
+	select {
+	case err := <-installed:
+		if err != nil {
+			return fmt.Errorf("installing iptables rules: %w", err)
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (n *node) stopRules() {
