@@ -1,8 +1,12 @@
 package backend
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -136,55 +140,181 @@ func TestReconcileInNetns(t *testing.T) {
 	check("none", nil, Changes{Removed: 3})
 }
 
-func BenchmarkReconcileNetns(b *testing.B) {
-	for _, n := range []int{10000, 50000} {
-		ns := nstest.New(b, "flbe")
-		h := ns.NL
-		eth0 := ns.Veth(b, "eth0", 0, nil, "eth0p", "10.250.0.1/16").Attrs().Index
-		network := netip.MustParsePrefix("10.0.0.0/8")
-		own := netip.MustParsePrefix("10.255.255.0/24")
-		desired := leaseRoutes(n)
-		for i := range desired {
-			desired[i].LinkIndex = eth0
-			desired[i].Gw = ip.FromUint32(0x0afa0000 + uint32(i%60000+2))
+// nexthopRoutes lists the main table's routes into 10.5.0.0/16 as
+// "dst via gw dev N [onlink] nhid ID" lines, sorted.
+func nexthopRoutes(t *testing.T, h *nlbatch.Handle) []string {
+	t.Helper()
+	var lines []string
+	err := h.ListRoutes(func(e *nlbatch.RouteEntry) bool {
+		if e.Table == unix.RT_TABLE_MAIN && e.Gw.IsValid() && netip.MustParsePrefix("10.5.0.0/16").Contains(e.Dst.Addr()) && e.Dst.Bits() > 16 {
+			l := fmt.Sprintf("%s via %s dev %d", e.Dst, e.Gw, e.LinkIndex)
+			if e.Flags&unix.RTNH_F_ONLINK != 0 {
+				l += " onlink"
+			}
+			lines = append(lines, fmt.Sprintf("%s nhid %d", l, e.NexthopID))
 		}
-		r := NewRouteReconciler(h, network, eth0)
-		b.Run(fmt.Sprintf("install/%d", n), func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				b.StopTimer()
-				if _, err := r.Reconcile(own, nil); err != nil {
-					b.Fatal(err)
-				}
-				b.StartTimer()
-				if c, err := r.Reconcile(own, desired); err != nil || c.Added != n {
-					b.Fatal(c, err)
-				}
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(lines)
+	return lines
+}
+
+// nexthopIDs lists the IDs of the namespace's nexthop objects.
+func nexthopIDs(t *testing.T, ns *nstest.NS) []uint32 {
+	t.Helper()
+	out, err := ns.Command(context.Background(), "ip", "-j", "nexthop", "show").Output()
+	if err != nil {
+		t.Fatalf("ip nexthop show: %v", err)
+	}
+	var nhs []struct{ ID uint32 }
+	if len(bytes.TrimSpace(out)) > 0 {
+		if err := json.Unmarshal(out, &nhs); err != nil {
+			t.Fatalf("parsing ip -j nexthop show %q: %v", out, err)
+		}
+	}
+	var ids []uint32
+	for _, n := range nhs {
+		ids = append(ids, n.ID)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// TestReconcileNexthopsInNetns installs routes through nexthop objects,
+// moves one, turns nexthop objects off and on again and removes everything:
+// the routes always match, the nexthop objects no route uses are deleted,
+// and a foreign nexthop object is never touched.
+func TestReconcileNexthopsInNetns(t *testing.T) {
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("skipping: needs ip (iproute2) to list nexthop objects")
+	}
+	ns := nstest.New(t, "flnh")
+	h := ns.NL
+	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24").Attrs().Index
+	vx := ns.Veth(t, "flannel.1", 0, nil, "flannel.1p").Attrs().Index
+	errs := make([]error, 1)
+	if err := h.ReplaceNexthops([]nlbatch.Nexthop{{ID: 5, Gw: netip.MustParseAddr("10.250.0.254"), LinkIndex: eth0}}, errs); err != nil || errs[0] != nil {
+		t.Fatal(err, errs[0])
+	}
+
+	r := NewRouteReconciler(h, netip.MustParsePrefix("10.5.0.0/16"), eth0, vx)
+	r.UseNexthops(true)
+	own := netip.MustParsePrefix("10.5.1.0/24")
+	nh := func(gw string) uint32 { return ip.Uint32(netip.MustParseAddr(gw)) }
+	check := func(step string, desired []Route, want Changes, ids []uint32, routes ...string) {
+		t.Helper()
+		got, err := r.Reconcile(own, desired)
+		if err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		if got != want {
+			t.Errorf("%s: changes = %+v, want %+v", step, got, want)
+		}
+		if tbl := nexthopRoutes(t, h); !slices.Equal(tbl, routes) {
+			t.Errorf("%s: routes:\n%s\nwant:\n%s", step, strings.Join(tbl, "\n"), strings.Join(routes, "\n"))
+		}
+		ids = append([]uint32{5}, ids...)
+		slices.Sort(ids)
+		if got := nexthopIDs(t, ns); !slices.Equal(got, ids) {
+			t.Errorf("%s: nexthop objects %v, want %v", step, got, ids)
+		}
+	}
+
+	r2 := mustRoute("10.5.2.0/24", "10.250.0.2", eth0, false)
+	r3 := mustRoute("10.5.3.0/24", "10.250.0.3", eth0, false)
+	r4 := mustRoute("10.5.4.0/24", "10.5.4.0", vx, true)
+	line := func(dst, gw string, link int, onlink bool, id uint32) string {
+		l := fmt.Sprintf("%s via %s dev %d", dst, gw, link)
+		if onlink {
+			l += " onlink"
+		}
+		return fmt.Sprintf("%s nhid %d", l, id)
+	}
+	l2 := line("10.5.2.0/24", "10.250.0.2", eth0, false, nh("10.250.0.2"))
+	l4 := line("10.5.4.0/24", "10.5.4.0", vx, true, nh("10.5.4.0"))
+	check("first", []Route{r2, r3, r4}, Changes{Added: 3},
+		[]uint32{nh("10.250.0.2"), nh("10.250.0.3"), nh("10.5.4.0")},
+		l2, line("10.5.3.0/24", "10.250.0.3", eth0, false, nh("10.250.0.3")), l4)
+	check("again", []Route{r2, r3, r4}, Changes{},
+		[]uint32{nh("10.250.0.2"), nh("10.250.0.3"), nh("10.5.4.0")},
+		l2, line("10.5.3.0/24", "10.250.0.3", eth0, false, nh("10.250.0.3")), l4)
+	r3b := mustRoute("10.5.3.0/24", "10.250.0.33", eth0, false)
+	check("new gateway", []Route{r2, r3b, r4}, Changes{Updated: 1},
+		[]uint32{nh("10.250.0.2"), nh("10.250.0.33"), nh("10.5.4.0")},
+		l2, line("10.5.3.0/24", "10.250.0.33", eth0, false, nh("10.250.0.33")), l4)
+
+	r.UseNexthops(false)
+	check("plain routes", []Route{r2, r3b, r4}, Changes{Updated: 3}, nil,
+		line("10.5.2.0/24", "10.250.0.2", eth0, false, 0),
+		line("10.5.3.0/24", "10.250.0.33", eth0, false, 0),
+		line("10.5.4.0/24", "10.5.4.0", vx, true, 0))
+
+	r.UseNexthops(true)
+	check("nexthops again", []Route{r2, r3b, r4}, Changes{Updated: 3},
+		[]uint32{nh("10.250.0.2"), nh("10.250.0.33"), nh("10.5.4.0")},
+		l2, line("10.5.3.0/24", "10.250.0.33", eth0, false, nh("10.250.0.33")), l4)
+	check("none", nil, Changes{Removed: 3}, nil)
+}
+
+func BenchmarkReconcileNetns(b *testing.B) {
+	for _, nexthops := range []bool{false, true} {
+		mode := ""
+		if nexthops {
+			mode = "nexthops/"
+		}
+		for _, n := range []int{10000, 50000} {
+			ns := nstest.New(b, "flbe")
+			h := ns.NL
+			eth0 := ns.Veth(b, "eth0", 0, nil, "eth0p", "10.250.0.1/16").Attrs().Index
+			network := netip.MustParsePrefix("10.0.0.0/8")
+			own := netip.MustParsePrefix("10.255.255.0/24")
+			desired := leaseRoutes(n)
+			for i := range desired {
+				desired[i].LinkIndex = eth0
+				desired[i].Gw = ip.FromUint32(0x0afa0000 + uint32(i%60000+2))
 			}
-		})
-		b.Run(fmt.Sprintf("noop/%d", n), func(b *testing.B) {
-			if _, err := r.Reconcile(own, desired); err != nil {
-				b.Fatal(err)
-			}
-			b.ReportAllocs()
-			for b.Loop() {
-				if c, err := r.Reconcile(own, desired); err != nil || c.Any() {
-					b.Fatal(c, err)
+			r := NewRouteReconciler(h, network, eth0)
+			r.UseNexthops(nexthops)
+			b.Run(fmt.Sprintf("%sinstall/%d", mode, n), func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					b.StopTimer()
+					if _, err := r.Reconcile(own, nil); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+					if c, err := r.Reconcile(own, desired); err != nil || c.Added != n {
+						b.Fatal(c, err)
+					}
 				}
-			}
-		})
-		b.Run(fmt.Sprintf("remove/%d", n), func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				b.StopTimer()
+			})
+			b.Run(fmt.Sprintf("%snoop/%d", mode, n), func(b *testing.B) {
 				if _, err := r.Reconcile(own, desired); err != nil {
 					b.Fatal(err)
 				}
-				b.StartTimer()
-				if c, err := r.Reconcile(own, nil); err != nil || c.Removed != n {
-					b.Fatal(c, err)
+				b.ReportAllocs()
+				for b.Loop() {
+					if c, err := r.Reconcile(own, desired); err != nil || c.Any() {
+						b.Fatal(c, err)
+					}
 				}
-			}
-		})
+			})
+			b.Run(fmt.Sprintf("%sremove/%d", mode, n), func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					b.StopTimer()
+					if _, err := r.Reconcile(own, desired); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+					if c, err := r.Reconcile(own, nil); err != nil || c.Removed != n {
+						b.Fatal(c, err)
+					}
+				}
+			})
+		}
 	}
 }

@@ -107,6 +107,18 @@ func (f *fakeRoutes) RouteReplace(r *netlink.Route) error {
 	return nil
 }
 
+// ListRoutes is the dump ListRoutes makes, through RouteListFilteredIter.
+func (f *fakeRoutes) ListRoutes(fn func(*nlbatch.RouteEntry) bool) error {
+	return f.RouteListFilteredIter(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
+		e := nlbatch.RouteEntryOf(&r)
+		return fn(&e)
+	})
+}
+
+// The fake models no nexthop objects.
+func (f *fakeRoutes) ReplaceNexthops([]nlbatch.Nexthop, []error) error { return unix.EOPNOTSUPP }
+func (f *fakeRoutes) DeleteNexthops([]uint32, []error) error           { return unix.EOPNOTSUPP }
+
 // ReplaceRoutes and DeleteRoutes are the batched calls, one route at a time.
 func (f *fakeRoutes) ReplaceRoutes(rs []nlbatch.Route, errs []error) error {
 	for i := range rs {

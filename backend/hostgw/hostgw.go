@@ -53,10 +53,7 @@ func init() {
 
 // netlinkHandle is the part of *nlbatch.Handle the backend uses.
 type netlinkHandle interface {
-	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
-	ReplaceRoutes(routes []nlbatch.Route, errs []error) error
-	DeleteRoutes(routes []nlbatch.Route, errs []error) error
-	RouteDel(route *netlink.Route) error
+	backend.RouteNetlink
 	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
 }
 

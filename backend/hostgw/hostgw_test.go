@@ -72,6 +72,18 @@ func (f *fakeKernel) RouteReplace(r *netlink.Route) error {
 	return nil
 }
 
+// ListRoutes is the dump ListRoutes makes, through RouteListFilteredIter.
+func (f *fakeKernel) ListRoutes(fn func(*nlbatch.RouteEntry) bool) error {
+	return f.RouteListFilteredIter(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
+		e := nlbatch.RouteEntryOf(&r)
+		return fn(&e)
+	})
+}
+
+// The fake models no nexthop objects.
+func (f *fakeKernel) ReplaceNexthops([]nlbatch.Nexthop, []error) error { return unix.EOPNOTSUPP }
+func (f *fakeKernel) DeleteNexthops([]uint32, []error) error           { return unix.EOPNOTSUPP }
+
 // ReplaceRoutes and DeleteRoutes are the batched calls, one route at a time.
 func (f *fakeKernel) ReplaceRoutes(rs []nlbatch.Route, errs []error) error {
 	for i := range rs {

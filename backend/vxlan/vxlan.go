@@ -44,12 +44,7 @@ var ErrClosed = errors.New("vxlan backend: closed")
 
 // routeNetlink is the part of *nlbatch.Handle the shared route reconciler
 // uses.
-type routeNetlink interface {
-	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
-	ReplaceRoutes(routes []nlbatch.Route, errs []error) error
-	DeleteRoutes(routes []nlbatch.Route, errs []error) error
-	RouteDel(route *netlink.Route) error
-}
+type routeNetlink = backend.RouteNetlink
 
 // kernel is everything the backend asks of netlink.
 type kernel interface {

@@ -179,3 +179,30 @@ func decodeRoute(b []byte, e *RouteEntry) bool {
 	e.Dst = netip.PrefixFrom(netip.AddrFrom4(dst), dstLen)
 	return true
 }
+
+// RouteEntryOf returns r as a dump of it would report it (vishvananda/netlink
+// does not model nexthop IDs; NexthopID is 0).
+func RouteEntryOf(r *netlink.Route) RouteEntry {
+	e := RouteEntry{
+		LinkIndex: r.LinkIndex,
+		Table:     r.Table,
+		Protocol:  int(r.Protocol),
+		Scope:     int(r.Scope),
+		Type:      r.Type,
+		Flags:     r.Flags,
+		Tos:       r.Tos,
+		Priority:  r.Priority,
+		Multipath: len(r.MultiPath) > 0,
+		Dst:       netip.PrefixFrom(netip.IPv4Unspecified(), 0),
+	}
+	if a, ok := netip.AddrFromSlice(r.Gw); ok {
+		e.Gw = a.Unmap()
+	}
+	if r.Dst != nil {
+		if a, ok := netip.AddrFromSlice(r.Dst.IP); ok {
+			ones, _ := r.Dst.Mask.Size()
+			e.Dst = netip.PrefixFrom(a.Unmap(), ones)
+		}
+	}
+	return e
+}

@@ -330,7 +330,7 @@ func TestListRoutes(t *testing.T) {
 	}
 
 	type row struct {
-		dst, gw                            string
+		dst, gw                           string
 		link, table, flags, metric, proto int
 		multipath                         bool
 	}
