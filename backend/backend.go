@@ -43,6 +43,9 @@ type Options struct {
 	// Netlink is the handle used to program the kernel; nil means the
 	// process's network namespace.
 	Netlink *nlbatch.Handle
+	// Nexthops makes the backend install its routes through nexthop
+	// objects (see RouteReconciler.UseNexthops).
+	Nexthops bool
 	// Logger receives the backend's logs.
 	Logger klog.Logger
 }

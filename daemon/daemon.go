@@ -49,6 +49,8 @@ type Options struct {
 	RenewRetry time.Duration
 	// RouteResync is how often the backend re-checks the kernel (10 s).
 	RouteResync time.Duration
+	// Nexthops makes backends install routes through nexthop objects.
+	Nexthops bool
 	// Coalesce is how long lease events are gathered before one Apply (20 ms).
 	Coalesce time.Duration
 	// OnReady is called once, after subnet.env is written and the rules are
@@ -118,7 +120,7 @@ func Run(ctx context.Context, o Options) error {
 	n.log.Info("Network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen,
 		"subnetMin", cfg.SubnetMin, "subnetMax", cfg.SubnetMax, "backend", cfg.BackendType)
 
-	be, err := backend.New(cfg.BackendType, backend.Options{Ext: o.Ext, Config: cfg, Netlink: o.Netlink, Logger: n.log.WithName(cfg.BackendType)})
+	be, err := backend.New(cfg.BackendType, backend.Options{Ext: o.Ext, Config: cfg, Netlink: o.Netlink, Nexthops: o.Nexthops, Logger: n.log.WithName(cfg.BackendType)})
 	if err != nil {
 		return err
 	}

@@ -84,10 +84,16 @@ func newHostGW(opts backend.Options, nl netlinkHandle) (*hostGW, error) {
 		config:  opts.Config,
 		nl:      nl,
 		log:     opts.Logger,
-		routes:  backend.NewRouteReconciler(nl, opts.Config.Network, opts.Ext.Iface.Index),
+		routes:  newReconciler(nl, opts),
 		noted:   map[netip.Prefix]string{},
 		skipped: map[netip.Prefix]string{},
 	}, nil
+}
+
+func newReconciler(nl netlinkHandle, opts backend.Options) *backend.RouteReconciler {
+	r := backend.NewRouteReconciler(nl, opts.Config.Network, opts.Ext.Iface.Index)
+	r.UseNexthops(opts.Nexthops)
+	return r
 }
 
 // Init checks the config and the interface and returns the MTU to publish:

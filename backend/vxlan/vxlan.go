@@ -62,6 +62,8 @@ type vxlanBackend struct {
 	nl      kernel
 	owned   *nlbatch.Handle // the handle New opened, closed by Close; nil if given
 	log     klog.Logger
+	// nexthops: routes go through nexthop objects (Options.Nexthops).
+	nexthops bool
 
 	closed bool
 	dev    *netlink.Vxlan // the device as last ensured; nil before Init
@@ -146,11 +148,12 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 			GBP:      cfg.GBP,
 			MTU:      mtu,
 		},
-		nl:     nl,
-		owned:  owned,
-		log:    o.Logger,
-		want:   newDesired(),
-		ignore: map[netip.Prefix]ignored{},
+		nl:       nl,
+		owned:    owned,
+		nexthops: o.Nexthops,
+		log:      o.Logger,
+		want:     newDesired(),
+		ignore:   map[netip.Prefix]ignored{},
 	}
 	b.neighs.have = map[netip.Addr]neighEntry{}
 	b.fdbs.have = map[hwAddr]fdbEntry{}
@@ -209,6 +212,7 @@ func (b *vxlanBackend) ensureDevice() error {
 		// external interface. Owning routes on the external interface even
 		// without DirectRouting cleans up after the option is turned off.
 		b.routes = backend.NewRouteReconciler(&b.rec, b.network, dev.Index, b.spec.ExtIndex)
+		b.routes.UseNexthops(b.nexthops)
 		b.routeLink = dev.Index
 	}
 	b.neighs.nl, b.neighs.link = b.nl, dev.Index

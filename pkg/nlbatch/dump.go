@@ -2,6 +2,7 @@ package nlbatch
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 
@@ -35,38 +36,65 @@ const dumpBuf = 64 << 10
 // the dump, every route is still delivered and the error is
 // netlink.ErrDumpInterrupted: the view may be inconsistent.
 func (h *Handle) ListRoutes(fn func(*RouteEntry) bool) error {
+	var e RouteEntry
+	stop := false
+	err := h.dump(unix.RTM_GETROUTE, []byte{unix.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, func(typ uint16, body []byte) {
+		if typ == unix.RTM_NEWROUTE && !stop && decodeRoute(body, &e) {
+			stop = !fn(&e)
+		}
+	})
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return fmt.Errorf("dumping routes: %w", err)
+	}
+	return err
+}
+
+// CheckNexthops reports whether the kernel has nexthop objects (Linux 5.3
+// and later), by dumping them.
+func (h *Handle) CheckNexthops() error {
+	err := h.dump(unix.RTM_GETNEXTHOP, []byte{unix.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0}, func(uint16, []byte) {})
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return fmt.Errorf("listing nexthop objects: %w", err)
+	}
+	return nil
+}
+
+// dump sends a dump request of type typ with the fixed header hdr and
+// calls fn with the type and body of each message of the answer. If the
+// kernel marks the dump interrupted, it still reads it to the end and
+// returns netlink.ErrDumpInterrupted.
+func (h *Handle) dump(typ uint16, hdr []byte, fn func(typ uint16, body []byte)) error {
 	h.reset()
-	b := h.begin(unix.RTM_GETROUTE, unix.NLM_F_DUMP)
-	b = append(b, unix.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+	b := h.begin(typ, unix.NLM_F_DUMP)
+	b = append(b, hdr...)
 	h.end(b)
 	h.seq++
 	seq := h.seq
 	binary.NativeEndian.PutUint32(h.buf[8:], seq)
 	if err := unix.Sendto(h.sock.GetFd(), h.buf, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("requesting a route dump: %w", err)
+		return err
 	}
 	if cap(h.rbuf) < dumpBuf {
 		h.rbuf = make([]byte, dumpBuf)
 	}
-	var e RouteEntry
-	interrupted, stop := false, false
+	interrupted := false
 	for {
 		n, _, err := unix.Recvfrom(h.sock.GetFd(), h.rbuf[:dumpBuf], 0)
 		if err == unix.EAGAIN || err == unix.EINTR {
 			if err = h.wait(); err != nil {
-				return fmt.Errorf("reading a route dump: %w", err)
+				return err
 			}
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("reading a route dump: %w", err)
+			return err
 		}
 		for msg := h.rbuf[:n]; len(msg) >= unix.SizeofNlMsghdr; {
 			l := int(binary.NativeEndian.Uint32(msg))
 			if l < unix.SizeofNlMsghdr || l > len(msg) {
 				return ErrShortAnswer
 			}
-			typ := binary.NativeEndian.Uint16(msg[4:])
+			mtyp := binary.NativeEndian.Uint16(msg[4:])
 			flags := binary.NativeEndian.Uint16(msg[6:])
 			mseq := binary.NativeEndian.Uint32(msg[8:])
 			body := msg[unix.SizeofNlMsghdr:l]
@@ -77,8 +105,13 @@ func (h *Handle) ListRoutes(fn func(*RouteEntry) bool) error {
 			if flags&unix.NLM_F_DUMP_INTR != 0 {
 				interrupted = true
 			}
-			switch typ {
+			switch mtyp {
 			case unix.NLMSG_DONE:
+				if len(body) >= 4 {
+					if code := int32(binary.NativeEndian.Uint32(body)); code < 0 {
+						return unix.Errno(-code)
+					}
+				}
 				if interrupted {
 					return netlink.ErrDumpInterrupted
 				}
@@ -86,15 +119,12 @@ func (h *Handle) ListRoutes(fn func(*RouteEntry) bool) error {
 			case unix.NLMSG_ERROR:
 				if len(body) >= 4 {
 					if code := int32(binary.NativeEndian.Uint32(body)); code != 0 {
-						return fmt.Errorf("dumping routes: %w", unix.Errno(-code))
+						return unix.Errno(-code)
 					}
 				}
 				return nil
-			case unix.RTM_NEWROUTE:
-				if stop || !decodeRoute(body, &e) {
-					continue
-				}
-				stop = !fn(&e)
+			default:
+				fn(mtyp, body)
 			}
 		}
 	}
