@@ -33,6 +33,7 @@ import (
 	"github.com/flanneld-go/flanneld/network"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
+	"github.com/flanneld-go/flanneld/subnet"
 	"github.com/flanneld-go/flanneld/subnet/etcdv2"
 )
 
@@ -223,6 +224,14 @@ func run(f *flags) error {
 	log := klog.Background()
 	log.Info("Starting flanneld", "version", version)
 
+	// The etcd round trip for the network config overlaps the interface
+	// lookup; an error here is reported after the interface's, as before.
+	var mgr subnet.Manager
+	em, mgrErr := newManager(f, log)
+	if mgrErr == nil {
+		mgr = prefetchConfig(ctx, em)
+	}
+
 	// One netlink socket for the daemon's life; a zero Handle would open
 	// one per request.
 	nl, err := nlbatch.NewHandle()
@@ -247,24 +256,8 @@ func run(f *flags) error {
 	}
 	log.Info("Using interface", "name", ext.Iface.Name, "addr", ext.Addr, "publicIP", public, "mtu", ext.Iface.MTU)
 
-	var endpoints []string
-	for _, e := range strings.Split(f.etcdEndpoints, ",") {
-		if e = strings.TrimSpace(e); e != "" {
-			endpoints = append(endpoints, e)
-		}
-	}
-	mgr, err := etcdv2.New(etcdv2.Options{
-		Endpoints: endpoints,
-		CertFile:  f.etcdCertfile,
-		KeyFile:   f.etcdKeyfile,
-		CAFile:    f.etcdCAFile,
-		Username:  f.etcdUsername,
-		Password:  f.etcdPassword,
-		Prefix:    f.etcdPrefix,
-		Logger:    log.WithName("etcd"),
-	})
-	if err != nil {
-		return err
+	if mgrErr != nil {
+		return mgrErr
 	}
 
 	var ready atomic.Bool
@@ -295,6 +288,59 @@ func run(f *flags) error {
 		},
 		Logger: &log,
 	})
+}
+
+// newManager creates the etcd lease manager of the flags.
+func newManager(f *flags, log klog.Logger) (*etcdv2.Manager, error) {
+	var endpoints []string
+	for _, e := range strings.Split(f.etcdEndpoints, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			endpoints = append(endpoints, e)
+		}
+	}
+	return etcdv2.New(etcdv2.Options{
+		Endpoints: endpoints,
+		CertFile:  f.etcdCertfile,
+		KeyFile:   f.etcdKeyfile,
+		CAFile:    f.etcdCAFile,
+		Username:  f.etcdUsername,
+		Password:  f.etcdPassword,
+		Prefix:    f.etcdPrefix,
+		Logger:    log.WithName("etcd"),
+	})
+}
+
+// earlyConfig is a lease manager whose network config is read ahead: the
+// first GetNetworkConfig returns the result of the read prefetchConfig
+// started; later calls go to the manager.
+type earlyConfig struct {
+	subnet.Manager
+	done  chan struct{}
+	cfg   *subnet.Config
+	err   error
+	taken atomic.Bool
+}
+
+// prefetchConfig starts m.GetNetworkConfig(ctx) at once.
+func prefetchConfig(ctx context.Context, m subnet.Manager) *earlyConfig {
+	e := &earlyConfig{Manager: m, done: make(chan struct{})}
+	go func() {
+		defer close(e.done)
+		e.cfg, e.err = m.GetNetworkConfig(ctx)
+	}()
+	return e
+}
+
+func (e *earlyConfig) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) {
+	if e.taken.Swap(true) {
+		return e.Manager.GetNetworkConfig(ctx)
+	}
+	select {
+	case <-e.done:
+		return e.cfg, e.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // serveHealthz serves /healthz (200 while running), /readyz (503 until
