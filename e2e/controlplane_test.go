@@ -62,7 +62,18 @@ var (
 	benchNetwork = netip.MustParsePrefix("10.0.0.0/8")
 	// benchBackends are the backends the benchmarks compare.
 	benchBackends = []string{"vxlan", "host-gw"}
+	// benchRoutes are the route forms they compare: WIRE.md's plain routes,
+	// and routes through nexthop objects (--nexthop-objects).
+	benchRoutes = []struct{ name, flag string }{{"plain", ""}, {"nexthops", "--nexthop-objects"}}
 )
+
+// routeArgs is the daemon's command line for a route form.
+func routeArgs(flag string, args ...string) []string {
+	if flag != "" {
+		args = append(args, flag)
+	}
+	return args
+}
 
 func benchConfig(backend string) string {
 	return fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"Backend":{"Type":%q}}`, benchNetwork, backend)
@@ -327,6 +338,11 @@ func (c *kernelCounter) clearKernel(b *testing.B, h *lab.Host) {
 	} else if _, err := h.Exec(context.Background(), "ip", "route", "flush", "root", benchNetwork.String()); err != nil {
 		b.Fatal(err)
 	}
+	// Nexthop objects left by --nexthop-objects (on eth0; those on the
+	// vxlan device went with it).
+	if out, err := h.Exec(context.Background(), "ip", "nexthop", "flush"); err != nil && !strings.Contains(out, "Nothing to flush") {
+		b.Fatal(err)
+	}
 	for {
 		ec, err := c.count(0)
 		if err == nil && ec == (entryCounts{}) {
@@ -393,45 +409,47 @@ func BenchmarkControlPlaneStart(b *testing.B) {
 	needRoot(b)
 	sizes := envInts(b, envBenchLeases, benchMaxLeases, 1000, 10000)
 	for _, backend := range benchBackends {
-		for _, n := range sizes {
-			b.Run(fmt.Sprintf("%s/leases=%d", backend, n), func(b *testing.B) {
-				l := benchLab(b, backend)
-				h := l.Host(1)
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-				defer cancel()
-				began := time.Now()
-				if err := writeLeases(ctx, benchKeys(b, l), l, backend, 0, n); err != nil {
-					b.Fatal(err)
-				}
-				b.Logf("wrote %d leases in %v", n, time.Since(began).Round(time.Millisecond))
-				kc := newKernelCounter(b, h, backend)
-
-				var times, firsts []time.Duration
-				var rss float64
-				for b.Loop() {
-					b.StopTimer()
-					kc.clearKernel(b, h)
-					b.StartTimer()
-					begin := time.Now()
-					d := startDaemon(b, h)
-					done, first := kc.waitCount(b, d, n, nil)
-					b.StopTimer()
-					times = append(times, done.Sub(begin))
-					firsts = append(firsts, first.Sub(begin))
-					mb, err := rssMB(d.Pid())
-					if err != nil {
+		for _, rf := range benchRoutes {
+			for _, n := range sizes {
+				b.Run(fmt.Sprintf("%s/%s/leases=%d", backend, rf.name, n), func(b *testing.B) {
+					l := benchLab(b, backend)
+					h := l.Host(1)
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+					defer cancel()
+					began := time.Now()
+					if err := writeLeases(ctx, benchKeys(b, l), l, backend, 0, n); err != nil {
 						b.Fatal(err)
 					}
-					rss = max(rss, mb)
-					if code := stop(b, d); code != 0 {
-						b.Fatalf("flanneld exited with %d after SIGTERM; log:\n%s", code, tailLines(d.Log(), 30))
+					b.Logf("wrote %d leases in %v", n, time.Since(began).Round(time.Millisecond))
+					kc := newKernelCounter(b, h, backend)
+
+					var times, firsts []time.Duration
+					var rss float64
+					for b.Loop() {
+						b.StopTimer()
+						kc.clearKernel(b, h)
+						b.StartTimer()
+						begin := time.Now()
+						d := startDaemon(b, h, routeArgs(rf.flag)...)
+						done, first := kc.waitCount(b, d, n, nil)
+						b.StopTimer()
+						times = append(times, done.Sub(begin))
+						firsts = append(firsts, first.Sub(begin))
+						mb, err := rssMB(d.Pid())
+						if err != nil {
+							b.Fatal(err)
+						}
+						rss = max(rss, mb)
+						if code := stop(b, d); code != 0 {
+							b.Fatalf("flanneld exited with %d after SIGTERM; log:\n%s", code, tailLines(d.Log(), 30))
+						}
+						b.StartTimer()
 					}
-					b.StartTimer()
-				}
-				b.ReportMetric(ms(median(times)), "converge-ms")
-				b.ReportMetric(ms(median(firsts)), "first-route-ms")
-				b.ReportMetric(rss, "rss-MB")
-			})
+					b.ReportMetric(ms(median(times)), "converge-ms")
+					b.ReportMetric(ms(median(firsts)), "first-route-ms")
+					b.ReportMetric(rss, "rss-MB")
+				})
+			}
 		}
 	}
 }
@@ -444,71 +462,73 @@ func BenchmarkControlPlaneRunning(b *testing.B) {
 	needRoot(b)
 	n := envInts(b, envBenchNewLeases, benchMaxLeases-runningOffset, 5000)[0]
 	for _, backend := range benchBackends {
-		b.Run(fmt.Sprintf("%s/leases=%d", backend, n), func(b *testing.B) {
-			l := benchLab(b, backend)
-			h := l.Host(1)
-			kapi := benchKeys(b, l)
-			kc := newKernelCounter(b, h, backend)
-			d := startDaemon(b, h, "--healthz-port", strconv.Itoa(benchMetricsPort))
-			env := waitEnv(b, h)
-			if a := env.Subnet.Addr().As4(); a[0] == 10 {
-				if i := (int(a[1])<<8 | int(a[2])) - 1; i >= runningOffset && i < runningOffset+n {
-					b.Fatalf("the daemon's lease %s is among the fake ones", env.Subnet)
-				}
-			}
-			kc.waitCount(b, d, 0, nil)
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-			defer cancel()
-
-			var afterLast, afterFirst, writing []time.Duration
-			var applies, applySeconds, resyncs float64
-			for b.Loop() {
-				m0 := scrapeMetrics(b, h)
-				abort := make(chan struct{})
-				var t0, t1 time.Time
-				var werr error
-				wrote := make(chan struct{})
-				go func() {
-					defer close(wrote)
-					t0 = time.Now()
-					werr = writeLeases(ctx, kapi, l, backend, runningOffset, n)
-					t1 = time.Now()
-					if werr != nil {
-						close(abort)
+		for _, rf := range benchRoutes {
+			b.Run(fmt.Sprintf("%s/%s/leases=%d", backend, rf.name, n), func(b *testing.B) {
+				l := benchLab(b, backend)
+				h := l.Host(1)
+				kapi := benchKeys(b, l)
+				kc := newKernelCounter(b, h, backend)
+				d := startDaemon(b, h, routeArgs(rf.flag, "--healthz-port", strconv.Itoa(benchMetricsPort))...)
+				env := waitEnv(b, h)
+				if a := env.Subnet.Addr().As4(); a[0] == 10 {
+					if i := (int(a[1])<<8 | int(a[2])) - 1; i >= runningOffset && i < runningOffset+n {
+						b.Fatalf("the daemon's lease %s is among the fake ones", env.Subnet)
 					}
-				}()
-				tDone, _ := kc.waitCount(b, d, n, abort)
-				<-wrote
-				b.StopTimer()
-				if werr != nil {
-					b.Fatal(werr)
-				}
-				afterLast = append(afterLast, max(tDone.Sub(t1), 0))
-				afterFirst = append(afterFirst, tDone.Sub(t0))
-				writing = append(writing, t1.Sub(t0))
-				m1 := scrapeMetrics(b, h)
-				applies += m1[metricApplies] - m0[metricApplies]
-				applySeconds += m1[metricApplySeconds] - m0[metricApplySeconds]
-				resyncs += m1[metricResyncs] - m0[metricResyncs]
-				if err := deleteLeases(ctx, kapi, l, backend, runningOffset, n); err != nil {
-					b.Fatal(err)
 				}
 				kc.waitCount(b, d, 0, nil)
-				b.StartTimer()
-			}
-			b.ReportMetric(ms(median(afterLast)), "after-last-write-ms")
-			b.ReportMetric(ms(median(afterFirst)), "after-first-write-ms")
-			b.ReportMetric(ms(median(writing)), "writing-ms")
-			iters := float64(len(afterLast))
-			b.ReportMetric(applies/iters, "applies")
-			b.ReportMetric(applySeconds*1000/iters, "apply-ms")
-			b.ReportMetric(resyncs/iters, "watch-resyncs")
-			mb, err := rssMB(d.Pid())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.ReportMetric(mb, "rss-MB")
-		})
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+				defer cancel()
+
+				var afterLast, afterFirst, writing []time.Duration
+				var applies, applySeconds, resyncs float64
+				for b.Loop() {
+					m0 := scrapeMetrics(b, h)
+					abort := make(chan struct{})
+					var t0, t1 time.Time
+					var werr error
+					wrote := make(chan struct{})
+					go func() {
+						defer close(wrote)
+						t0 = time.Now()
+						werr = writeLeases(ctx, kapi, l, backend, runningOffset, n)
+						t1 = time.Now()
+						if werr != nil {
+							close(abort)
+						}
+					}()
+					tDone, _ := kc.waitCount(b, d, n, abort)
+					<-wrote
+					b.StopTimer()
+					if werr != nil {
+						b.Fatal(werr)
+					}
+					afterLast = append(afterLast, max(tDone.Sub(t1), 0))
+					afterFirst = append(afterFirst, tDone.Sub(t0))
+					writing = append(writing, t1.Sub(t0))
+					m1 := scrapeMetrics(b, h)
+					applies += m1[metricApplies] - m0[metricApplies]
+					applySeconds += m1[metricApplySeconds] - m0[metricApplySeconds]
+					resyncs += m1[metricResyncs] - m0[metricResyncs]
+					if err := deleteLeases(ctx, kapi, l, backend, runningOffset, n); err != nil {
+						b.Fatal(err)
+					}
+					kc.waitCount(b, d, 0, nil)
+					b.StartTimer()
+				}
+				b.ReportMetric(ms(median(afterLast)), "after-last-write-ms")
+				b.ReportMetric(ms(median(afterFirst)), "after-first-write-ms")
+				b.ReportMetric(ms(median(writing)), "writing-ms")
+				iters := float64(len(afterLast))
+				b.ReportMetric(applies/iters, "applies")
+				b.ReportMetric(applySeconds*1000/iters, "apply-ms")
+				b.ReportMetric(resyncs/iters, "watch-resyncs")
+				mb, err := rssMB(d.Pid())
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(mb, "rss-MB")
+			})
+		}
 	}
 }
 
