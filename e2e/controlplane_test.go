@@ -327,6 +327,11 @@ func tailLines(s string, n int) string {
 // programs everything again: the vxlan device (with its neighbours, fdb
 // entries and routes) or the host-gw routes.
 func (c *kernelCounter) clearKernel(b *testing.B, h *lab.Host) {
+	// Nexthop objects left by --nexthop-objects, with their routes (ip
+	// route flush cannot delete those).
+	if out, err := h.Exec(context.Background(), "ip", "nexthop", "flush"); err != nil && !strings.Contains(out, "Nothing to flush") {
+		b.Fatal(err)
+	}
 	if c.backend == "vxlan" {
 		l, err := c.nh.LinkByName(vxlanDev)
 		if err == nil {
@@ -338,11 +343,7 @@ func (c *kernelCounter) clearKernel(b *testing.B, h *lab.Host) {
 	} else if _, err := h.Exec(context.Background(), "ip", "route", "flush", "root", benchNetwork.String()); err != nil {
 		b.Fatal(err)
 	}
-	// Nexthop objects left by --nexthop-objects (on eth0; those on the
-	// vxlan device went with it).
-	if out, err := h.Exec(context.Background(), "ip", "nexthop", "flush"); err != nil && !strings.Contains(out, "Nothing to flush") {
-		b.Fatal(err)
-	}
+
 	for {
 		ec, err := c.count(0)
 		if err == nil && ec == (entryCounts{}) {
