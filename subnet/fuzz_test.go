@@ -120,10 +120,24 @@ func FuzzParseLeaseAttrs(f *testing.F) {
 		`{"PublicIP":"10.0.0.1","BackendData":1e999}`,
 		`{"PublicIP":"fd00::1"}`, `{"PublicIP":"::ffff:10.0.0.1"}`, `{"PublicIP":5}`, `{"PublicIP":null}`,
 		`{}`, `[]`, `null`, `garbage`, "",
+		`{"PublicIP":"10.0.0.1","BackendType":"host-gw"}`,
+		`{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":null}`,
+		`{"PublicIP":"10.0.0.1","BackendData":{"a":1},"BackendType":"x"}`,
+		`{"PublicIP":"10.0.0.1","BackendData":{}}}`,
+		`{"PublicIP":"10.0.0.1","BackendType":"a\"b"}`,
+		`{"PublicIP":"10.0.0.1"} `,
 	} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
+		// The fast path, where it answers, agrees with encoding/json.
+		if fa, ok := parseCanonical(data); ok {
+			sa, err := parseLeaseAttrsJSON(data)
+			if err != nil || fa.PublicIP != sa.PublicIP || fa.BackendType != sa.BackendType || !bytes.Equal(fa.BackendData, sa.BackendData) ||
+				(fa.BackendData == nil) != (sa.BackendData == nil) {
+				t.Fatalf("%q: fast path %+v, encoding/json %+v (%v)", data, fa, sa, err)
+			}
+		}
 		a, err := ParseLeaseAttrs(data)
 		if err != nil {
 			if !errors.Is(err, ErrBadLease) {
