@@ -206,6 +206,15 @@ func leaseMAC(data json.RawMessage) (hwAddr, error) {
 	if isNull(data) {
 		return hwAddr{}, fmt.Errorf("BackendData is missing; a vxlan lease carries {\"VtepMAC\":\"xx:xx:xx:xx:xx:xx\"}")
 	}
+	// The form every node writes, without encoding/json: this runs for
+	// every lease on every Apply.
+	if s, ok := bytes.CutPrefix(data, []byte(`{"VtepMAC":"`)); ok {
+		if s, ok := bytes.CutSuffix(s, []byte(`"}`)); ok && len(s) == len("00:00:00:00:00:00") {
+			if m, err := parseVtepMAC(string(s)); err == nil {
+				return m, nil
+			}
+		}
+	}
 	var bd struct{ VtepMAC *string }
 	if err := json.Unmarshal(data, &bd); err != nil {
 		return hwAddr{}, fmt.Errorf("BackendData %s is not a JSON object with a VtepMAC string", compact(data))

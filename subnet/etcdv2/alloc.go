@@ -138,29 +138,36 @@ func parseNode(dir string, n *client.Node) (entry, error) {
 
 // allocation is the subnets directory as AcquireLease sees it.
 type allocation struct {
-	leases []entry
-	taken  *takenSet
+	dir   string
+	nodes []*client.Node // the keys, parsed only when own looks for a lease
+	taken *takenSet
 }
 
 // newAllocation reads a recursive listing of dir (nil for a missing
 // directory). Every key that names a subnet claims it, whatever its value.
 func newAllocation(cfg *subnet.Config, dir string, root *client.Node) *allocation {
-	a := &allocation{taken: newTakenSet(cfg.SubnetLen)}
-	for _, n := range flatten(root) {
+	a := &allocation{dir: dir, taken: newTakenSet(cfg.SubnetLen)}
+	a.nodes = flatten(root)
+	for _, n := range a.nodes {
 		if p, ok := claimedPrefix(path.Base(n.Key)); ok {
 			a.taken.add(p)
-		}
-		if e, err := parseNode(dir, n); err == nil {
-			a.leases = append(a.leases, e)
 		}
 	}
 	return a
 }
 
-// own returns the lease of publicIP that fits cfg.
+// own returns the lease of publicIP that fits cfg. Only values that can
+// hold publicIP are parsed: those with its text, or with a JSON escape
+// (which could spell it); with thousands of leases in etcd, that is most
+// of the cost of acquiring one.
 func (a *allocation) own(cfg *subnet.Config, publicIP netip.Addr) (entry, bool) {
-	for _, e := range a.leases {
-		if e.attrs.PublicIP == publicIP && cfg.InRange(e.subnet) {
+	ipText := publicIP.String()
+	for _, n := range a.nodes {
+		if !strings.Contains(n.Value, ipText) && !strings.Contains(n.Value, `\`) {
+			continue
+		}
+		e, err := parseNode(a.dir, n)
+		if err == nil && e.attrs.PublicIP == publicIP && cfg.InRange(e.subnet) {
 			return e, true
 		}
 	}
