@@ -34,13 +34,14 @@ func manyLeases(n int) []subnet.Lease {
 
 // benchBackend is a node of a lab with Network 10.0.0.0/8 and own lease
 // 10.0.1.0/24.
-func benchBackend(b testing.TB) (*vxlanBackend, subnet.Lease) {
+func benchBackend(b testing.TB, nexthops bool) (*vxlanBackend, subnet.Lease) {
 	a, _ := newPair(b)
 	be, err := backend.New("vxlan", backend.Options{
-		Ext:     backend.ExternalInterface{Iface: a.ext, IfaceAddr: a.addr, PublicIP: a.addr},
-		Config:  &subnet.Config{Network: netip.MustParsePrefix("10.0.0.0/8"), SubnetLen: 24, BackendType: "vxlan"},
-		Netlink: a.h,
-		Logger:  logr.Discard(),
+		Ext:      backend.ExternalInterface{Iface: a.ext, IfaceAddr: a.addr, PublicIP: a.addr},
+		Config:   &subnet.Config{Network: netip.MustParsePrefix("10.0.0.0/8"), SubnetLen: 24, BackendType: "vxlan"},
+		Netlink:  a.h,
+		Nexthops: nexthops,
+		Logger:   logr.Discard(),
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -57,39 +58,45 @@ func benchBackend(b testing.TB) (*vxlanBackend, subnet.Lease) {
 // (three dumps and the diff: the cost of each resync).
 func BenchmarkApply(b *testing.B) {
 	ctx := context.Background()
-	for _, n := range []int{10000, 50000} {
-		leases := manyLeases(n)
-		b.Run(fmt.Sprintf("leases=%d/from-empty", n), func(b *testing.B) {
-			be, own := benchBackend(b)
-			for b.Loop() {
+	for _, nh := range []bool{false, true} {
+		routes := "plain"
+		if nh {
+			routes = "nexthops"
+		}
+		for _, n := range []int{5000, 10000, 50000} {
+			leases := manyLeases(n)
+			b.Run(fmt.Sprintf("%s/leases=%d/from-empty", routes, n), func(b *testing.B) {
+				be, own := benchBackend(b, nh)
+				for b.Loop() {
+					b.StopTimer()
+					if err := be.Apply(ctx, own, nil); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+					if err := be.Apply(ctx, own, leases); err != nil {
+						b.Fatal(err)
+					}
+				}
 				b.StopTimer()
-				if err := be.Apply(ctx, own, nil); err != nil {
-					b.Fatal(err)
+				if got := be.last.Route.Added; got != n {
+					b.Fatalf("last Apply added %d routes, want %d", got, n)
 				}
-				b.StartTimer()
+			})
+			b.Run(fmt.Sprintf("%s/leases=%d/no-op", routes, n), func(b *testing.B) {
+				be, own := benchBackend(b, nh)
 				if err := be.Apply(ctx, own, leases); err != nil {
 					b.Fatal(err)
 				}
-			}
-			b.StopTimer()
-			if got := be.last.Route.Added; got != n {
-				b.Fatalf("last Apply added %d routes, want %d", got, n)
-			}
-		})
-		b.Run(fmt.Sprintf("leases=%d/no-op", n), func(b *testing.B) {
-			be, own := benchBackend(b)
-			if err := be.Apply(ctx, own, leases); err != nil {
-				b.Fatal(err)
-			}
-			for b.Loop() {
-				if err := be.Apply(ctx, own, leases); err != nil {
-					b.Fatal(err)
+				for b.Loop() {
+					if err := be.Apply(ctx, own, leases); err != nil {
+						b.Fatal(err)
+					}
 				}
-			}
-			b.StopTimer()
-			if be.last != (stats{}) {
-				b.Fatalf("no-op Apply changed %+v", be.last)
-			}
-		})
+				b.StopTimer()
+				if be.last != (stats{}) {
+					b.Fatalf("no-op Apply changed %+v", be.last)
+				}
+			})
+		}
 	}
 }
