@@ -16,7 +16,7 @@ import (
 // uses: dumps, batched writes for the bulk, single writes for the rollback
 // and odd entries.
 type neighNetlink interface {
-	NeighListExecute(msg netlink.Ndmsg) ([]netlink.Neigh, error)
+	ListNeighs(family uint8, link int, fn func(*nlbatch.NeighEntry) bool) error
 	NeighSet(neigh *netlink.Neigh) error
 	NeighDel(neigh *netlink.Neigh) error
 	SetNeighs(ns []nlbatch.Neigh, errs []error) error
@@ -49,30 +49,22 @@ func writeAll[E any](buf *[]nlbatch.Neigh, es []E, errs []error, conv func(E) nl
 // changed during a dump.
 const dumpAttempts = 3
 
-// dumpNeigh lists the entries of one family on one link. An interrupted
-// dump is retried; if it keeps being interrupted the last view is used,
-// which is safe: a set replaces, a delete of an entry already gone succeeds,
-// and whatever was missed is fixed by the next Apply.
-func dumpNeigh(nl neighNetlink, family, link int) ([]netlink.Neigh, error) {
-	var list []netlink.Neigh
+// dumpNeigh calls fn for each entry of one family on one link, reading
+// the table again (from scratch) when the kernel reports that it changed
+// during the dump. If it keeps changing, the last view is used, which is
+// safe: a set replaces, a delete of an entry already gone succeeds, and
+// whatever was missed is fixed by the next Apply. start is called before
+// each read, to reset what fn collected.
+func dumpNeigh(nl neighNetlink, family uint8, link int, start func(), fn func(*nlbatch.NeighEntry)) error {
 	var err error
 	for range dumpAttempts {
-		list, err = nl.NeighListExecute(netlink.Ndmsg{Family: uint8(family), Index: uint32(link)})
+		start()
+		err = nl.ListNeighs(family, link, func(e *nlbatch.NeighEntry) bool { fn(e); return true })
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			break
+			return err
 		}
 	}
-	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		return nil, err
-	}
-	// The kernel may ignore the link filter; make sure.
-	out := list[:0]
-	for _, n := range list {
-		if n.LinkIndex == link {
-			out = append(out, n)
-		}
-	}
-	return out, nil
+	return nil
 }
 
 // neighTable is the IPv4 neighbour table of the VTEP device, as far as the
@@ -89,24 +81,22 @@ type neighTable struct {
 
 // load reads the table; want is the desired set.
 func (t *neighTable) load(want map[netip.Addr]neighEntry) error {
-	list, err := dumpNeigh(t.nl, unix.AF_INET, t.link)
-	if err != nil {
-		return fmt.Errorf("listing neighbours: %w", err)
-	}
-	clear(t.have)
-	for _, n := range list {
-		a, ok := ip.FromIP(n.IP)
-		if !ok {
-			continue
+	err := dumpNeigh(t.nl, unix.AF_INET, t.link, func() { clear(t.have) }, func(n *nlbatch.NeighEntry) {
+		a := n.IP
+		if !a.Is4() {
+			return
 		}
 		if _, desired := want[a]; !desired && n.State&unix.NUD_PERMANENT == 0 {
-			continue
+			return
 		}
 		var m hwAddr
-		if len(n.HardwareAddr) == len(m) {
-			m = hwAddr(n.HardwareAddr)
+		if n.HasMAC {
+			m = n.MAC
 		}
-		t.have[a] = neighEntry{IP: a, MAC: m, State: n.State}
+		t.have[a] = neighEntry{IP: a, MAC: m, State: int(n.State)}
+	})
+	if err != nil {
+		return fmt.Errorf("listing neighbours: %w", err)
 	}
 	return nil
 }
@@ -192,29 +182,28 @@ func (t *fdbTable) delAll(es []fdbEntry, errs []error) {
 
 // load reads the table; want is the desired set.
 func (t *fdbTable) load(want map[hwAddr]fdbEntry) error {
-	list, err := dumpNeigh(t.nl, unix.AF_BRIDGE, t.link)
-	if err != nil {
-		return fmt.Errorf("listing fdb entries: %w", err)
+	start := func() {
+		clear(t.have)
+		clear(t.extra)
+		t.extra = t.extra[:0]
 	}
-	clear(t.have)
-	clear(t.extra)
-	t.extra = t.extra[:0]
-	for _, n := range list {
+	err := dumpNeigh(t.nl, unix.AF_BRIDGE, t.link, start, func(n *nlbatch.NeighEntry) {
 		if n.Flags&netlink.NTF_SELF == 0 {
-			continue // a bridge's entry for the device as its port; not the device's own table
+			return // a bridge's entry for the device as its port; not the device's own table
 		}
-		dst, ok := netip.AddrFromSlice(n.IP)
-		if !ok || len(n.HardwareAddr) != 6 {
-			if ok {
-				t.extra = append(t.extra, n)
+		if !n.IP.IsValid() || !n.HasMAC {
+			if n.IP.IsValid() {
+				// Without a usable MAC: delete it by what it has.
+				t.extra = append(t.extra, netlink.Neigh{LinkIndex: t.link, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+					IP: n.IP.AsSlice(), VNI: int(n.VNI)})
 			}
-			continue
+			return
 		}
-		got := fdbEntry{MAC: hwAddr(n.HardwareAddr), Dst: dst.Unmap(), VNI: n.VNI, State: n.State}
+		got := fdbEntry{MAC: n.MAC, Dst: n.IP, VNI: int(n.VNI), State: int(n.State)}
 		prev, dup := t.have[got.MAC]
 		if !dup {
 			t.have[got.MAC] = got
-			continue
+			return
 		}
 		// Several remotes for one MAC (a flood list): keep the desired one,
 		// if any, and delete the rest.
@@ -222,6 +211,9 @@ func (t *fdbTable) load(want map[hwAddr]fdbEntry) error {
 			t.have[got.MAC], got = got, prev
 		}
 		t.extra = append(t.extra, t.neigh(got))
+	})
+	if err != nil {
+		return fmt.Errorf("listing fdb entries: %w", err)
 	}
 	return nil
 }

@@ -236,3 +236,80 @@ func RouteEntryOf(r *netlink.Route) RouteEntry {
 	}
 	return e
 }
+
+// NeighEntry is a neighbour or fdb entry as a dump reports it, decoded
+// without allocating.
+type NeighEntry struct {
+	Family    uint8
+	LinkIndex int
+	State     uint16
+	Flags     uint8
+	Type      uint8
+	IP        netip.Addr // NDA_DST: the neighbour's address, or an fdb entry's remote; invalid if none
+	MAC       [6]byte    // NDA_LLADDR, if HasMAC
+	HasMAC    bool       // NDA_LLADDR is present and 6 bytes long
+	VNI       uint32     // NDA_VNI, 0 if none
+}
+
+// ListNeighs dumps the neighbour (AF_INET) or fdb (AF_BRIDGE) entries of
+// link (all links if 0) and calls fn for each until it returns false. The
+// link filter is applied here, as not every kernel applies it. An
+// interrupted dump is reported as with ListRoutes.
+func (h *Handle) ListNeighs(family uint8, link int, fn func(*NeighEntry) bool) error {
+	var e NeighEntry
+	stop := false
+	hdr := make([]byte, 12, 20)
+	hdr[0] = family
+	binary.NativeEndian.PutUint32(hdr[4:], uint32(link))
+	if link != 0 && family != unix.AF_BRIDGE {
+		hdr = attrU32(hdr, unix.NDA_IFINDEX, uint32(link))
+	}
+	err := h.dump(unix.RTM_GETNEIGH, hdr, func(typ uint16, body []byte) {
+		if typ == unix.RTM_NEWNEIGH && !stop && decodeNeigh(body, &e) && (link == 0 || e.LinkIndex == link) && e.Family == family {
+			stop = !fn(&e)
+		}
+	})
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return fmt.Errorf("dumping neighbours: %w", err)
+	}
+	return err
+}
+
+// decodeNeigh fills e from an ndmsg and its attributes; false if malformed.
+func decodeNeigh(b []byte, e *NeighEntry) bool {
+	const sizeofNdmsg = 12
+	if len(b) < sizeofNdmsg {
+		return false
+	}
+	*e = NeighEntry{
+		Family:    b[0],
+		LinkIndex: int(int32(binary.NativeEndian.Uint32(b[4:]))),
+		State:     binary.NativeEndian.Uint16(b[8:]),
+		Flags:     b[10],
+		Type:      b[11],
+	}
+	for a := b[sizeofNdmsg:]; len(a) >= unix.SizeofRtAttr; {
+		l := int(binary.NativeEndian.Uint16(a))
+		t := binary.NativeEndian.Uint16(a[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
+		if l < unix.SizeofRtAttr || l > len(a) {
+			return false
+		}
+		v := a[unix.SizeofRtAttr:l]
+		a = a[min((l+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(a)):]
+		switch t {
+		case unix.NDA_DST:
+			if ip, ok := netip.AddrFromSlice(v); ok {
+				e.IP = ip.Unmap()
+			}
+		case unix.NDA_LLADDR:
+			if len(v) == 6 {
+				e.MAC, e.HasMAC = [6]byte(v), true
+			}
+		case unix.NDA_VNI:
+			if len(v) == 4 {
+				e.VNI = binary.NativeEndian.Uint32(v)
+			}
+		}
+	}
+	return true
+}

@@ -224,6 +224,39 @@ func TestNeighsAndFDB(t *testing.T) {
 	if a, f := count(); a != n || f != n {
 		t.Fatalf("%d neighbours and %d fdb entries, want %d each", a, f, n)
 	}
+	// ListNeighs agrees with vishvananda/netlink's decoding.
+	for _, fam := range []uint8{unix.AF_INET, unix.AF_BRIDGE} {
+		want := map[string]bool{}
+		list, err := l.h.NeighList(idx, int(fam))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, nb := range list {
+			ipa, _ := netip.AddrFromSlice(nb.IP)
+			want[fmt.Sprint(nb.LinkIndex, ipa.Unmap(), nb.HardwareAddr, nb.State, nb.Flags, nb.VNI)] = true
+		}
+		got := map[string]bool{}
+		err = l.h.ListNeighs(fam, idx, func(e *nlbatch.NeighEntry) bool {
+			var mac net.HardwareAddr
+			if e.HasMAC {
+				mac = e.MAC[:]
+			}
+			got[fmt.Sprint(e.LinkIndex, e.IP, mac, int(e.State), int(e.Flags), int(e.VNI))] = true
+			return true
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) < n || len(got) != len(want) {
+			t.Fatalf("family %d: ListNeighs saw %d entries, vishvananda/netlink %d, want at least %d", fam, len(got), len(want), n)
+		}
+		for k := range want {
+			if !got[k] {
+				t.Errorf("family %d: entry %s missing from ListNeighs", fam, k)
+				break
+			}
+		}
+	}
 	list, err := l.h.NeighList(idx, unix.AF_INET)
 	if err != nil {
 		t.Fatal(err)
