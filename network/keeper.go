@@ -246,27 +246,23 @@ func (k *Keeper) Ensure(ctx context.Context) error {
 // plan is the changes one Ensure makes, per table, in script order.
 type plan []*tableChange
 
-// tableChange is what must change in one table.
+// tableChange is what must change in one table: one of our chain sets put
+// back in place, or the masquerade chain removed.
 type tableChange struct {
-	table string
-	lines []string // iptables-restore lines, without *table and COMMIT
-	sets  []chainSet
-	// What each line group restores, for the log and the counters.
-	chains  []chainSet // chains declared again and refilled
-	jumps   []chainSet // jumps inserted
-	removed bool       // the masquerade chain or jumps to it were removed
-	reasons map[string]string
+	table   string
+	lines   []string  // iptables-restore lines, without *table and COMMIT
+	set     *chainSet // the set put in place; nil for the removal
+	refill  string    // why the chain is declared again and refilled ("" if not)
+	jump    bool      // the jump to the chain is inserted
+	removed bool      // the masquerade chain or jumps to it are removed
 }
 
 func (tc *tableChange) wrap(err error) error {
-	var names []string
-	for _, s := range tc.sets {
-		names = append(names, s.chain)
+	what := ChainMasquerade + " removal"
+	if tc.set != nil {
+		what = tc.set.chain
 	}
-	if tc.removed {
-		names = append(names, ChainMasquerade+" removal")
-	}
-	return fmt.Errorf("restoring iptables table %s (%s): %w", tc.table, strings.Join(names, ", "), err)
+	return fmt.Errorf("restoring iptables table %s (%s): %w", tc.table, what, err)
 }
 
 // script renders the plan as one iptables-restore input.
@@ -314,18 +310,17 @@ func (k *Keeper) planSet(tables map[string]*savedTable, s chainSet) *tableChange
 	if t == nil {
 		t = &savedTable{}
 	}
-	tc := &tableChange{table: s.table, sets: []chainSet{s}, reasons: map[string]string{}}
+	tc := &tableChange{table: s.table, set: &s}
 	if reason := k.chainDrift(t, s); reason != "" {
 		tc.lines = append(tc.lines, ":"+s.chain+" - [0:0]")
 		for _, r := range s.rules {
 			tc.lines = append(tc.lines, ruleLine("-A", s.chain, r))
 		}
-		tc.chains = append(tc.chains, s)
-		tc.reasons[s.chain] = reason
+		tc.refill = reason
 	}
 	if !hasRule(t.rules[s.parent], s.parent, s.jump) {
-		tc.lines = append(tc.lines, ruleLine("-I", s.parent+" 1", s.jump))
-		tc.jumps = append(tc.jumps, s)
+		tc.lines = append(tc.lines, ruleLine("-I", s.parent, append([]string{"1"}, s.jump...)))
+		tc.jump = true
 	}
 	if len(tc.lines) == 0 {
 		return nil
@@ -392,12 +387,12 @@ func setKey(s chainSet) string { return s.table + " " + s.chain }
 // done remembers how iptables prints the chains an applied plan refilled
 // (see chainDrift), then logs and counts what it restored.
 func (k *Keeper) done(ctx context.Context, p plan) {
-	var refilled []chainSet
+	var refilled []*chainSet
 	for _, tc := range p {
-		refilled = append(refilled, tc.chains...)
-	}
-	for _, s := range refilled {
-		delete(k.rendered, setKey(s))
+		if tc.refill != "" {
+			refilled = append(refilled, tc.set)
+			delete(k.rendered, setKey(*tc.set))
+		}
 	}
 	if len(refilled) > 0 {
 		// A failed read only loses the shortcut.
@@ -412,32 +407,25 @@ func (k *Keeper) done(ctx context.Context, p plan) {
 				// another rendering of them; anything else is a change made
 				// since the restore, which the next check repairs.
 				if l := t.rules[s.chain]; len(l) == len(s.rules) && !chainMatches(l, s.chain, s.rules) {
-					k.rendered[setKey(s)] = rendering{rules: rulesKey(s.rules), listing: l}
+					k.rendered[setKey(*s)] = rendering{rules: rulesKey(s.rules), listing: l}
 				}
 			}
 		}
 	}
 	for _, tc := range p {
-		for _, s := range tc.sets {
-			restored := false
-			if slices.ContainsFunc(tc.chains, func(c chainSet) bool { return c.chain == s.chain }) {
-				restored = true
-				k.log.Info("Restored iptables chain", "table", s.table, "chain", s.chain, "reason", tc.reasons[s.chain], "rules", len(s.rules))
+		if s := tc.set; s != nil {
+			if tc.refill != "" {
+				k.log.Info("Restored iptables chain", "table", s.table, "chain", s.chain, "reason", tc.refill, "rules", len(s.rules))
 			}
-			if slices.ContainsFunc(tc.jumps, func(c chainSet) bool { return c.chain == s.chain }) {
-				restored = true
+			if tc.jump {
 				k.log.Info("Restored iptables jump", "table", s.table, "from", s.parent, "to", s.chain)
-			}
-			if restored {
-				k.restores.Add(1)
-				metrics.IPTablesRestores.Inc()
 			}
 		}
 		if tc.removed {
-			k.restores.Add(1)
-			metrics.IPTablesRestores.Inc()
 			k.log.Info("Removed iptables masquerade rules left from an earlier run", "table", TableNAT, "chain", ChainMasquerade, "reason", "ip-masq is off")
 		}
+		k.restores.Add(1)
+		metrics.IPTablesRestores.Inc()
 	}
 }
 
