@@ -222,6 +222,10 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes,
 
 	c, err := r.write()
 	clear(r.extra) // drop the references to the kernel's routes
+	if cap(r.sets)+cap(r.dels) > keepChanges {
+		// After a burst: the next calls need little of this.
+		r.sets, r.upd, r.dels, r.errs, r.nhBuf, r.ids = nil, nil, nil, nil, nil, nil
+	}
 	if bad > 0 {
 		c.Failed += bad
 		if err == nil {
@@ -230,6 +234,9 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes,
 	}
 	return c, failedErr(err, c.Failed)
 }
+
+// keepChanges is the largest change list a reconciler keeps between calls.
+const keepChanges = 1024
 
 // dump fills have (and extra) from the kernel's main table. An interrupted
 // dump (the table changed meanwhile) is retried; if it keeps being

@@ -367,6 +367,10 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 	note("removing neighbours", firstFailure(res))
 
 	b.last = st
+	if len(b.setNeighs)+len(b.setFDBs) > 2048 {
+		// After a burst: the next calls need little of this.
+		b.setNeighs, b.setFDBs, b.errs, b.neighs.buf, b.fdbs.buf = nil, nil, nil, nil, nil
+	}
 	if st.Neigh.Any() || st.FDB.Any() || st.Route.Any() {
 		b.log.V(1).Info("Programmed vxlan leases", "leases", len(remote), "routes", len(routes),
 			"neigh", st.Neigh, "fdb", st.FDB, "route", st.Route, "rolledBack", st.RolledBack)

@@ -315,6 +315,7 @@ func attrU32(b []byte, typ uint16, v uint32) []byte {
 // each request's result. The returned error is a socket failure; requests
 // whose result is then unknown get it too.
 func (h *Handle) run(errs []error) error {
+	defer h.trim()
 	n := len(h.ends)
 	if errs == nil {
 		if cap(h.errs) < n {
@@ -348,6 +349,16 @@ func (h *Handle) run(errs []error) error {
 		first = last + 1
 	}
 	return nil
+}
+
+// keepBytes is the largest request buffer kept between calls; a bigger one
+// (a burst of thousands of changes) is left to the garbage collector.
+const keepBytes = 64 << 10
+
+func (h *Handle) trim() {
+	if cap(h.buf) > keepBytes {
+		h.buf, h.ends, h.errs = nil, nil, nil
+	}
 }
 
 // chunk sends requests first..last (which begin at buf[start]) in one
