@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -357,23 +356,57 @@ func (c *kernelCounter) clearKernel(b *testing.B, h *lab.Host) {
 }
 
 // rssMB is the resident set size of process pid, in MiB.
-func rssMB(pid int) (float64, error) {
-	f, err := os.Open(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+// memory is a daemon's memory use, in MiB, from /proc/PID/status.
+type memory struct {
+	RSS  float64 // VmRSS: resident now
+	Peak float64 // VmHWM: the most ever resident
+	Anon float64 // RssAnon: the resident heap, stacks and runtime (RSS minus the binary's pages)
+}
+
+// settledMemory waits for d to be ready (subnet.env written) and a second
+// more, so that start-up garbage is collected, then reads its memory.
+func settledMemory(b *testing.B, h *lab.Host, d *lab.Daemon) memory {
+	waitEnv(b, h)
+	time.Sleep(time.Second)
+	m, err := readMemory(d.Pid())
 	if err != nil {
-		return 0, err
+		b.Fatal(err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
-			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
-			if err != nil {
-				return 0, fmt.Errorf("parsing VmRSS %q: %w", rest, err)
-			}
-			return float64(kb) / 1024, nil
+	return m
+}
+
+func readMemory(pid int) (memory, error) {
+	var m memory
+	raw, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	if err != nil {
+		return m, err
+	}
+	found := 0
+	for _, line := range strings.Split(string(raw), "\n") {
+		name, rest, ok := strings.Cut(line, ":")
+		var dst *float64
+		switch name {
+		case "VmRSS":
+			dst = &m.RSS
+		case "VmHWM":
+			dst = &m.Peak
+		case "RssAnon":
+			dst = &m.Anon
 		}
+		if !ok || dst == nil {
+			continue
+		}
+		kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
+		if err != nil {
+			return m, fmt.Errorf("parsing %s %q: %w", name, rest, err)
+		}
+		*dst = float64(kb) / 1024
+		found++
 	}
-	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+	if found != 3 {
+		return m, fmt.Errorf("/proc/%d/status lacks VmRSS, VmHWM or RssAnon", pid)
+	}
+	return m, nil
 }
 
 // envInts reads a comma-separated list of lease counts, each at most
@@ -425,7 +458,7 @@ func BenchmarkControlPlaneStart(b *testing.B) {
 					kc := newKernelCounter(b, h, backend)
 
 					var times, firsts []time.Duration
-					var rss float64
+					var mem memory
 					for b.Loop() {
 						b.StopTimer()
 						kc.clearKernel(b, h)
@@ -436,11 +469,8 @@ func BenchmarkControlPlaneStart(b *testing.B) {
 						b.StopTimer()
 						times = append(times, done.Sub(begin))
 						firsts = append(firsts, first.Sub(begin))
-						mb, err := rssMB(d.Pid())
-						if err != nil {
-							b.Fatal(err)
-						}
-						rss = max(rss, mb)
+						m := settledMemory(b, h, d)
+						mem = memory{max(mem.RSS, m.RSS), max(mem.Peak, m.Peak), max(mem.Anon, m.Anon)}
 						if code := stop(b, d); code != 0 {
 							b.Fatalf("flanneld exited with %d after SIGTERM; log:\n%s", code, tailLines(d.Log(), 30))
 						}
@@ -448,7 +478,9 @@ func BenchmarkControlPlaneStart(b *testing.B) {
 					}
 					b.ReportMetric(ms(median(times)), "converge-ms")
 					b.ReportMetric(ms(median(firsts)), "first-route-ms")
-					b.ReportMetric(rss, "rss-MB")
+					b.ReportMetric(mem.RSS, "rss-MB")
+					b.ReportMetric(mem.Peak, "peak-rss-MB")
+					b.ReportMetric(mem.Anon, "anon-rss-MB")
 				})
 			}
 		}
@@ -523,11 +555,10 @@ func BenchmarkControlPlaneRunning(b *testing.B) {
 				b.ReportMetric(applies/iters, "applies")
 				b.ReportMetric(applySeconds*1000/iters, "apply-ms")
 				b.ReportMetric(resyncs/iters, "watch-resyncs")
-				mb, err := rssMB(d.Pid())
-				if err != nil {
-					b.Fatal(err)
-				}
-				b.ReportMetric(mb, "rss-MB")
+				m := settledMemory(b, h, d)
+				b.ReportMetric(m.RSS, "rss-MB")
+				b.ReportMetric(m.Peak, "peak-rss-MB")
+				b.ReportMetric(m.Anon, "anon-rss-MB")
 			})
 		}
 	}
