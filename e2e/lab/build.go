@@ -66,10 +66,12 @@ func buildDaemon() (string, error) {
 	}
 	build.dir = dir
 	path := filepath.Join(dir, "flanneld")
-	cmd := exec.Command(goBin, "build", "-o", path, ".")
+	// The binary make build ships: static, stripped.
+	cmd := exec.Command(goBin, "build", "-trimpath", "-ldflags", "-s -w", "-o", path, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build -o %s . in %s: %w\n%s", path, root, err, tail(string(out), 30))
+		return "", fmt.Errorf("CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o %s . in %s: %w\n%s", path, root, err, tail(string(out), 30))
 	}
 	return path, nil
 }
