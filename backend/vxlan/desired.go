@@ -209,8 +209,8 @@ func leaseMAC(data json.RawMessage) (hwAddr, error) {
 	// The form every node writes, without encoding/json: this runs for
 	// every lease on every Apply.
 	if s, ok := bytes.CutPrefix(data, []byte(`{"VtepMAC":"`)); ok {
-		if s, ok := bytes.CutSuffix(s, []byte(`"}`)); ok && len(s) == len("00:00:00:00:00:00") {
-			if m, err := parseVtepMAC(string(s)); err == nil {
+		if s, ok := bytes.CutSuffix(s, []byte(`"}`)); ok {
+			if m, ok := colonMAC(s); ok && m != (hwAddr{}) && m[0]&1 == 0 {
 				return m, nil
 			}
 		}
@@ -227,6 +227,38 @@ func leaseMAC(data json.RawMessage) (hwAddr, error) {
 		return hwAddr{}, fmt.Errorf("VtepMAC %q is unusable: %v", *bd.VtepMAC, err)
 	}
 	return m, nil
+}
+
+// colonMAC parses "xx:xx:xx:xx:xx:xx" (hex digits of either case), the
+// form net.HardwareAddr.String writes, without allocating.
+func colonMAC(s []byte) (m hwAddr, ok bool) {
+	if len(s) != 17 {
+		return m, false
+	}
+	for i := range m {
+		if i > 0 && s[3*i-1] != ':' {
+			return m, false
+		}
+		hi, ok1 := unhex(s[3*i])
+		lo, ok2 := unhex(s[3*i+1])
+		if !ok1 || !ok2 {
+			return m, false
+		}
+		m[i] = hi<<4 | lo
+	}
+	return m, true
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
 }
 
 // compact renders untrusted JSON for a log line, bounded in length.

@@ -1,8 +1,10 @@
 package vxlan
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -173,5 +175,23 @@ route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink`,
 				t.Errorf("desired set from reversed leases:\n%s\n\nwant:\n%s", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestColonMAC: the allocation-free parser agrees with net.ParseMAC on the
+// colon form and rejects everything else.
+func TestColonMAC(t *testing.T) {
+	for _, s := range []string{"0e:00:00:00:00:03", "AA:bb:Cc:dD:ee:FF", "00:00:00:00:00:00", "0e-00-00-00-00-03", "0e:00:00:00:00:0g",
+		"0e:00:00:00:00:033", "0e:00:00:00:00", "0e:00:00:00:00:0", "0e00:00:00:00:003", ":0e:00:00:00:00:0", ""} {
+		got, ok := colonMAC([]byte(s))
+		want, err := net.ParseMAC(s)
+		colon := len(s) == 17 && strings.Count(s, ":") == 5
+		if ok != (err == nil && colon) {
+			t.Errorf("colonMAC(%q) ok = %v; net.ParseMAC: %v", s, ok, err)
+			continue
+		}
+		if ok && !bytes.Equal(got[:], want) {
+			t.Errorf("colonMAC(%q) = %s, net.ParseMAC %s", s, got, want)
+		}
 	}
 }
