@@ -102,6 +102,7 @@ type node struct {
 
 	rulesCancel context.CancelFunc
 	rulesDone   chan struct{}
+	remoteBuf   []subnet.Lease // reused by remotes
 }
 
 // Run runs the node until ctx ends, then returns nil. Kernel state (routes,
@@ -320,13 +321,15 @@ func expiry(l subnet.Lease) float64 {
 }
 
 // remotes is every lease but our own.
+// The slice is reused by the next call: backends do not keep it.
 func (n *node) remotes() []subnet.Lease {
-	out := make([]subnet.Lease, 0, len(n.leases))
+	out := n.remoteBuf[:0]
 	for p, l := range n.leases {
 		if p != n.lease.Subnet {
 			out = append(out, l)
 		}
 	}
+	n.remoteBuf = out
 	return out
 }
 
