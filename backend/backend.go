@@ -70,8 +70,8 @@ type Backend interface {
 	// (routes, neighbours, ...) for exactly the remote leases given; entries
 	// this backend owns for leases not in the set are removed. Leases of
 	// other backend types are ignored (logged once). Safe to call from one
-	// goroutine at a time. Apply does not keep remote after it returns (the
-	// caller reuses it).
+	// goroutine at a time. Apply neither changes remote nor keeps it after
+	// it returns (it is a view of the caller's lease set).
 	Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error
 	// Close stops the backend's goroutines and closes its sockets. Routes
 	// and devices stay in place so that a restart does not interrupt

@@ -97,12 +97,11 @@ type node struct {
 	attrs   subnet.LeaseAttrs
 	mtu     int
 	lease   subnet.Lease
-	leases  map[netip.Prefix]subnet.Lease // every valid lease, own included
-	skipped map[string]bool               // bad lease values already logged
+	leases  *leaseSet       // every valid lease, own included
+	skipped map[string]bool // bad lease values already logged
 
 	rulesCancel context.CancelFunc
 	rulesDone   chan struct{}
-	remoteBuf   []subnet.Lease // reused by remotes
 }
 
 // Run runs the node until ctx ends, then returns nil. Kernel state (routes,
@@ -111,7 +110,7 @@ type node struct {
 // are logged and retried.
 func Run(ctx context.Context, o Options) error {
 	o.defaults()
-	n := &node{o: o, log: *o.Logger, leases: map[netip.Prefix]subnet.Lease{}, skipped: map[string]bool{}}
+	n := &node{o: o, log: *o.Logger, leases: newLeaseSet(), skipped: map[string]bool{}}
 	defer n.stopRules()
 
 	cfg, err := o.Manager.GetNetworkConfig(ctx)
@@ -178,8 +177,8 @@ func Run(ctx context.Context, o Options) error {
 	if o.OnReady != nil {
 		o.OnReady()
 	}
-	n.log.Info("Ready", "subnet", n.lease.Subnet, "publicIP", o.Ext.PublicIP, "leases", len(n.leases))
-	if len(n.leases) >= burstEvents {
+	n.log.Info("Ready", "subnet", n.lease.Subnet, "publicIP", o.Ext.PublicIP, "leases", n.leases.len())
+	if n.leases.len() >= burstEvents {
 		debug.FreeOSMemory()
 	}
 	return n.loop(ctx, events, werr)
@@ -275,7 +274,7 @@ func (n *node) update(batch []subnet.Event) (lost bool) {
 	for _, ev := range batch {
 		l := ev.Lease
 		if ev.Type == subnet.EventRemoved {
-			delete(n.leases, l.Subnet)
+			n.leases.remove(l.Subnet)
 			if l.Subnet == n.lease.Subnet {
 				n.log.Info("Own lease was removed from etcd", "subnet", l.Subnet)
 				lost = true
@@ -289,10 +288,10 @@ func (n *node) update(batch []subnet.Event) (lost bool) {
 				n.log.Info("Skipping a lease that does not fit the network config; remove it from etcd",
 					"subnet", l.Subnet, "publicIP", l.Attrs.PublicIP, "network", n.cfg.Network, "subnetLen", n.cfg.SubnetLen)
 			}
-			delete(n.leases, l.Subnet)
+			n.leases.remove(l.Subnet)
 			continue
 		}
-		n.leases[l.Subnet] = l
+		n.leases.put(l)
 		if l.Subnet == n.lease.Subnet && l.Attrs.PublicIP != n.attrs.PublicIP {
 			n.log.Info("Own subnet is now leased by another node", "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
 			lost = true
@@ -306,7 +305,7 @@ func (n *node) apply(ctx context.Context) error {
 	start := time.Now()
 	err := n.be.Apply(ctx, n.lease, n.remotes())
 	metrics.ReconcileDuration.Observe(time.Since(start).Seconds())
-	metrics.Leases.Set(float64(len(n.leases)))
+	metrics.Leases.Set(float64(n.leases.len()))
 	if err != nil {
 		metrics.ReconcileErrors.Inc()
 	}
@@ -320,18 +319,9 @@ func expiry(l subnet.Lease) float64 {
 	return float64(l.Expiration.Unix())
 }
 
-// remotes is every lease but our own.
-// The slice is reused by the next call: backends do not keep it.
-func (n *node) remotes() []subnet.Lease {
-	out := n.remoteBuf[:0]
-	for p, l := range n.leases {
-		if p != n.lease.Subnet {
-			out = append(out, l)
-		}
-	}
-	n.remoteBuf = out
-	return out
-}
+// remotes is every lease but our own: a view of the lease set, which
+// backends neither keep nor change.
+func (n *node) remotes() []subnet.Lease { return n.leases.except(n.lease.Subnet) }
 
 func (n *node) previousSubnet() netip.Prefix {
 	env, err := subnet.ReadEnv(n.o.SubnetFile)
@@ -402,7 +392,7 @@ func (n *node) setLease(l subnet.Lease) {
 	metrics.LeaseAcquisitions.Inc()
 	metrics.LeaseExpiration.Set(expiry(l))
 	n.lease = l
-	n.leases[l.Subnet] = l
+	n.leases.put(l)
 	if n.o.OnLease != nil {
 		n.o.OnLease(l)
 	}
