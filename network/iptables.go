@@ -6,8 +6,17 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"runtime"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
+
+// childNice is how much nicer than the daemon iptables-save and
+// iptables-restore run: checking and repairing the rules gives way to the
+// daemon's own work (at start, writing subnet.env) and to the host's when a
+// CPU is contended.
+const childNice = 10
 
 // execIPTables runs the IPv4 iptables-save and iptables-restore binaries.
 // They come with the iptables package and use the same back-end (nf_tables
@@ -35,7 +44,7 @@ func (e *execIPTables) Save(ctx context.Context) ([]byte, error) {
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, e.save)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
+	if err := runNiced(cmd); err != nil {
 		return nil, execError(e.save, err, stderr.String())
 	}
 	return stdout.Bytes(), nil
@@ -48,10 +57,33 @@ func (e *execIPTables) Restore(ctx context.Context, script []byte) error {
 	cmd := exec.CommandContext(ctx, e.restore, "--noflush", "--wait")
 	cmd.Stdin = bytes.NewReader(script)
 	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
+	if err := runNiced(cmd); err != nil {
 		return execError(e.restore, err, stderr.String())
 	}
 	return nil
+}
+
+// runNiced runs cmd childNice nicer than the daemon (at most 19). A child
+// inherits the nice value of the thread that forks it, so cmd is started
+// from a thread of its own whose priority is lowered first; the thread is
+// not given back (raising the priority again would need CAP_SYS_NICE) and
+// ends with its goroutine. If the priority cannot be lowered, cmd runs at
+// the daemon's.
+func runNiced(cmd *exec.Cmd) error {
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: see above
+		tid := unix.Gettid()
+		// The system call returns 20 - nice.
+		if p, err := unix.Getpriority(unix.PRIO_PROCESS, tid); err == nil {
+			unix.Setpriority(unix.PRIO_PROCESS, tid, min(20-p+childNice, 19))
+		}
+		started <- cmd.Start()
+	}()
+	if err := <-started; err != nil {
+		return err
+	}
+	return cmd.Wait()
 }
 
 // execError names the program and adds what it printed.
