@@ -26,6 +26,7 @@ import (
 
 	"github.com/flanneld-go/flanneld/e2e/lab"
 	"github.com/flanneld-go/flanneld/internal/etcdtest"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
 // The control-plane benchmarks run one daemon against many leases of fake
@@ -184,8 +185,8 @@ func deleteLeases(ctx context.Context, kapi client.KeysAPI, l *lab.Lab, backend 
 // one netlink socket for the whole benchmark.
 type kernelCounter struct {
 	backend string
-	nh      *netlink.Handle
-	ext     int // eth0's index
+	nh      *nlbatch.Handle // its dumps decode without allocating: light polling
+	ext     int             // eth0's index
 }
 
 func newKernelCounter(b *testing.B, h *lab.Host, backend string) *kernelCounter {
@@ -194,7 +195,7 @@ func newKernelCounter(b *testing.B, h *lab.Host, backend string) *kernelCounter 
 		b.Fatalf("opening namespace of %s: %v", h.Name, err)
 	}
 	defer ns.Close()
-	nh, err := netlink.NewHandleAt(ns)
+	nh, err := nlbatch.NewHandleAt(ns)
 	if err != nil {
 		b.Fatalf("opening netlink in %s: %v", h.Name, err)
 	}
@@ -229,38 +230,31 @@ func (c *kernelCounter) count(n int) (entryCounts, error) {
 		}
 		dev = l.Attrs().Index
 	}
-	err := c.nh.RouteListFilteredIter(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE,
-		func(r netlink.Route) bool {
-			if r.LinkIndex != dev || r.Gw == nil || r.Dst == nil {
-				return true
-			}
-			if dst, ok := prefixOf(r.Dst); ok && benchNetwork.Contains(dst.Addr()) {
-				ec.Routes++
-			}
-			return true
-		})
+	err := c.nh.ListRoutes(func(r *nlbatch.RouteEntry) bool {
+		if r.Table == unix.RT_TABLE_MAIN && r.LinkIndex == dev && r.Gw.IsValid() && r.Dst.Bits() > benchNetwork.Bits() && benchNetwork.Contains(r.Dst.Addr()) {
+			ec.Routes++
+		}
+		return true
+	})
 	if err != nil || c.backend != "vxlan" || ec.Routes != n {
 		return ec, err
 	}
-	neighs, err := c.nh.NeighListExecute(netlink.Ndmsg{Family: unix.AF_INET, Index: uint32(dev)})
-	if err != nil {
-		return ec, err
-	}
-	for _, nb := range neighs {
-		if nb.LinkIndex == dev && nb.State == unix.NUD_PERMANENT {
+	err = c.nh.ListNeighs(unix.AF_INET, dev, func(nb *nlbatch.NeighEntry) bool {
+		if nb.State == unix.NUD_PERMANENT {
 			ec.Neighs++
 		}
-	}
-	fdbs, err := c.nh.NeighListExecute(netlink.Ndmsg{Family: unix.AF_BRIDGE, Index: uint32(dev)})
+		return true
+	})
 	if err != nil {
 		return ec, err
 	}
-	for _, f := range fdbs {
-		if f.LinkIndex == dev && f.Flags&netlink.NTF_SELF != 0 {
+	err = c.nh.ListNeighs(unix.AF_BRIDGE, dev, func(f *nlbatch.NeighEntry) bool {
+		if f.Flags&netlink.NTF_SELF != 0 {
 			ec.FDB++
 		}
-	}
-	return ec, nil
+		return true
+	})
+	return ec, err
 }
 
 // complete reports whether ec holds exactly the entries of n leases.
