@@ -196,6 +196,8 @@ func TestDiffLeases(t *testing.T) {
 	c := lease("10.5.3.0/24", "192.168.0.3", "")
 	cRenewed := c
 	cRenewed.Expiration = time.Unix(1e9, 0)
+	aUDP := a
+	aUDP.Attrs.BackendType = "udp"
 	for _, tc := range []struct {
 		name           string
 		known, current map[netip.Prefix]subnet.Lease
@@ -203,13 +205,18 @@ func TestDiffLeases(t *testing.T) {
 	}{
 		{"both empty", leaseMap(), leaseMap(), ""},
 		{"initial", leaseMap(), leaseMap(c, a, b), "+10.5.1.0/24@192.168.0.1 +10.5.2.0/24@192.168.0.2{\"VtepMAC\":\"aa\"} +10.5.3.0/24@192.168.0.3"},
-		{"all gone", leaseMap(a, b), leaseMap(), "-10.5.1.0/24@192.168.0.1 -10.5.2.0/24@192.168.0.2{\"VtepMAC\":\"aa\"}"},
+		{"all gone", leaseMap(a, b), leaseMap(), "-10.5.1.0/24@192.168.0.1 -10.5.2.0/24@192.168.0.2"},
 		{"changed value is added", leaseMap(a, b), leaseMap(a, b2), "+10.5.2.0/24@192.168.0.2{\"VtepMAC\":\"bb\"}"},
 		{"renewal is no event", leaseMap(a, c), leaseMap(a, cRenewed), ""},
+		{"changed type is added", leaseMap(a, c), leaseMap(aUDP, c), "+10.5.1.0/24@192.168.0.1"},
 		{"mixed, adds first", leaseMap(a, b), leaseMap(b2, c), "+10.5.2.0/24@192.168.0.2{\"VtepMAC\":\"bb\"} +10.5.3.0/24@192.168.0.3 -10.5.1.0/24@192.168.0.1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := evString(diffLeases(tc.known, tc.current)); got != tc.want {
+			before := map[netip.Prefix]known{}
+			for p, l := range tc.known {
+				before[p] = summarize(l.Attrs)
+			}
+			if got := evString(diffLeases(before, tc.current)); got != tc.want {
 				t.Errorf("diff = %q\nwant   %q", got, tc.want)
 			}
 		})
@@ -219,7 +226,7 @@ func TestDiffLeases(t *testing.T) {
 func TestWatcherApply(t *testing.T) {
 	var logs []string
 	m := newManager(nil, Options{Prefix: "/coreos.com/network", Logger: captureLogger(&logs)})
-	w := &watcher{m: m, dir: testDir, known: map[netip.Prefix]subnet.Lease{}, logged: map[string]uint64{}}
+	w := &watcher{m: m, dir: testDir, known: map[netip.Prefix]known{}, logged: map[string]uint64{}}
 	node := func(name, value string, idx uint64) *client.Node {
 		return &client.Node{Key: testDir + "/" + name, Value: value, ModifiedIndex: idx}
 	}
