@@ -271,6 +271,7 @@ func (n *node) renewDelay() time.Duration {
 // update folds a batch of events into the lease set. It reports whether our
 // own lease was removed or taken by another node.
 func (n *node) update(batch []subnet.Event) (lost bool) {
+	n.leases.reserve(len(batch))
 	for _, ev := range batch {
 		l := ev.Lease
 		if ev.Type == subnet.EventRemoved {

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"net/netip"
+	"slices"
 
 	"github.com/flanneld-go/flanneld/subnet"
 )
@@ -18,6 +19,10 @@ type leaseSet struct {
 func newLeaseSet() *leaseSet { return &leaseSet{at: map[netip.Prefix]int{}} }
 
 func (s *leaseSet) len() int { return len(s.list) }
+
+// reserve makes room for n more leases at once, so that a big first batch
+// does not leave the slice up to twice as large as it needs.
+func (s *leaseSet) reserve(n int) { s.list = slices.Grow(s.list, n) }
 
 // put adds or replaces the lease of l.Subnet.
 func (s *leaseSet) put(l subnet.Lease) {

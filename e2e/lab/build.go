@@ -17,7 +17,7 @@ var build struct {
 	err       error
 }
 
-// BuildDaemon builds flanneld from the repository root (go build -o
+// BuildDaemon builds flanneld from the repository root (CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o
 // <tmp>/flanneld .) the first time it is called in a test binary and
 // returns the binary's path; later calls return the same path. The test
 // fails if the build fails. Call Main from TestMain to remove the binary
