@@ -3,7 +3,6 @@ module github.com/flanneld-go/flanneld
 go 1.26.8
 
 require (
-	github.com/coreos/go-iptables v0.8.0
 	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/go-logr/logr v1.4.4
 	github.com/prometheus/client_golang v1.25.0
