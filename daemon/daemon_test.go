@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	client "go.etcd.io/etcd/client/v2"
 	"k8s.io/klog/v2"
 	"k8s.io/klog/v2/ktesting"
@@ -203,10 +202,10 @@ func TestRunPublishesAndFollowsLeases(t *testing.T) {
 		t.Errorf("own lease value = %s", resp.Node.Value)
 	}
 
-	if got := testutil.ToFloat64(metrics.LeaseExpiration); got != float64(own.Expiration.Unix()) {
+	if got := metrics.LeaseExpiration.Get(); got != float64(own.Expiration.Unix()) {
 		t.Errorf("lease expiration metric = %v, want %v", got, own.Expiration.Unix())
 	}
-	if got := testutil.ToFloat64(metrics.Leases); got != 2 {
+	if got := metrics.Leases.Get(); got != 2 {
 		t.Errorf("leases metric = %v, want 2 (own and 10.5.7.0/24)", got)
 	}
 

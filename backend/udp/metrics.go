@@ -1,9 +1,8 @@
 package udp
 
 import (
+	"io"
 	"sync"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
 )
@@ -14,26 +13,15 @@ import (
 var (
 	liveMu sync.Mutex
 	live   = map[*Backend]bool{}
-
-	packetsDesc = prometheus.NewDesc("flannel_udp_packets_total",
-		"Inner packets moved by the udp backend, by direction (tx: TUN to peers, rx: peers to TUN).", []string{"direction"}, nil)
-	dropsDesc = prometheus.NewDesc("flannel_udp_drops_total",
-		"Packets the udp backend dropped, by reason.", []string{"reason"}, nil)
-	unreachableDesc = prometheus.NewDesc("flannel_udp_unreachable_total",
-		"ICMP net-unreachable errors written into the TUN for destinations no lease holds.", nil, nil)
 )
 
-type collector struct{}
+func init() { metrics.RegisterWriter(writeMetrics) }
 
-func init() { metrics.Registry.MustRegister(collector{}) }
-
-func (collector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- packetsDesc
-	ch <- dropsDesc
-	ch <- unreachableDesc
-}
-
-func (collector) Collect(ch chan<- prometheus.Metric) {
+// writeMetrics writes flannel_udp_packets_total{direction} (tx: TUN to
+// peers, rx: peers to TUN), flannel_udp_drops_total{reason} and
+// flannel_udp_unreachable_total (ICMP net-unreachable errors written into
+// the TUN for destinations no lease holds).
+func writeMetrics(w io.Writer) {
 	var sum Stats
 	liveMu.Lock()
 	for b := range live {
@@ -51,12 +39,10 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 		sum.TUNWriteErrors += s.TUNWriteErrors
 	}
 	liveMu.Unlock()
-	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
-	}
-	counter(packetsDesc, sum.UDPSent, "tx")
-	counter(packetsDesc, sum.TUNWritten, "rx")
-	counter(unreachableDesc, sum.Unreachable)
+	metrics.WriteCounters(w, "flannel_udp_packets_total",
+		metrics.Sample{Labels: `direction="tx"`, Value: sum.UDPSent}, metrics.Sample{Labels: `direction="rx"`, Value: sum.TUNWritten})
+	metrics.WriteCounters(w, "flannel_udp_unreachable_total", metrics.Sample{Value: sum.Unreachable})
+	drops := []metrics.Sample{}
 	for _, d := range []struct {
 		reason string
 		v      uint64
@@ -65,8 +51,9 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 		{"ttl", sum.TTL}, {"not_ipv4", sum.NonIPv4}, {"malformed", sum.Malformed},
 		{"send_error", sum.SendErrors}, {"tun_write_error", sum.TUNWriteErrors},
 	} {
-		counter(dropsDesc, d.v, d.reason)
+		drops = append(drops, metrics.Sample{Labels: `reason="` + d.reason + `"`, Value: d.v})
 	}
+	metrics.WriteCounters(w, "flannel_udp_drops_total", drops...)
 }
 
 func track(b *Backend, on bool) {
