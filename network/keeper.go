@@ -210,7 +210,7 @@ func (k *Keeper) Ensure(ctx context.Context) error {
 		k.lastOK = time.Now()
 		return nil
 	}
-	err = k.ipt.Restore(ctx, p.script())
+	err = k.restore(ctx, p.script())
 	if err == nil {
 		k.done(ctx, p)
 		k.lastOK = time.Now()
@@ -233,7 +233,7 @@ func (k *Keeper) Ensure(ctx context.Context) error {
 		}
 	}
 	for _, tc := range p {
-		if err := k.ipt.Restore(ctx, plan{tc}.script()); err != nil {
+		if err := k.restore(ctx, plan{tc}.script()); err != nil {
 			errs = append(errs, tc.wrap(err))
 			continue
 		}
@@ -241,6 +241,19 @@ func (k *Keeper) Ensure(ctx context.Context) error {
 	}
 	k.done(ctx, applied)
 	return errors.Join(errs...)
+}
+
+// restoreTimeout bounds one iptables-restore, which waits for the xtables
+// lock.
+const restoreTimeout = time.Minute
+
+// restore runs one iptables-restore. Once started it is not cut short by
+// ctx: killing it after its COMMIT would leave rules applied but reported
+// as failed (and uncounted). It is bounded by restoreTimeout instead.
+func (k *Keeper) restore(ctx context.Context, script []byte) error {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), restoreTimeout)
+	defer cancel()
+	return k.ipt.Restore(rctx, script)
 }
 
 // plan is the changes one Ensure makes, per table, in script order.
