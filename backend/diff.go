@@ -73,6 +73,17 @@ func diff[K, V comparable](desired, applied map[K]V, set, del func(K, V) error) 
 	return c, first
 }
 
+// Results returns *buf resized to n and cleared, grown if it is too short:
+// the per-entry answers of one batched write, reused between writes.
+func Results(buf *[]error, n int) []error {
+	if cap(*buf) < n {
+		*buf = make([]error, n)
+	}
+	*buf = (*buf)[:n]
+	clear(*buf)
+	return *buf
+}
+
 // failedErr returns first, noting how many other changes failed too.
 func failedErr(first error, failed int) error {
 	if failed <= 1 {

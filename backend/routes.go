@@ -435,14 +435,7 @@ func (r *RouteReconciler) collectNexthops() error {
 }
 
 // results returns the reused result slice, n long.
-func (r *RouteReconciler) results(n int) []error {
-	if cap(r.errs) < n {
-		r.errs = make([]error, n)
-	}
-	r.errs = r.errs[:n]
-	clear(r.errs)
-	return r.errs
-}
+func (r *RouteReconciler) results(n int) []error { return Results(&r.errs, n) }
 
 // delNetlink deletes one route, naming its gateway and link so that only
 // that route goes; a route already gone counts as deleted.

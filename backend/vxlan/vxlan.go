@@ -382,14 +382,7 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 }
 
 // results returns the reused result slice, n long and cleared.
-func (b *vxlanBackend) results(n int) []error {
-	if cap(b.errs) < n {
-		b.errs = make([]error, n)
-	}
-	b.errs = b.errs[:n]
-	clear(b.errs)
-	return b.errs
-}
+func (b *vxlanBackend) results(n int) []error { return backend.Results(&b.errs, n) }
 
 // failedSet turns the set of key k that Diff counted as an add or an update
 // into a failure.

@@ -147,6 +147,21 @@ func (h *Handle) wait() error {
 	}
 }
 
+// nextAttr splits the first attribute off a: its type (without the nested
+// and byte-order flags), its value and what follows; ok is false if a does
+// not start with a well-formed attribute.
+func nextAttr(a []byte) (typ uint16, val, rest []byte, ok bool) {
+	if len(a) < unix.SizeofRtAttr {
+		return 0, nil, nil, false
+	}
+	l := int(binary.NativeEndian.Uint16(a))
+	if l < unix.SizeofRtAttr || l > len(a) {
+		return 0, nil, nil, false
+	}
+	typ = binary.NativeEndian.Uint16(a[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
+	return typ, a[unix.SizeofRtAttr:l], a[min((l+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(a)):], true
+}
+
 func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
 
 // decodeRoute fills e from an rtmsg and its attributes; false for anything
@@ -169,13 +184,11 @@ func decodeRoute(b []byte, e *RouteEntry) bool {
 	}
 	var dst [4]byte
 	for a := b[unix.SizeofRtMsg:]; len(a) >= unix.SizeofRtAttr; {
-		l := int(binary.NativeEndian.Uint16(a))
-		t := binary.NativeEndian.Uint16(a[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
-		if l < unix.SizeofRtAttr || l > len(a) {
+		t, v, rest, ok := nextAttr(a)
+		if !ok {
 			return false
 		}
-		v := a[unix.SizeofRtAttr:l]
-		a = a[min((l+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(a)):]
+		a = rest
 		switch t {
 		case unix.RTA_DST:
 			if len(v) != 4 {
@@ -289,13 +302,11 @@ func decodeNeigh(b []byte, e *NeighEntry) bool {
 		Type:      b[11],
 	}
 	for a := b[sizeofNdmsg:]; len(a) >= unix.SizeofRtAttr; {
-		l := int(binary.NativeEndian.Uint16(a))
-		t := binary.NativeEndian.Uint16(a[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
-		if l < unix.SizeofRtAttr || l > len(a) {
+		t, v, rest, ok := nextAttr(a)
+		if !ok {
 			return false
 		}
-		v := a[unix.SizeofRtAttr:l]
-		a = a[min((l+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(a)):]
+		a = rest
 		switch t {
 		case unix.NDA_DST:
 			if ip, ok := netip.AddrFromSlice(v); ok {

@@ -21,7 +21,7 @@ type lab struct {
 	eth0 int
 }
 
-func newLab(t *testing.T) *lab {
+func newLab(t testing.TB) *lab {
 	ns := nstest.New(t, "nlbatch")
 	peer := nstest.New(t, "nlbatchp")
 	eth0 := ns.Veth(t, "eth0", 1500, peer, "eth0", "192.168.0.1/16")
@@ -289,23 +289,23 @@ func TestResultsLength(t *testing.T) {
 	}
 }
 
+// sameGateway is n routes into 10.0.0.0/8, all via one gateway on link.
+func sameGateway(n, link int) []nlbatch.Route {
+	routes := make([]nlbatch.Route, n)
+	for i := range routes {
+		routes[i] = nlbatch.Route{Dst: subnet(i), Gw: gw(1), LinkIndex: link}
+	}
+	return routes
+}
+
 // BenchmarkReplaceRoutes programs 10,000 routes through one gateway per
 // iteration (the kernel's per-route cost without its distinct-gateway
 // slowdown), batched and one request at a time.
 func BenchmarkReplaceRoutes(b *testing.B) {
-	ns := nstest.New(b, "nlbatchb")
-	peer := nstest.New(b, "nlbatchbp")
-	eth0 := ns.Veth(b, "eth0", 1500, peer, "eth0", "192.168.0.1/16").Attrs().Index
-	h, err := nlbatch.NewHandleAt(ns.Handle)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer h.Close()
+	l := newLab(b)
+	h, eth0 := l.h, l.eth0
 	const n = 10000
-	routes := make([]nlbatch.Route, n)
-	for i := range routes {
-		routes[i] = nlbatch.Route{Dst: subnet(i), Gw: gw(1), LinkIndex: eth0}
-	}
+	routes := sameGateway(n, eth0)
 	errs := make([]error, n)
 	b.Run("batched", func(b *testing.B) {
 		for b.Loop() {
@@ -421,19 +421,10 @@ func TestListRoutes(t *testing.T) {
 // BenchmarkListRoutes dumps a table of 10,000 routes: ListRoutes against
 // vishvananda/netlink's decoding.
 func BenchmarkListRoutes(b *testing.B) {
-	ns := nstest.New(b, "nlbatchd")
-	peer := nstest.New(b, "nlbatchdp")
-	eth0 := ns.Veth(b, "eth0", 1500, peer, "eth0", "192.168.0.1/16").Attrs().Index
-	h, err := nlbatch.NewHandleAt(ns.Handle)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer h.Close()
+	l := newLab(b)
+	h := l.h
 	const n = 10000
-	routes := make([]nlbatch.Route, n)
-	for i := range routes {
-		routes[i] = nlbatch.Route{Dst: subnet(i), Gw: gw(1), LinkIndex: eth0}
-	}
+	routes := sameGateway(n, l.eth0)
 	errs := make([]error, n)
 	if err := h.ReplaceRoutes(routes, errs); err != nil || errors.Join(errs...) != nil {
 		b.Fatal(err, errors.Join(errs...))
