@@ -147,11 +147,7 @@ func nexthopRoutes(t *testing.T, h *nlbatch.Handle) []string {
 	var lines []string
 	err := h.ListRoutes(func(e *nlbatch.RouteEntry) bool {
 		if e.Table == unix.RT_TABLE_MAIN && e.Gw.IsValid() && netip.MustParsePrefix("10.5.0.0/16").Contains(e.Dst.Addr()) && e.Dst.Bits() > 16 {
-			l := fmt.Sprintf("%s via %s dev %d", e.Dst, e.Gw, e.LinkIndex)
-			if e.Flags&unix.RTNH_F_ONLINK != 0 {
-				l += " onlink"
-			}
-			lines = append(lines, fmt.Sprintf("%s nhid %d", l, e.NexthopID))
+			lines = append(lines, nexthopLine(e.Dst.String(), e.Gw.String(), e.LinkIndex, e.Flags&unix.RTNH_F_ONLINK != 0, e.NexthopID))
 		}
 		return true
 	})
@@ -160,6 +156,15 @@ func nexthopRoutes(t *testing.T, h *nlbatch.Handle) []string {
 	}
 	slices.Sort(lines)
 	return lines
+}
+
+// nexthopLine renders a route as nexthopRoutes lists it.
+func nexthopLine(dst, gw string, link int, onlink bool, id uint32) string {
+	l := fmt.Sprintf("%s via %s dev %d", dst, gw, link)
+	if onlink {
+		l += " onlink"
+	}
+	return fmt.Sprintf("%s nhid %d", l, id)
 }
 
 // nexthopIDs lists the IDs of the namespace's nexthop objects.
@@ -226,13 +231,7 @@ func TestReconcileNexthopsInNetns(t *testing.T) {
 	r2 := mustRoute("10.5.2.0/24", "10.250.0.2", eth0, false)
 	r3 := mustRoute("10.5.3.0/24", "10.250.0.3", eth0, false)
 	r4 := mustRoute("10.5.4.0/24", "10.5.4.0", vx, true)
-	line := func(dst, gw string, link int, onlink bool, id uint32) string {
-		l := fmt.Sprintf("%s via %s dev %d", dst, gw, link)
-		if onlink {
-			l += " onlink"
-		}
-		return fmt.Sprintf("%s nhid %d", l, id)
-	}
+	line := nexthopLine
 	l2 := line("10.5.2.0/24", "10.250.0.2", eth0, false, nh("10.250.0.2"))
 	l4 := line("10.5.4.0/24", "10.5.4.0", vx, true, nh("10.5.4.0"))
 	check("first", []Route{r2, r3, r4}, Changes{Added: 3},

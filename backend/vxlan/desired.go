@@ -26,6 +26,9 @@ type hwAddr [6]byte
 
 func (m hwAddr) String() string { return net.HardwareAddr(m[:]).String() }
 
+// usable reports whether m can be a VTEP's MAC: unicast, not all zero.
+func (m hwAddr) usable() bool { return m != (hwAddr{}) && m[0]&1 == 0 }
+
 // parseVtepMAC parses a VTEP MAC as published in a lease: six bytes, unicast,
 // not all zero.
 func parseVtepMAC(s string) (hwAddr, error) {
@@ -37,7 +40,7 @@ func parseVtepMAC(s string) (hwAddr, error) {
 		return hwAddr{}, fmt.Errorf("%q is not a 6-byte Ethernet address", s)
 	}
 	m := hwAddr(hw)
-	if m == (hwAddr{}) || m[0]&1 != 0 {
+	if !m.usable() {
 		return hwAddr{}, fmt.Errorf("%s is not a unicast address", m)
 	}
 	return m, nil
@@ -210,7 +213,7 @@ func leaseMAC(data json.RawMessage) (hwAddr, error) {
 	// every lease on every Apply.
 	if s, ok := bytes.CutPrefix(data, []byte(`{"VtepMAC":"`)); ok {
 		if s, ok := bytes.CutSuffix(s, []byte(`"}`)); ok {
-			if m, ok := colonMAC(s); ok && m != (hwAddr{}) && m[0]&1 == 0 {
+			if m, ok := colonMAC(s); ok && m.usable() {
 				return m, nil
 			}
 		}

@@ -13,11 +13,10 @@ import (
 )
 
 // neighNetlink is the part of *nlbatch.Handle the neighbour and fdb code
-// uses: dumps, batched writes for the bulk, single writes for the rollback
+// uses: dumps, batched writes for the bulk, single deletes for the rollback
 // and odd entries.
 type neighNetlink interface {
 	ListNeighs(family uint8, link int, fn func(*nlbatch.NeighEntry) bool) error
-	NeighSet(neigh *netlink.Neigh) error
 	NeighDel(neigh *netlink.Neigh) error
 	SetNeighs(ns []nlbatch.Neigh, errs []error) error
 	DeleteNeighs(ns []nlbatch.Neigh, errs []error) error
@@ -123,21 +122,6 @@ func (t *neighTable) delAll(es []neighEntry, errs []error) {
 	})
 }
 
-func (t *neighTable) set(_ netip.Addr, e neighEntry) error {
-	err := t.nl.NeighSet(&netlink.Neigh{
-		LinkIndex:    t.link,
-		Family:       unix.AF_INET,
-		State:        unix.NUD_PERMANENT,
-		Type:         unix.RTN_UNICAST,
-		IP:           ip.IP(e.IP),
-		HardwareAddr: e.MAC[:],
-	})
-	if err != nil {
-		return fmt.Errorf("setting neighbour %s lladdr %s: %w", e.IP, e.MAC, err)
-	}
-	return nil
-}
-
 func (t *neighTable) del(_ netip.Addr, e neighEntry) error {
 	err := t.nl.NeighDel(&netlink.Neigh{LinkIndex: t.link, Family: unix.AF_INET, IP: ip.IP(e.IP)})
 	if err != nil && !isNotFound(err) {
@@ -228,14 +212,6 @@ func (t *fdbTable) neigh(e fdbEntry) netlink.Neigh {
 		HardwareAddr: e.MAC[:],
 		VNI:          e.VNI,
 	}
-}
-
-func (t *fdbTable) set(_ hwAddr, e fdbEntry) error {
-	n := t.neigh(e)
-	if err := t.nl.NeighSet(&n); err != nil {
-		return fmt.Errorf("setting fdb entry %s dst %s: %w", e.MAC, e.Dst, err)
-	}
-	return nil
 }
 
 func (t *fdbTable) del(_ hwAddr, e fdbEntry) error {
