@@ -2,8 +2,21 @@ package subnet
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 )
+
+// ErrConfigMissing is sent by WatchConfig while the config key (or file) does
+// not exist.
+var ErrConfigMissing = errors.New("network config is missing")
+
+// ConfigUpdate is one state of the stored network config: Config when it
+// exists and is valid, else Err (wrapping ErrConfigMissing or
+// ErrInvalidConfig).
+type ConfigUpdate struct {
+	Config *Config
+	Err    error
+}
 
 // Manager is the lease store as the daemon uses it. Implementations are safe
 // for use by several goroutines.
@@ -32,4 +45,12 @@ type Manager interface {
 	// with back-off; a cleared etcd index triggers a re-list whose diff
 	// against the known set is sent as events.
 	WatchLeases(ctx context.Context, events chan<- []Event) error
+
+	// WatchConfig sends the stored network config each time it changes (the
+	// first update is its current state) until ctx ends, then returns
+	// ctx.Err(). A deleted key is sent as ErrConfigMissing, an unparsable
+	// value as an ErrInvalidConfig error; store failures are retried with
+	// back-off, not sent. The daemon applies nothing live: it reports a
+	// change and keeps running on the config it started with.
+	WatchConfig(ctx context.Context, updates chan<- ConfigUpdate) error
 }
