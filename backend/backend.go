@@ -68,8 +68,9 @@ type Backend interface {
 	Init(ctx context.Context) (Publish, error)
 	// Apply configures the host for the own lease and programs the kernel
 	// (routes, neighbours, ...) for exactly the remote leases given; entries
-	// this backend owns for leases not in the set are removed. Leases of
-	// other backend types are ignored (logged once). Safe to call from one
+	// this backend owns for leases not in the set are removed. The caller
+	// admits the leases (valid subnet of the network, not this node's, of
+	// this backend type); the backend checks only its own data. Safe to call from one
 	// goroutine at a time. Apply neither changes remote nor keeps it after
 	// it returns (it is a view of the caller's lease set).
 	Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error

@@ -34,6 +34,15 @@ func (s *leaseSet) put(l subnet.Lease) {
 	s.list = append(s.list, l)
 }
 
+// get returns the lease of p, if any.
+func (s *leaseSet) get(p netip.Prefix) (subnet.Lease, bool) {
+	i, ok := s.at[p]
+	if !ok {
+		return subnet.Lease{}, false
+	}
+	return s.list[i], true
+}
+
 // remove drops the lease of p, if any.
 func (s *leaseSet) remove(p netip.Prefix) {
 	i, ok := s.at[p]

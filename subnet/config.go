@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/netip"
 	"strconv"
+	"strings"
 
 	"github.com/flanneld-go/flanneld/pkg/ip"
 )
@@ -226,4 +227,34 @@ func (c *Config) Subnets(yield func(netip.Prefix) bool) {
 			return
 		}
 	}
+}
+
+// Changes names what differs from c to next, one "Field old → new" item per
+// changed field, joined with "; "; "" when the two configs are the same.
+// Backend is compared as compacted JSON, so spacing alone is no change.
+func (c *Config) Changes(next *Config) string {
+	var out []string
+	add := func(field string, old, new any) {
+		if fmt.Sprint(old) != fmt.Sprint(new) {
+			out = append(out, fmt.Sprintf("%s %v → %v", field, old, new))
+		}
+	}
+	add("Network", c.Network, next.Network)
+	add("SubnetLen", c.SubnetLen, next.SubnetLen)
+	add("SubnetMin", c.SubnetMin, next.SubnetMin)
+	add("SubnetMax", c.SubnetMax, next.SubnetMax)
+	add("Backend.Type", c.BackendType, next.BackendType)
+	if old, new := compact(c.Backend), compact(next.Backend); c.BackendType == next.BackendType && old != new {
+		out = append(out, fmt.Sprintf("Backend %s → %s", old, new))
+	}
+	return strings.Join(out, "; ")
+}
+
+// compact is raw JSON without insignificant space ("{}" for none).
+func compact(raw json.RawMessage) string {
+	var b bytes.Buffer
+	if len(raw) == 0 || json.Compact(&b, raw) != nil {
+		return "{}"
+	}
+	return b.String()
 }

@@ -151,3 +151,28 @@ type Event struct {
 	Type  EventType
 	Lease Lease
 }
+
+// udpType is the udp backend's name. flannel's udp backend (v0.10 to v0.28)
+// writes its lease with no BackendType at all, so "" means udp too.
+const udpType = "udp"
+
+// SameBackend reports whether a lease whose BackendType is leaseType belongs
+// to the backend named backendType: equal names, with "" standing for udp.
+func SameBackend(leaseType, backendType string) bool {
+	if leaseType == "" {
+		leaseType = udpType
+	}
+	if backendType == "" {
+		backendType = udpType
+	}
+	return leaseType == backendType
+}
+
+// WireBackendType is the BackendType a node of backendType writes in its
+// lease: the name, except for udp, whose leases carry none (as flannel's).
+func WireBackendType(backendType string) string {
+	if backendType == udpType {
+		return ""
+	}
+	return backendType
+}

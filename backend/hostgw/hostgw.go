@@ -162,9 +162,6 @@ func (b *hostGW) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Le
 
 // check returns why lease l cannot be routed, or "".
 func (b *hostGW) check(l *subnet.Lease, connected []netip.Prefix) string {
-	if l.Attrs.BackendType != Type {
-		return fmt.Sprintf("its backend type is %q, not %q", l.Attrs.BackendType, Type)
-	}
 	n := b.config.Network
 	if !ip.Contains(n, l.Subnet) || l.Subnet.Bits() == n.Bits() {
 		return fmt.Sprintf("it is outside Network %s", n)

@@ -82,12 +82,11 @@ type Backend struct {
 
 	path path
 
-	mu      sync.Mutex // guards the fields below
-	dev     tunDevice
-	sock    *sockConn
-	closed  bool
-	wg      sync.WaitGroup
-	ignored map[netip.Prefix]bool // leases of other types, logged once
+	mu     sync.Mutex // guards the fields below
+	dev    tunDevice
+	sock   *sockConn
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // New checks the options and the udp keys of the Backend block. Devices and
@@ -110,7 +109,7 @@ func New(o backend.Options) (*Backend, error) {
 	if mtu < 576 {
 		return nil, fmt.Errorf("udp backend: external interface %s has MTU %d; the overlay needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 576+overhead)
 	}
-	b := &Backend{opts: o, cfg: cfg, log: o.Logger, mtu: mtu, ignored: map[netip.Prefix]bool{}}
+	b := &Backend{opts: o, cfg: cfg, log: o.Logger, mtu: mtu}
 	if o.Netlink != nil {
 		b.nl = o.Netlink
 	} else {
@@ -179,13 +178,6 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 	routes := make([]route, 0, len(remote))
 	for _, l := range remote {
 		if l.Subnet == own.Subnet {
-			continue
-		}
-		if l.Attrs.BackendType != TypeName {
-			if !b.ignored[l.Subnet] {
-				b.ignored[l.Subnet] = true
-				b.log.Info("Ignoring a lease of another backend type", "subnet", l.Subnet, "type", l.Attrs.BackendType)
-			}
 			continue
 		}
 		routes = append(routes, route{Subnet: l.Subnet, PublicIP: l.Attrs.PublicIP})

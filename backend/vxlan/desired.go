@@ -154,9 +154,6 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 			d.skips = append(d.skips, skip{sn, fmt.Sprintf(format, args...)})
 		}
 		switch {
-		case l.Attrs.BackendType != backendType:
-			skipf("backend type is %q, not %q", l.Attrs.BackendType, backendType)
-			continue
 		case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
 			skipf("subnet %s is not an IPv4 subnet", sn)
 			continue

@@ -94,8 +94,6 @@ route 10.5.3.0/24 via 10.5.3.0 dev 7 onlink`,
 			base,
 			[]subnet.Lease{
 				vx("10.5.2.0/24", "192.168.8.2", "0e:00:00:00:00:02"),
-				lease("10.5.4.0/24", "192.168.8.4", "host-gw", ""),
-				lease("10.5.5.0/24", "192.168.8.5", "udp", ""),
 				lease("10.5.6.0/24", "192.168.8.6", "vxlan", ""),
 				lease("10.5.7.0/24", "192.168.8.7", "vxlan", `{"Mac":"0e:00:00:00:00:07"}`),
 				lease("10.5.8.0/24", "192.168.8.8", "vxlan", `["0e:00:00:00:00:08"]`),
@@ -131,8 +129,6 @@ skip 10.5.16.0/24: PublicIP is missing
 skip 10.5.17.0/24: PublicIP 2001:db8::1 is not an IPv4 address
 skip 10.5.2.0/24: subnet overlaps the lease 10.5.2.0/24
 skip 10.5.2.128/25: subnet overlaps the lease 10.5.2.0/24
-skip 10.5.4.0/24: backend type is "host-gw", not "vxlan"
-skip 10.5.5.0/24: backend type is "udp", not "vxlan"
 skip 10.5.6.0/24: BackendData is missing; a vxlan lease carries {"VtepMAC":"xx:xx:xx:xx:xx:xx"}
 skip 10.5.7.0/24: BackendData {"Mac":"0e:00:00:00:00:07"} has no VtepMAC
 skip 10.5.8.0/24: BackendData ["0e:00:00:00:00:08"] is not a JSON object with a VtepMAC string
