@@ -261,8 +261,9 @@ func run(f *flags) error {
 	}
 
 	var ready atomic.Bool
+	var notReady atomic.Pointer[string] // why not ready, once known
 	if f.healthzPort != 0 {
-		if err := serveHealthz(ctx, net.JoinHostPort(f.healthzIP, strconv.Itoa(f.healthzPort)), &ready); err != nil {
+		if err := serveHealthz(ctx, net.JoinHostPort(f.healthzIP, strconv.Itoa(f.healthzPort)), &ready, &notReady); err != nil {
 			return err
 		}
 	}
@@ -280,6 +281,7 @@ func run(f *flags) error {
 			return network.New(network.Options{Network: nw, Lease: lease, IPMasq: masq,
 				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("iptables")})
 		},
+		OnNotReady: func(reason string) { notReady.Store(&reason) },
 		OnReady: func() {
 			ready.Store(true)
 			if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
@@ -344,9 +346,10 @@ func (e *earlyConfig) GetNetworkConfig(ctx context.Context) (*subnet.Config, err
 }
 
 // serveHealthz serves /healthz (200 while running), /readyz (503 until
-// subnet.env is written and the rules are installed) and /metrics
+// subnet.env is written and the rules are installed, naming what failed
+// last while the rules are retried) and /metrics
 // (Prometheus text format) until ctx ends.
-func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool) error {
+func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool, notReady *atomic.Pointer[string]) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listening for healthz on %s: %w", addr, err)
@@ -358,7 +361,11 @@ func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool) error {
 	mux.Handle("/metrics", metrics.Handler())
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready.Load() {
-			http.Error(w, "not ready: lease, subnet file or rules not in place yet", http.StatusServiceUnavailable)
+			reason := "lease, subnet file or rules not in place yet"
+			if r := notReady.Load(); r != nil {
+				reason = *r
+			}
+			http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

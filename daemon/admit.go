@@ -3,6 +3,7 @@ package daemon
 import (
 	"fmt"
 	"net/netip"
+	"strconv"
 
 	"k8s.io/klog/v2"
 
@@ -63,7 +64,11 @@ func (a *admission) reason(l subnet.Lease) string {
 	case l.Attrs.PublicIP == a.publicIP:
 		return fmt.Sprintf("its PublicIP %s is this node's own (a stale lease of this node?)", a.publicIP)
 	case !subnet.SameBackend(l.Attrs.BackendType, a.backendType):
-		return fmt.Sprintf("its backend type is %q, not %q", l.Attrs.BackendType, subnet.WireBackendType(a.backendType))
+		have := strconv.Quote(l.Attrs.BackendType)
+		if l.Attrs.BackendType == "" {
+			have = "none (udp)"
+		}
+		return fmt.Sprintf("its backend type is %s, not %q", have, a.backendType)
 	}
 	return ""
 }

@@ -39,6 +39,9 @@ var (
 	EtcdErrors = CounterVec{name: ns + "etcd_request_errors_total", labels: []string{"op"}}
 	// WatchResyncs counts full re-lists of the leases (etcd index cleared).
 	WatchResyncs = set.NewCounter(ns + "watch_resyncs_total")
+	// StoreResets counts stores found restored from a backup, wiped or
+	// replaced (index gone back, cluster ID changed) under a watch.
+	StoreResets = set.NewCounter(ns + "store_resets_total")
 	// Leases is the number of valid leases this node knows, its own included.
 	Leases = set.NewGauge(ns+"leases", nil)
 	// Programmed is the number of kernel entries a backend keeps, by backend
