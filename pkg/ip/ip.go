@@ -146,3 +146,54 @@ func FromIPNet(n *net.IPNet) (netip.Prefix, bool) {
 	}
 	return netip.PrefixFrom(a, ones).Masked(), true
 }
+
+// LeaseKey returns the etcd lease key name of a lease: "10.5.34.0-24", or
+// with an IPv6 subnet "10.5.34.0-24&fc00:0:0:22::-64" (flannel's dual-stack
+// form; an IPv6-only lease has "0.0.0.0-0" as its IPv4 part).
+func LeaseKey(v4, v6 netip.Prefix) string {
+	if !v4.IsValid() {
+		v4 = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	}
+	if !v6.IsValid() {
+		return Key(v4)
+	}
+	return Key(v4) + "&" + v6.Addr().String() + "-" + strconv.Itoa(v6.Bits())
+}
+
+// ParseLeaseKey is the inverse of LeaseKey. v6 is invalid for a key without
+// an IPv6 part; v4 is invalid for "0.0.0.0-0" (an IPv6-only lease).
+func ParseLeaseKey(s string) (v4, v6 netip.Prefix, err error) {
+	s4, s6, dual := strings.Cut(s, "&")
+	if v4, err = ParseKey(s4); err != nil {
+		return netip.Prefix{}, netip.Prefix{}, err
+	}
+	if v4.Bits() == 0 {
+		if !v4.Addr().IsUnspecified() || !dual {
+			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: a /0 is no lease", s)
+		}
+		v4 = netip.Prefix{}
+	}
+	if !dual {
+		return v4, netip.Prefix{}, nil
+	}
+	addr, bits, ok := strings.Cut(s6, "-")
+	if !ok {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: want <A.B.C.D>-<len>&<IPv6>-<len>", s)
+	}
+	a, err := ParseAddr6(addr)
+	if err != nil {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: %w", s, err)
+	}
+	if a.String() != addr {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: write the IPv6 address as %s", s, a)
+	}
+	n, err := strconv.Atoi(bits)
+	if err != nil || n < 1 || n > 128 || bits != strconv.Itoa(n) {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: IPv6 prefix length %q is not 1..128", s, bits)
+	}
+	v6 = netip.PrefixFrom(a, n)
+	if v6.Masked() != v6 {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: %s is not the first address of a /%d", s, a, n)
+	}
+	return v4, v6, nil
+}
