@@ -26,10 +26,7 @@ var toolsMu sync.Mutex
 // machine with apt-get, installs the missing packages, saying so with
 // logf.
 func ensureTools(logf func(string, ...any)) error {
-	return ensure(func(pkgs []string) error {
-		logf("installing %s with apt-get", strings.Join(pkgs, " "))
-		return aptInstall(pkgs)
-	})
+	return ensure(func(pkgs []string) error { return aptInstall(pkgs, logf) })
 }
 
 // ensure installs the packages of the missing tools with install, and
@@ -51,12 +48,14 @@ func ensure(install func(pkgs []string) error) error {
 }
 
 // aptInstall installs pkgs with apt-get (update, then install), as root
-// on a Debian machine; elsewhere it says what to install.
-func aptInstall(pkgs []string) error {
+// on a Debian machine, saying so with logf; elsewhere it says what to
+// install.
+func aptInstall(pkgs []string, logf func(string, ...any)) error {
 	if _, err := exec.LookPath("apt-get"); err != nil || os.Geteuid() != 0 {
 		return fmt.Errorf("the lab needs the packages %s: install them (apt-get install %s)",
 			strings.Join(pkgs, ", "), strings.Join(pkgs, " "))
 	}
+	logf("installing %s with apt-get", strings.Join(pkgs, " "))
 	install := append([]string{"install", "-y", "-qq", "--no-install-recommends"}, pkgs...)
 	for _, args := range [][]string{{"update", "-qq"}, install} {
 		cmd := exec.Command("apt-get", args...)
