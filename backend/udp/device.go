@@ -38,6 +38,9 @@ func createTUN(name string, mtu int, offload bool) (dev tun.Device, vnet bool, e
 		if err == nil {
 			return dev, true, nil
 		}
+		if errors.Is(err, unix.EBUSY) {
+			return nil, false, err // held by another process: no use retrying
+		}
 		offErr := err
 		dev, err = openTUN(name, mtu, 0)
 		if err != nil {

@@ -110,8 +110,8 @@ func TestNetnsTUNInUse(t *testing.T) {
 	cfg := labConfig(t, "")
 	a.startBackend(t, cfg)
 	_, _, err := createTUNIn(t, a, DeviceName)
-	if err == nil || !strings.Contains(err.Error(), "another process has it open") {
-		t.Fatalf("attaching to a TUN in use: %v, want an error saying another process has it open", err)
+	if err == nil || strings.Count(err.Error(), "another process has it open") != 1 {
+		t.Fatalf("attaching to a TUN in use: %v, want one error saying another process has it open", err)
 	}
 	if out, err := a.run(context.Background(), "ip", "link", "add", "flannelX", "type", "bridge"); err != nil {
 		t.Fatalf("adding a bridge: %v\n%s", err, out)
