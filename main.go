@@ -82,7 +82,7 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.IntVar(&f.healthzPort, "healthz-port", 0, "the port for healthz server to listen (0 to disable)")
 	fs.IntVar(&f.iptablesResync, "iptables-resync", 5, "resync period for iptables rules, in seconds")
 	fs.IntVar(&f.routeResync, "route-resync", 10, "how often routes and other kernel entries are re-checked, in seconds")
-	fs.BoolVar(&f.nexthops, "nexthop-objects", false, "install routes through kernel nexthop objects (Linux 5.3+): linear instead of quadratic in the number of hosts; ip route then shows nhid")
+	fs.BoolVar(&f.nexthops, "nexthop-objects", true, "install routes through kernel nexthop objects (ip route shows nhid): linear instead of quadratic in the number of hosts; plain routes when the kernel lacks them (before Linux 5.3) or with --nexthop-objects=false")
 	fs.BoolVar(&f.version, "version", false, "print version and exit")
 	gofs := goflag.NewFlagSet("klog", goflag.ContinueOnError)
 	klog.InitFlags(gofs)
@@ -240,11 +240,7 @@ func run(f *flags) error {
 	}
 	defer nl.Close()
 
-	if f.nexthops {
-		if err := nl.CheckNexthops(); err != nil {
-			return fmt.Errorf("--nexthop-objects: this kernel does not support nexthop objects (Linux 5.3 or later): %w; drop the flag", err)
-		}
-	}
+	nexthops := useNexthops(f.nexthops, nl.CheckNexthops, log)
 
 	ext, err := ip.ChooseInterface(nl.Handle, f.iface, f.ifaceRegex)
 	if err != nil {
@@ -276,7 +272,7 @@ func run(f *flags) error {
 		IPMasq:      f.ipMasq,
 		RenewMargin: time.Duration(f.renewMargin) * time.Minute,
 		RouteResync: time.Duration(f.routeResync) * time.Second,
-		Nexthops:    f.nexthops,
+		Nexthops:    nexthops,
 		Rules: func(nw, lease netip.Prefix, masq bool) (flannel.Rules, error) {
 			return network.New(network.Options{Network: nw, Lease: lease, IPMasq: masq,
 				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("iptables")})
@@ -290,6 +286,20 @@ func run(f *flags) error {
 		},
 		Logger: &log,
 	})
+}
+
+// useNexthops reports whether routes go through nexthop objects: when
+// wanted and check (the kernel probe) succeeds. A kernel without them gets
+// plain routes and one log line.
+func useNexthops(want bool, check func() error, log klog.Logger) bool {
+	if !want {
+		return false
+	}
+	if err := check(); err != nil {
+		log.Info("This kernel has no nexthop objects (Linux 5.3 or later); installing plain routes", "err", err)
+		return false
+	}
+	return true
 }
 
 // newManager creates the etcd lease manager of the flags.

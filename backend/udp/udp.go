@@ -121,9 +121,9 @@ func New(o backend.Options) (*Backend, error) {
 	return b, nil
 }
 
-// Init creates the TUN flannel0 and the UDP socket on <iface addr>:<Port>,
-// both in the calling thread's network namespace, and starts the packet
-// loops. It publishes MTU = external MTU - 28 and no BackendData.
+// Init creates the TUN flannel0, or attaches to the one an earlier run
+// left, and the UDP socket on <iface addr>:<Port>, both in the calling
+// thread's network namespace, and starts the packet loops. It publishes MTU = external MTU - 28 and no BackendData.
 func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -230,8 +230,9 @@ func (b *Backend) configureDevice(own netip.Prefix) error {
 func (b *Backend) Stats() Stats { return b.path.ctr.snapshot() }
 
 // Close stops the packet loops and closes the socket and the TUN. The TUN
-// is not persistent: closing it removes flannel0 and with it the Network
-// route; a restarted daemon creates both again. Idempotent.
+// is persistent: flannel0 stays, with its address and the Network route
+// through it (packets to it are dropped until a restarted daemon attaches
+// to it again), so a restart does not take the route away. Idempotent.
 func (b *Backend) Close() error {
 	b.mu.Lock()
 	if b.closed {

@@ -165,7 +165,7 @@ func New(opts Options) (*Lab, error) {
 	if opts.Logf == nil {
 		opts.Logf = func(string, ...any) {}
 	}
-	if err := ensureTools(); err != nil {
+	if err := ensureTools(opts.Logf); err != nil {
 		return nil, err
 	}
 

@@ -417,3 +417,52 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		}
 	}
 }
+
+// TestEnsureInstallsMissing: with iptables-save and iptables-restore
+// missing from PATH, the lab asks the installer for the iptables package
+// (once) and goes on when the commands are there afterwards; when the
+// installer fails, New's error is the installer's.
+func TestEnsureInstallsMissing(t *testing.T) {
+	dir := t.TempDir()
+	for _, tool := range tools {
+		if tool.pkg == "iptables" {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(dir, tool.cmd), []byte("#!/bin/sh\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", dir)
+	var asked [][]string
+	install := func(pkgs []string) error {
+		asked = append(asked, pkgs)
+		for _, cmd := range []string{"iptables-save", "iptables-restore"} {
+			if err := os.WriteFile(filepath.Join(dir, cmd), []byte("#!/bin/sh\n"), 0o755); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	failing := func(pkgs []string) error { return fmt.Errorf("cannot install %v", pkgs) }
+	if err := ensure(failing); err == nil || !strings.Contains(err.Error(), "cannot install [iptables]") {
+		t.Fatalf("ensure with a failing installer: %v, want its error", err)
+	}
+	if err := ensure(install); err != nil {
+		t.Fatalf("ensure: %v", err)
+	}
+	if fmt.Sprint(asked) != "[[iptables]]" {
+		t.Fatalf("installer asked for %v, want [[iptables]]", asked)
+	}
+	if err := ensure(failing); err != nil {
+		t.Fatalf("ensure with everything in place called the installer: %v", err)
+	}
+	if err := ensure(func([]string) error { return nil }); err != nil {
+		t.Fatalf("ensure: %v", err)
+	}
+	if err := os.Remove(filepath.Join(dir, "iptables-save")); err != nil {
+		t.Fatal(err)
+	}
+	if err := ensure(func([]string) error { return nil }); err == nil || !strings.Contains(err.Error(), "iptables, still missing") {
+		t.Fatalf("ensure after an install that did not help: %v, want it to say iptables is still missing", err)
+	}
+}
