@@ -15,8 +15,8 @@ import (
 
 	"github.com/flanneld-go/flanneld/backend"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
-	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/internal/metrics"
+	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/subnet"
 	"github.com/flanneld-go/flanneld/subnet/etcdv2"
 )
