@@ -31,6 +31,11 @@ type ExternalInterface struct {
 	// PublicIP is the address published in the lease (--public-ip, else
 	// IfaceAddr).
 	PublicIP netip.Addr
+	// IfaceAddrV6 is its IPv6 address (the local tunnel endpoint of IPv6
+	// overlays) and PublicIPv6 the one published (--public-ipv6, else
+	// IfaceAddrV6); both invalid when the overlay has no IPv6.
+	IfaceAddrV6 netip.Addr
+	PublicIPv6  netip.Addr
 }
 
 // Options is what a backend constructor gets.
@@ -55,6 +60,9 @@ type Publish struct {
 	// BackendData is published in the lease (e.g. vxlan's VtepMAC); may be
 	// nil.
 	BackendData json.RawMessage
+	// BackendV6Data is its IPv6 counterpart (vxlan's IPv6 VtepMAC); nil
+	// without IPv6.
+	BackendV6Data json.RawMessage
 	// MTU is FLANNEL_MTU.
 	MTU int
 }
