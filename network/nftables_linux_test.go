@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/klog/v2"
 	"sigs.k8s.io/knftables"
 
 	"github.com/flanneld-go/flanneld/internal/nstest"
@@ -66,13 +67,13 @@ var (
 // wrappers that enter it, and an nft on PATH that enters it too, which is
 // the nft knftables runs.
 type nsTools struct {
-	t          *testing.T
+	t          testing.TB
 	ns         *nstest.NS
 	ipt, ip6t  *nsIPTables
 	nftWrapper string
 }
 
-func newNSTools(t *testing.T, prefix string) *nsTools {
+func newNSTools(t testing.TB, prefix string) *nsTools {
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: needs root to create a network namespace")
 	}
@@ -267,7 +268,7 @@ func renderExpr(e map[string]json.RawMessage) string {
 // rootState returns what the host's own (root namespace) tables hold of
 // flanneld's, to check that the tests leave it alone. bins are the paths of
 // iptables-save, ip6tables-save and nft.
-func rootState(t *testing.T, bins []string) string {
+func rootState(t testing.TB, bins []string) string {
 	t.Helper()
 	var b strings.Builder
 	for _, argv := range [][]string{{bins[0]}, {bins[1]}, {bins[2], "list", "tables"}} {
@@ -287,7 +288,7 @@ func rootState(t *testing.T, bins []string) string {
 // checkRootUntouched compares the root namespace's flanneld rules at the
 // end of the test with those at its start. It must be called before PATH
 // is changed to reach the test's namespace.
-func checkRootUntouched(t *testing.T) {
+func checkRootUntouched(t testing.TB) {
 	var bins []string
 	for _, b := range []string{"iptables-save", "ip6tables-save", "nft"} {
 		p, err := exec.LookPath(b)
@@ -485,5 +486,39 @@ func TestRenderRuleset(t *testing.T) {
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("renderRuleset:\n%s\nwant:\n%s", lines(got), lines(want))
+	}
+}
+
+// BenchmarkEnsureInPlaceInNetns measures the periodic check of a dual-stack
+// Keeper whose rules are in place (what Run does every --iptables-resync):
+// two iptables-save runs in iptables mode, two nft listings in nftables mode.
+func BenchmarkEnsureInPlaceInNetns(b *testing.B) {
+	for _, mode := range []struct {
+		name     string
+		nftables bool
+	}{{"iptables", false}, {"nftables", true}} {
+		b.Run(mode.name, func(b *testing.B) {
+			n := newNSTools(b, "flanneld-bench")
+			opts := n.options(mode.nftables, time.Hour)
+			opts.Logger = klog.Background().V(10) // quiet
+			k, err := New(opts)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := k.Ensure(context.Background()); err != nil {
+				b.Fatal(err)
+			}
+			restores := k.Restores()
+			b.ResetTimer()
+			for b.Loop() {
+				if err := k.Ensure(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			if k.Restores() != restores {
+				b.Fatalf("a check with the rules in place changed them")
+			}
+		})
 	}
 }

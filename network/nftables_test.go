@@ -2,6 +2,7 @@ package network
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -465,4 +466,90 @@ func TestNewDualStackOptions(t *testing.T) {
 	if err := k.SetLease(testLease); err == nil {
 		t.Error("SetLease of an IPv4 subnet on an IPv6-only Keeper succeeded")
 	}
+}
+
+// failingNFT is a knftables.Fake whose runs and listings can be made to fail.
+type failingNFT struct {
+	*knftables.Fake
+	failRun, failList error
+}
+
+func (f *failingNFT) Run(ctx context.Context, tx *knftables.Transaction) error {
+	if f.failRun != nil {
+		return f.failRun
+	}
+	return f.Fake.Run(ctx, tx)
+}
+
+func (f *failingNFT) ListRules(ctx context.Context, chain string) ([]*knftables.Rule, error) {
+	if f.failList != nil {
+		return nil, f.failList
+	}
+	return f.Fake.ListRules(ctx, chain)
+}
+
+// TestNFTEnsureErrors: a family whose table cannot be read or written does
+// not keep the other family's out, the error names the table, and the next
+// Ensure completes the set. Leftovers of the other mode are removed only
+// once the tables are in, and a failure to remove them is logged, not
+// returned.
+func TestNFTEnsureErrors(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		set  func(f *failingNFT)
+	}{
+		{"listing fails", func(f *failingNFT) { f.failList = errFake }},
+		{"transaction fails", func(f *failingNFT) { f.failRun = errFake }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			nft := newFakeNFT()
+			v4 := &failingNFT{Fake: nft.get(knftables.IPv4Family, NFTTableIPv4)}
+			ipt := withForeignRules()
+			ensure(t, newTestKeeper(t, ipt, true, 0)) // an earlier run in iptables mode
+			k := newNFTKeeperForTest(t, Options{Network: testNetwork, Lease: testLease, IPv6Network: testNetwork6, IPv6Lease: testLease6, IPMasq: true,
+				ipt: ipt,
+				nft: func(family knftables.Family, table string) (knftables.Interface, error) {
+					if family == knftables.IPv4Family {
+						return v4, nil
+					}
+					return nft.factory(family, table)
+				}})
+			tt.set(v4)
+			err := k.Ensure(context.Background())
+			if !errors.Is(err, errFake) || !strings.Contains(err.Error(), "nftables table ip flannel-ipv4") {
+				t.Fatalf("Ensure error = %v, want one naming the table and wrapping %v", err, errFake)
+			}
+			if got := nft.dump(); got != goldenNFT6 {
+				t.Errorf("tables after a failure of the IPv4 one:\n%s\nwant:\n%s", got, goldenNFT6)
+			}
+			checkDump(t, ipt, goldenMasq) // not removed while the IPv4 table is out
+			v4.failList, v4.failRun = nil, nil
+			ensure(t, k)
+			if got := nft.dump(); got != goldenNFT4+goldenNFT6 {
+				t.Errorf("tables after the fault is gone:\n%s\nwant:\n%s", got, goldenNFT4+goldenNFT6)
+			}
+			checkDump(t, ipt, withForeignRules().dump())
+		})
+	}
+
+	t.Run("leftovers cannot be removed", func(t *testing.T) {
+		nft := newFakeNFT()
+		ipt := withForeignRules()
+		ensure(t, newTestKeeper(t, ipt, true, 0))
+		ipt.setFail("restore", errFake)
+		k := newNFTKeeperForTest(t, Options{Network: testNetwork, Lease: testLease, IPMasq: true, ipt: ipt, nft: nft.factory})
+		ensure(t, k) // logged, not returned
+		if got := nft.dump(); got != goldenNFT4 {
+			t.Errorf("tables:\n%s\nwant:\n%s", got, goldenNFT4)
+		}
+		checkDump(t, ipt, goldenMasq)
+		ipt.setFail("restore", nil)
+		ensure(t, k)
+		checkDump(t, ipt, withForeignRules().dump())
+		ipt.takeWrites()
+		ensure(t, k)
+		if w := ipt.takeWrites(); len(w) != 0 {
+			t.Errorf("Ensure after the removal touched iptables again: %q", w)
+		}
+	})
 }
