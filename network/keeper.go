@@ -162,13 +162,13 @@ func New(opts Options) (*Keeper, error) {
 	for _, f := range []family{ipv4, ipv6} {
 		network := k.networkOf(f)
 		family, table := nftTable(f == ipv6)
+		connect := func() (knftables.Interface, error) { return t.nft(family, table) }
 		switch {
 		case network.IsValid() && opts.NFTables:
-			nft, err := t.nft(family, table)
-			if err != nil {
-				return nil, fmt.Errorf("setting up nftables: %w; install the nftables package (it provides nft) or turn EnableNFTables off", err)
+			if !t.nftFound {
+				return nil, fmt.Errorf("setting up nftables: nft not found; install the nftables package (nft 1.0.1 or later) or turn EnableNFTables off")
 			}
-			k.keepers[f] = newNFTKeeper(nft, f == ipv6, k.log, network, k.ipMasq, &k.restores)
+			k.keepers[f] = newNFTKeeper(connect, f == ipv6, k.log, network, k.ipMasq, &k.restores)
 		case network.IsValid():
 			ipt := t.ipt[f]
 			if ipt == nil {
@@ -177,25 +177,29 @@ func New(opts Options) (*Keeper, error) {
 			k.keepers[f] = newIPTKeeper(ipt, f == ipv6, k.log, network, k.ipMasq, &k.restores)
 		}
 		// Leftovers: iptables chains unless we keep them, our nftables
-		// table unless we keep it. A tool that is not installed cannot
-		// have left anything.
+		// table unless we keep it. Without the tool there is nothing to
+		// remove them with.
 		if !network.IsValid() || opts.NFTables {
 			if ipt := t.ipt[f]; ipt != nil {
 				c := newIPTKeeper(ipt, f == ipv6, k.log, network, false, &k.restores)
 				k.cleanup = append(k.cleanup, cleanupStep{what: progIPT(f) + " chains", remove: c.removeAll})
 			}
 		}
-		if !network.IsValid() || !opts.NFTables {
-			if nft, err := t.nft(family, table); err == nil {
-				k.cleanup = append(k.cleanup, cleanupStep{what: "nftables table " + string(family) + " " + table, remove: func(ctx context.Context) (bool, error) {
-					removed, err := removeNFTTable(ctx, nft, family, table)
-					if removed {
-						k.restores.Add(1)
-						metrics.IPTablesRestores.Inc()
-					}
-					return removed, err
-				}})
-			}
+		if (!network.IsValid() || !opts.NFTables) && t.nftFound {
+			k.cleanup = append(k.cleanup, cleanupStep{what: "nftables table " + string(family) + " " + table, remove: func(ctx context.Context) (bool, error) {
+				nft, err := connect()
+				if err != nil {
+					// nft cannot work here (too old, no kernel support),
+					// so it cannot have made the table either.
+					return false, nil
+				}
+				removed, err := removeNFTTable(ctx, nft, family, table)
+				if removed {
+					k.restores.Add(1)
+					metrics.IPTablesRestores.Inc()
+				}
+				return removed, err
+			}})
 		}
 	}
 	return k, nil
@@ -211,19 +215,16 @@ func progIPT(f family) string {
 // tools are the programs a Keeper may run.
 type tools struct {
 	ipt [2]iptablesAPI // by family; nil when not installed
-	nft func(family knftables.Family, table string) (knftables.Interface, error)
+	// nft connects to a table; knftables.New runs nft twice to check that
+	// it works, so it is called at the first Ensure, not in New.
+	nft      func(family knftables.Family, table string) (knftables.Interface, error)
+	nftFound bool // nft is installed
 }
 
 // findTools returns the test's tools, or those found on PATH.
 func findTools(opts Options) tools {
 	if opts.ipt != nil || opts.ip6t != nil || opts.nft != nil {
-		t := tools{ipt: [2]iptablesAPI{opts.ipt, opts.ip6t}, nft: opts.nft}
-		if t.nft == nil {
-			t.nft = func(knftables.Family, string) (knftables.Interface, error) {
-				return nil, exec.ErrNotFound
-			}
-		}
-		return t
+		return tools{ipt: [2]iptablesAPI{opts.ipt, opts.ip6t}, nft: opts.nft, nftFound: opts.nft != nil}
 	}
 	var t tools
 	for _, f := range []family{ipv4, ipv6} {
@@ -231,6 +232,8 @@ func findTools(opts Options) tools {
 			t.ipt[f] = e
 		}
 	}
+	_, err := exec.LookPath("nft")
+	t.nftFound = err == nil
 	t.nft = func(family knftables.Family, table string) (knftables.Interface, error) {
 		return knftables.New(family, table)
 	}

@@ -94,8 +94,11 @@ func NFTRules(network, lease netip.Prefix, ipMasq bool) []NFTChain {
 // table, still the rules (handles) it wrote. Otherwise one transaction
 // deletes the table and declares it again with all its chains and rules, so
 // traffic never meets a half-filled table and anything else found in it goes.
+// (A chain without rules added by hand is not seen by the listing and
+// stays until the next rebuild.)
 type nftKeeper struct {
-	nft      knftables.Interface // bound to the family and table
+	connect  func() (knftables.Interface, error)
+	nft      knftables.Interface // bound to the family and table; nil until connected
 	family   knftables.Family
 	table    string
 	log      klog.Logger
@@ -107,15 +110,22 @@ type nftKeeper struct {
 	handles map[string][]int // their rules' handles read back, by chain
 }
 
-func newNFTKeeper(nft knftables.Interface, ipv6 bool, log klog.Logger, network netip.Prefix, ipMasq bool, restores *atomic.Uint64) *nftKeeper {
+func newNFTKeeper(connect func() (knftables.Interface, error), ipv6 bool, log klog.Logger, network netip.Prefix, ipMasq bool, restores *atomic.Uint64) *nftKeeper {
 	family, table := nftTable(ipv6)
-	return &nftKeeper{nft: nft, family: family, table: table, log: log, network: network, ipMasq: ipMasq, restores: restores}
+	return &nftKeeper{connect: connect, family: family, table: table, log: log, network: network, ipMasq: ipMasq, restores: restores}
 }
 
 func (n *nftKeeper) name() string { return string(n.family) + " " + n.table }
 
 // ensure makes the table match NFTRules for lease.
 func (n *nftKeeper) ensure(ctx context.Context, lease netip.Prefix) error {
+	if n.nft == nil {
+		nft, err := n.connect()
+		if err != nil {
+			return fmt.Errorf("setting up nftables for table %s: %w; install the nftables package (nft 1.0.1 or later) or turn EnableNFTables off", n.name(), err)
+		}
+		n.nft = nft
+	}
 	want := NFTRules(n.network, lease, n.ipMasq)
 	listed, err := n.list(ctx)
 	if err != nil {

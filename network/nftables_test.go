@@ -532,6 +532,21 @@ func TestNFTEnsureErrors(t *testing.T) {
 		})
 	}
 
+	t.Run("nft does not work", func(t *testing.T) {
+		calls := 0
+		k := newNFTKeeperForTest(t, Options{Network: testNetwork, Lease: testLease, nft: func(knftables.Family, string) (knftables.Interface, error) {
+			calls++
+			return nil, errFake
+		}})
+		if calls != 0 {
+			t.Errorf("New ran nft %d times, want 0 (it connects at the first Ensure)", calls)
+		}
+		err := k.Ensure(context.Background())
+		if !errors.Is(err, errFake) || !strings.Contains(err.Error(), "install the nftables package") {
+			t.Errorf("Ensure error = %v, want one wrapping %v that says what to install", err, errFake)
+		}
+	})
+
 	t.Run("leftovers cannot be removed", func(t *testing.T) {
 		nft := newFakeNFT()
 		ipt := withForeignRules()
