@@ -273,9 +273,10 @@ func run(f *flags) error {
 		RenewMargin: time.Duration(f.renewMargin) * time.Minute,
 		RouteResync: time.Duration(f.routeResync) * time.Second,
 		Nexthops:    nexthops,
-		Rules: func(nw, lease netip.Prefix, masq bool) (flannel.Rules, error) {
-			return network.New(network.Options{Network: nw, Lease: lease, IPMasq: masq,
-				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("iptables")})
+		Rules: func(set flannel.RuleSet) (flannel.Rules, error) {
+			return network.New(network.Options{Network: set.Network, Lease: set.Lease, IPv6Network: set.IPv6Network, IPv6Lease: set.IPv6Lease,
+				IPMasq: set.IPMasq, NFTables: set.NFTables,
+				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("rules")})
 		},
 		OnNotReady: func(reason string) { notReady.Store(&reason) },
 		OnReady: func() {

@@ -23,7 +23,20 @@ import (
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
-// Rules keeps the iptables rules of one lease in place.
+// RuleSet is what the forward and masquerade rules of a node depend on.
+type RuleSet struct {
+	// Network and Lease are the IPv4 network and own subnet; invalid
+	// without IPv4.
+	Network, Lease netip.Prefix
+	// IPv6Network and IPv6Lease are their IPv6 counterparts; invalid
+	// without IPv6.
+	IPv6Network, IPv6Lease netip.Prefix
+	// IPMasq adds the masquerade rules; NFTables keeps the rules in
+	// nftables instead of iptables (the config's EnableNFTables).
+	IPMasq, NFTables bool
+}
+
+// Rules keeps the forward and masquerade rules of one lease in place.
 type Rules interface {
 	// Ensure installs the rule set now.
 	Ensure(ctx context.Context) error
@@ -45,7 +58,7 @@ type Options struct {
 	// IPMasq is published as FLANNEL_IPMASQ and passed to Rules.
 	IPMasq bool
 	// Rules builds the rule keeper for a lease; nil installs no rules.
-	Rules func(network, lease netip.Prefix, ipMasq bool) (Rules, error)
+	Rules func(RuleSet) (Rules, error)
 	// RenewMargin is how long before expiry the lease is renewed (60 min).
 	RenewMargin time.Duration
 	// RenewRetry is the wait after a failed renewal (1 min).

@@ -26,9 +26,16 @@ func (n *node) startRules(ctx context.Context) error {
 		return nil
 	}
 	n.rules.installed = false
-	r, err := n.o.Rules(n.cfg.Network, n.lease.Subnet, n.o.IPMasq)
+	set := RuleSet{IPMasq: n.o.IPMasq, NFTables: n.cfg.EnableNFTables}
+	if n.cfg.EnableIPv4 {
+		set.Network, set.Lease = n.cfg.Network, n.lease.Subnet
+	}
+	if n.cfg.EnableIPv6 {
+		set.IPv6Network, set.IPv6Lease = n.cfg.IPv6Network, n.lease.IPv6Subnet
+	}
+	r, err := n.o.Rules(set)
 	if err != nil {
-		return fmt.Errorf("setting up iptables rules: %w", err)
+		return fmt.Errorf("setting up forward and masquerade rules: %w", err)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -54,7 +61,7 @@ func (n *node) startRules(ctx context.Context) error {
 			wait = min(2*wait, maxRetry)
 		}
 		if err := r.Run(rctx); err != nil && rctx.Err() == nil {
-			n.log.Error(err, "Keeping iptables rules in place stopped")
+			n.log.Error(err, "Keeping the forward and masquerade rules in place stopped")
 		}
 	}()
 	return nil
@@ -63,9 +70,9 @@ func (n *node) startRules(ctx context.Context) error {
 // rulesInstalled takes one result of the keeper's first install.
 func (n *node) rulesInstalled(err error) {
 	if err != nil {
-		n.log.Error(err, "Installing iptables rules failed; retrying with back-off")
+		n.log.Error(err, "Installing the forward and masquerade rules failed; retrying with back-off")
 		if n.o.OnNotReady != nil {
-			n.o.OnNotReady("iptables rules not in place: " + err.Error())
+			n.o.OnNotReady("forward and masquerade rules not in place: " + err.Error())
 		}
 		return
 	}

@@ -60,9 +60,9 @@ func (f *fakeRules) ensureCount() int {
 }
 
 // rulesFor returns an Options.Rules that hands out f (once).
-func rulesFor(f *fakeRules) func(netip.Prefix, netip.Prefix, bool) (Rules, error) {
-	return func(network, lease netip.Prefix, _ bool) (Rules, error) {
-		f.network, f.lease = network, lease
+func rulesFor(f *fakeRules) func(RuleSet) (Rules, error) {
+	return func(set RuleSet) (Rules, error) {
+		f.network, f.lease = set.Network, set.Lease
 		return f, nil
 	}
 }
