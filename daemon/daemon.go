@@ -169,6 +169,9 @@ func Run(ctx context.Context, o Options) error {
 	n.log.Info("Network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen,
 		"subnetMin", cfg.SubnetMin, "subnetMax", cfg.SubnetMax, "backend", cfg.BackendType)
 
+	if cfg.EnableIPv6 && !o.Ext.PublicIPv6.Is6() {
+		return fmt.Errorf("the network config enables IPv6 but interface %s has no global IPv6 address; give it one, choose another with --iface, or set --public-ipv6", o.Ext.Iface.Name)
+	}
 	be, err := backend.New(cfg.BackendType, backend.Options{Ext: o.Ext, Config: cfg, Netlink: o.Netlink, Nexthops: o.Nexthops, Logger: n.log.WithName(cfg.BackendType)})
 	if err != nil {
 		return err
@@ -181,7 +184,13 @@ func Run(ctx context.Context, o Options) error {
 	}
 	n.mtu = pub.MTU
 	n.attrs = subnet.LeaseAttrs{PublicIP: o.Ext.PublicIP, BackendType: subnet.WireBackendType(cfg.BackendType), BackendData: pub.BackendData}
-	n.adm = newAdmission(cfg, o.Ext.PublicIP, n.log)
+	if cfg.EnableIPv6 {
+		n.attrs.PublicIPv6, n.attrs.BackendV6Data = o.Ext.PublicIPv6, pub.BackendV6Data
+	}
+	if !cfg.EnableIPv4 {
+		n.attrs.PublicIP, n.attrs.BackendData = netip.IPv4Unspecified(), nil // as flannel writes an IPv6-only lease
+	}
+	n.adm = newAdmission(cfg, n.attrs.PublicIP, n.attrs.PublicIPv6, n.log)
 
 	lease, err := n.acquire(ctx, n.previousSubnet())
 	if err != nil {
@@ -261,7 +270,7 @@ func (n *node) maybeReady() {
 	if n.o.OnReady != nil {
 		n.o.OnReady()
 	}
-	n.log.Info("Ready", "subnet", n.lease.Subnet, "publicIP", n.o.Ext.PublicIP, "leases", n.leases.len())
+	n.log.Info("Ready", "subnet", n.lease.Subnet, "ipv6Subnet", n.lease.IPv6Subnet, "publicIP", n.o.Ext.PublicIP, "leases", n.leases.len())
 }
 
 // apply hands the current lease set to the backend.
@@ -285,7 +294,7 @@ func expiry(l subnet.Lease) float64 {
 
 // remotes is every lease but our own: a view of the lease set, which
 // backends neither keep nor change.
-func (n *node) remotes() []subnet.Lease { return n.leases.except(n.lease.Subnet) }
+func (n *node) remotes() []subnet.Lease { return n.leases.except(n.lease.Key()) }
 
 func (n *node) previousSubnet() netip.Prefix {
 	env, err := subnet.ReadEnv(n.o.SubnetFile)
@@ -313,7 +322,13 @@ func (n *node) setLease(l subnet.Lease) {
 }
 
 func (n *node) writeEnv() error {
-	env := subnet.Env{Network: n.cfg.Network, Subnet: n.lease.Subnet, MTU: n.mtu, IPMasq: n.o.IPMasq}
+	env := subnet.Env{MTU: n.mtu, IPMasq: n.o.IPMasq}
+	if n.cfg.EnableIPv4 {
+		env.Network, env.Subnet = n.cfg.Network, n.lease.Subnet
+	}
+	if n.cfg.EnableIPv6 {
+		env.IPv6Network, env.IPv6Subnet = n.cfg.IPv6Network, n.lease.IPv6Subnet
+	}
 	if err := subnet.WriteEnv(n.o.SubnetFile, env); err != nil {
 		return err
 	}

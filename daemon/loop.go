@@ -83,26 +83,27 @@ func (n *node) update(batch []subnet.Event) (lost bool) {
 	n.leases.reserve(len(batch))
 	for _, ev := range batch {
 		l := ev.Lease
-		own := l.Subnet == n.lease.Subnet
+		key := l.Key()
+		own := key == n.lease.Key()
 		if ev.Type == subnet.EventRemoved {
-			n.leases.remove(l.Subnet)
-			n.adm.forget(l.Subnet)
+			n.leases.remove(key)
+			n.adm.forget(key)
 			if own {
-				n.log.Info("Own lease was removed from the store", "subnet", l.Subnet)
+				n.log.Info("Own lease was removed from the store", "subnet", key)
 				lost = true
 			}
 			continue
 		}
-		if own && l.Attrs.PublicIP == n.attrs.PublicIP {
+		if own && l.Attrs.PublicIP == n.attrs.PublicIP && l.Attrs.PublicIPv6 == n.attrs.PublicIPv6 {
 			n.leases.put(l)
 			continue
 		}
 		if own {
-			n.log.Info("Own subnet is now leased by another node", "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
+			n.log.Info("Own subnet is now leased by another node", "subnet", key, "publicIP", l.Attrs.PublicIP)
 			lost = true
 		}
 		if !n.adm.admit(l) {
-			n.leases.remove(l.Subnet)
+			n.leases.remove(key)
 			continue
 		}
 		n.leases.put(l)

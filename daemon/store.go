@@ -96,7 +96,7 @@ func (n *node) stored(ctx context.Context, r storeResult) (reapply bool) {
 		s.renew = false
 		switch err := r.err; {
 		case err == nil:
-			if r.lease.Subnet != n.lease.Subnet {
+			if r.lease.Key() != n.lease.Key() {
 				return false // renewed a lease given up meanwhile
 			}
 			n.lease.Expiration = r.lease.Expiration
@@ -133,16 +133,16 @@ func (n *node) stored(ctx context.Context, r storeResult) (reapply bool) {
 func (n *node) adopt(ctx context.Context, l subnet.Lease) {
 	old := n.lease
 	n.setLease(l)
-	if l.Subnet == old.Subnet {
-		n.log.Info("Re-acquired lease", "subnet", l.Subnet, "expires", l.Expiration)
+	if l.Subnet == old.Subnet && l.IPv6Subnet == old.IPv6Subnet {
+		n.log.Info("Re-acquired lease", "subnet", l.Subnet, "ipv6Subnet", l.IPv6Subnet, "expires", l.Expiration)
 		return
 	}
 	n.log.Error(nil, "LEASE MOVED: the previous subnet could not be kept; containers on this host must be restarted to use the new one",
-		"previous", old.Subnet, "subnet", l.Subnet)
+		"previous", old.Subnet, "subnet", l.Subnet, "previousIPv6", old.IPv6Subnet, "ipv6Subnet", l.IPv6Subnet)
 	// Our old subnet is no lease of ours any more; one of another node
 	// stays.
-	if o, ok := n.leases.get(old.Subnet); ok && o.Attrs.PublicIP == n.attrs.PublicIP {
-		n.leases.remove(old.Subnet)
+	if o, ok := n.leases.get(old.Key()); ok && old.Key() != l.Key() && o.Attrs.PublicIP == n.attrs.PublicIP && o.Attrs.PublicIPv6 == n.attrs.PublicIPv6 {
+		n.leases.remove(old.Key())
 	}
 	if err := n.writeEnv(); err != nil {
 		n.log.Error(err, "Writing the subnet file for the new lease failed")

@@ -146,6 +146,16 @@ type Lease struct {
 	Expiration time.Time
 }
 
+// Key identifies the lease: its IPv4 subnet, or the IPv6 subnet of an
+// IPv6-only lease (the IPv4 part of a key claims it, as the store's key
+// names do).
+func (l *Lease) Key() netip.Prefix {
+	if l.Subnet.IsValid() {
+		return l.Subnet
+	}
+	return l.IPv6Subnet
+}
+
 // Reservation reports whether the lease key has no TTL.
 func (l *Lease) Reservation() bool { return l.Expiration.IsZero() }
 
