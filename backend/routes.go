@@ -170,6 +170,7 @@ type RouteReconciler struct {
 	ids   []uint32
 	seen  map[uint32]bool
 	sets  []nlbatch.Route // routes to replace
+	moves []nlbatch.Route // IPv6 routes to delete before their replacement
 	upd   []bool          // whether sets[i] replaces a different route
 	dels  []nlbatch.Route // routes to delete
 	errs  []error         // the kernel's answer to each set or delete
@@ -247,7 +248,7 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes,
 	clear(r.extra) // drop the references to the kernel's routes
 	if cap(r.sets)+cap(r.dels) > keepChanges {
 		// After a burst: the next calls need little of this.
-		r.sets, r.upd, r.dels, r.errs, r.nhBuf, r.ids = nil, nil, nil, nil, nil, nil
+		r.sets, r.upd, r.dels, r.moves, r.errs, r.nhBuf, r.ids = nil, nil, nil, nil, nil, nil, nil
 	}
 	if bad > 0 {
 		c.Failed += bad
@@ -353,7 +354,7 @@ func (r *RouteReconciler) write() (Changes, error) {
 			first = err
 		}
 	}
-	r.sets, r.upd, r.dels = r.sets[:0], r.upd[:0], r.dels[:0]
+	r.sets, r.upd, r.dels, r.moves = r.sets[:0], r.upd[:0], r.dels[:0], r.moves[:0]
 	for k, want := range r.want {
 		have, ok := r.have[k]
 		if ok && have == want {
@@ -361,6 +362,16 @@ func (r *RouteReconciler) write() (Changes, error) {
 		}
 		r.sets = append(r.sets, want.batch(k))
 		r.upd = append(r.upd, ok)
+		if ok && r.v6 && have.link != want.link {
+			r.moves = append(r.moves, have.batch(k))
+		}
+	}
+	if len(r.moves) > 0 {
+		// The kernel refuses an IPv6 onlink gateway that a route through
+		// another link covers, the route being replaced included: a route
+		// moving to another link (DirectRouting turned off, say) goes
+		// first. A failure here shows in the replace that follows.
+		_ = r.nl.DeleteRoutes(r.moves, r.results(len(r.moves)))
 	}
 	for k, have := range r.have {
 		if _, ok := r.want[k]; !ok {
