@@ -370,7 +370,10 @@ func (r *RouteReconciler) write() (Changes, error) {
 		// The kernel refuses an IPv6 onlink gateway that a route through
 		// another link covers, the route being replaced included: a route
 		// moving to another link (DirectRouting turned off, say) goes
-		// first. A failure here shows in the replace that follows.
+		// first. A failure here shows in the replace that follows. (A
+		// foreign route for the whole IPv6 network through another link
+		// makes every onlink route fail the same way; the error says
+		// "invalid argument" for each.)
 		_ = r.nl.DeleteRoutes(r.moves, r.results(len(r.moves)))
 	}
 	for k, have := range r.have {
