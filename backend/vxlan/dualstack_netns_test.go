@@ -535,3 +535,56 @@ func TestIPv6ConfigErrors(t *testing.T) {
 		t.Errorf("New without an IPv6 address = %v, want the missing address named", err)
 	}
 }
+
+// TestDualStackRestartKeepsDevices: a new backend on the same host (a
+// restarted daemon) adopts both devices with their MACs and, given the same
+// leases, changes nothing; a v6 device changed by hand is replaced with its
+// MAC kept.
+func TestDualStackRestartKeepsDevices(t *testing.T) {
+	a, b := newDualPair(t)
+	ba, bb := a.dualBackend(t, `{"Type":"vxlan"}`, true), b.dualBackend(t, `{"Type":"vxlan"}`, true)
+	la, pub := a.initDual(t, ba, "10.5.1.0/24", "fc00:5:0:1::/64")
+	lb, _ := b.initDual(t, bb, "10.5.2.0/24", "fc00:5:0:2::/64")
+	apply(t, ba, la, lb)
+	before4, before6 := a.state(t, "flannel.1"), a.state6(t)
+	idx := func(name string) int {
+		l, err := a.h.LinkByName(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.Attrs().Index
+	}
+	i4, i6 := idx("flannel.1"), idx("flannel-v6.1")
+	must(t, ba.Close())
+
+	again := a.dualBackend(t, `{"Type":"vxlan"}`, true)
+	la2, pub2 := a.initDual(t, again, "10.5.1.0/24", "fc00:5:0:1::/64")
+	if string(pub2.BackendData) != string(pub.BackendData) || string(pub2.BackendV6Data) != string(pub.BackendV6Data) {
+		t.Errorf("re-Init published %s / %s, want %s / %s", pub2.BackendData, pub2.BackendV6Data, pub.BackendData, pub.BackendV6Data)
+	}
+	if idx("flannel.1") != i4 || idx("flannel-v6.1") != i6 {
+		t.Error("re-Init recreated a device")
+	}
+	apply(t, again, la2, lb)
+	if again.last != (stats{}) || again.v6.last != (stats{}) {
+		t.Errorf("first Apply after a restart changed IPv4 %+v, IPv6 %+v", again.last, again.v6.last)
+	}
+	if a.state(t, "flannel.1") != before4 || a.state6(t) != before6 {
+		t.Error("the restart changed the kernel")
+	}
+
+	// A v6 device with the wrong local address is replaced, keeping its MAC.
+	dev, err := a.h.LinkByName("flannel-v6.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, a.h.LinkDel(dev))
+	wrong := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: "flannel-v6.1", HardwareAddr: dev.Attrs().HardwareAddr},
+		VxlanId: 1, VtepDevIndex: a.ext.Index, SrcAddr: net.ParseIP("fd5e::99"), Port: kernelPort}
+	must(t, a.h.LinkAdd(wrong))
+	apply(t, again, la2, lb)
+	checkState6(t, a, before6)
+	if n := a.logs.count("did not match"); n != 1 {
+		t.Errorf("%d log lines about a replaced device, want 1", n)
+	}
+}
