@@ -261,11 +261,6 @@ func run(f *flags) error {
 		public6, _ = ip.ParseAddr6(f.publicIPv6)
 	}
 	log.Info("Using interface", "name", ext.Iface.Name, "addr", ext.Addr, "publicIP", public, "addr6", ext.Addr6, "publicIPv6", public6, "mtu", ext.Iface.MTU)
-	if !ext.Addr6.IsValid() {
-		// Needed only if the network config enables IPv6; the backend
-		// then fails naming the interface.
-		log.V(1).Info("No IPv6 tunnel endpoint", "reason", ext.NoAddr6)
-	}
 
 	if mgrErr != nil {
 		return mgrErr
@@ -281,7 +276,7 @@ func run(f *flags) error {
 
 	return flannel.Run(ctx, flannel.Options{
 		Manager:     mgr,
-		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public, IfaceAddrV6: ext.Addr6, PublicIPv6: public6},
+		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public, IfaceAddrV6: ext.Addr6, PublicIPv6: public6, NoIPv6: ext.NoAddr6},
 		Netlink:     nl,
 		SubnetFile:  f.subnetFile,
 		IPMasq:      f.ipMasq,

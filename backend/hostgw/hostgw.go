@@ -145,7 +145,7 @@ func (b *hostGW) Init(ctx context.Context) (backend.Publish, error) {
 	}
 	if b.routes6 != nil {
 		if !b.ext.IfaceAddrV6.Is6() || b.ext.IfaceAddrV6.Is4In6() {
-			return backend.Publish{}, fmt.Errorf("EnableIPv6 is set but interface %s has no global IPv6 address; host-gw needs one (give it one or choose another with --iface)", name)
+			return backend.Publish{}, fmt.Errorf("EnableIPv6 is set but interface %s has no global IPv6 address; host-gw needs one (%s)", name, b.ext.MissingIPv6())
 		}
 		if b.ext.PublicIPv6 != b.ext.IfaceAddrV6 {
 			return backend.Publish{}, fmt.Errorf("%w: --public-ipv6 %s is not %s, the IPv6 address of %s; drop --public-ipv6, set it to %s, or use the vxlan backend",

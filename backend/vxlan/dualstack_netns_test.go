@@ -531,8 +531,17 @@ func TestIPv6ConfigErrors(t *testing.T) {
 		Ext:    backend.ExternalInterface{Iface: a.ext, IfaceAddr: a.addr, PublicIP: a.addr},
 		Config: cfg, Netlink: a.h,
 	})
-	if err == nil || !strings.Contains(err.Error(), "has no global IPv6 address") {
+	if err == nil || !strings.Contains(err.Error(), "has no global IPv6 address") || !strings.Contains(err.Error(), "give eth0 a global IPv6 address") {
 		t.Errorf("New without an IPv6 address = %v, want the missing address named", err)
+	}
+	// The interface choice's reason, when known, is the remedy given.
+	const why = "interface eth0 has no global IPv6 address; the IPv6 default route is on eth1: choose one interface for both families with --iface"
+	_, err = backend.New("vxlan", backend.Options{
+		Ext:    backend.ExternalInterface{Iface: a.ext, IfaceAddr: a.addr, PublicIP: a.addr, NoIPv6: why},
+		Config: cfg, Netlink: a.h,
+	})
+	if err == nil || !strings.Contains(err.Error(), why) || strings.Contains(err.Error(), "\n") {
+		t.Errorf("New = %v, want one line with %q", err, why)
 	}
 }
 

@@ -161,7 +161,7 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 		return nil, fmt.Errorf("vxlan backend: external interface %s has no IPv4 address to use as the tunnel endpoint", o.Ext.Iface.Name)
 	}
 	if v6 && (!o.Ext.IfaceAddrV6.Is6() || o.Ext.IfaceAddrV6.Is4In6()) {
-		return nil, fmt.Errorf("vxlan backend: EnableIPv6 is set but external interface %s has no global IPv6 address to use as the tunnel endpoint; give it one or choose another interface with --iface", o.Ext.Iface.Name)
+		return nil, fmt.Errorf("vxlan backend: EnableIPv6 is set but external interface %s has no global IPv6 address to use as the tunnel endpoint (%s)", o.Ext.Iface.Name, o.Ext.MissingIPv6())
 	}
 	if v6 && !o.Config.IPv6Network.Addr().Is6() {
 		return nil, errors.New("vxlan backend: EnableIPv6 is set but IPv6Network is missing")
