@@ -52,6 +52,7 @@ type flags struct {
 	ifaceRegex     []string
 	subnetFile     string
 	publicIP       string
+	publicIPv6     string
 	renewMargin    int
 	ipMasq         bool
 	healthzIP      string
@@ -73,9 +74,10 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.StringVar(&f.etcdUsername, "etcd-username", "", "username for BasicAuth to etcd")
 	fs.StringVar(&f.etcdPassword, "etcd-password", "", "password for BasicAuth to etcd")
 	fs.StringArrayVar(&f.iface, "iface", nil, "interface to use (IP or name) for inter-host communication; may be repeated, tried in order")
-	fs.StringArrayVar(&f.ifaceRegex, "iface-regex", nil, "regex matched against IPv4 addresses then names to pick the interface; may be repeated")
+	fs.StringArrayVar(&f.ifaceRegex, "iface-regex", nil, "regex matched against IPv4 addresses, then IPv6 addresses, then names to pick the interface; may be repeated")
 	fs.StringVar(&f.subnetFile, "subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
 	fs.StringVar(&f.publicIP, "public-ip", "", "IP accessible by other nodes for inter-host communication (default: the interface's address)")
+	fs.StringVar(&f.publicIPv6, "public-ipv6", "", "IPv6 address accessible by other nodes for inter-host communication, with EnableIPv6 (default: the interface's IPv6 address)")
 	fs.IntVar(&f.renewMargin, "subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1..1439)")
 	fs.BoolVar(&f.ipMasq, "ip-masq", false, "setup IP masquerade rule for traffic destined outside of overlay network")
 	fs.StringVar(&f.healthzIP, "healthz-ip", "0.0.0.0", "the IP address for healthz server to listen")
@@ -146,6 +148,11 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 	if f.publicIP != "" {
 		if _, err := ip.ParseAddr(f.publicIP); err != nil {
 			return nil, fmt.Errorf("--public-ip %q is not an IPv4 address", f.publicIP)
+		}
+	}
+	if f.publicIPv6 != "" {
+		if _, err := ip.ParseAddr6(f.publicIPv6); err != nil {
+			return nil, fmt.Errorf("--public-ipv6 %q is not an IPv6 address", f.publicIPv6)
 		}
 	}
 	if (f.etcdCertfile == "") != (f.etcdKeyfile == "") {
@@ -246,11 +253,14 @@ func run(f *flags) error {
 	if err != nil {
 		return err
 	}
-	public := ext.Addr
+	public, public6 := ext.Addr, ext.Addr6
 	if f.publicIP != "" {
 		public, _ = ip.ParseAddr(f.publicIP)
 	}
-	log.Info("Using interface", "name", ext.Iface.Name, "addr", ext.Addr, "publicIP", public, "mtu", ext.Iface.MTU)
+	if f.publicIPv6 != "" {
+		public6, _ = ip.ParseAddr6(f.publicIPv6)
+	}
+	log.Info("Using interface", "name", ext.Iface.Name, "addr", ext.Addr, "publicIP", public, "addr6", ext.Addr6, "publicIPv6", public6, "mtu", ext.Iface.MTU)
 
 	if mgrErr != nil {
 		return mgrErr
@@ -266,7 +276,7 @@ func run(f *flags) error {
 
 	return flannel.Run(ctx, flannel.Options{
 		Manager:     mgr,
-		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public},
+		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public, IfaceAddrV6: ext.Addr6, PublicIPv6: public6, NoIPv6: ext.NoAddr6},
 		Netlink:     nl,
 		SubnetFile:  f.subnetFile,
 		IPMasq:      f.ipMasq,

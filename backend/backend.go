@@ -36,6 +36,23 @@ type ExternalInterface struct {
 	// IfaceAddrV6); both invalid when the overlay has no IPv6.
 	IfaceAddrV6 netip.Addr
 	PublicIPv6  netip.Addr
+	// NoIPv6 says why IfaceAddrV6 is invalid, as the interface choice found
+	// (e.g. "interface eth0 has no global IPv6 address; the IPv6 default
+	// route is on eth1: ..."); backends that need IPv6 put it in their error.
+	NoIPv6 string
+}
+
+// MissingIPv6 is the end of an error line for an interface without an IPv6
+// address: NoIPv6 if known, else a generic remedy.
+func (e ExternalInterface) MissingIPv6() string {
+	if e.NoIPv6 != "" {
+		return e.NoIPv6
+	}
+	name := "the external interface"
+	if e.Iface != nil {
+		name = e.Iface.Name
+	}
+	return "give " + name + " a global IPv6 address or choose another interface with --iface"
 }
 
 // Options is what a backend constructor gets.

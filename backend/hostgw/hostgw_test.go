@@ -46,6 +46,9 @@ func newFakeKernel() *fakeKernel {
 func (f *fakeKernel) RouteListFilteredIter(family int, filter *netlink.Route, mask uint64, fn func(netlink.Route) bool) error {
 	f.dumps++
 	for _, r := range f.routes {
+		if (r.Dst.IP.To4() != nil) != (family == netlink.FAMILY_V4) {
+			continue
+		}
 		if !fn(r) {
 			break
 		}
@@ -75,6 +78,14 @@ func (f *fakeKernel) RouteReplace(r *netlink.Route) error {
 // ListRoutes is the dump ListRoutes makes, through RouteListFilteredIter.
 func (f *fakeKernel) ListRoutes(fn func(*nlbatch.RouteEntry) bool) error {
 	return f.RouteListFilteredIter(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
+		e := nlbatch.RouteEntryOf(&r)
+		return fn(&e)
+	})
+}
+
+// ListRoutes6 is ListRoutes for the IPv6 routes.
+func (f *fakeKernel) ListRoutes6(fn func(*nlbatch.RouteEntry) bool) error {
+	return f.RouteListFilteredIter(netlink.FAMILY_V6, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
 		e := nlbatch.RouteEntryOf(&r)
 		return fn(&e)
 	})

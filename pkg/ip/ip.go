@@ -99,24 +99,48 @@ func Contains(outer, inner netip.Prefix) bool {
 	return outer.Bits() <= inner.Bits() && outer.Contains(inner.Addr())
 }
 
-// IPNet converts an IPv4 prefix to the *net.IPNet netlink wants, with a
-// 4-byte IP and mask.
+// IPNet converts a prefix to the *net.IPNet netlink wants, with a 4-byte IP
+// and mask for IPv4 (16-byte for IPv6).
 func IPNet(p netip.Prefix) *net.IPNet {
-	b := p.Addr().As4()
-	return &net.IPNet{IP: net.IP(b[:]), Mask: net.CIDRMask(p.Bits(), 32)}
+	return HostNet(p.Addr(), p.Bits())
 }
 
 // HostNet converts an address with a prefix length (for example an interface
 // address 10.5.34.0/16) to *net.IPNet without clearing host bits.
 func HostNet(a netip.Addr, bits int) *net.IPNet {
-	b := a.As4()
-	return &net.IPNet{IP: net.IP(b[:]), Mask: net.CIDRMask(bits, 32)}
+	nip := IP(a)
+	return &net.IPNet{IP: nip, Mask: net.CIDRMask(bits, 8*len(nip))}
 }
 
-// IP converts an IPv4 address to a 4-byte net.IP.
+// IP converts an address to a net.IP: 4 bytes for IPv4 (and IPv4-mapped),
+// 16 for IPv6.
 func IP(a netip.Addr) net.IP {
-	b := a.As4()
+	if a.Is4() || a.Is4In6() {
+		b := a.As4()
+		return net.IP(b[:])
+	}
+	b := a.As16()
 	return net.IP(b[:])
+}
+
+// AddrFromIP converts a net.IP of either family to a netip.Addr (an IPv4
+// one in its 4-byte form).
+func AddrFromIP(nip net.IP) (netip.Addr, bool) {
+	a, ok := netip.AddrFromSlice(nip)
+	return a.Unmap(), ok
+}
+
+// PrefixFromIPNet converts a *net.IPNet of either family to a masked prefix.
+func PrefixFromIPNet(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := AddrFromIP(n.IP)
+	ones, bits := n.Mask.Size()
+	if !ok || bits != a.BitLen() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, ones).Masked(), true
 }
 
 // FromIP converts a net.IP (4- or 16-byte form) to an IPv4 netip.Addr.
