@@ -169,8 +169,11 @@ func Run(ctx context.Context, o Options) error {
 	n.log.Info("Network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen,
 		"subnetMin", cfg.SubnetMin, "subnetMax", cfg.SubnetMax, "backend", cfg.BackendType)
 
-	if cfg.EnableIPv6 && !o.Ext.PublicIPv6.Is6() {
-		return fmt.Errorf("the network config enables IPv6 but interface %s has no global IPv6 address; give it one, choose another with --iface, or set --public-ipv6", o.Ext.Iface.Name)
+	switch {
+	case cfg.EnableIPv4 && !o.Ext.PublicIP.Is4():
+		return fmt.Errorf("the network config enables IPv4 but interface %s has no IPv4 address; give it one or choose another with --iface", o.Ext.Iface.Name)
+	case cfg.EnableIPv6 && !o.Ext.PublicIPv6.Is6():
+		return fmt.Errorf("the network config enables IPv6 but the interface has no IPv6 address: %s", o.Ext.MissingIPv6())
 	}
 	be, err := backend.New(cfg.BackendType, backend.Options{Ext: o.Ext, Config: cfg, Netlink: o.Netlink, Nexthops: o.Nexthops, Logger: n.log.WithName(cfg.BackendType)})
 	if err != nil {
