@@ -44,6 +44,7 @@ type options struct {
 	nsPath     string
 	tls        bool
 	parentDir  string
+	noV2       bool
 }
 
 // member is what a server knows of its cluster; the zero value is a
@@ -308,7 +309,7 @@ func (s *Server) startEtcd() (*embed.Etcd, error) {
 	cfg := embed.NewConfig()
 	cfg.Name = s.member.name
 	cfg.Dir = s.dataDir()
-	cfg.EnableV2 = true
+	cfg.EnableV2 = !s.opts.noV2
 	cfg.ListenClientUrls = []url.URL{s.backendURL}
 	cfg.AdvertiseClientUrls = []url.URL{s.clientURL}
 	cfg.ListenPeerUrls = []url.URL{s.peerURL}
