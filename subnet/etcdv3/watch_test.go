@@ -283,4 +283,3 @@ func TestWatchConfig(t *testing.T) {
 		t.Fatalf("WatchConfig = %v", err)
 	}
 }
-
