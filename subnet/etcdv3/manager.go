@@ -2,6 +2,7 @@ package etcdv3
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -412,3 +413,17 @@ func (b *backoff) next() time.Duration {
 }
 
 func (b *backoff) reset() { b.cur = 0 }
+
+// ConfigExists reports whether the config key exists in the v3 keyspace,
+// with one read; it does not wait.
+func (m *Manager) ConfigExists(ctx context.Context) (bool, error) {
+	resp, err := m.get(ctx, m.configKey(), clientv3.WithCountOnly())
+	if err != nil {
+		return false, err
+	}
+	return resp.Count > 0, nil
+}
+
+// ClientTLS is the TLS config the manager would use for opts: nil when no
+// TLS file is given.
+func ClientTLS(opts Options) (*tls.Config, error) { return tlsConfig(&opts) }
