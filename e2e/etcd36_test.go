@@ -1,0 +1,83 @@
+package e2e
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/flanneld-go/flanneld/e2e/lab"
+	"github.com/flanneld-go/flanneld/internal/etcdbin"
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// TestVXLANOnEtcd36 runs three vxlan daemons with default flags against a
+// real etcd 3.6 process (no v2 API at all): --etcd-api auto must pick v3,
+// each node must hold one lease key attached to an etcd lease, and every
+// pair of hosts must reach each other over the overlay.
+func TestVXLANOnEtcd36(t *testing.T) {
+	t.Parallel()
+	needRoot(t)
+	etcd, err := etcdbin.Path(etcdbin.Version)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := lab.BuildDaemon(t)
+	var l *lab.Lab
+	t.Cleanup(func() {
+		if l == nil {
+			return
+		}
+		for _, ns := range l.Namespaces() {
+			if _, err := os.Stat(filepath.Join("/run/netns", ns)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("namespace %s left behind after the test (stat: %v)", ns, err)
+			}
+		}
+	})
+	l = lab.Start(t, lab.Options{Hosts: 3, DaemonPath: bin, EtcdBinary: etcd})
+	t.Cleanup(func() { stopAll(t, l) })
+	ctx := testCtx(t, converge)
+	if err := l.SetConfig(ctx, vxlanConfig); err != nil {
+		t.Fatal(err)
+	}
+	hosts := l.Hosts()
+	envs := startAll(t, l)
+	setBridges(t, hosts, envs)
+	pingAll(t, hosts, envs)
+
+	c, err := l.V3Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	resp, err := c.Get(ctx, l.EtcdPrefix()+"/subnets/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	byIP := map[string]int{}
+	for _, kv := range resp.Kvs {
+		a, err := subnet.ParseLeaseAttrs(kv.Value)
+		if err != nil {
+			t.Errorf("lease %s = %s: %v", kv.Key, kv.Value, err)
+			continue
+		}
+		if kv.Lease == 0 {
+			t.Errorf("lease %s has no etcd lease", kv.Key)
+		}
+		if a.BackendType != "vxlan" || !strings.Contains(string(a.BackendData), "VtepMAC") {
+			t.Errorf("lease %s = %s, want a vxlan lease with its VtepMAC", kv.Key, kv.Value)
+		}
+		byIP[a.PublicIP.String()]++
+	}
+	for _, h := range hosts {
+		if byIP[h.Addr.String()] != 1 {
+			t.Errorf("%s holds %d leases in etcd, want 1", h.Name, byIP[h.Addr.String()])
+		}
+		if log := h.Daemon().Log(); !strings.Contains(log, "Using the etcd v3 API") {
+			t.Errorf("%s did not log its choice of the v3 API:\n%s", h.Name, log)
+		}
+	}
+}
