@@ -175,6 +175,9 @@ func (m *Manager) choose(ctx context.Context) (subnet.Manager, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
+		if etcdv3.IsAccessDenied(err3) {
+			return nil, fmt.Errorf("reading network config at %s: etcd refused access (%w); check the etcd username, password and client certificate", key, err3)
+		}
 		switch {
 		case in3 && in2:
 			m.log.Info("The network config exists in both the etcd v3 and v2 keyspaces; using v3. Nodes on v2 do not see this node's lease: run them with --etcd-api=v3 (flannel-migrate-v3 copies v2 leases), then delete the v2 keys", "key", key)

@@ -187,3 +187,40 @@ func TestFixedAPI(t *testing.T) {
 		t.Errorf("ParseAPI(v4) = %v", err)
 	}
 }
+
+// TestAutoAccessDenied: with a wrong password auto stops at once with the
+// remedy instead of waiting for a config it may not read.
+func TestAutoAccessDenied(t *testing.T) {
+	srv := etcdtest.Start(t)
+	putV3(t, srv, "/coreos.com/network/config", config3)
+	c, err := clientv3.New(clientv3.Config{Endpoints: srv.Endpoints(), DialTimeout: 10 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	for _, step := range []func() error{
+		func() error { _, err := c.UserAdd(ctx, "root", "rootpw"); return err },
+		func() error { _, err := c.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := c.AuthEnable(ctx); return err },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l := &logs{}
+	m, err := New(Options{Endpoints: srv.Endpoints(), Username: "root", Password: "wrong", Logger: l.logger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	_, err = m.GetNetworkConfig(ctx)
+	if err == nil || ctx.Err() != nil || !strings.Contains(err.Error(), "check the etcd username, password") {
+		t.Fatalf("GetNetworkConfig with a wrong password = %v, want a refusal at once", err)
+	}
+	if l.count("wrong") != 0 || strings.Contains(err.Error(), "wrong") {
+		t.Errorf("the password appears in a log line or the error")
+	}
+}

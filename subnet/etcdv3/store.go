@@ -123,3 +123,8 @@ func authError(err error) bool {
 	}
 	return false
 }
+
+// IsAccessDenied reports whether err is etcd refusing the client's identity
+// or rights (wrong password, missing permission), which retrying does not
+// fix.
+func IsAccessDenied(err error) bool { return authError(err) }
