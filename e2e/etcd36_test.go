@@ -151,3 +151,90 @@ func TestEtcdV3Wipe(t *testing.T) {
 	waitRoutes(t, hosts, envs)
 	pingAll(t, hosts, envs)
 }
+
+// TestEtcdV3Outage stops etcd under three host-gw daemons on --etcd-api v3
+// (8 s; 60 s with FLANNEL_E2E_LONG=1): nothing may change in the kernel,
+// traffic keeps flowing, the daemons stay idle, and once etcd is back a new
+// lease reaches every host (the watches resume).
+func TestEtcdV3Outage(t *testing.T) {
+	t.Parallel()
+	outage := shortOutage
+	if os.Getenv(envLong) == "1" {
+		outage = longOutage
+	}
+	l := newLab(t, 3, "")
+	c, err := l.V3Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := testCtx(t, 5*time.Minute)
+	if _, err := c.Put(ctx, l.EtcdPrefix()+"/config", hostGWConfig); err != nil {
+		t.Fatal(err)
+	}
+	hosts := l.Hosts()
+	envs := startAll(t, l, "--etcd-api", "v3")
+	waitRoutes(t, hosts, envs)
+	setBridges(t, hosts, envs)
+	pingAll(t, hosts, envs)
+	before := make([][]string, len(hosts))
+	cpu0 := make([]time.Duration, len(hosts))
+	for i, h := range hosts {
+		if before[i], err = kernelSnapshot(ctx, h); err != nil {
+			t.Fatal(err)
+		}
+		if cpu0[i], err = cpuTime(h.Daemon().Pid()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := startPinger(hosts, envs)
+	defer p.stop()
+
+	down := time.Now()
+	l.Etcd().Stop()
+	time.Sleep(outage)
+	downFor := time.Since(down)
+	for i, h := range hosts {
+		cpu, err := cpuTime(h.Daemon().Pid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		share := (cpu - cpu0[i]).Seconds() / downFor.Seconds()
+		t.Logf("%s: %v CPU in %v of outage (%.2f%% of a core)", h.Name, cpu-cpu0[i], downFor.Round(time.Millisecond), 100*share)
+		if share > maxOutageCPU {
+			t.Errorf("%s: flanneld used %.0f%% of a core while etcd was down, want under %.0f%%", h.Name, 100*share, 100*maxOutageCPU)
+		}
+		if h.Daemon().Exited() {
+			t.Fatalf("flanneld on %s exited during the outage; log:\n%s", h.Name, h.Daemon().Log())
+		}
+		now, err := kernelSnapshot(ctx, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if gone, added := diffSnapshots(before[i], now); len(gone)+len(added) > 0 {
+			t.Errorf("%s: kernel state changed during the outage: gone %q, added %q", h.Name, gone, added)
+		}
+	}
+	if err := l.Etcd().Restart(); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	sn := faultSubnet(250)
+	key, value := fakeLeaseOf(l, "host-gw", sn, fakeHost)
+	g, err := c.Grant(ctx, 86400)
+	if err == nil {
+		_, err = c.Put(ctx, key, value, clientv3.WithLease(g.ID))
+	}
+	if err != nil {
+		t.Fatalf("writing a new lease after the restart: %v", err)
+	}
+	t.Logf("new lease written %v after etcd was back", time.Since(back).Round(time.Millisecond))
+	took := waitRouteEverywhere(t, hosts, sn, back, converge)
+	for i, h := range hosts {
+		t.Logf("%s: route to the new lease %v after etcd was back", h.Name, took[i].Round(time.Millisecond))
+	}
+	ok, failures := p.stop()
+	if len(failures) > 0 || ok == 0 {
+		t.Errorf("overlay pings during the outage: %d replies, failures:\n%s", ok, strings.Join(failures, "\n"))
+	}
+}

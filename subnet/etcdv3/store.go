@@ -11,6 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
 )
@@ -95,6 +96,13 @@ func dialer(opts *Options) (func(ctx context.Context) (store, func() error, erro
 			// The client's own logger would print the endpoints' errors
 			// on every retry; the manager logs what matters.
 			Logger: zap.NewNop(),
+			// gRPC's default reconnect back-off grows to two minutes:
+			// after a long etcd outage the watch would resume that late.
+			// Like the v2 manager, try again at least every second.
+			DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+				Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+				MinConnectTimeout: timeout,
+			})},
 		})
 		if err != nil {
 			return nil, nil, fmt.Errorf("connecting to etcd: %w", err)
