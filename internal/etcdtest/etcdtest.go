@@ -1,4 +1,4 @@
-// Package etcdtest runs a real etcd server with the v2 API enabled, for
+// Package etcdtest runs a real etcd server (v3 API, and v2 unless WithoutV2), for
 // tests and for the namespaced lab: a single member (Start, New) or a
 // cluster of several (StartCluster, NewCluster). A server keeps its data in
 // a temporary directory, listens on loopback (or on a given address,
