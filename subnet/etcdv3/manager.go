@@ -139,17 +139,37 @@ func (m *Manager) txn(ctx context.Context, cmp []clientv3.Cmp, ops ...clientv3.O
 }
 
 // keepAlive refreshes the etcd lease id once and returns when it now
-// expires.
-func (m *Manager) keepAlive(ctx context.Context, id clientv3.LeaseID) (time.Time, error) {
+// expires and whether it was granted for less than LeaseTTL (a lease copied
+// by flannel-migrate-v3 with the TTL it had left, or written by hand): such
+// a lease would need renewing again at once, so the key moves to a new one.
+func (m *Manager) keepAlive(ctx context.Context, id clientv3.LeaseID) (exp time.Time, short bool, err error) {
 	var ttl int64
-	err := m.call(ctx, "keepalive", func(ctx context.Context, st store) error {
+	err = m.call(ctx, "keepalive", func(ctx context.Context, st store) error {
 		resp, err := st.KeepAliveOnce(ctx, id)
 		if err == nil {
 			ttl = resp.TTL
 		}
 		return err
 	})
-	return m.now().Add(time.Duration(ttl) * time.Second), err
+	return m.now().Add(time.Duration(ttl) * time.Second), ttl < int64(LeaseTTL/time.Second), err
+}
+
+// grant grants a new etcd lease of LeaseTTL into g, unless g holds one.
+func (m *Manager) grant(ctx context.Context, g *grant) error {
+	if g.id != 0 {
+		return nil
+	}
+	err := m.call(ctx, "grant", func(ctx context.Context, st store) error {
+		r, err := st.Grant(ctx, int64(LeaseTTL/time.Second))
+		if err == nil {
+			g.id, g.expires = r.ID, m.now().Add(time.Duration(r.TTL)*time.Second)
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("granting an etcd lease: %w", err)
+	}
+	return nil
 }
 
 // GetNetworkConfig implements subnet.Manager.
@@ -258,24 +278,15 @@ func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subn
 	alloc := newAllocation(cfg, dir, resp.Kvs)
 
 	if own, ok := alloc.own(cfg, attrs.PublicIP); ok {
-		return m.reuse(ctx, own, attrs, value)
+		return m.reuse(ctx, own, attrs, value, g)
 	}
 
 	p, ok := subnet.ChooseSubnet(cfg, alloc.taken, prev, m.intn)
 	if !ok {
 		return nil, subnet.ErrNoFreeSubnets
 	}
-	if g.id == 0 {
-		err := m.call(ctx, "grant", func(ctx context.Context, st store) error {
-			r, err := st.Grant(ctx, int64(LeaseTTL/time.Second))
-			if err == nil {
-				g.id, g.expires = r.ID, m.now().Add(time.Duration(r.TTL)*time.Second)
-			}
-			return err
-		})
-		if err != nil {
-			return nil, fmt.Errorf("granting an etcd lease: %w", err)
-		}
+	if err := m.grant(ctx, g); err != nil {
+		return nil, err
 	}
 	key := m.leaseKey(p)
 	created, err := m.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.Version(key), "=", 0)},
@@ -292,26 +303,31 @@ func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subn
 }
 
 // reuse makes own, the key holding our PublicIP, hold value: a reservation
-// stays without etcd lease; a lease key keeps its etcd lease, refreshed.
-func (m *Manager) reuse(ctx context.Context, own entry, attrs subnet.LeaseAttrs, value string) (*subnet.Lease, error) {
+// stays without etcd lease; a lease key keeps its etcd lease, refreshed, or
+// moves to a new one (g) when its lease was granted short.
+func (m *Manager) reuse(ctx context.Context, own entry, attrs subnet.LeaseAttrs, value string, g *grant) (*subnet.Lease, error) {
 	key := string(own.kv.Key)
 	l := &subnet.Lease{Subnet: own.subnet, Attrs: attrs}
-	var put clientv3.Op
-	if own.kv.Lease == 0 {
-		put = clientv3.OpPut(key, value)
-	} else {
+	put, unchanged := clientv3.OpPut(key, value), string(own.kv.Value) == value
+	moved := false
+	if own.kv.Lease != 0 {
 		id := clientv3.LeaseID(own.kv.Lease)
-		exp, err := m.keepAlive(ctx, id)
+		exp, short, err := m.keepAlive(ctx, id)
 		switch {
 		case errors.Is(err, rpctypes.ErrLeaseNotFound):
 			return nil, nil // it expired just now, and the key with it
 		case err != nil:
 			return nil, fmt.Errorf("refreshing the etcd lease of %s: %w", own.subnet, err)
+		case short:
+			if err := m.grant(ctx, g); err != nil {
+				return nil, err
+			}
+			id, exp, unchanged, moved = g.id, g.expires, false, true
 		}
 		l.Expiration = exp
 		put = clientv3.OpPut(key, value, clientv3.WithLease(id))
 	}
-	if string(own.kv.Value) == value {
+	if unchanged {
 		return l, nil
 	}
 	// Only if nobody changed the key since we listed it.
@@ -321,6 +337,9 @@ func (m *Manager) reuse(ctx context.Context, own entry, attrs subnet.LeaseAttrs,
 		return nil, fmt.Errorf("updating lease %s: %w", own.subnet, err)
 	case !ok:
 		return nil, nil
+	}
+	if moved {
+		g.id = 0 // taken by the key
 	}
 	return l, nil
 }
@@ -363,15 +382,42 @@ func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
 		lease.Expiration = time.Time{}
 		return nil
 	}
-	exp, err := m.keepAlive(ctx, clientv3.LeaseID(kv.Lease))
+	exp, short, err := m.keepAlive(ctx, clientv3.LeaseID(kv.Lease))
 	switch {
 	case errors.Is(err, rpctypes.ErrLeaseNotFound):
 		return fmt.Errorf("renewing lease %s: %w: its etcd lease expired", lease.Subnet, subnet.ErrLeaseLost)
 	case err != nil:
 		return fmt.Errorf("renewing lease %s: %w", lease.Subnet, err)
+	case short:
+		if exp, err = m.moveToNewLease(ctx, kv); err != nil {
+			return fmt.Errorf("renewing lease %s: %w", lease.Subnet, err)
+		}
 	}
 	lease.Expiration = exp
 	return nil
+}
+
+// moveToNewLease attaches kv's key, unchanged, to a new etcd lease of
+// LeaseTTL and returns when that expires. The old lease is left to expire:
+// other keys may be attached to it.
+func (m *Manager) moveToNewLease(ctx context.Context, kv *mvccpb.KeyValue) (time.Time, error) {
+	var g grant
+	defer m.revokeUnused(ctx, &g)
+	if err := m.grant(ctx, &g); err != nil {
+		return time.Time{}, err
+	}
+	key := string(kv.Key)
+	ok, err := m.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)},
+		clientv3.OpPut(key, string(kv.Value), clientv3.WithLease(g.id)))
+	switch {
+	case err != nil:
+		return time.Time{}, fmt.Errorf("moving %s to a new etcd lease: %w", key, err)
+	case !ok:
+		return time.Time{}, fmt.Errorf("moving %s to a new etcd lease: the key changed meanwhile; retrying later", key)
+	}
+	exp := g.expires
+	g.id = 0
+	return exp, nil
 }
 
 // holds reports whether kv is a lease of publicIP.

@@ -404,3 +404,61 @@ func TestBasicAuth(t *testing.T) {
 		t.Errorf("no log line captured; the check above proves nothing")
 	}
 }
+
+// TestShortLeaseMoves: a lease key on an etcd lease granted for less than a
+// day (copied by flannel-migrate-v3 with the TTL it had left) moves to a new
+// lease of a day when the node acquires or renews it, instead of being kept
+// alive at its short TTL (which the daemon would renew in a loop).
+func TestShortLeaseMoves(t *testing.T) {
+	srv := etcdtest.Start(t)
+	c := v3(t, srv)
+	put(t, c, "config", testConfig, 0)
+	cfg := mustConfig(t, testConfig)
+	ctx := ctxT(t)
+	grantedTTL := func(key string) int64 {
+		t.Helper()
+		kv := getKV(t, c, key).Kvs[0]
+		ttl, err := c.TimeToLive(ctx, clientv3.LeaseID(kv.Lease))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ttl.GrantedTTL
+	}
+	value := `{"PublicIP":"192.168.0.1","BackendType":"vxlan","BackendData":{"VtepMAC":"82:4b:b6:2f:54:4e"}}`
+
+	// Acquire: same value, short lease.
+	put(t, c, "subnets/10.5.9.0-24", value, 10*time.Minute)
+	m, _ := newTestManager(t, srv)
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	if err != nil || l.Subnet != pfx("10.5.9.0/24") {
+		t.Fatalf("AcquireLease = %v, %v; want the existing 10.5.9.0/24", l, err)
+	}
+	if got := grantedTTL("subnets/10.5.9.0-24"); got != 86400 {
+		t.Errorf("after acquiring, the key's etcd lease was granted %d s, want 86400", got)
+	}
+	if time.Until(l.Expiration) < LeaseTTL-time.Minute {
+		t.Errorf("Expiration %v, want a day ahead", l.Expiration)
+	}
+
+	// Renew: the key put back on a short lease.
+	put(t, c, "subnets/10.5.9.0-24", value, 10*time.Minute)
+	if err := m.RenewLease(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	if got := grantedTTL("subnets/10.5.9.0-24"); got != 86400 {
+		t.Errorf("after renewing, the key's etcd lease was granted %d s, want 86400", got)
+	}
+	if time.Until(l.Expiration) < LeaseTTL-time.Minute {
+		t.Errorf("Expiration after renewal %v, want a day ahead", l.Expiration)
+	}
+	// No grant wasted: the key's lease, the two short ones (left to
+	// expire) and the day lease of the acquisition, which the test's second
+	// put took the key off.
+	ls, err := c.Leases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ls.Leases) != 4 {
+		t.Errorf("%d etcd leases, want 4", len(ls.Leases))
+	}
+}
