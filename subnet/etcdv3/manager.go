@@ -70,7 +70,7 @@ func New(opts Options) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts.Logger.V(1).Info("Using the etcd v3 API", "endpoints", opts.Endpoints, "prefix", opts.Prefix, "username", opts.Username, "tls", opts.CertFile != "" || opts.CAFile != "")
+	opts.Logger.V(1).Info("etcd v3 client configured", "endpoints", opts.Endpoints, "prefix", opts.Prefix, "username", opts.Username, "tls", opts.CertFile != "" || opts.CAFile != "")
 	return newManager(&connector{dial: dial}, opts), nil
 }
 
@@ -106,13 +106,13 @@ func (m *Manager) leaseKey(p netip.Prefix) string {
 // call runs fn with the client, bounded by callTimeout, and counts its
 // failure as op.
 func (m *Manager) call(ctx context.Context, op string, fn func(ctx context.Context, st store) error) error {
-	ctx, cancel := context.WithTimeout(ctx, m.callTimeout)
+	cctx, cancel := context.WithTimeout(ctx, m.callTimeout)
 	defer cancel()
-	st, err := m.conn.get(ctx)
+	st, err := m.conn.get(cctx)
 	if err == nil {
-		err = fn(ctx, st)
+		err = fn(cctx, st)
 	}
-	countError(ctx, op, err)
+	countError(ctx, op, err) // a timed-out call counts; a cancelled caller does not
 	return err
 }
 

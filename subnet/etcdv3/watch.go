@@ -325,6 +325,8 @@ func connectionReady(ctx context.Context, conn *grpc.ClientConn) <-chan struct{}
 	}
 	go func() {
 		state := conn.GetState()
+		// Only a return to Ready after a first Ready is a reconnection.
+		up := state == connectivity.Ready
 		wasDown := false
 		for conn.WaitForStateChange(ctx, state) {
 			state = conn.GetState()
@@ -336,9 +338,9 @@ func connectionReady(ctx context.Context, conn *grpc.ClientConn) <-chan struct{}
 					default:
 					}
 				}
-				wasDown = false
-			case connectivity.TransientFailure, connectivity.Connecting:
-				wasDown = true
+				up, wasDown = true, false
+			case connectivity.TransientFailure, connectivity.Connecting, connectivity.Idle:
+				wasDown = up
 			case connectivity.Shutdown:
 				return
 			}
