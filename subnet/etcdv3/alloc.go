@@ -54,12 +54,14 @@ type allocation struct {
 	taken *subnet.Taken
 }
 
-// newAllocation reads a listing of dir. Every key that names a subnet
-// claims it, whatever its value.
+// newAllocation reads a listing of dir. Every key whose last path element
+// names a subnet claims it, whatever its value (flannel's parser finds a
+// subnet anywhere in the key).
 func newAllocation(cfg *subnet.Config, dir string, kvs []*mvccpb.KeyValue) *allocation {
 	a := &allocation{dir: dir, kvs: kvs, taken: subnet.NewTaken(cfg.SubnetLen)}
 	for _, kv := range kvs {
-		if p, ok := subnet.ClaimedPrefix(strings.TrimPrefix(string(kv.Key), dir)); ok {
+		name := string(kv.Key)
+		if p, ok := subnet.ClaimedPrefix(name[strings.LastIndexByte(name, '/')+1:]); ok {
 			a.taken.Add(p)
 		}
 	}
