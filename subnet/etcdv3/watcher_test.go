@@ -114,4 +114,3 @@ func TestBackoff(t *testing.T) {
 		b.reset()
 	}
 }
-
