@@ -3,9 +3,11 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"os"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/flanneld-go/flanneld/e2e/lab"
@@ -85,4 +87,94 @@ func BenchmarkControlPlaneStartV3(b *testing.B) {
 			b.ReportMetric(mem.Anon, "anon-rss-MB")
 		})
 	}
+}
+
+// grpcCounts reads, from the metrics of the lab's embedded etcd (it runs in
+// this process), the gRPC calls started by method and the watch streams
+// open now.
+func grpcCounts(b *testing.B) (started map[string]float64, streams float64) {
+	mfs, err := prometheus.DefaultGatherer.Gather()
+	if err != nil {
+		b.Fatal(err)
+	}
+	started = map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			switch mf.GetName() {
+			case "grpc_server_started_total":
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "grpc_method" {
+						started[l.GetValue()] += m.GetCounter().GetValue()
+					}
+				}
+			case "etcd_debugging_mvcc_watch_stream_total":
+				streams += m.GetGauge().GetValue()
+			}
+		}
+	}
+	return started, streams
+}
+
+// BenchmarkIdleEtcdLoadV3 is BenchmarkIdleEtcdLoad on --etcd-api v3: a
+// converged daemon with nothing changing, for FLANNEL_BENCH_IDLE (default
+// 60 s). It reports the gRPC calls etcd saw per minute (by kind) and the
+// watch streams the daemon keeps open, counted by the server.
+func BenchmarkIdleEtcdLoadV3(b *testing.B) {
+	needRoot(b)
+	window := time.Minute
+	if v := os.Getenv(envBenchIdle); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Second {
+			b.Fatalf("%s=%q: want a duration of at least 1s, like 20s", envBenchIdle, v)
+		}
+		window = d
+	}
+	l := benchLab(b, "vxlan")
+	h := l.Host(1)
+	c, err := l.V3Client()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), converge)
+	defer cancel()
+	if _, err := c.Put(ctx, l.EtcdPrefix()+"/config", benchConfig("vxlan")); err != nil {
+		b.Fatal(err)
+	}
+	if err := writeLeasesV3(ctx, c, l, "vxlan", runningOffset, 10); err != nil {
+		b.Fatal(err)
+	}
+	c.Close() // only the daemon's streams count
+	_, streams0 := grpcCounts(b)
+	d := startDaemon(b, h, "--etcd-api", "v3")
+	waitEnv(b, h)
+	newKernelCounter(b, h, "vxlan").waitCount(b, d, 10, nil)
+	time.Sleep(time.Second)
+
+	calls := map[string]float64{}
+	var streams float64
+	var total time.Duration
+	for b.Loop() {
+		s1, _ := grpcCounts(b)
+		time.Sleep(window)
+		s2, st := grpcCounts(b)
+		for m, n := range s2 {
+			calls[m] += n - s1[m]
+		}
+		streams = st - streams0
+		total += window
+		if d.Exited() {
+			b.Fatalf("flanneld exited; log:\n%s", tailLines(d.Log(), 30))
+		}
+	}
+	perMin := func(n float64) float64 { return n / total.Minutes() }
+	var all float64
+	for _, n := range calls {
+		all += n
+	}
+	b.ReportMetric(perMin(all), "req/min")
+	b.ReportMetric(perMin(calls["Range"]), "range-req/min")
+	b.ReportMetric(perMin(calls["LeaseKeepAlive"]+calls["Txn"]+calls["Put"]+calls["LeaseGrant"]), "write-req/min")
+	b.ReportMetric(perMin(calls["Watch"]), "new-watch-streams/min")
+	b.ReportMetric(streams, "watch-streams")
 }
