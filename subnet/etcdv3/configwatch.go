@@ -12,15 +12,16 @@ import (
 )
 
 // WatchConfig implements subnet.Manager: one read of the config key, then a
-// watch of it from the read's revision + 1. Each event, and each quiet-watch
-// check (checkInterval) that finds the store went back, leads to a fresh
-// read; an update is sent only when what the read found differs from the
+// watch of it from the read's revision + 1. Each event, and each check (on
+// reconnection, and every checkInterval while quiet) that finds the store
+// went back, leads to a fresh read; an update is sent only when what the read found differs from the
 // last one sent (the value, or that the key is missing).
 func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigUpdate) error {
 	key := m.configKey()
 	bo := backoff{min: m.minBackoff, max: m.maxBackoff}
 	var last string // the value sent last; "" with sent: the key was missing
 	sent, failed := false, false
+	var reconnected <-chan struct{}
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -58,7 +59,12 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 			}
 			last, sent = state, true
 		}
-		if err := m.waitConfigChange(ctx, key, resp.Header.Revision, resp.Header.ClusterId); err != nil && ctx.Err() == nil {
+		if reconnected == nil {
+			if st, err := m.conn.get(ctx); err == nil {
+				reconnected = connectionReady(ctx, st.ActiveConnection())
+			}
+		}
+		if err := m.waitConfigChange(ctx, key, resp.Header.Revision, resp.Header.ClusterId, reconnected); err != nil && ctx.Err() == nil {
 			if !sleep(ctx, bo.next()) {
 				return ctx.Err()
 			}
@@ -69,7 +75,7 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 // waitConfigChange returns when the config key may have changed since rev:
 // an event on it, a compacted revision, or a store that went back. A failed
 // watch returns its error.
-func (m *Manager) waitConfigChange(ctx context.Context, key string, rev int64, clusterID uint64) error {
+func (m *Manager) waitConfigChange(ctx context.Context, key string, rev int64, clusterID uint64, reconnected <-chan struct{}) error {
 	st, err := m.conn.get(ctx)
 	if err != nil {
 		return err
@@ -97,11 +103,21 @@ func (m *Manager) waitConfigChange(ctx context.Context, key string, rev int64, c
 			case wr.Header.Revision != 0 && (wr.Header.Revision < rev || wr.Header.ClusterId != clusterID):
 				return nil // the store went back
 			}
+		case <-reconnected:
+			if m.wentBack(ctx, key, rev, clusterID) {
+				return nil
+			}
 		case <-check.C:
-			resp, err := m.get(ctx, key, clientv3.WithKeysOnly())
-			if err == nil && (resp.Header.Revision < rev || resp.Header.ClusterId != clusterID) {
+			if m.wentBack(ctx, key, rev, clusterID) {
 				return nil
 			}
 		}
 	}
+}
+
+// wentBack reads key to learn whether the store's revision is now below rev
+// or its cluster ID differs; a failed read says no.
+func (m *Manager) wentBack(ctx context.Context, key string, rev int64, clusterID uint64) bool {
+	resp, err := m.get(ctx, key, clientv3.WithKeysOnly())
+	return err == nil && (resp.Header.Revision < rev || resp.Header.ClusterId != clusterID)
 }

@@ -278,6 +278,17 @@ func TestWatchConfig(t *testing.T) {
 	if u := next(); !errors.Is(u.Err, subnet.ErrConfigMissing) {
 		t.Fatalf("after delete: %+v", u)
 	}
+	put(t, c, "config", testConfig, 0)
+	if u := next(); u.Err != nil {
+		t.Fatalf("after writing it again: %+v", u)
+	}
+	// A wiped store (the client reconnects to it) has no config.
+	if err := srv.Wipe(); err != nil {
+		t.Fatal(err)
+	}
+	if u := next(); !errors.Is(u.Err, subnet.ErrConfigMissing) {
+		t.Fatalf("after the wipe: %+v", u)
+	}
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("WatchConfig = %v", err)
