@@ -193,7 +193,7 @@ func (m *Manager) choose(ctx context.Context) (subnet.Manager, error) {
 		why := "neither keyspace holds it yet"
 		switch {
 		case err3 != nil:
-			why = "reading it with the v3 API failed: " + err3.Error()
+			why = "reading it with the v3 API failed (etcd 2.x has no v3 API: run with --etcd-api v2): " + err3.Error()
 		case err2 != nil:
 			why = "reading it with the v2 API failed: " + err2.Error()
 		case !served2:
