@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,6 +25,21 @@ func TestDeadEndpointIsSkipped(t *testing.T) {
 	dead := "http://" + l.Addr().String()
 	l.Close() // nothing listens there now
 	ctx := ctxT(t)
+	// Only the dead one: the wait says why.
+	var logs []string
+	m, _ := newTestManager(t, srv, func(o *Options) {
+		o.Endpoints, o.RequestTimeout, o.Logger = []string{dead}, 500*time.Millisecond, captureLogger(&logs)
+	})
+	short, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if _, err := m.GetNetworkConfig(short); err == nil {
+		t.Fatal("GetNetworkConfig through a dead endpoint succeeded")
+	}
+	logMu.Lock()
+	if !strings.Contains(strings.Join(logs, "\n"), "connection refused") {
+		t.Errorf("the wait does not say the endpoint refused connections: %q", logs)
+	}
+	logMu.Unlock()
 	for i := range 3 {
 		m, _ := newTestManager(t, srv, func(o *Options) { o.Endpoints = []string{dead, srv.Endpoints()[0]} })
 		cfg, err := m.GetNetworkConfig(ctx)

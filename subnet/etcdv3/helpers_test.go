@@ -146,19 +146,20 @@ func newTestManager(t testing.TB, srv *etcdtest.Server, edit ...func(*Options)) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	dial, err := dialer(&opts)
+	conn, err := newConnector(&opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := &countingStore{}
-	conn := &connector{dial: func(ctx context.Context) (store, func() error, error) {
+	dial := conn.dial
+	conn.dial = func(ctx context.Context) (store, func() error, error) {
 		st, closeFn, err := dial(ctx)
 		if err != nil {
 			return nil, nil, err
 		}
 		c.store = st
 		return c, closeFn, nil
-	}}
+	}
 	m := newManager(conn, opts)
 	m.minBackoff, m.maxBackoff = 20*time.Millisecond, 200*time.Millisecond
 	t.Cleanup(func() { m.Close() })

@@ -66,12 +66,12 @@ func New(opts Options) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	dial, err := dialer(&opts)
+	conn, err := newConnector(&opts)
 	if err != nil {
 		return nil, err
 	}
 	opts.Logger.V(1).Info("etcd v3 client configured", "endpoints", opts.Endpoints, "prefix", opts.Prefix, "username", opts.Username, "tls", opts.CertFile != "" || opts.CAFile != "")
-	return newManager(&connector{dial: dial}, opts), nil
+	return newManager(conn, opts), nil
 }
 
 // newManager uses conn; opts must have its defaults applied.
@@ -113,6 +113,12 @@ func (m *Manager) call(ctx context.Context, op string, fn func(ctx context.Conte
 		err = fn(cctx, st)
 	}
 	countError(ctx, op, err) // a timed-out call counts; a cancelled caller does not
+	if err != nil && ctx.Err() == nil && cctx.Err() != nil && m.conn.diagnose != nil {
+		// Timed out, most likely waiting for a connection: say why.
+		if why := m.conn.diagnose(ctx); why != nil {
+			err = fmt.Errorf("no etcd endpoint answers (%v): %w", why, err)
+		}
+	}
 	return err
 }
 

@@ -324,11 +324,20 @@ func TestTLS(t *testing.T) {
 	}
 	// Without a client certificate the server refuses.
 	f := srv.TLS()
-	nocert, _ := newTestManager(t, srv, func(o *Options) { o.CertFile, o.KeyFile, o.CAFile = "", "", f.CAFile })
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	var logs []string
+	nocert, _ := newTestManager(t, srv, func(o *Options) {
+		o.CertFile, o.KeyFile, o.CAFile, o.Logger = "", "", f.CAFile, captureLogger(&logs)
+		o.RequestTimeout = time.Second
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := nocert.GetNetworkConfig(ctx); err == nil {
 		t.Fatal("GetNetworkConfig without a client certificate succeeded")
+	}
+	logMu.Lock()
+	defer logMu.Unlock()
+	if len(logs) == 0 || !strings.Contains(strings.Join(logs, "\n"), "certificate") {
+		t.Errorf("the refusal is not logged as a certificate problem: %q", logs)
 	}
 	// Bad options are one clear error at New.
 	if _, err := New(Options{Endpoints: srv.Endpoints(), CertFile: f.ClientCert}); err == nil || !strings.Contains(err.Error(), "both") {

@@ -2,6 +2,7 @@ package etcdv3
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sync"
@@ -35,6 +36,8 @@ type store interface {
 // start is then an error of the first request, retried like any other.
 type connector struct {
 	dial func(ctx context.Context) (store, func() error, error)
+	// diagnose says why no endpoint answers, or nil (see diagnose).
+	diagnose func(ctx context.Context) error
 
 	mu     sync.Mutex
 	st     store
@@ -73,13 +76,22 @@ func (c *connector) shutdown() error {
 	return err
 }
 
-// dialer returns the function that makes the v3 client of opts (already
-// defaulted), or the error of a bad TLS option.
-func dialer(opts *Options) (func(ctx context.Context) (store, func() error, error), error) {
+// newConnector returns the connector of opts (already defaulted), or the
+// error of a bad TLS option.
+func newConnector(opts *Options) (*connector, error) {
 	tlsCfg, err := tlsConfig(opts)
 	if err != nil {
 		return nil, err
 	}
+	endpoints := append([]string(nil), opts.Endpoints...)
+	return &connector{
+		dial:     dialer(opts, tlsCfg),
+		diagnose: func(ctx context.Context) error { return diagnose(ctx, endpoints, tlsCfg) },
+	}, nil
+}
+
+// dialer returns the function that makes the v3 client of opts.
+func dialer(opts *Options, tlsCfg *tls.Config) func(ctx context.Context) (store, func() error, error) {
 	endpoints := append([]string(nil), opts.Endpoints...)
 	user, pass, timeout := opts.Username, opts.Password, opts.RequestTimeout
 	return func(ctx context.Context) (store, func() error, error) {
@@ -108,7 +120,7 @@ func dialer(opts *Options) (func(ctx context.Context) (store, func() error, erro
 			return nil, nil, fmt.Errorf("connecting to etcd: %w", err)
 		}
 		return c, c.Close, nil
-	}, nil
+	}
 }
 
 // countError counts a failed request in metrics.EtcdErrors. Expected answers
