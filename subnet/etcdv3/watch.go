@@ -70,6 +70,7 @@ const (
 
 func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 	needList, first := true, true
+	relists := 0 // re-lists in a row without a watch response between them
 	var reconnected <-chan struct{}
 	for {
 		if err := ctx.Err(); err != nil {
@@ -106,13 +107,21 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 		if reconnected == nil {
 			reconnected = connectionReady(ctx, st.ActiveConnection())
 		}
-		why, err := w.follow(ctx, st, events, reconnected)
+		why, answered, err := w.follow(ctx, st, events, reconnected)
+		if answered {
+			relists = 0
+		}
 		switch {
 		case ctx.Err() != nil:
 			return ctx.Err()
 		case why == leaveRelist:
 			metrics.WatchResyncs.Inc()
 			needList = true
+			// A store that keeps going back (members of different pasts
+			// answering in turn) is re-listed at the back-off's pace.
+			if relists++; relists > 1 && !sleep(ctx, w.bo.next()) {
+				return ctx.Err()
+			}
 		default:
 			d := w.bo.next()
 			w.logFailure(err, "Watching leases failed; retrying", d)
@@ -124,8 +133,9 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 }
 
 // follow watches the prefix from the cursor until the stream ends or the
-// known set must be rebuilt.
-func (w *watcher) follow(ctx context.Context, st store, events chan<- []subnet.Event, reconnected <-chan struct{}) (leave, error) {
+// known set must be rebuilt. answered tells whether a watch response was
+// applied.
+func (w *watcher) follow(ctx context.Context, st store, events chan<- []subnet.Event, reconnected <-chan struct{}) (why leave, answered bool, err error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	wch := st.Watch(wctx, w.dir, clientv3.WithPrefix(), clientv3.WithRev(w.cursor+1), clientv3.WithCreatedNotify())
@@ -134,36 +144,37 @@ func (w *watcher) follow(ctx context.Context, st store, events chan<- []subnet.E
 	for {
 		select {
 		case <-ctx.Done():
-			return leaveRetry, ctx.Err()
+			return leaveRetry, answered, ctx.Err()
 		case wr, ok := <-wch:
 			if !ok {
-				return leaveRetry, errors.New("the watch stream ended")
+				return leaveRetry, answered, errors.New("the watch stream ended")
 			}
 			if wr.CompactRevision != 0 || errors.Is(wr.Err(), rpctypes.ErrCompacted) {
 				w.log.V(2).Info("Watch revision compacted; re-listing leases", "cursor", w.cursor, "compacted", wr.CompactRevision)
-				return leaveRelist, nil
+				return leaveRelist, answered, nil
 			}
 			if err := wr.Err(); err != nil {
 				countError(ctx, "watch", err)
-				return leaveRetry, err
+				return leaveRetry, answered, err
 			}
 			if w.wentBack(wr.Header.Revision, wr.Header.ClusterId) {
-				return leaveRelist, nil
+				return leaveRelist, answered, nil
 			}
 			w.bo.reset()
 			w.recovered()
+			answered = true
 			if evs := w.apply(wr.Events); len(evs) > 0 {
 				if err := send(ctx, events, evs); err != nil {
-					return leaveRetry, err
+					return leaveRetry, answered, err
 				}
 			}
 		case <-reconnected:
 			if w.checkStore(ctx) {
-				return leaveRelist, nil
+				return leaveRelist, answered, nil
 			}
 		case <-check.C:
 			if w.checkStore(ctx) {
-				return leaveRelist, nil
+				return leaveRelist, answered, nil
 			}
 		}
 	}
