@@ -136,19 +136,24 @@ func migrate(ctx context.Context, kapi client.KeysAPI, c *clientv3.Client, prefi
 	}
 	sort.Slice(items, func(i, j int) bool { return items[i].key < items[j].key })
 
-	// Check every key before writing any.
+	// Check every key before writing any, against one listing.
+	g, err := c.Get(ctx, prefix+"/", clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("listing %s/ with the v3 API: %w", prefix, err)
+	}
+	inV3 := make(map[string]string, len(g.Kvs))
+	for _, kv := range g.Kvs {
+		inV3[string(kv.Key)] = string(kv.Value)
+	}
 	r := &report{dryRun: dryRun}
 	var todo []item
 	var conflicts []string
 	for _, it := range items {
-		g, err := c.Get(ctx, it.key)
-		if err != nil {
-			return nil, fmt.Errorf("reading %s with the v3 API: %w", it.key, err)
-		}
+		v, ok := inV3[it.key]
 		switch {
-		case len(g.Kvs) == 0:
+		case !ok:
 			todo = append(todo, it)
-		case string(g.Kvs[0].Value) == it.value:
+		case v == it.value:
 			r.same = append(r.same, it.key)
 		default:
 			conflicts = append(conflicts, it.key)
