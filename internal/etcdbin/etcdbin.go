@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 )
@@ -90,11 +91,12 @@ func build(dir, bin, version string) error {
 		}
 	}
 	env := append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod", "GOWORK=off")
+	goBin := goTool()
 	for _, args := range [][]string{
 		{"mod", "tidy"},
 		{"build", "-trimpath", "-o", bin + ".tmp", "."},
 	} {
-		cmd := exec.Command("go", args...)
+		cmd := exec.Command(goBin, args...)
 		cmd.Dir, cmd.Env = src, env
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("building etcd %s (go %s): %w\n%s", version, strings.Join(args, " "), err, out)
@@ -104,4 +106,21 @@ func build(dir, bin, version string) error {
 		return fmt.Errorf("installing etcd %s: %w", version, err)
 	}
 	return os.RemoveAll(src)
+}
+
+// goTool is the go command: on PATH, else the toolchain that built this
+// test binary.
+func goTool() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); fileExists(p) {
+		return p
+	}
+	return "/usr/local/go/bin/go"
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
