@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 )
@@ -109,12 +108,12 @@ func build(dir, bin, version string) error {
 }
 
 // goTool is the go command: on PATH, else the toolchain that built this
-// test binary.
+// test binary (GOROOT), else the usual install place.
 func goTool() string {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); fileExists(p) {
+	if p := filepath.Join(os.Getenv("GOROOT"), "bin", "go"); fileExists(p) {
 		return p
 	}
 	return "/usr/local/go/bin/go"
