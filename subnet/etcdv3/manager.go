@@ -40,12 +40,15 @@ type Manager struct {
 
 	// Time and chance are inputs, so that tests can shorten them.
 	now           func() time.Time
-	configRetry   time.Duration        // wait between reads of a missing config
-	checkInterval time.Duration        // quiet-watch check of the store's revision
-	minBackoff    time.Duration        // first wait after a failed request
-	maxBackoff    time.Duration        // longest wait between failed requests
-	intn          func(n int) int      // random choice among free subnets
-	jitter        func() time.Duration // pause after losing a subnet race
+	configRetry   time.Duration // wait between reads of a missing config
+	checkInterval time.Duration // quiet-watch check of the store's revision
+	// checkOnReconnect checks the store when the client reconnects; a
+	// test turns it off to see the quiet-watch check alone.
+	checkOnReconnect bool
+	minBackoff       time.Duration        // first wait after a failed request
+	maxBackoff       time.Duration        // longest wait between failed requests
+	intn             func(n int) int      // random choice among free subnets
+	jitter           func() time.Duration // pause after losing a subnet race
 
 	// listing is the subnets prefix as the last acquisition read it, kept
 	// for the first WatchLeases to start from instead of reading it again.
@@ -77,17 +80,18 @@ func New(opts Options) (*Manager, error) {
 // newManager uses conn; opts must have its defaults applied.
 func newManager(conn *connector, opts Options) *Manager {
 	return &Manager{
-		conn:          conn,
-		prefix:        opts.Prefix,
-		callTimeout:   opts.RequestTimeout * 2,
-		log:           opts.Logger,
-		now:           time.Now,
-		configRetry:   time.Second,
-		checkInterval: time.Minute,
-		minBackoff:    100 * time.Millisecond,
-		maxBackoff:    time.Second,
-		intn:          rand.IntN,
-		jitter:        func() time.Duration { return rand.N(50 * time.Millisecond) },
+		conn:             conn,
+		prefix:           opts.Prefix,
+		callTimeout:      opts.RequestTimeout * 2,
+		log:              opts.Logger,
+		now:              time.Now,
+		configRetry:      time.Second,
+		checkInterval:    time.Minute,
+		checkOnReconnect: true,
+		minBackoff:       100 * time.Millisecond,
+		maxBackoff:       time.Second,
+		intn:             rand.IntN,
+		jitter:           func() time.Duration { return rand.N(50 * time.Millisecond) },
 	}
 }
 

@@ -104,7 +104,7 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 			needList = true // the client is closed or cannot be made
 			continue
 		}
-		if reconnected == nil {
+		if reconnected == nil && w.m.checkOnReconnect {
 			reconnected = connectionReady(ctx, st.ActiveConnection())
 		}
 		why, answered, err := w.follow(ctx, st, events, reconnected)

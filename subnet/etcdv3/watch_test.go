@@ -182,8 +182,8 @@ func TestWatchNoticesWipe(t *testing.T) {
 	}
 }
 
-// TestWatchNoticesWipeWhenQuiet wipes the store while the client is not
-// told (no reconnection seen): the quiet-watch check finds it.
+// TestWatchQuietCheck wipes the store under a watcher that does not check
+// on reconnection: the quiet-watch check alone must find it.
 func TestWatchQuietCheck(t *testing.T) {
 	srv := etcdtest.Start(t)
 	c := v3(t, srv)
@@ -192,7 +192,7 @@ func TestWatchQuietCheck(t *testing.T) {
 		put(t, c, fmt.Sprintf("subnets/10.5.%d.0-24", i), fmt.Sprintf(`{"PublicIP":"192.168.0.%d"}`, i), time.Hour)
 	}
 	m, api := newTestManager(t, srv)
-	m.checkInterval = 100 * time.Millisecond
+	m.checkInterval, m.checkOnReconnect = 100*time.Millisecond, false
 	col := startCollector(t, m)
 	eventually(t, "the listing", func() bool { return len(col.snapshot()) == 3 })
 	eventually(t, "quiet checks", func() bool { return api.gets.Load() >= 4 })
