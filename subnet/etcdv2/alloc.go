@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"path"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -14,10 +13,6 @@ import (
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
-
-// freeCandidates is how many free subnets, from SubnetMin up, a new lease is
-// chosen among at random.
-const freeCandidates = 100
 
 // entry is one lease key whose name and value both parse.
 type entry struct {
@@ -34,67 +29,10 @@ func (e entry) expiration() time.Time {
 	return *e.node.Expiration
 }
 
-// takenSet holds the subnets some key claims, valid or not.
-type takenSet struct {
-	bits  int
-	exact map[netip.Prefix]bool
-	// other holds claims of another length (stray or hand-written keys);
-	// a candidate overlapping one of them is not free.
-	other []netip.Prefix
-}
-
-func newTakenSet(bits int) *takenSet {
-	return &takenSet{bits: bits, exact: map[netip.Prefix]bool{}}
-}
-
-func (t *takenSet) add(p netip.Prefix) {
-	if p.Bits() == t.bits {
-		t.exact[p] = true
-		return
-	}
-	t.other = append(t.other, p)
-}
-
-func (t *takenSet) free(p netip.Prefix) bool {
-	if t.exact[p] {
-		return false
-	}
-	for _, o := range t.other {
-		if o.Overlaps(p) {
-			return false
-		}
-	}
-	return true
-}
-
 // leaseKeyPrefix parses the name of a key under subnets/ strictly.
 func leaseKeyPrefix(name string) (netip.Prefix, bool) {
 	p, err := ip.ParseKey(name)
 	return p, err == nil
-}
-
-// claimedPrefix is the subnet a key name claims, read leniently so that a
-// malformed name such as "10.5.3.1-24" or "10.5.3.0-24x" still keeps
-// 10.5.3.0/24 from being handed out. ok is false when no subnet can be read from the name at all.
-func claimedPrefix(name string) (netip.Prefix, bool) {
-	if p, ok := leaseKeyPrefix(name); ok {
-		return p, true
-	}
-	a, b, found := strings.Cut(name, "-")
-	if !found {
-		return netip.Prefix{}, false
-	}
-	addr, err := netip.ParseAddr(a)
-	if err != nil || !addr.Is4() {
-		return netip.Prefix{}, false
-	}
-	// Leading digits only, as a flannel node's unanchored match reads it.
-	digits := len(b) - len(strings.TrimLeft(b, "0123456789"))
-	n, err := strconv.Atoi(b[:digits])
-	if err != nil || n < 0 || n > 32 {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(addr, n).Masked(), true
 }
 
 // flatten returns the value keys below dir (a recursive listing), sorted by
@@ -140,17 +78,17 @@ func parseNode(dir string, n *client.Node) (entry, error) {
 type allocation struct {
 	dir   string
 	nodes []*client.Node // the keys, parsed only when own looks for a lease
-	taken *takenSet
+	taken *subnet.Taken
 }
 
 // newAllocation reads a recursive listing of dir (nil for a missing
 // directory). Every key that names a subnet claims it, whatever its value.
 func newAllocation(cfg *subnet.Config, dir string, root *client.Node) *allocation {
-	a := &allocation{dir: dir, taken: newTakenSet(cfg.SubnetLen)}
+	a := &allocation{dir: dir, taken: subnet.NewTaken(cfg.SubnetLen)}
 	a.nodes = flatten(root)
 	for _, n := range a.nodes {
-		if p, ok := claimedPrefix(path.Base(n.Key)); ok {
-			a.taken.add(p)
+		if p, ok := subnet.ClaimedPrefix(path.Base(n.Key)); ok {
+			a.taken.Add(p)
 		}
 	}
 	return a
@@ -174,22 +112,7 @@ func (a *allocation) own(cfg *subnet.Config, publicIP netip.Addr) (entry, bool) 
 	return entry{}, false
 }
 
-// choose returns prev when it fits cfg and no key claims it, else a subnet
-// picked with intn among the first freeCandidates free ones. ok is false
-// when the range is full.
+// choose is subnet.ChooseSubnet on the listing.
 func (a *allocation) choose(cfg *subnet.Config, prev netip.Prefix, intn func(int) int) (netip.Prefix, bool) {
-	if prev.IsValid() && cfg.InRange(prev) && a.taken.free(prev) {
-		return prev, true
-	}
-	cands := make([]netip.Prefix, 0, freeCandidates)
-	cfg.Subnets(func(p netip.Prefix) bool {
-		if a.taken.free(p) {
-			cands = append(cands, p)
-		}
-		return len(cands) < freeCandidates
-	})
-	if len(cands) == 0 {
-		return netip.Prefix{}, false
-	}
-	return cands[intn(len(cands))], true
+	return subnet.ChooseSubnet(cfg, a.taken, prev, intn)
 }

@@ -33,32 +33,6 @@ func dirNode(kv map[string]string) *client.Node {
 	return root
 }
 
-func TestClaimedPrefix(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		want string // "" = no claim
-	}{
-		{"10.5.34.0-24", "10.5.34.0/24"},
-		{"10.5.34.7-24", "10.5.34.0/24"}, // not canonical, still claims its subnet
-		{"10.5.0.0-16", "10.5.0.0/16"},
-		{"10.5.34.0-33", ""},
-		{"10.5.34.0", ""},
-		{"garbage", ""},
-		{"::1-64", ""},
-		{"10.5.34.0-x", ""},
-		{"10.5.34.0-24x", "10.5.34.0/24"},
-		{"10.5.34.0-", ""},
-	} {
-		p, ok := claimedPrefix(tc.name)
-		switch {
-		case tc.want == "" && ok:
-			t.Errorf("claimedPrefix(%q) = %v, want no claim", tc.name, p)
-		case tc.want != "" && (!ok || p != pfx(tc.want)):
-			t.Errorf("claimedPrefix(%q) = %v, %v; want %s", tc.name, p, ok, tc.want)
-		}
-	}
-}
-
 func TestChoose(t *testing.T) {
 	// Ten subnets: 10.5.1.0 .. 10.5.10.0.
 	small := `{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.10.0"}`
@@ -144,11 +118,11 @@ func TestAllocationOwn(t *testing.T) {
 		t.Errorf("own(192.168.0.9) = %+v, %v; want 10.5.9.0/24 (its value escapes a digit)", e, ok)
 	}
 	for _, s := range []string{"10.5.3.0/24", "10.5.4.0/24", "10.5.5.0/24", "10.5.6.0/24", "10.5.7.0/24"} {
-		if a.taken.free(pfx(s)) {
+		if a.taken.Free(pfx(s)) {
 			t.Errorf("%s is free, want taken", s)
 		}
 	}
-	if !a.taken.free(pfx("10.5.8.0/24")) {
+	if !a.taken.Free(pfx("10.5.8.0/24")) {
 		t.Errorf("10.5.8.0/24 is taken, want free")
 	}
 }
