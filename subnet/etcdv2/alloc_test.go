@@ -186,11 +186,11 @@ func TestDiffLeases(t *testing.T) {
 		{"mixed, adds first", leaseMap(a, b), leaseMap(b2, c), "+10.5.2.0/24@192.168.0.2{\"VtepMAC\":\"bb\"} +10.5.3.0/24@192.168.0.3 -10.5.1.0/24@192.168.0.1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := map[netip.Prefix]known{}
+			before := map[netip.Prefix]subnet.LeaseSummary{}
 			for p, l := range tc.known {
-				before[p] = summarize(l.Attrs)
+				before[p] = subnet.Summarize(l.Attrs)
 			}
-			if got := evString(diffLeases(before, tc.current)); got != tc.want {
+			if got := evString(subnet.DiffLeases(before, tc.current)); got != tc.want {
 				t.Errorf("diff = %q\nwant   %q", got, tc.want)
 			}
 		})
@@ -200,7 +200,7 @@ func TestDiffLeases(t *testing.T) {
 func TestWatcherApply(t *testing.T) {
 	var logs []string
 	m := newManager(nil, Options{Prefix: "/coreos.com/network", Logger: captureLogger(&logs)})
-	w := &watcher{m: m, dir: testDir, known: map[netip.Prefix]known{}, logged: map[string]uint64{}}
+	w := &watcher{m: m, dir: testDir, known: map[netip.Prefix]subnet.LeaseSummary{}, logged: map[string]uint64{}}
 	node := func(name, value string, idx uint64) *client.Node {
 		return &client.Node{Key: testDir + "/" + name, Value: value, ModifiedIndex: idx}
 	}
