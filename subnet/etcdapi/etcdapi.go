@@ -11,7 +11,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"net/url"
 	"strings"
 	"sync"
@@ -224,7 +223,7 @@ func (m *Manager) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) 
 }
 
 // AcquireLease implements subnet.Manager.
-func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev netip.Prefix) (*subnet.Lease, error) {
+func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev subnet.Lease) (*subnet.Lease, error) {
 	mgr, err := m.manager(ctx)
 	if err != nil {
 		return nil, err

@@ -78,14 +78,14 @@ func TestChoose(t *testing.T) {
 				prev = pfx(tc.prev)
 			}
 			offered := 0
-			got, ok := a.choose(cfg, prev, func(n int) int { offered = n; return tc.intn(n) })
+			got, ok := a.choose(cfg, subnet.Lease{Subnet: prev}, func(n int) int { offered = n; return tc.intn(n) })
 			if tc.want == "" {
 				if ok {
 					t.Fatalf("choose = %v, want range full", got)
 				}
 				return
 			}
-			if !ok || got != pfx(tc.want) {
+			if !ok || got.Subnet != pfx(tc.want) {
 				t.Fatalf("choose = %v, %v; want %s", got, ok, tc.want)
 			}
 			if tc.nCands > 0 && offered != tc.nCands {
@@ -106,15 +106,15 @@ func TestAllocationOwn(t *testing.T) {
 		"10.5.7.0-24extra": `{"PublicIP":"192.168.0.3"}`,
 		"10.5.9.0-24":      `{"PublicIP":"192.168.0.\u0039"}`,
 	}))
-	e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.1"))
+	e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.1")})
 	if !ok || e.subnet != pfx("10.5.3.0/24") || e.attrs.BackendType != "vxlan" {
 		t.Errorf("own(192.168.0.1) = %+v, %v; want 10.5.3.0/24", e, ok)
 	}
-	if e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.3")); ok {
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.3")}); ok {
 		t.Errorf("own(192.168.0.3) = %+v; its keys do not parse or are misplaced, want none", e)
 	}
 	// A value that spells the address with a JSON escape is still found.
-	if e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.9")); !ok || e.subnet != pfx("10.5.9.0/24") {
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.9")}); !ok || e.subnet != pfx("10.5.9.0/24") {
 		t.Errorf("own(192.168.0.9) = %+v, %v; want 10.5.9.0/24 (its value escapes a digit)", e, ok)
 	}
 	for _, s := range []string{"10.5.3.0/24", "10.5.4.0/24", "10.5.5.0/24", "10.5.6.0/24", "10.5.7.0/24"} {

@@ -284,12 +284,13 @@ func (w *watcher) list(ctx context.Context) ([]subnet.Event, error) {
 			logged[n.Key] = n.ModifiedIndex
 			continue
 		}
-		current[e.subnet] = subnet.Lease{Subnet: e.subnet, Attrs: e.attrs, Expiration: e.expiration()}
+		l := e.lease()
+		current[l.Key()] = l
 	}
 	evs := subnet.DiffLeases(w.known, current)
 	clear(w.known)
 	for p, l := range current {
-		w.known[p] = subnet.Summarize(l.Attrs)
+		w.known[p] = subnet.SummarizeLease(l)
 	}
 	w.logged, w.cursor = logged, index
 	return evs, nil
@@ -332,9 +333,9 @@ func (w *watcher) apply(resp *client.Response) (evs []subnet.Event, relist bool)
 		return nil, false
 	}
 	delete(w.logged, n.Key)
-	l := subnet.Lease{Subnet: e.subnet, Attrs: e.attrs, Expiration: e.expiration()}
+	l := e.lease()
 	old, had := w.known[p]
-	w.known[p] = subnet.Summarize(l.Attrs)
+	w.known[p] = subnet.SummarizeLease(l)
 	if had && old == w.known[p] {
 		return nil, false // a renewal
 	}

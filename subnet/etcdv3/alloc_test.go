@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
+
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 func TestAllocationOwn(t *testing.T) {
@@ -17,21 +19,22 @@ func TestAllocationOwn(t *testing.T) {
 		"10.5.5.0-24":                 `{"PublicIP":"192.168.0.3"`,  // broken JSON
 		"sub/10.5.6.0-24":             `{"PublicIP":"192.168.0.3"}`, // deeper: not a lease, but it claims
 		"10.5.7.0-24extra":            `{"PublicIP":"192.168.0.3"}`,
-		"10.5.8.0-24&fc00:0:0:8::-64": `{"PublicIP":"192.168.0.4","PublicIPv6":"fc00::4"}`, // dual stack: taken, not reused
+		"10.5.8.0-24&fc00:0:0:8::-64": `{"PublicIP":"192.168.0.4","PublicIPv6":"fc00::4"}`, // dual stack: reused by its node, IPv6 part kept
 		"10.5.9.0-24":                 `{"PublicIP":"192.168.0.\u0039"}`,
 	} {
 		kvs = append(kvs, &mvccpb.KeyValue{Key: []byte(testDir + name), Value: []byte(v)})
 	}
 	a := newAllocation(cfg, testDir, kvs)
-	if e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.1")); !ok || e.subnet != pfx("10.5.3.0/24") || e.attrs.BackendType != "vxlan" {
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.1")}); !ok || e.subnet != pfx("10.5.3.0/24") || e.attrs.BackendType != "vxlan" {
 		t.Errorf("own(192.168.0.1) = %+v, %v; want 10.5.3.0/24", e, ok)
 	}
-	for _, ip := range []string{"192.168.0.3", "192.168.0.4"} {
-		if e, ok := a.own(cfg, netip.MustParseAddr(ip)); ok {
-			t.Errorf("own(%s) = %v; want none", ip, e.subnet)
-		}
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.3")}); ok {
+		t.Errorf("own(192.168.0.3) = %v; want none", e.subnet)
 	}
-	if e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.9")); !ok || e.subnet != pfx("10.5.9.0/24") {
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.4")}); !ok || e.subnet != pfx("10.5.8.0/24") || e.subnet6 != pfx("fc00:0:0:8::/64") {
+		t.Errorf("own(192.168.0.4) = %+v, %v; want the dual-stack key", e, ok)
+	}
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.9")}); !ok || e.subnet != pfx("10.5.9.0/24") {
 		t.Errorf("own(192.168.0.9) = %+v, %v; want 10.5.9.0/24 (its value escapes a digit)", e, ok)
 	}
 	for _, s := range []string{"10.5.3.0/24", "10.5.4.0/24", "10.5.5.0/24", "10.5.6.0/24", "10.5.7.0/24", "10.5.8.0/24", "10.5.9.0/24"} {

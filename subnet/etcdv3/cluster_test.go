@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/flanneld-go/flanneld/internal/etcdtest"
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 func TestDeadEndpointIsSkipped(t *testing.T) {
@@ -46,7 +47,7 @@ func TestDeadEndpointIsSkipped(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		lease, err := m.AcquireLease(ctx, cfg, attrsFor(fmt.Sprintf("192.168.0.%d", i+1)), netip.Prefix{})
+		lease, err := m.AcquireLease(ctx, cfg, attrsFor(fmt.Sprintf("192.168.0.%d", i+1)), subnet.Lease{})
 		if err != nil {
 			t.Fatalf("AcquireLease with one dead endpoint: %v", err)
 		}

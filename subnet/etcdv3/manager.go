@@ -6,7 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -103,8 +103,8 @@ func (m *Manager) configKey() string { return m.prefix + "/config" }
 
 // subnetsDir is the prefix of the lease keys, with its trailing slash.
 func (m *Manager) subnetsDir() string { return m.prefix + "/subnets/" }
-func (m *Manager) leaseKey(p netip.Prefix) string {
-	return m.subnetsDir() + ip.Key(p)
+func (m *Manager) leaseKey(l subnet.Lease) string {
+	return m.subnetsDir() + ip.LeaseKey(l.Subnet, l.IPv6Subnet)
 }
 
 // call runs fn with the client, bounded by callTimeout, and counts its
@@ -134,6 +134,16 @@ func (m *Manager) get(ctx context.Context, key string, opts ...clientv3.OpOption
 		return err
 	})
 	return resp, err
+}
+
+func (m *Manager) txnResp(ctx context.Context, cmp []clientv3.Cmp, ops ...clientv3.Op) (*clientv3.TxnResponse, error) {
+	var out *clientv3.TxnResponse
+	err := m.call(ctx, "txn", func(ctx context.Context, st store) error {
+		resp, err := st.Txn(ctx).If(cmp...).Then(ops...).Commit()
+		out = resp
+		return err
+	})
+	return out, err
 }
 
 func (m *Manager) txn(ctx context.Context, cmp []clientv3.Cmp, ops ...clientv3.Op) (bool, error) {
@@ -231,9 +241,9 @@ func configError(key string, err error) error {
 // transaction that succeeds only if the key does not exist, attached to an
 // etcd lease granted for it; the granted lease is reused across attempts
 // and revoked if none succeeds.
-func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev netip.Prefix) (*subnet.Lease, error) {
-	if !attrs.PublicIP.Is4() {
-		return nil, fmt.Errorf("acquiring lease: public IP %v is not an IPv4 address", attrs.PublicIP)
+func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev subnet.Lease) (*subnet.Lease, error) {
+	if err := subnet.CheckAttrs(cfg, attrs); err != nil {
+		return nil, fmt.Errorf("acquiring lease: %w", err)
 	}
 	raw, err := attrs.Marshal()
 	if err != nil {
@@ -278,7 +288,7 @@ func (m *Manager) revokeUnused(ctx context.Context, g *grant) {
 
 // tryAcquire makes one attempt; a nil lease and nil error mean another node
 // changed the key under us and the caller should start over.
-func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value string, prev netip.Prefix, g *grant) (*subnet.Lease, error) {
+func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value string, prev subnet.Lease, g *grant) (*subnet.Lease, error) {
 	dir := m.subnetsDir()
 	resp, err := m.get(ctx, dir, clientv3.WithPrefix())
 	if err != nil {
@@ -287,29 +297,63 @@ func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subn
 	m.keepListing(resp)
 	alloc := newAllocation(cfg, dir, resp.Kvs)
 
-	if own, ok := alloc.own(cfg, attrs.PublicIP); ok {
+	if own, ok := alloc.own(cfg, attrs); ok {
 		return m.reuse(ctx, own, attrs, value, g)
 	}
 
-	p, ok := subnet.ChooseSubnet(cfg, alloc.taken, prev, m.intn)
+	l, ok := alloc.choose(cfg, prev, m.intn)
 	if !ok {
 		return nil, subnet.ErrNoFreeSubnets
 	}
 	if err := m.grant(ctx, g); err != nil {
 		return nil, err
 	}
-	key := m.leaseKey(p)
-	created, err := m.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.Version(key), "=", 0)},
+	key := m.leaseKey(l)
+	created, err := m.txnResp(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.Version(key), "=", 0)},
 		clientv3.OpPut(key, value, clientv3.WithLease(g.id)))
 	if err != nil {
-		return nil, fmt.Errorf("creating lease %s: %w", p, err)
+		return nil, fmt.Errorf("creating lease %s: %w", l.Key(), err)
 	}
-	if !created {
+	if !created.Succeeded {
 		return nil, nil
 	}
-	l := &subnet.Lease{Subnet: p, Attrs: attrs, Expiration: g.expires}
 	g.id = 0 // taken by the key
-	return l, nil
+	if cfg.EnableIPv6 || alloc.dual {
+		// Keys that differ only in their IPv6 (or IPv4) part can claim the
+		// same subnet at once; the older key keeps it.
+		won, err := m.firstClaim(ctx, key, created.Header.Revision, l)
+		if err != nil || !won {
+			return nil, err
+		}
+	}
+	l.Attrs, l.Expiration = attrs, g.expires
+	return &l, nil
+}
+
+// firstClaim lists the subnets prefix after our key (created at revision)
+// and reports whether no older key claims a subnet of l. A later claim
+// loses: its key is deleted (only if it is still the one we wrote) and the
+// caller starts over.
+func (m *Manager) firstClaim(ctx context.Context, key string, revision int64, l subnet.Lease) (bool, error) {
+	resp, err := m.get(ctx, m.subnetsDir(), clientv3.WithPrefix())
+	if err != nil {
+		return false, fmt.Errorf("listing %s: %w", m.subnetsDir(), err)
+	}
+	for _, kv := range resp.Kvs {
+		name := string(kv.Key)
+		if name == key || kv.CreateRevision > revision {
+			continue
+		}
+		v4, v6 := subnet.ClaimedPrefixes(name[strings.LastIndexByte(name, '/')+1:])
+		if (v4.IsValid() && l.Subnet.IsValid() && v4.Overlaps(l.Subnet)) || (v6.IsValid() && l.IPv6Subnet.IsValid() && v6.Overlaps(l.IPv6Subnet)) {
+			_, err := m.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", revision)}, clientv3.OpDelete(key))
+			if err != nil {
+				return false, fmt.Errorf("giving up lease %s to %s: %w", l.Key(), name, err)
+			}
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // reuse makes own, the key holding our PublicIP, hold value: a reservation
@@ -317,7 +361,7 @@ func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subn
 // moves to a new one (g) when its lease was granted short.
 func (m *Manager) reuse(ctx context.Context, own entry, attrs subnet.LeaseAttrs, value string, g *grant) (*subnet.Lease, error) {
 	key := string(own.kv.Key)
-	l := &subnet.Lease{Subnet: own.subnet, Attrs: attrs}
+	l := &subnet.Lease{Subnet: own.subnet, IPv6Subnet: own.subnet6, Attrs: attrs}
 	put, unchanged := clientv3.OpPut(key, value), string(own.kv.Value) == value
 	moved := false
 	if own.kv.Lease != 0 {
@@ -376,7 +420,7 @@ func (m *Manager) takeListing() *clientv3.GetResponse {
 // RenewLease implements subnet.Manager: one read of the key, then one
 // keep-alive of the etcd lease it is attached to (none for a reservation).
 func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
-	key := m.leaseKey(lease.Subnet)
+	key := m.leaseKey(*lease)
 	resp, err := m.get(ctx, key)
 	if err != nil {
 		return fmt.Errorf("renewing lease %s: %w", lease.Subnet, err)
@@ -385,7 +429,7 @@ func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
 		return fmt.Errorf("renewing lease %s: %w: the key was deleted or expired", lease.Subnet, subnet.ErrLeaseLost)
 	}
 	kv := resp.Kvs[0]
-	if !holds(kv, lease.Attrs.PublicIP) {
+	if !holds(kv, lease.Attrs) {
 		return fmt.Errorf("renewing lease %s: %w: the key now holds another value", lease.Subnet, subnet.ErrLeaseLost)
 	}
 	if kv.Lease == 0 {
@@ -431,9 +475,9 @@ func (m *Manager) moveToNewLease(ctx context.Context, kv *mvccpb.KeyValue) (time
 }
 
 // holds reports whether kv is a lease of publicIP.
-func holds(kv *mvccpb.KeyValue, publicIP netip.Addr) bool {
+func holds(kv *mvccpb.KeyValue, attrs subnet.LeaseAttrs) bool {
 	a, err := subnet.ParseLeaseAttrs(kv.Value)
-	return err == nil && a.PublicIP == publicIP
+	return err == nil && a.PublicIP == attrs.PublicIP && a.PublicIPv6 == attrs.PublicIPv6
 }
 
 // sleep waits d or until ctx ends; false means ctx ended.

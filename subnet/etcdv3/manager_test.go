@@ -64,7 +64,7 @@ func TestAcquireConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			leases[i], errs[i] = m.AcquireLease(ctxT(t), cfg, attrsFor(fmt.Sprintf("192.168.1.%d", i+1)), netip.Prefix{})
+			leases[i], errs[i] = m.AcquireLease(ctxT(t), cfg, attrsFor(fmt.Sprintf("192.168.1.%d", i+1)), subnet.Lease{})
 		}()
 	}
 	close(start)
@@ -89,7 +89,7 @@ func TestAcquireConcurrent(t *testing.T) {
 			t.Fatalf("no key for %v", l.Subnet)
 		}
 		kv := resp.Kvs[0]
-		if !holds(kv, l.Attrs.PublicIP) || kv.Lease == 0 {
+		if !holds(kv, l.Attrs) || kv.Lease == 0 {
 			t.Errorf("key of %v = %q lease %d, want PublicIP %v attached to an etcd lease", l.Subnet, kv.Value, kv.Lease, l.Attrs.PublicIP)
 		}
 		ttl, err := c.TimeToLive(context.Background(), clientv3.LeaseID(kv.Lease))
@@ -101,7 +101,7 @@ func TestAcquireConcurrent(t *testing.T) {
 		t.Fatalf("%d distinct subnets, want %d", len(seen), n)
 	}
 	m, api := newTestManager(t, srv)
-	_, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.2.1"), netip.Prefix{})
+	_, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.2.1"), subnet.Lease{})
 	if !errors.Is(err, subnet.ErrNoFreeSubnets) {
 		t.Fatalf("acquire on a full range = %v, want ErrNoFreeSubnets", err)
 	}
@@ -127,7 +127,7 @@ func TestAcquireRestart(t *testing.T) {
 	ctx := ctxT(t)
 
 	m1, _ := newTestManager(t, srv)
-	l1, err := m1.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l1, err := m1.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +138,7 @@ func TestAcquireRestart(t *testing.T) {
 	m2, api := newTestManager(t, srv)
 	a := attrsFor("192.168.0.1")
 	a.BackendData = []byte(`{"VtepMAC":"02:00:00:00:00:01"}`)
-	l2, err := m2.AcquireLease(ctx, cfg, a, pfx("10.5.40.0/24"))
+	l2, err := m2.AcquireLease(ctx, cfg, a, subnet.Lease{Subnet: pfx("10.5.40.0/24")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +155,7 @@ func TestAcquireRestart(t *testing.T) {
 
 	// Same value again: nothing written, only the lease refreshed.
 	m3, api3 := newTestManager(t, srv)
-	if _, err := m3.AcquireLease(ctx, cfg, a, netip.Prefix{}); err != nil {
+	if _, err := m3.AcquireLease(ctx, cfg, a, subnet.Lease{}); err != nil {
 		t.Fatal(err)
 	}
 	if api3.txns.Load() != 0 || api3.keepalives.Load() != 1 {
@@ -164,18 +164,18 @@ func TestAcquireRestart(t *testing.T) {
 
 	// A new node with a free previous subnet gets it; with a taken one, another.
 	m4, _ := newTestManager(t, srv)
-	l4, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), pfx("10.5.33.0/24"))
+	l4, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), subnet.Lease{Subnet: pfx("10.5.33.0/24")})
 	if err != nil || l4.Subnet != pfx("10.5.33.0/24") {
 		t.Fatalf("with free prev: %v, %v; want 10.5.33.0/24", l4, err)
 	}
 	m5, _ := newTestManager(t, srv)
-	l5, err := m5.AcquireLease(ctx, cfg, attrsFor("192.168.0.3"), pfx("10.5.33.0/24"))
+	l5, err := m5.AcquireLease(ctx, cfg, attrsFor("192.168.0.3"), subnet.Lease{Subnet: pfx("10.5.33.0/24")})
 	if err != nil || l5.Subnet == l4.Subnet {
 		t.Fatalf("with taken prev: %v, %v; want another subnet", l5, err)
 	}
 	// A previous subnet outside the range is ignored.
 	m6, _ := newTestManager(t, srv)
-	l6, err := m6.AcquireLease(ctx, cfg, attrsFor("192.168.0.4"), pfx("10.5.99.0/24"))
+	l6, err := m6.AcquireLease(ctx, cfg, attrsFor("192.168.0.4"), subnet.Lease{Subnet: pfx("10.5.99.0/24")})
 	if err != nil || !cfg.InRange(l6.Subnet) {
 		t.Fatalf("with prev out of range: %v, %v", l6, err)
 	}
@@ -190,11 +190,11 @@ func TestAcquireSkipsGarbage(t *testing.T) {
 	put(t, c, "subnets/10.5.2.0-24x", `{"PublicIP":"192.168.0.1"}`, 0)
 	put(t, c, "subnets/junk", `{"PublicIP":"192.168.0.1"}`, 0)
 	m, _ := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil || l.Subnet != pfx("10.5.3.0/24") {
 		t.Fatalf("AcquireLease = %v, %v; want 10.5.3.0/24, the one subnet no key claims", l, err)
 	}
-	if _, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.2"), netip.Prefix{}); !errors.Is(err, subnet.ErrNoFreeSubnets) {
+	if _, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.2"), subnet.Lease{}); !errors.Is(err, subnet.ErrNoFreeSubnets) {
 		t.Fatalf("second node = %v, want ErrNoFreeSubnets (garbage keys still claim)", err)
 	}
 }
@@ -209,13 +209,13 @@ func TestReservation(t *testing.T) {
 
 	// Another node never takes it, even as its previous subnet.
 	other, _ := newTestManager(t, srv)
-	lo, err := other.AcquireLease(ctx, cfg, attrsFor("192.168.0.8"), pfx("10.5.7.0/24"))
+	lo, err := other.AcquireLease(ctx, cfg, attrsFor("192.168.0.8"), subnet.Lease{Subnet: pfx("10.5.7.0/24")})
 	if err != nil || lo.Subnet == pfx("10.5.7.0/24") {
 		t.Fatalf("other node: %v, %v; must not get the reservation", lo, err)
 	}
 	// The node with its PublicIP uses it and it stays without etcd lease.
 	m, api := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.7"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.7"), subnet.Lease{})
 	if err != nil || l.Subnet != pfx("10.5.7.0/24") || !l.Reservation() {
 		t.Fatalf("reserved node: %+v, %v; want the reservation 10.5.7.0/24", l, err)
 	}
@@ -245,7 +245,7 @@ func TestRenew(t *testing.T) {
 	cfg := mustConfig(t, testConfig)
 	ctx := ctxT(t)
 	m, _ := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +273,7 @@ func TestRenew(t *testing.T) {
 		t.Fatalf("renewing a key holding another PublicIP = %v, want ErrLeaseLost", err)
 	}
 	// An etcd lease revoked (expired): the key is gone, lost.
-	l2, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), netip.Prefix{})
+	l2, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -292,7 +292,7 @@ func TestLeaseLostAndWatchRemoved(t *testing.T) {
 	cfg := mustConfig(t, testConfig)
 	ctx := ctxT(t)
 	m, _ := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,7 +303,7 @@ func TestLeaseLostAndWatchRemoved(t *testing.T) {
 	if err := m.RenewLease(ctx, l); !errors.Is(err, subnet.ErrLeaseLost) {
 		t.Fatalf("RenewLease after delete = %v, want ErrLeaseLost", err)
 	}
-	l2, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), l.Subnet)
+	l2, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{Subnet: l.Subnet})
 	if err != nil || l2.Subnet != l.Subnet {
 		t.Fatalf("re-acquire = %v, %v; want %v again", l2, err, l.Subnet)
 	}
@@ -319,7 +319,7 @@ func TestTLS(t *testing.T) {
 	if err != nil {
 		t.Fatalf("GetNetworkConfig over TLS with a client certificate: %v", err)
 	}
-	if _, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.1"), netip.Prefix{}); err != nil {
+	if _, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.1"), subnet.Lease{}); err != nil {
 		t.Fatalf("AcquireLease over TLS: %v", err)
 	}
 	// Without a client certificate the server refuses.
@@ -382,7 +382,7 @@ func TestBasicAuth(t *testing.T) {
 	if err != nil {
 		t.Fatalf("GetNetworkConfig with credentials: %v", err)
 	}
-	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{}); err != nil {
+	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{}); err != nil {
 		t.Fatalf("AcquireLease with credentials: %v", err)
 	}
 	for _, tc := range []struct{ name, user, pw string }{
@@ -438,7 +438,7 @@ func TestShortLeaseMoves(t *testing.T) {
 	// Acquire: same value, short lease.
 	put(t, c, "subnets/10.5.9.0-24", value, 10*time.Minute)
 	m, _ := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil || l.Subnet != pfx("10.5.9.0/24") {
 		t.Fatalf("AcquireLease = %v, %v; want the existing 10.5.9.0/24", l, err)
 	}

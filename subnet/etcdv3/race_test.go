@@ -73,7 +73,7 @@ func raceRound(t *testing.T, srv *etcdtest.Server, c *clientv3.Client, prefix st
 			<-barrier
 			attrs := subnet.LeaseAttrs{PublicIP: publicIP(i), BackendType: "vxlan", BackendData: []byte(fmt.Sprintf(`{"Node":%d}`, i))}
 			for range 3 {
-				leases[i], errs[i] = m.AcquireLease(ctx, cfg, attrs, netip.Prefix{})
+				leases[i], errs[i] = m.AcquireLease(ctx, cfg, attrs, subnet.Lease{})
 				if !errors.Is(errs[i], errContention) {
 					break
 				}

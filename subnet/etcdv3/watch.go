@@ -228,12 +228,14 @@ func (w *watcher) list(ctx context.Context) ([]subnet.Event, error) {
 			logged[string(kv.Key)] = kv.ModRevision
 			continue
 		}
-		current[e.subnet] = subnet.Lease{Subnet: e.subnet, Attrs: e.attrs, Expiration: w.expiration(kv)}
+		l := e.lease()
+		l.Expiration = w.expiration(kv)
+		current[l.Key()] = l
 	}
 	evs := subnet.DiffLeases(w.known, current)
 	clear(w.known)
 	for p, l := range current {
-		w.known[p] = subnet.Summarize(l.Attrs)
+		w.known[p] = subnet.SummarizeLease(l)
 	}
 	w.logged, w.cursor, w.clusterID = logged, resp.Header.Revision, resp.Header.ClusterId
 	return evs, nil
@@ -279,12 +281,14 @@ func (w *watcher) apply(evs []*clientv3.Event) []subnet.Event {
 			continue
 		}
 		delete(w.logged, string(kv.Key))
-		sum := subnet.Summarize(e.attrs)
+		l := e.lease()
+		l.Expiration = w.expiration(kv)
+		sum := subnet.SummarizeLease(l)
 		if old, had := w.known[p]; had && old == sum {
 			continue // a renewal
 		}
 		w.known[p] = sum
-		out = append(out, subnet.Event{Type: subnet.EventAdded, Lease: subnet.Lease{Subnet: p, Attrs: e.attrs, Expiration: w.expiration(kv)}})
+		out = append(out, subnet.Event{Type: subnet.EventAdded, Lease: l})
 	}
 	return out
 }

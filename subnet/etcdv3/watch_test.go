@@ -161,7 +161,7 @@ func TestWatchNoticesWipe(t *testing.T) {
 		put(t, c, fmt.Sprintf("subnets/10.5.%d.0-24", i), fmt.Sprintf(`{"PublicIP":"192.168.0.%d"}`, i), time.Hour)
 	}
 	m, _ := newTestManager(t, srv)
-	own, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.100"), netip.Prefix{})
+	own, err := m.AcquireLease(ctxT(t), cfg, attrsFor("192.168.0.100"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +227,7 @@ func TestWatchStartsFromAcquireListing(t *testing.T) {
 	put(t, c, "config", testConfig, 0)
 	put(t, c, "subnets/10.5.1.0-24", `{"PublicIP":"192.168.0.1"}`, 0)
 	m, api := newTestManager(t, srv)
-	if _, err := m.AcquireLease(ctxT(t), mustConfig(t, testConfig), attrsFor("192.168.0.2"), netip.Prefix{}); err != nil {
+	if _, err := m.AcquireLease(ctxT(t), mustConfig(t, testConfig), attrsFor("192.168.0.2"), subnet.Lease{}); err != nil {
 		t.Fatal(err)
 	}
 	gets := api.gets.Load()
