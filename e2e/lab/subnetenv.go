@@ -11,16 +11,16 @@ import (
 
 // SubnetEnv is a parsed subnet.env as the daemon writes it.
 type SubnetEnv struct {
-	Network netip.Prefix      // FLANNEL_NETWORK, e.g. 10.5.0.0/16; invalid for IPv6 only
-	Subnet  netip.Prefix      // FLANNEL_SUBNET with its host address, e.g. 10.5.34.1/24
+	Network netip.Prefix // FLANNEL_NETWORK, e.g. 10.5.0.0/16; invalid for IPv6 only
+	Subnet  netip.Prefix // FLANNEL_SUBNET with its host address, e.g. 10.5.34.1/24
 	// IPv6Network and IPv6Subnet are FLANNEL_IPV6_NETWORK and
 	// FLANNEL_IPV6_SUBNET (host address, e.g. fc00:0:0:22::1/64); invalid
 	// without IPv6.
 	IPv6Network netip.Prefix
 	IPv6Subnet  netip.Prefix
-	MTU     int               // FLANNEL_MTU
-	IPMasq  bool              // FLANNEL_IPMASQ
-	Vars    map[string]string // every KEY=VALUE line, as written
+	MTU         int               // FLANNEL_MTU
+	IPMasq      bool              // FLANNEL_IPMASQ
+	Vars        map[string]string // every KEY=VALUE line, as written
 }
 
 // ParseSubnetEnv parses subnet.env content. FLANNEL_MTU and FLANNEL_IPMASQ
