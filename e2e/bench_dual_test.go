@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 	client "go.etcd.io/etcd/client/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/e2e/lab"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
