@@ -7,6 +7,7 @@ package etcdapi
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -177,6 +178,9 @@ func (m *Manager) choose(ctx context.Context) (subnet.Manager, error) {
 		if etcdv3.IsAccessDenied(err3) {
 			return nil, fmt.Errorf("reading network config at %s: etcd refused access (%w); check the etcd username, password and client certificate", key, err3)
 		}
+		if errors.Is(err2, errV2Refused) && !in3 {
+			return nil, fmt.Errorf("reading network config at %s: %w; check the etcd username, password and client certificate", key, err2)
+		}
 		switch {
 		case in3 && in2:
 			m.log.Info("The network config exists in both the etcd v3 and v2 keyspaces; using v3. Nodes on v2 do not see this node's lease: run them with --etcd-api=v3 (flannel-migrate-v3 copies v2 leases), then delete the v2 keys", "key", key)
@@ -269,6 +273,9 @@ func (m *Manager) Close() error {
 // newV2Probe returns a function that reads <prefix>/config through the v2
 // keys API of the first endpoint that answers. An etcd answer (the key, or
 // error 100 "key not found") means v2 is served; a plain 404 means it is not.
+// errV2Refused is the v2 probe's error when etcd refuses the credentials.
+var errV2Refused = errors.New("etcd refused access")
+
 func newV2Probe(opts Options) (func(ctx context.Context) (served, exists bool, err error), error) {
 	tlsCfg, err := etcdv3.ClientTLS(etcdv3.Options{CertFile: opts.CertFile, KeyFile: opts.KeyFile, CAFile: opts.CAFile})
 	if err != nil {
@@ -322,6 +329,8 @@ func newV2Probe(opts Options) (func(ctx context.Context) (served, exists bool, e
 				return true, false, nil
 			case resp.StatusCode == http.StatusNotFound:
 				return false, false, nil
+			case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
+				return true, false, fmt.Errorf("%w: reading %s with the v2 API: HTTP %d", errV2Refused, prefix+"/config", resp.StatusCode)
 			default:
 				lastErr = fmt.Errorf("reading %s with the v2 API: HTTP %d", prefix+"/config", resp.StatusCode)
 			}
