@@ -1,0 +1,224 @@
+package kube
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"sync"
+
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// WatchLeases follows the Nodes with an informer and sends lease events
+// until ctx ends. A node is a lease when it has <prefix>/kube-subnet-manager
+// "true" and a podCIDR. The first batch is every such node, all Added (sent
+// even when there is none); then a changed lease is Added, and a node
+// deleted (or no longer a lease) is Removed. A node whose annotations do
+// not parse is logged once per distinct problem and skipped. The informer
+// keeps of each Node only its name, podCIDR and the lease annotations. The
+// API connection is re-established by the informer itself.
+func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w := &watcher{m: m, dirty: map[string]struct{}{}, kick: make(chan struct{}, 1),
+		reported: map[string]subnet.Lease{}, bad: map[string]string{}}
+	lw := cache.NewListWatchFromClient(m.client.CoreV1().RESTClient(), "nodes", metav1.NamespaceAll, fields.Everything())
+	store, ctrl := cache.NewInformerWithOptions(cache.InformerOptions{
+		ListerWatcher: lw,
+		ObjectType:    &v1.Node{},
+		Handler: cache.ResourceEventHandlerFuncs{
+			AddFunc:    w.touch,
+			UpdateFunc: func(_, obj any) { w.touch(obj) },
+			DeleteFunc: w.touch,
+		},
+		Transform: m.slimNode,
+	})
+	w.store = store
+	done := make(chan struct{})
+	go func() { defer close(done); ctrl.RunWithContext(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	if !cache.WaitForCacheSync(ctx.Done(), ctrl.HasSynced) {
+		return ctx.Err()
+	}
+	// The first batch is the whole store, not the keys touched so far.
+	first := w.collect(store.ListKeys())
+	if first == nil {
+		first = []subnet.Event{}
+	}
+	if err := send(ctx, events, first); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.kick:
+		}
+		if batch := w.collect(w.takeDirty()); len(batch) > 0 {
+			if err := send(ctx, events, batch); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func send(ctx context.Context, events chan<- []subnet.Event, batch []subnet.Event) error {
+	select {
+	case events <- batch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// slimNode is the informer's transform: a Node reduced to what a lease
+// needs, so memory does not grow with the size of node status (images,
+// conditions, addresses) or of other annotations.
+func (m *Manager) slimNode(obj any) (any, error) {
+	n, ok := obj.(*v1.Node)
+	if !ok {
+		return obj, nil // a tombstone; its object was slimmed when stored
+	}
+	slim := &v1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, ResourceVersion: n.ResourceVersion},
+		Spec:       v1.NodeSpec{PodCIDR: n.Spec.PodCIDR},
+	}
+	for k, v := range n.Annotations {
+		if m.keys.watched(k) {
+			if slim.Annotations == nil {
+				slim.Annotations = make(map[string]string, 4)
+			}
+			slim.Annotations[k] = v
+		}
+	}
+	return slim, nil
+}
+
+// watcher turns informer notifications into lease events. The informer's
+// handler only marks node names dirty; the WatchLeases goroutine reads
+// their current state from the store and compares it with what it last
+// reported, so a burst of updates to one node is one event and the handler
+// never blocks on the daemon.
+type watcher struct {
+	m     *Manager
+	store cache.Store
+
+	mu    sync.Mutex
+	dirty map[string]struct{}
+	kick  chan struct{}
+
+	// Owned by the WatchLeases goroutine.
+	reported map[string]subnet.Lease // node name → lease last sent as Added
+	bad      map[string]string       // node name → problem already logged
+}
+
+func (w *watcher) touch(obj any) {
+	key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+	if err != nil {
+		return
+	}
+	w.mu.Lock()
+	w.dirty[key] = struct{}{}
+	w.mu.Unlock()
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (w *watcher) takeDirty() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	keys := make([]string, 0, len(w.dirty))
+	for k := range w.dirty {
+		keys = append(keys, k)
+	}
+	clear(w.dirty)
+	return keys
+}
+
+// collect compares the named nodes' current leases with those reported and
+// returns the events between them.
+func (w *watcher) collect(keys []string) []subnet.Event {
+	var batch []subnet.Event
+	for _, key := range keys {
+		var (
+			lease subnet.Lease
+			ok    bool
+		)
+		if obj, exists, _ := w.store.GetByKey(key); exists {
+			lease, ok = w.lease(obj.(*v1.Node))
+		} else {
+			delete(w.bad, key)
+		}
+		old, had := w.reported[key]
+		switch {
+		case ok && had && sameLease(old, lease):
+		case ok:
+			if had && old.Subnet != lease.Subnet {
+				batch = append(batch, subnet.Event{Type: subnet.EventRemoved, Lease: old})
+			}
+			w.reported[key] = lease
+			batch = append(batch, subnet.Event{Type: subnet.EventAdded, Lease: lease})
+		case had:
+			delete(w.reported, key)
+			batch = append(batch, subnet.Event{Type: subnet.EventRemoved, Lease: old})
+		}
+	}
+	return batch
+}
+
+func sameLease(a, b subnet.Lease) bool {
+	return a.Subnet == b.Subnet && a.Attrs.PublicIP == b.Attrs.PublicIP &&
+		a.Attrs.BackendType == b.Attrs.BackendType && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
+}
+
+// lease reads a node's lease. A node that is not a lease (no
+// kube-subnet-manager "true" or no podCIDR) is not ok, silently; one whose
+// podCIDR or annotations do not parse is not ok and logged once.
+func (w *watcher) lease(n *v1.Node) (subnet.Lease, bool) {
+	keys := w.m.keys
+	if n.Annotations[keys.subnetManager] != "true" || n.Spec.PodCIDR == "" {
+		delete(w.bad, n.Name)
+		return subnet.Lease{}, false
+	}
+	l, err := parseNodeLease(keys, n)
+	if err != nil {
+		if w.bad[n.Name] != err.Error() {
+			w.bad[n.Name] = err.Error()
+			w.m.log.Info("Skipping a node whose lease annotations are invalid; fix its annotations", "peer", n.Name, "reason", err)
+		}
+		return subnet.Lease{}, false
+	}
+	delete(w.bad, n.Name)
+	return l, true
+}
+
+// parseNodeLease reads the lease of a node that is marked as one.
+func parseNodeLease(keys annotations, n *v1.Node) (subnet.Lease, error) {
+	p, err := netip.ParsePrefix(n.Spec.PodCIDR)
+	if err != nil || !p.Addr().Is4() {
+		return subnet.Lease{}, fmt.Errorf("podCIDR %q is not an IPv4 CIDR", n.Spec.PodCIDR)
+	}
+	s := n.Annotations[keys.publicIP]
+	ip, err := netip.ParseAddr(s)
+	if err != nil || !ip.Is4() {
+		return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not an IPv4 address", keys.publicIP, s)
+	}
+	attrs := subnet.LeaseAttrs{PublicIP: ip, BackendType: n.Annotations[keys.backendType]}
+	if d := bytes.TrimSpace([]byte(n.Annotations[keys.backendData])); len(d) > 0 && !bytes.Equal(d, []byte("null")) {
+		if !json.Valid(d) {
+			return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not JSON", keys.backendData, n.Annotations[keys.backendData])
+		}
+		attrs.BackendData = d
+	}
+	return subnet.Lease{Subnet: p.Masked(), Attrs: attrs}, nil
+}
