@@ -60,6 +60,7 @@ type flags struct {
 	routeResync    int
 	nexthops       bool
 	version        bool
+	kube           kubeFlags
 }
 
 func newFlagSet(f *flags) *pflag.FlagSet {
@@ -84,6 +85,7 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.IntVar(&f.routeResync, "route-resync", 10, "how often routes and other kernel entries are re-checked, in seconds")
 	fs.BoolVar(&f.nexthops, "nexthop-objects", false, "install routes through kernel nexthop objects (Linux 5.3+): linear instead of quadratic in the number of hosts; ip route then shows nhid")
 	fs.BoolVar(&f.version, "version", false, "print version and exit")
+	addKubeFlags(fs, &f.kube)
 	gofs := goflag.NewFlagSet("klog", goflag.ContinueOnError)
 	klog.InitFlags(gofs)
 	fs.AddGoFlagSet(gofs)
@@ -226,8 +228,13 @@ func run(f *flags) error {
 
 	// The etcd round trip for the network config overlaps the interface
 	// lookup; an error here is reported after the interface's, as before.
-	var mgr subnet.Manager
-	em, mgrErr := newManager(f, log)
+	var mgr, em subnet.Manager
+	var mgrErr error
+	if f.kube.subnetMgr {
+		em, mgrErr = newKubeManager(ctx, &f.kube, log)
+	} else {
+		em, mgrErr = newManager(f, log)
+	}
 	if mgrErr == nil {
 		mgr = prefetchConfig(ctx, em)
 	}

@@ -404,7 +404,7 @@ func TestWatchLeasesEmptyFirstBatch(t *testing.T) {
 func TestWatchLeases(t *testing.T) {
 	f := newFixture(t)
 	f.leaseNode("w-a", "10.5.1.0/24", "192.168.8.1")
-	f.createNode("w-bare", "10.5.2.0/24", nil)            // no annotations at all
+	f.createNode("w-bare", "10.5.2.0/24", nil) // no annotations at all
 	f.createNode("w-nocidr", "", map[string]string{f.key("kube-subnet-manager"): "true", f.key("public-ip"): "192.168.8.3"})
 	f.createNode("w-bad", "10.5.4.0/24", map[string]string{f.key("kube-subnet-manager"): "true", f.key("public-ip"): "nonsense"})
 	f.createNode("w-other", "10.5.5.0/24", map[string]string{"flannel.alpha.coreos.com/kube-subnet-manager": "true",
