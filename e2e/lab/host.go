@@ -18,6 +18,9 @@ type Host struct {
 	NS         string     // namespace name, for ip netns exec
 	Addr       netip.Addr // eth0 address on the LAN (the daemon's public IP)
 	SubnetFile string     // the daemon's --subnet-file
+	// DaemonEnv is added to the environment of the daemons StartDaemon
+	// runs from then on, e.g. NODE_NAME=host1 for --kube-subnet-mgr.
+	DaemonEnv []string
 
 	lab *Lab
 	dir string
