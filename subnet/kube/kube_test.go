@@ -84,6 +84,19 @@ func (l *logLines) count(substr string) int {
 
 const netConf = `{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}`
 
+// writeAtomic replaces path with text as a ConfigMap volume does: the
+// reader sees the old or the new content, never a partial one.
+func writeAtomic(t *testing.T, path, text string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func writeConf(t *testing.T, text string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "net-conf.json")
@@ -351,8 +364,8 @@ func TestRenewLease(t *testing.T) {
 	}
 }
 
-// watch starts WatchLeases and returns its channel and a stop func.
-func watch(t *testing.T, m *Manager) (<-chan []subnet.Event, func()) {
+// startWatch starts WatchLeases and returns its channel and a stop func.
+func startWatch(t *testing.T, m *Manager) (<-chan []subnet.Event, func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	events := make(chan []subnet.Event)
@@ -395,7 +408,7 @@ func describe(batch []subnet.Event) string {
 
 func TestWatchLeasesEmptyFirstBatch(t *testing.T) {
 	f := newFixture(t)
-	events, _ := watch(t, f.manager(f.admin, "me"))
+	events, _ := startWatch(t, f.manager(f.admin, "me"))
 	if b := next(t, events); b == nil || len(b) != 0 {
 		t.Errorf("first batch = %v (nil %v), want an empty batch", describe(b), b == nil)
 	}
@@ -410,7 +423,7 @@ func TestWatchLeases(t *testing.T) {
 	f.createNode("w-other", "10.5.5.0/24", map[string]string{"flannel.alpha.coreos.com/kube-subnet-manager": "true",
 		"flannel.alpha.coreos.com/public-ip": "192.168.8.5"}) // another prefix
 
-	events, stop := watch(t, f.manager(f.admin, "me"))
+	events, stop := startWatch(t, f.manager(f.admin, "me"))
 	if got, want := describe(next(t, events)), `added 10.5.1.0/24 192.168.8.1 vxlan {"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}`; got != want {
 		t.Fatalf("first batch = %s, want %s", got, want)
 	}
@@ -457,7 +470,7 @@ func TestWatchLeasesSeesOwnAcquire(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("own", "10.5.40.0/24", nil)
 	m := f.manager(f.admin, "own")
-	events, _ := watch(t, m)
+	events, _ := startWatch(t, m)
 	if b := next(t, events); len(b) != 0 {
 		t.Fatalf("first batch = %s, want empty", describe(b))
 	}
@@ -490,7 +503,7 @@ func TestNodeName(t *testing.T) {
 		t.Errorf("POD_NAME alone: err = %v, want one naming POD_NAMESPACE", err)
 	}
 
-	ns := "nodename-test"
+	ns := fmt.Sprintf("nodename-test-%d", prefixSeq.Add(1))
 	if _, err := admin.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -532,7 +545,7 @@ func TestNetworkConfigFile(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { _, err := m2.GetNetworkConfig(ctx); done <- err }()
 	waitFor(t, "the missing-file log line", func() bool { return f.logs.count(missing) > 0 })
-	os.WriteFile(missing, []byte(netConf), 0o644)
+	writeAtomic(t, missing, netConf)
 	select {
 	case err := <-done:
 		if err != nil {
@@ -566,11 +579,11 @@ func TestWatchConfig(t *testing.T) {
 	if u := recv(); u.Err != nil || u.Config.Network != netip.MustParsePrefix("10.5.0.0/16") {
 		t.Fatalf("first update = %+v", u)
 	}
-	os.WriteFile(f.path, []byte(`{"Network":"10.7.0.0/16"}`), 0o644)
+	writeAtomic(t, f.path, `{"Network":"10.7.0.0/16"}`)
 	if u := recv(); u.Err != nil || u.Config.Network != netip.MustParsePrefix("10.7.0.0/16") {
 		t.Errorf("after a change = %+v", u)
 	}
-	os.WriteFile(f.path, []byte(`{"Network":"bogus"}`), 0o644)
+	writeAtomic(t, f.path, `{"Network":"bogus"}`)
 	if u := recv(); !errors.Is(u.Err, subnet.ErrInvalidConfig) || !strings.Contains(u.Err.Error(), f.path) {
 		t.Errorf("after an invalid write = %+v", u)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"os"
@@ -153,7 +154,7 @@ func TestRBAC(t *testing.T) {
 	f.createNode("rbac-node", "10.5.50.0/24", nil)
 	f.leaseNode("rbac-peer", "10.5.51.0/24", "192.168.8.51")
 	pod := &v1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "kube-flannel-ds-x1", Namespace: kubetest.FlannelNamespace},
+		ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("kube-flannel-ds-%d", prefixSeq.Add(1)), Namespace: kubetest.FlannelNamespace},
 		Spec: v1.PodSpec{NodeName: "rbac-node", HostNetwork: true, ServiceAccountName: kubetest.FlannelServiceAccount,
 			Containers: []v1.Container{{Name: "kube-flannel", Image: "flanneld:latest"}}},
 	}
@@ -161,7 +162,7 @@ func TestRBAC(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		f.admin.CoreV1().Pods(kubetest.FlannelNamespace).Delete(context.Background(), pod.Name, metav1.DeleteOptions{})
+		f.admin.CoreV1().Pods(kubetest.FlannelNamespace).Delete(context.Background(), pod.Name, *metav1.NewDeleteOptions(0))
 	})
 
 	flannel, err := s.Client(s.FlannelToken)
@@ -182,7 +183,7 @@ func TestRBAC(t *testing.T) {
 	if err := m.RenewLease(ctx, l); err != nil {
 		t.Errorf("RenewLease as flannel: %v", err)
 	}
-	events, _ := watch(t, m)
+	events, _ := startWatch(t, m)
 	got := describe(next(t, events))
 	want := `added 10.5.50.0/24 192.168.8.50 vxlan {"VNI":1,"VtepMAC":"26:ad:3e:11:22:33"}; added 10.5.51.0/24 192.168.8.51 vxlan {"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}`
 	want2 := `added 10.5.51.0/24 192.168.8.51 vxlan {"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}; added 10.5.50.0/24 192.168.8.50 vxlan {"VNI":1,"VtepMAC":"26:ad:3e:11:22:33"}`

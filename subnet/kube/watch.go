@@ -10,7 +10,8 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/flanneld-go/flanneld/subnet"
@@ -29,7 +30,13 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 	defer cancel()
 	w := &watcher{m: m, dirty: map[string]struct{}{}, kick: make(chan struct{}, 1),
 		reported: map[string]subnet.Lease{}, bad: map[string]string{}}
-	lw := cache.NewListWatchFromClient(m.client.CoreV1().RESTClient(), "nodes", metav1.NamespaceAll, fields.Everything())
+	nodes := m.client.CoreV1().Nodes()
+	lw := &cache.ListWatch{
+		ListWithContextFunc: m.listSlim,
+		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			return nodes.Watch(ctx, opts)
+		},
+	}
 	store, ctrl := cache.NewInformerWithOptions(cache.InformerOptions{
 		ListerWatcher: lw,
 		ObjectType:    &v1.Node{},
@@ -76,6 +83,41 @@ func send(ctx context.Context, events chan<- []subnet.Event, batch []subnet.Even
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+}
+
+// listPage is the number of Nodes one list request returns.
+const listPage = 500
+
+// listSlim lists the Nodes page by page and keeps only the slim form of
+// each, so that a list of thousands of nodes is never decoded whole (an API
+// server that streams the initial state to the informer, WatchList, does
+// not call it). It reads the latest state (ResourceVersion ""), which
+// paging requires; the informer watches on from the list's version.
+func (m *Manager) listSlim(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+	opts.ResourceVersion, opts.ResourceVersionMatch, opts.Limit = "", "", listPage
+	out := &v1.NodeList{}
+	for {
+		page, err := m.client.CoreV1().Nodes().List(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
+		if out.Items == nil {
+			n := len(page.Items)
+			if rest := page.RemainingItemCount; rest != nil && *rest > 0 {
+				n += int(*rest)
+			}
+			out.Items = make([]v1.Node, 0, n)
+		}
+		for i := range page.Items {
+			slim, _ := m.slimNode(&page.Items[i])
+			out.Items = append(out.Items, *slim.(*v1.Node))
+		}
+		out.ResourceVersion = page.ResourceVersion
+		if page.Continue == "" {
+			return out, nil
+		}
+		opts.Continue = page.Continue
 	}
 }
 
