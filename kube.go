@@ -6,7 +6,6 @@ import (
 	"strings"
 
 	"github.com/spf13/pflag"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/subnet"
@@ -38,11 +37,7 @@ func newKubeManager(ctx context.Context, k *kubeFlags, log klog.Logger) (subnet.
 	if err != nil {
 		return nil, err
 	}
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, err
-	}
-	node, err := kube.NodeName(ctx, client, os.Getenv)
+	node, err := kube.NodeName(ctx, cfg, os.Getenv)
 	if err != nil {
 		return nil, err
 	}
@@ -50,7 +45,7 @@ func newKubeManager(ctx context.Context, k *kubeFlags, log klog.Logger) (subnet.
 	log.Info("Using the Kubernetes API for leases", "node", node, "netConfig", k.netConfigPath,
 		"annotationPrefix", strings.TrimSuffix(k.annotationPrefix, "/"))
 	return kube.New(kube.Options{
-		Client:           client,
+		Config:           cfg,
 		NodeName:         node,
 		NetConfigPath:    k.netConfigPath,
 		AnnotationPrefix: k.annotationPrefix,

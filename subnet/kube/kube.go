@@ -11,7 +11,7 @@ import (
 	"errors"
 	"time"
 
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/subnet"
@@ -28,8 +28,8 @@ var ErrPodCIDROutsideNetwork = errors.New("node podCIDR is outside the network")
 
 // Options configures a Manager.
 type Options struct {
-	// Client talks to the API server.
-	Client kubernetes.Interface
+	// Config says how to reach the API server (see RESTConfig).
+	Config *rest.Config
 	// NodeName is this node's name (see NodeName).
 	NodeName string
 	// NetConfigPath is the network config file; DefaultNetConfigPath when
@@ -53,7 +53,7 @@ type Options struct {
 
 // Manager implements subnet.Manager on the Kubernetes API.
 type Manager struct {
-	client   kubernetes.Interface
+	client   *client
 	node     string
 	path     string
 	keys     annotations
@@ -67,8 +67,8 @@ var _ subnet.Manager = (*Manager)(nil)
 
 // New checks o and returns a Manager. It does not contact the API server.
 func New(o Options) (*Manager, error) {
-	if o.Client == nil {
-		return nil, errors.New("kube: Options.Client is nil")
+	if o.Config == nil {
+		return nil, errors.New("kube: Options.Config is nil")
 	}
 	if o.NodeName == "" {
 		return nil, errors.New("kube: Options.NodeName is empty")
@@ -83,7 +83,11 @@ func New(o Options) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Manager{client: o.Client, node: o.NodeName, path: o.NetConfigPath, keys: keys,
+	c, err := newClient(o.Config)
+	if err != nil {
+		return nil, err
+	}
+	m := &Manager{client: c, node: o.NodeName, path: o.NetConfigPath, keys: keys,
 		poll: o.PollInterval, cfgEvery: o.ConfigInterval, now: o.Now}
 	if m.poll <= 0 {
 		m.poll = time.Second

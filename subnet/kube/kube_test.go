@@ -18,6 +18,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/flanneld-go/flanneld/internal/kubetest"
 	"github.com/flanneld-go/flanneld/subnet"
@@ -108,7 +109,8 @@ func writeConf(t *testing.T, text string) string {
 
 type fixture struct {
 	t      *testing.T
-	admin  kubernetes.Interface
+	admin  kubernetes.Interface // for the test's own changes
+	cfg    *rest.Config         // the admin's, for managers
 	prefix string
 	path   string
 	logs   *logLines
@@ -116,12 +118,12 @@ type fixture struct {
 
 func newFixture(t *testing.T) *fixture {
 	s := apiServer(t)
-	return &fixture{t: t, admin: s.Admin(t), prefix: testPrefix(t), path: writeConf(t, netConf), logs: &logLines{}}
+	return &fixture{t: t, admin: s.Admin(t), cfg: s.Config(s.AdminToken), prefix: testPrefix(t), path: writeConf(t, netConf), logs: &logLines{}}
 }
 
-func (f *fixture) manager(client kubernetes.Interface, node string) *Manager {
+func (f *fixture) manager(cfg *rest.Config, node string) *Manager {
 	f.t.Helper()
-	m, err := New(Options{Client: client, NodeName: node, NetConfigPath: f.path, AnnotationPrefix: f.prefix,
+	m, err := New(Options{Config: cfg, NodeName: node, NetConfigPath: f.path, AnnotationPrefix: f.prefix,
 		PollInterval: 50 * time.Millisecond, ConfigInterval: 50 * time.Millisecond, Logger: f.logs.logger()})
 	if err != nil {
 		f.t.Fatal(err)
@@ -206,7 +208,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func TestAcquireLeaseWaitsForPodCIDRThenPublishes(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("wait-node", "", nil)
-	m := f.manager(f.admin, "wait-node")
+	m := f.manager(f.cfg, "wait-node")
 
 	type result struct {
 		l   *subnet.Lease
@@ -277,7 +279,7 @@ func TestAcquireLeaseWaitsForPodCIDRThenPublishes(t *testing.T) {
 func TestAcquireLeaseUDPAnnotations(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("udp-node", "10.5.7.0/24", nil)
-	m := f.manager(f.admin, "udp-node")
+	m := f.manager(f.cfg, "udp-node")
 	attrs := subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.8.7")}
 	if _, err := m.AcquireLease(context.Background(), mustConfig(t), attrs, netip.Prefix{}); err != nil {
 		t.Fatal(err)
@@ -294,7 +296,7 @@ func TestAcquireLeaseUDPAnnotations(t *testing.T) {
 func TestAcquireLeasePublicIPOverwrite(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("ow-node", "10.5.9.0/24", map[string]string{f.key("public-ip-overwrite"): "203.0.113.9"})
-	m := f.manager(f.admin, "ow-node")
+	m := f.manager(f.cfg, "ow-node")
 	l, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.9"), netip.Prefix{})
 	if err != nil {
 		t.Fatal(err)
@@ -307,7 +309,7 @@ func TestAcquireLeasePublicIPOverwrite(t *testing.T) {
 	}
 
 	f.createNode("ow-bad", "10.5.10.0/24", map[string]string{f.key("public-ip-overwrite"): "not-an-ip"})
-	_, err = f.manager(f.admin, "ow-bad").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.10"), netip.Prefix{})
+	_, err = f.manager(f.cfg, "ow-bad").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.10"), netip.Prefix{})
 	if err == nil || !strings.Contains(err.Error(), "public-ip-overwrite") || !strings.Contains(err.Error(), "not-an-ip") {
 		t.Errorf("bad overwrite: err = %v, want one naming the annotation and its value", err)
 	}
@@ -316,7 +318,7 @@ func TestAcquireLeasePublicIPOverwrite(t *testing.T) {
 func TestAcquireLeasePodCIDROutsideNetwork(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("out-node", "10.6.1.0/24", nil)
-	m := f.manager(f.admin, "out-node")
+	m := f.manager(f.cfg, "out-node")
 	_, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.11"), netip.Prefix{})
 	if !errors.Is(err, ErrPodCIDROutsideNetwork) {
 		t.Fatalf("err = %v, want ErrPodCIDROutsideNetwork", err)
@@ -333,7 +335,7 @@ func TestAcquireLeasePodCIDROutsideNetwork(t *testing.T) {
 
 func TestAcquireLeaseMissingNode(t *testing.T) {
 	f := newFixture(t)
-	_, err := f.manager(f.admin, "no-such-node").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.12"), netip.Prefix{})
+	_, err := f.manager(f.cfg, "no-such-node").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.12"), netip.Prefix{})
 	if err == nil || !strings.Contains(err.Error(), "no-such-node") || !strings.Contains(err.Error(), "NODE_NAME") {
 		t.Errorf("err = %v, want one naming the node and NODE_NAME", err)
 	}
@@ -342,7 +344,7 @@ func TestAcquireLeaseMissingNode(t *testing.T) {
 func TestRenewLease(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("renew-node", "10.5.12.0/24", nil)
-	m := f.manager(f.admin, "renew-node")
+	m := f.manager(f.cfg, "renew-node")
 	ctx := context.Background()
 	l, err := m.AcquireLease(ctx, mustConfig(t), vxlanAttrs("192.168.8.12"), netip.Prefix{})
 	if err != nil {
@@ -408,7 +410,7 @@ func describe(batch []subnet.Event) string {
 
 func TestWatchLeasesEmptyFirstBatch(t *testing.T) {
 	f := newFixture(t)
-	events, _ := startWatch(t, f.manager(f.admin, "me"))
+	events, _ := startWatch(t, f.manager(f.cfg, "me"))
 	if b := next(t, events); b == nil || len(b) != 0 {
 		t.Errorf("first batch = %v (nil %v), want an empty batch", describe(b), b == nil)
 	}
@@ -423,7 +425,7 @@ func TestWatchLeases(t *testing.T) {
 	f.createNode("w-other", "10.5.5.0/24", map[string]string{"flannel.alpha.coreos.com/kube-subnet-manager": "true",
 		"flannel.alpha.coreos.com/public-ip": "192.168.8.5"}) // another prefix
 
-	events, stop := startWatch(t, f.manager(f.admin, "me"))
+	events, stop := startWatch(t, f.manager(f.cfg, "me"))
 	if got, want := describe(next(t, events)), `added 10.5.1.0/24 192.168.8.1 vxlan {"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}`; got != want {
 		t.Fatalf("first batch = %s, want %s", got, want)
 	}
@@ -469,7 +471,7 @@ func TestWatchLeases(t *testing.T) {
 func TestWatchLeasesSeesOwnAcquire(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("own", "10.5.40.0/24", nil)
-	m := f.manager(f.admin, "own")
+	m := f.manager(f.cfg, "own")
 	events, _ := startWatch(t, m)
 	if b := next(t, events); len(b) != 0 {
 		t.Fatalf("first batch = %s, want empty", describe(b))
@@ -485,6 +487,7 @@ func TestWatchLeasesSeesOwnAcquire(t *testing.T) {
 func TestNodeName(t *testing.T) {
 	s := apiServer(t)
 	admin := s.Admin(t)
+	cfg := s.Config(s.AdminToken)
 	ctx := context.Background()
 	env := func(kv ...string) func(string) string {
 		m := map[string]string{}
@@ -493,13 +496,13 @@ func TestNodeName(t *testing.T) {
 		}
 		return func(k string) string { return m[k] }
 	}
-	if n, err := NodeName(ctx, admin, env("NODE_NAME", "n1", "POD_NAME", "x")); err != nil || n != "n1" {
+	if n, err := NodeName(ctx, cfg, env("NODE_NAME", "n1", "POD_NAME", "x")); err != nil || n != "n1" {
 		t.Errorf("NODE_NAME: %q, %v", n, err)
 	}
-	if _, err := NodeName(ctx, admin, env()); !errors.Is(err, ErrNoNodeName) {
+	if _, err := NodeName(ctx, cfg, env()); !errors.Is(err, ErrNoNodeName) {
 		t.Errorf("no env: err = %v, want ErrNoNodeName", err)
 	}
-	if _, err := NodeName(ctx, admin, env("POD_NAME", "p")); err == nil || !strings.Contains(err.Error(), "POD_NAMESPACE") {
+	if _, err := NodeName(ctx, cfg, env("POD_NAME", "p")); err == nil || !strings.Contains(err.Error(), "POD_NAMESPACE") {
 		t.Errorf("POD_NAME alone: err = %v, want one naming POD_NAMESPACE", err)
 	}
 
@@ -515,17 +518,17 @@ func TestNodeName(t *testing.T) {
 	if _, err := admin.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := NodeName(ctx, admin, env("POD_NAME", "flannel-abc", "POD_NAMESPACE", ns)); err != nil || n != "pod-node" {
+	if n, err := NodeName(ctx, cfg, env("POD_NAME", "flannel-abc", "POD_NAMESPACE", ns)); err != nil || n != "pod-node" {
 		t.Errorf("POD_NAME path: %q, %v; want pod-node", n, err)
 	}
-	if _, err := NodeName(ctx, admin, env("POD_NAME", "missing", "POD_NAMESPACE", ns)); err == nil || !strings.Contains(err.Error(), ns+"/missing") {
+	if _, err := NodeName(ctx, cfg, env("POD_NAME", "missing", "POD_NAMESPACE", ns)); err == nil || !strings.Contains(err.Error(), ns+"/missing") {
 		t.Errorf("missing pod: err = %v, want one naming it", err)
 	}
 }
 
 func TestNetworkConfigFile(t *testing.T) {
 	f := newFixture(t)
-	m := f.manager(f.admin, "cfg-node")
+	m := f.manager(f.cfg, "cfg-node")
 	ctx := context.Background()
 	cfg, err := m.GetNetworkConfig(ctx)
 	if err != nil || cfg.Network != netip.MustParsePrefix("10.5.0.0/16") || cfg.BackendType != "vxlan" {
@@ -541,7 +544,7 @@ func TestNetworkConfigFile(t *testing.T) {
 
 	// A missing file is waited for, logged once.
 	missing := filepath.Join(t.TempDir(), "later.json")
-	m2, _ := New(Options{Client: f.admin, NodeName: "cfg-node", NetConfigPath: missing, PollInterval: 20 * time.Millisecond, Logger: f.logs.logger()})
+	m2, _ := New(Options{Config: f.cfg, NodeName: "cfg-node", NetConfigPath: missing, PollInterval: 20 * time.Millisecond, Logger: f.logs.logger()})
 	done := make(chan error, 1)
 	go func() { _, err := m2.GetNetworkConfig(ctx); done <- err }()
 	waitFor(t, "the missing-file log line", func() bool { return f.logs.count(missing) > 0 })
@@ -561,7 +564,7 @@ func TestNetworkConfigFile(t *testing.T) {
 
 func TestWatchConfig(t *testing.T) {
 	f := newFixture(t)
-	m := f.manager(f.admin, "cfg-node")
+	m := f.manager(f.cfg, "cfg-node")
 	ctx, cancel := context.WithCancel(context.Background())
 	updates := make(chan subnet.ConfigUpdate)
 	errc := make(chan error, 1)

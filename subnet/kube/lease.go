@@ -56,7 +56,7 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 func (m *Manager) waitPodCIDR(ctx context.Context) (*v1.Node, netip.Prefix, error) {
 	logged := false
 	for {
-		node, err := m.client.CoreV1().Nodes().Get(ctx, m.node, metav1.GetOptions{})
+		node, err := m.client.getNode(ctx, m.node)
 		if apierrors.IsNotFound(err) {
 			return nil, netip.Prefix{}, fmt.Errorf("getting node %s: it does not exist; NODE_NAME must name this host's Kubernetes node: %w", m.node, err)
 		}
@@ -84,7 +84,7 @@ func (m *Manager) waitPodCIDR(ctx context.Context) (*v1.Node, netip.Prefix, erro
 // the node still exists with the lease's podCIDR (else ErrLeaseLost) and
 // publishes the annotations again if they were changed or removed.
 func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
-	node, err := m.client.CoreV1().Nodes().Get(ctx, m.node, metav1.GetOptions{})
+	node, err := m.client.getNode(ctx, m.node)
 	if apierrors.IsNotFound(err) {
 		return fmt.Errorf("%w: node %s was deleted", subnet.ErrLeaseLost, m.node)
 	}
@@ -148,7 +148,7 @@ func (m *Manager) publish(ctx context.Context, attrs subnet.LeaseAttrs) error {
 	if err != nil {
 		return fmt.Errorf("encoding node status patch: %w", err)
 	}
-	if _, err := m.client.CoreV1().Nodes().Patch(ctx, m.node, types.StrategicMergePatchType, body, metav1.PatchOptions{}, "status"); err != nil {
+	if err := m.client.patchNodeStatus(ctx, m.node, types.StrategicMergePatchType, body); err != nil {
 		return fmt.Errorf("patching node %s status with the lease annotations: %w", m.node, err)
 	}
 	m.log.V(1).Info("Published lease annotations", "publicIP", attrs.PublicIP, "backendType", attrs.BackendType)

@@ -169,13 +169,14 @@ func TestRBAC(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	name, err := NodeName(ctx, flannel, func(k string) string {
+	flannelCfg := s.Config(s.FlannelToken)
+	name, err := NodeName(ctx, flannelCfg, func(k string) string {
 		return map[string]string{"POD_NAME": pod.Name, "POD_NAMESPACE": pod.Namespace}[k]
 	})
 	if err != nil || name != "rbac-node" {
 		t.Fatalf("NodeName as flannel: %q, %v", name, err)
 	}
-	m := f.manager(flannel, name)
+	m := f.manager(flannelCfg, name)
 	l, err := m.AcquireLease(ctx, mustConfig(t), vxlanAttrs("192.168.8.50"), netip.Prefix{})
 	if err != nil {
 		t.Fatalf("AcquireLease as flannel: %v", err)

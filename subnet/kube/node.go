@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
@@ -16,7 +14,7 @@ var ErrNoNodeName = errors.New("the node name is unknown: set NODE_NAME (in the 
 
 // NodeName finds the node this daemon runs on as flannel does: env
 // NODE_NAME, else the spec.nodeName of the pod POD_NAMESPACE/POD_NAME.
-func NodeName(ctx context.Context, client kubernetes.Interface, getenv func(string) string) (string, error) {
+func NodeName(ctx context.Context, cfg *rest.Config, getenv func(string) string) (string, error) {
 	if n := getenv("NODE_NAME"); n != "" {
 		return n, nil
 	}
@@ -29,7 +27,11 @@ func NodeName(ctx context.Context, client kubernetes.Interface, getenv func(stri
 	case ns == "":
 		return "", fmt.Errorf("POD_NAME is set but POD_NAMESPACE is not: set both (downward API metadata.name and metadata.namespace), or NODE_NAME")
 	}
-	p, err := client.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
+	c, err := newClient(cfg)
+	if err != nil {
+		return "", err
+	}
+	p, err := c.getPod(ctx, ns, pod)
 	if err != nil {
 		return "", fmt.Errorf("getting pod %s/%s to find its node (POD_NAME, POD_NAMESPACE): %w", ns, pod, err)
 	}

@@ -11,7 +11,6 @@ import (
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/flanneld-go/flanneld/subnet"
@@ -30,13 +29,7 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 	defer cancel()
 	w := &watcher{m: m, dirty: map[string]struct{}{}, kick: make(chan struct{}, 1),
 		reported: map[string]subnet.Lease{}, bad: map[string]string{}}
-	nodes := m.client.CoreV1().Nodes()
-	lw := &cache.ListWatch{
-		ListWithContextFunc: m.listSlim,
-		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
-			return nodes.Watch(ctx, opts)
-		},
-	}
+	lw := &cache.ListWatch{ListWithContextFunc: m.listSlim, WatchFuncWithContext: m.client.watchNodes}
 	store, ctrl := cache.NewInformerWithOptions(cache.InformerOptions{
 		ListerWatcher: lw,
 		ObjectType:    &v1.Node{},
@@ -98,7 +91,7 @@ func (m *Manager) listSlim(ctx context.Context, opts metav1.ListOptions) (runtim
 	opts.ResourceVersion, opts.ResourceVersionMatch, opts.Limit = "", "", listPage
 	out := &v1.NodeList{}
 	for {
-		page, err := m.client.CoreV1().Nodes().List(ctx, opts)
+		page, err := m.client.listNodes(ctx, opts)
 		if err != nil {
 			return nil, err
 		}
