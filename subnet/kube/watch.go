@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -45,14 +46,17 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 	go func() { defer close(done); ctrl.RunWithContext(ctx) }()
 	defer func() { cancel(); <-done }()
 
+	began := time.Now()
 	if !cache.WaitForCacheSync(ctx.Done(), ctrl.HasSynced) {
 		return ctx.Err()
 	}
 	// The first batch is the whole store, not the keys touched so far.
-	first := w.collect(store.ListKeys())
+	keys := store.ListKeys()
+	first := w.collect(keys)
 	if first == nil {
 		first = []subnet.Event{}
 	}
+	m.log.Info("Listed the nodes", "nodes", len(keys), "leases", len(first), "took", time.Since(began).Round(time.Millisecond))
 	if err := send(ctx, events, first); err != nil {
 		return err
 	}
