@@ -102,6 +102,7 @@ func overlayRouteTo(h *lab.Host, dst netip.Prefix) (bool, error) {
 // daemon leaves the routes in place while down and works on; a deleted
 // node's routes go.
 func TestKube(t *testing.T) {
+	t.Parallel()
 	for _, backend := range []string{"vxlan", "host-gw", "udp"} {
 		t.Run(backend, func(t *testing.T) {
 			testKube(t, backend)
@@ -185,6 +186,7 @@ func testKube(t *testing.T, backend string) {
 // line saying so; one whose podCIDR lies outside Network logs a line naming
 // both and publishes nothing.
 func TestKubeBadStart(t *testing.T) {
+	t.Parallel()
 	needRoot(t)
 	k := newKubeLab(t, 2, `{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}`)
 	ctx := testCtx(t, converge)
