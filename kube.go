@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"os"
 	"strings"
 
@@ -27,6 +28,14 @@ func addKubeFlags(fs *pflag.FlagSet, k *kubeFlags) {
 	fs.StringVar(&k.kubeconfig, "kubeconfig-file", "", "kubeconfig file location")
 	fs.StringVar(&k.netConfigPath, "net-config-path", kube.DefaultNetConfigPath, "path to the network configuration file (with --kube-subnet-mgr)")
 	fs.StringVar(&k.annotationPrefix, "kube-annotation-prefix", kube.DefaultAnnotationPrefix, "prefix of the node annotations (with --kube-subnet-mgr)")
+}
+
+// validate checks the flags that need no API server.
+func (k *kubeFlags) validate() error {
+	if strings.TrimSpace(k.netConfigPath) == "" {
+		return errors.New("--net-config-path is empty: give the network config file, such as " + kube.DefaultNetConfigPath)
+	}
+	return kube.CheckAnnotationPrefix(k.annotationPrefix)
 }
 
 // newKubeManager creates the Kubernetes lease manager of the flags; it asks

@@ -1,6 +1,9 @@
 package main
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestKubeFlags(t *testing.T) {
 	f, err := parseFlags(nil, env(nil))
@@ -24,5 +27,21 @@ func TestKubeFlags(t *testing.T) {
 		netConfigPath: "/etc/net.json", annotationPrefix: "example.com"}
 	if f.kube != want {
 		t.Errorf("flags = %+v, want %+v", f.kube, want)
+	}
+}
+
+func TestKubeFlagErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--kube-annotation-prefix=a/b/c"}, "--kube-annotation-prefix"},
+		{[]string{"--kube-annotation-prefix=not valid!"}, "give a DNS name such as flannel.alpha.coreos.com"},
+		{[]string{"--net-config-path= "}, "--net-config-path is empty"},
+	} {
+		_, err := parseFlags(tc.args, env(nil))
+		if err == nil || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("%v: err = %v, want one line with %q", tc.args, err, tc.want)
+		}
 	}
 }

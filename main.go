@@ -167,6 +167,9 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 			return nil, fmt.Errorf("--iface is empty: give an interface name or IPv4 address, such as eth0 or 10.0.0.5")
 		}
 	}
+	if err := f.kube.validate(); err != nil {
+		return nil, err
+	}
 	for _, expr := range f.ifaceRegex {
 		if _, err := regexp.Compile(expr); err != nil {
 			return nil, fmt.Errorf("--iface-regex %q is not a valid regular expression: %v", expr, err)

@@ -45,6 +45,13 @@ func newAnnotations(prefix string) (annotations, error) {
 	return a, nil
 }
 
+// CheckAnnotationPrefix reports whether prefix (--kube-annotation-prefix)
+// makes valid annotation keys, with an error saying how to fix it.
+func CheckAnnotationPrefix(prefix string) error {
+	_, err := newAnnotations(prefix)
+	return err
+}
+
 // watched reports whether key is one of the annotations the lease watch
 // keeps in memory.
 func (a annotations) watched(key string) bool {
