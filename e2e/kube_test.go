@@ -55,7 +55,12 @@ func newKubeLab(t *testing.T, n int, config string) *kubeLab {
 	if err := os.WriteFile(conf, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.WriteKubeconfig(kubeconfig, s.AdminToken); err != nil {
+	// The daemons run as flannel's service account with exactly the RBAC
+	// of dist/kube-flannel.yml.
+	if err := s.Apply(context.Background(), "../dist/kube-flannel.yml", false, "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteKubeconfig(kubeconfig, s.FlannelToken); err != nil {
 		t.Fatal(err)
 	}
 	k.args = []string{"--kube-subnet-mgr", "--kubeconfig-file", kubeconfig, "--net-config-path", conf}

@@ -3,23 +3,15 @@ package kube
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"net/netip"
-	"os"
+	"slices"
 	"testing"
 
 	v1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/util/yaml"
-	"k8s.io/client-go/discovery/cached/memory"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/restmapper"
 
 	"github.com/flanneld-go/flanneld/internal/kubetest"
 	"github.com/flanneld-go/flanneld/subnet"
@@ -30,71 +22,18 @@ const manifestPath = "../../dist/kube-flannel.yml"
 // manifest returns the objects of dist/kube-flannel.yml.
 func manifest(t *testing.T) []*unstructured.Unstructured {
 	t.Helper()
-	data, err := os.ReadFile(manifestPath)
+	objs, err := kubetest.ReadManifest(manifestPath)
 	if err != nil {
 		t.Fatal(err)
-	}
-	dec := yaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	var objs []*unstructured.Unstructured
-	for {
-		var o map[string]any
-		if err := dec.Decode(&o); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			t.Fatalf("parsing %s: %v", manifestPath, err)
-		}
-		if o != nil {
-			objs = append(objs, &unstructured.Unstructured{Object: o})
-		}
 	}
 	return objs
-}
-
-// applier applies manifest objects with server-side apply.
-type applier struct {
-	dyn    dynamic.Interface
-	mapper meta.RESTMapper
-}
-
-func newApplier(t *testing.T, s *kubetest.Server) *applier {
-	t.Helper()
-	cfg := s.Config(s.AdminToken)
-	dyn, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cs, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &applier{dyn: dyn, mapper: restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(cs.Discovery()))}
-}
-
-func (a *applier) apply(ctx context.Context, o *unstructured.Unstructured, dryRun bool) error {
-	gvk := o.GroupVersionKind()
-	m, err := a.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-	if err != nil {
-		return err
-	}
-	var r dynamic.ResourceInterface = a.dyn.Resource(m.Resource)
-	if m.Scope.Name() == meta.RESTScopeNameNamespace {
-		r = a.dyn.Resource(m.Resource).Namespace(o.GetNamespace())
-	}
-	opts := metav1.ApplyOptions{FieldManager: "kube-test", Force: true}
-	if dryRun {
-		opts.DryRun = []string{metav1.DryRunAll}
-	}
-	_, err = r.Apply(ctx, o.GetName(), o, opts)
-	return err
 }
 
 func objectsOfKind(objs []*unstructured.Unstructured, kinds ...string) []*unstructured.Unstructured {
 	var out []*unstructured.Unstructured
 	for _, o := range objs {
-		for _, k := range kinds {
-			if o.GetKind() == k {
-				out = append(out, o)
-			}
+		if slices.Contains(kinds, o.GetKind()) {
+			out = append(out, o)
 		}
 	}
 	return out
@@ -104,7 +43,6 @@ func objectsOfKind(objs []*unstructured.Unstructured, kinds ...string) []*unstru
 // (server-side apply, dry run) once its namespace exists.
 func TestManifestDryRun(t *testing.T) {
 	s := apiServer(t)
-	a := newApplier(t, s)
 	ctx := context.Background()
 	objs := manifest(t)
 	kinds := map[string]int{}
@@ -116,15 +54,11 @@ func TestManifestDryRun(t *testing.T) {
 			t.Errorf("the manifest has %d %s objects, want 1", kinds[k], k)
 		}
 	}
-	for _, o := range objectsOfKind(objs, "Namespace") {
-		if err := a.apply(ctx, o, false); err != nil {
-			t.Fatalf("applying %s %s: %v", o.GetKind(), o.GetName(), err)
-		}
+	if err := s.Apply(ctx, manifestPath, false, "Namespace"); err != nil {
+		t.Fatal(err)
 	}
-	for _, o := range objs {
-		if err := a.apply(ctx, o, true); err != nil {
-			t.Errorf("dry-run apply of %s %s rejected: %v", o.GetKind(), o.GetName(), err)
-		}
+	if err := s.Apply(ctx, manifestPath, true); err != nil {
+		t.Errorf("dry-run apply rejected: %v", err)
 	}
 	// The ConfigMap's net-conf.json is a valid network config.
 	cm := objectsOfKind(objs, "ConfigMap")[0]
@@ -143,12 +77,9 @@ func TestManifestDryRun(t *testing.T) {
 // cannot do more than that.
 func TestRBAC(t *testing.T) {
 	s := apiServer(t)
-	a := newApplier(t, s)
 	ctx := context.Background()
-	for _, o := range objectsOfKind(manifest(t), "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding") {
-		if err := a.apply(ctx, o, false); err != nil {
-			t.Fatalf("applying %s %s: %v", o.GetKind(), o.GetName(), err)
-		}
+	if err := s.Apply(ctx, manifestPath, false, "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"); err != nil {
+		t.Fatal(err)
 	}
 	f := newFixture(t)
 	f.createNode("rbac-node", "10.5.50.0/24", nil)
