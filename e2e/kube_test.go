@@ -221,3 +221,25 @@ func TestKubeBadStart(t *testing.T) {
 		t.Errorf("%s wrote subnet.env with a podCIDR outside Network", h2.Name)
 	}
 }
+
+// TestKubePodName: a daemon with only POD_NAME and POD_NAMESPACE (as the
+// DaemonSet's downward API gives them) finds its node through its pod.
+func TestKubePodName(t *testing.T) {
+	t.Parallel()
+	needRoot(t)
+	k := newKubeLab(t, 1, `{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}`)
+	h := k.Host(1)
+	pod := &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "kube-flannel-ds-abcde", Namespace: kubetest.FlannelNamespace},
+		Spec: v1.PodSpec{NodeName: h.Name, HostNetwork: true, ServiceAccountName: kubetest.FlannelServiceAccount,
+			Containers: []v1.Container{{Name: "kube-flannel", Image: "flanneld:latest"}}},
+	}
+	if _, err := k.admin.CoreV1().Pods(pod.Namespace).Create(context.Background(), pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.DaemonEnv = []string{"POD_NAME=" + pod.Name, "POD_NAMESPACE=" + pod.Namespace}
+	startDaemon(t, h, k.args...)
+	if env := waitEnv(t, h); env.Subnet != netip.MustParsePrefix("10.5.1.1/24") {
+		t.Errorf("FLANNEL_SUBNET = %s, want 10.5.1.1/24 (the podCIDR of %s)", env.Subnet, h.Name)
+	}
+}
