@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -466,6 +467,12 @@ func TestWatchLeases(t *testing.T) {
 		t.Errorf("after unmarking w-d: %s, want %s", got, want)
 	}
 	stop()
+	// Nothing of the watch runs on: no informer, reflector or watcher.
+	waitFor(t, "the watch's goroutines to end", func() bool {
+		buf := make([]byte, 1<<20)
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		return !strings.Contains(stacks, "client-go/tools/cache.") && !strings.Contains(stacks, "subnet/kube.(*Manager).WatchLeases")
+	})
 }
 
 func TestWatchLeasesSeesOwnAcquire(t *testing.T) {
