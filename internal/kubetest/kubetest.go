@@ -78,6 +78,8 @@ type Server struct {
 
 	nsPath string
 	dir    string
+	bin    string
+	args   []string
 	etcd   *etcdtest.Server
 	cmd    *exec.Cmd
 	done   chan struct{}
@@ -119,7 +121,7 @@ func New(opts ...Option) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{nsPath: o.nsPath, dir: dir, done: make(chan struct{})}
+	s := &Server{nsPath: o.nsPath, dir: dir}
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -145,7 +147,8 @@ func New(opts ...Option) (_ *Server, err error) {
 	if s.log, err = os.Create(filepath.Join(dir, "kube-apiserver.log")); err != nil {
 		return nil, err
 	}
-	s.cmd = exec.Command(bin,
+	s.bin = bin
+	s.args = []string{
 		"--etcd-servers="+s.etcd.Endpoints()[0],
 		"--cert-dir="+filepath.Join(dir, "certs"),
 		"--secure-port="+strconv.Itoa(port),
@@ -162,17 +165,50 @@ func New(opts ...Option) (_ *Server, err error) {
 		"--allow-privileged=true",
 		"--profiling=false",
 		"--enable-priority-and-fairness=false",
-	)
-	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := etcdtest.InNetNS(o.nsPath, s.cmd.Start); err != nil {
-		return nil, fmt.Errorf("starting %s: %w", bin, err)
 	}
-	go func() { s.cmd.Wait(); close(s.done) }()
-	if err := s.waitReady(); err != nil {
+	if err := s.start(); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// start runs the API server process and waits until it is ready.
+func (s *Server) start() error {
+	cmd := exec.Command(s.bin, s.args...)
+	cmd.Stdout, cmd.Stderr = s.log, s.log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := etcdtest.InNetNS(s.nsPath, cmd.Start); err != nil {
+		return fmt.Errorf("starting %s: %w", s.bin, err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	s.cmd, s.done = cmd, done
+	return s.waitReady()
+}
+
+// stop ends the API server process (SIGTERM, then SIGKILL after 15 s).
+func (s *Server) stop() {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return
+	}
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(15 * time.Second):
+		s.cmd.Process.Kill()
+		<-s.done
+	}
+}
+
+// Restart kills the API server process and starts it again on the same
+// address, data and credentials, as after a crash: clients see their
+// connections and watches cut, then refused until it is back.
+func (s *Server) Restart() error {
+	if s.cmd != nil && s.cmd.Process != nil {
+		s.cmd.Process.Kill()
+		<-s.done
+	}
+	return s.start()
 }
 
 // writeFiles writes the token file and the service account key.
@@ -328,15 +364,7 @@ func (s *Server) Log() string {
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		var errs []error
-		if s.cmd != nil && s.cmd.Process != nil {
-			s.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-s.done:
-			case <-time.After(15 * time.Second):
-				s.cmd.Process.Kill()
-				<-s.done
-			}
-		}
+		s.stop()
 		if s.log != nil {
 			s.log.Close()
 		}

@@ -633,3 +633,23 @@ func TestAnnotationPrefix(t *testing.T) {
 		}
 	}
 }
+
+// TestWatchLeasesAcrossRestart: the API server restarts (its watches end,
+// connections are refused for a while); the watch carries on and reports
+// what changed meanwhile and after.
+func TestWatchLeasesAcrossRestart(t *testing.T) {
+	s := kubetest.Start(t) // its own server: the others' tests keep theirs
+	f := &fixture{t: t, admin: s.Admin(t), cfg: s.Config(s.AdminToken), prefix: testPrefix(t), path: writeConf(t, netConf), logs: &logLines{}}
+	f.leaseNode("r-a", "10.5.61.0/24", "192.168.8.61")
+	events, _ := startWatch(t, f.manager(f.cfg, "me"))
+	if got, want := describe(next(t, events)), `added 10.5.61.0/24 192.168.8.61 vxlan {"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}`; got != want {
+		t.Fatalf("first batch = %s, want %s", got, want)
+	}
+	if err := s.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	f.leaseNode("r-b", "10.5.62.0/24", "192.168.8.62")
+	if got, want := describe(next(t, events)), `added 10.5.62.0/24 192.168.8.62 vxlan {"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}`; got != want {
+		t.Errorf("after the restart: %s, want %s", got, want)
+	}
+}
