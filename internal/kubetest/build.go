@@ -59,6 +59,12 @@ func Binary() (string, error) {
 	if _, err := os.Stat(bin); err == nil { // built while we waited
 		return bin, nil
 	}
+	// What a build killed half-way left behind (we hold the lock).
+	if stale, _ := filepath.Glob(filepath.Join(dir, "build-*")); len(stale) > 0 {
+		for _, d := range stale {
+			os.RemoveAll(d)
+		}
+	}
 	if err := build(bin); err != nil {
 		return "", fmt.Errorf("building kube-apiserver %s from the Go module proxy: %w", Version, err)
 	}
