@@ -40,6 +40,9 @@ func TestFlagBadInput(t *testing.T) {
 		{"public ip mapped", []string{"--public-ip=::ffff:10.0.0.1"}, nil, "--public-ip", "is not an IPv4 address"},
 		{"public ip CIDR", []string{"--public-ip=10.0.0.1/24"}, nil, "--public-ip", "is not an IPv4 address"},
 		{"public ip IPv6 from env", nil, map[string]string{"FLANNELD_PUBLIC_IP": "fd00::1"}, "--public-ip", "is not an IPv4 address"},
+		{"public ipv6 IPv4", []string{"--public-ipv6=10.0.0.1"}, nil, "--public-ipv6", "is not an IPv6 address"},
+		{"public ipv6 mapped", []string{"--public-ipv6=::ffff:10.0.0.1"}, nil, "--public-ipv6", "is not an IPv6 address"},
+		{"public ipv6 CIDR from env", nil, map[string]string{"FLANNELD_PUBLIC_IPV6": "fd00::1/64"}, "--public-ipv6", "is not an IPv6 address"},
 		{"key without cert", []string{"--etcd-keyfile=/k"}, nil, "--etcd-keyfile", "give both or neither"},
 		{"ip-masq not a bool", []string{"--ip-masq=maybe"}, nil, "--ip-masq", "must be true or false"},
 		{"ip-masq from env", nil, map[string]string{"FLANNELD_IP_MASQ": "maybe"}, "FLANNELD_IP_MASQ", "must be true or false"},
@@ -89,6 +92,7 @@ func TestFlagGoodInputStillParses(t *testing.T) {
 		{[]string{"--iface-regex=^10\\.", "--iface-regex=eth[0-9]+", "--iface=10.0.0.5", "--iface=eth0"}, nil},
 		{[]string{"--etcd-prefix=/coreos.com/network/", "--etcd-endpoints=http://10.0.0.1:2379, https://10.0.0.2:2379"}, nil},
 		{[]string{"--healthz-port=8080", "--healthz-ip=::1", "--public-ip=192.168.8.1", "-v=4"}, nil},
+		{[]string{"--public-ipv6=fd00::1"}, map[string]string{"FLANNELD_PUBLIC_IPV6": "fd00::2"}},
 		{nil, map[string]string{"FLANNELD_IFACE": " eth0 , eth1", "FLANNELD_SUBNET_FILE": "/tmp/s.env", "FLANNELD_V": "2"}},
 	} {
 		if _, err := parseFlags(tc.args, env(tc.env)); err != nil {
@@ -119,7 +123,7 @@ func TestIfaceBadInput(t *testing.T) {
 	}
 	for _, want := range []string{
 		"--iface " + missing + ": no such interface",
-		"--iface fd00::1 is not an IPv4 address",
+		"--iface fd00::1: no interface has this address",
 		"--iface 203.0.113.77: no interface has this address",
 		"--iface-regex \"" + regexes[0] + "\" matches no interface",
 	} {

@@ -52,6 +52,7 @@ type flags struct {
 	ifaceRegex     []string
 	subnetFile     string
 	publicIP       string
+	publicIPv6     string
 	renewMargin    int
 	ipMasq         bool
 	healthzIP      string
@@ -74,16 +75,17 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.StringVar(&f.etcdUsername, "etcd-username", "", "username for BasicAuth to etcd")
 	fs.StringVar(&f.etcdPassword, "etcd-password", "", "password for BasicAuth to etcd")
 	fs.StringArrayVar(&f.iface, "iface", nil, "interface to use (IP or name) for inter-host communication; may be repeated, tried in order")
-	fs.StringArrayVar(&f.ifaceRegex, "iface-regex", nil, "regex matched against IPv4 addresses then names to pick the interface; may be repeated")
+	fs.StringArrayVar(&f.ifaceRegex, "iface-regex", nil, "regex matched against IPv4 addresses, then IPv6 addresses, then names to pick the interface; may be repeated")
 	fs.StringVar(&f.subnetFile, "subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
 	fs.StringVar(&f.publicIP, "public-ip", "", "IP accessible by other nodes for inter-host communication (default: the interface's address)")
+	fs.StringVar(&f.publicIPv6, "public-ipv6", "", "IPv6 address accessible by other nodes for inter-host communication, with EnableIPv6 (default: the interface's IPv6 address)")
 	fs.IntVar(&f.renewMargin, "subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1..1439)")
 	fs.BoolVar(&f.ipMasq, "ip-masq", false, "setup IP masquerade rule for traffic destined outside of overlay network")
 	fs.StringVar(&f.healthzIP, "healthz-ip", "0.0.0.0", "the IP address for healthz server to listen")
 	fs.IntVar(&f.healthzPort, "healthz-port", 0, "the port for healthz server to listen (0 to disable)")
 	fs.IntVar(&f.iptablesResync, "iptables-resync", 5, "resync period for iptables rules, in seconds")
 	fs.IntVar(&f.routeResync, "route-resync", 10, "how often routes and other kernel entries are re-checked, in seconds")
-	fs.BoolVar(&f.nexthops, "nexthop-objects", false, "install routes through kernel nexthop objects (Linux 5.3+): linear instead of quadratic in the number of hosts; ip route then shows nhid")
+	fs.BoolVar(&f.nexthops, "nexthop-objects", true, "install routes through kernel nexthop objects (ip route shows nhid): linear instead of quadratic in the number of hosts; plain routes when the kernel lacks them (before Linux 5.3) or with --nexthop-objects=false")
 	fs.BoolVar(&f.version, "version", false, "print version and exit")
 	addKubeFlags(fs, &f.kube)
 	gofs := goflag.NewFlagSet("klog", goflag.ContinueOnError)
@@ -148,6 +150,11 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 	if f.publicIP != "" {
 		if _, err := ip.ParseAddr(f.publicIP); err != nil {
 			return nil, fmt.Errorf("--public-ip %q is not an IPv4 address", f.publicIP)
+		}
+	}
+	if f.publicIPv6 != "" {
+		if _, err := ip.ParseAddr6(f.publicIPv6); err != nil {
+			return nil, fmt.Errorf("--public-ipv6 %q is not an IPv6 address", f.publicIPv6)
 		}
 	}
 	if (f.etcdCertfile == "") != (f.etcdKeyfile == "") {
@@ -250,46 +257,48 @@ func run(f *flags) error {
 	}
 	defer nl.Close()
 
-	if f.nexthops {
-		if err := nl.CheckNexthops(); err != nil {
-			return fmt.Errorf("--nexthop-objects: this kernel does not support nexthop objects (Linux 5.3 or later): %w; drop the flag", err)
-		}
-	}
+	nexthops := useNexthops(f.nexthops, nl.CheckNexthops, log)
 
 	ext, err := ip.ChooseInterface(nl.Handle, f.iface, f.ifaceRegex)
 	if err != nil {
 		return err
 	}
-	public := ext.Addr
+	public, public6 := ext.Addr, ext.Addr6
 	if f.publicIP != "" {
 		public, _ = ip.ParseAddr(f.publicIP)
 	}
-	log.Info("Using interface", "name", ext.Iface.Name, "addr", ext.Addr, "publicIP", public, "mtu", ext.Iface.MTU)
+	if f.publicIPv6 != "" {
+		public6, _ = ip.ParseAddr6(f.publicIPv6)
+	}
+	log.Info("Using interface", "name", ext.Iface.Name, "addr", ext.Addr, "publicIP", public, "addr6", ext.Addr6, "publicIPv6", public6, "mtu", ext.Iface.MTU)
 
 	if mgrErr != nil {
 		return mgrErr
 	}
 
 	var ready atomic.Bool
+	var notReady atomic.Pointer[string] // why not ready, once known
 	if f.healthzPort != 0 {
-		if err := serveHealthz(ctx, net.JoinHostPort(f.healthzIP, strconv.Itoa(f.healthzPort)), &ready); err != nil {
+		if err := serveHealthz(ctx, net.JoinHostPort(f.healthzIP, strconv.Itoa(f.healthzPort)), &ready, &notReady); err != nil {
 			return err
 		}
 	}
 
 	return flannel.Run(ctx, flannel.Options{
 		Manager:     mgr,
-		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public},
+		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public, IfaceAddrV6: ext.Addr6, PublicIPv6: public6, NoIPv6: ext.NoAddr6},
 		Netlink:     nl,
 		SubnetFile:  f.subnetFile,
 		IPMasq:      f.ipMasq,
 		RenewMargin: time.Duration(f.renewMargin) * time.Minute,
 		RouteResync: time.Duration(f.routeResync) * time.Second,
-		Nexthops:    f.nexthops,
-		Rules: func(nw, lease netip.Prefix, masq bool) (flannel.Rules, error) {
-			return network.New(network.Options{Network: nw, Lease: lease, IPMasq: masq,
-				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("iptables")})
+		Nexthops:    nexthops,
+		Rules: func(set flannel.RuleSet) (flannel.Rules, error) {
+			return network.New(network.Options{Network: set.Network, Lease: set.Lease, IPv6Network: set.IPv6Network, IPv6Lease: set.IPv6Lease,
+				IPMasq: set.IPMasq, NFTables: set.NFTables,
+				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("rules")})
 		},
+		OnNotReady: func(reason string) { notReady.Store(&reason) },
 		OnReady: func() {
 			ready.Store(true)
 			if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
@@ -298,6 +307,20 @@ func run(f *flags) error {
 		},
 		Logger: &log,
 	})
+}
+
+// useNexthops reports whether routes go through nexthop objects: when
+// wanted and check (the kernel probe) succeeds. A kernel without them gets
+// plain routes and one log line.
+func useNexthops(want bool, check func() error, log klog.Logger) bool {
+	if !want {
+		return false
+	}
+	if err := check(); err != nil {
+		log.Info("This kernel has no nexthop objects (Linux 5.3 or later); installing plain routes", "err", err)
+		return false
+	}
+	return true
 }
 
 // newManager creates the etcd lease manager of the flags.
@@ -354,9 +377,10 @@ func (e *earlyConfig) GetNetworkConfig(ctx context.Context) (*subnet.Config, err
 }
 
 // serveHealthz serves /healthz (200 while running), /readyz (503 until
-// subnet.env is written and the rules are installed) and /metrics
+// subnet.env is written and the rules are installed, naming what failed
+// last while the rules are retried) and /metrics
 // (Prometheus text format) until ctx ends.
-func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool) error {
+func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool, notReady *atomic.Pointer[string]) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listening for healthz on %s: %w", addr, err)
@@ -368,7 +392,11 @@ func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool) error {
 	mux.Handle("/metrics", metrics.Handler())
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready.Load() {
-			http.Error(w, "not ready: lease, subnet file or rules not in place yet", http.StatusServiceUnavailable)
+			reason := "lease, subnet file or rules not in place yet"
+			if r := notReady.Load(); r != nil {
+				reason = *r
+			}
+			http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

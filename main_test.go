@@ -1,9 +1,12 @@
 package main
 
 import (
+	"errors"
 	"reflect"
 	"strings"
 	"testing"
+
+	"k8s.io/klog/v2/ktesting"
 )
 
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -15,7 +18,7 @@ func TestFlagDefaults(t *testing.T) {
 	}
 	if f.etcdEndpoints != "http://127.0.0.1:4001,http://127.0.0.1:2379" || f.etcdPrefix != "/coreos.com/network" ||
 		f.subnetFile != "/run/flannel/subnet.env" || f.renewMargin != 60 || f.healthzIP != "0.0.0.0" ||
-		f.healthzPort != 0 || f.iptablesResync != 5 || f.ipMasq {
+		f.healthzPort != 0 || f.iptablesResync != 5 || f.ipMasq || !f.nexthops {
 		t.Errorf("defaults = %+v", f)
 	}
 }
@@ -65,6 +68,54 @@ func TestFlagErrors(t *testing.T) {
 		_, err := parseFlags(tt.args, env(tt.env))
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("parseFlags(%q, %v) = %v, want %q", tt.args, tt.env, err, tt.want)
+		}
+	}
+}
+
+func TestNexthopFlag(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		env  map[string]string
+		want bool
+	}{
+		{nil, nil, true},
+		{[]string{"--nexthop-objects=false"}, nil, false},
+		{[]string{"--nexthop-objects"}, nil, true},
+		{nil, map[string]string{"FLANNELD_NEXTHOP_OBJECTS": "false"}, false},
+		{[]string{"--nexthop-objects=true"}, map[string]string{"FLANNELD_NEXTHOP_OBJECTS": "false"}, true},
+	} {
+		f, err := parseFlags(tt.args, env(tt.env))
+		if err != nil || f.nexthops != tt.want {
+			t.Errorf("parseFlags(%q, %v): nexthops = %v, %v; want %v", tt.args, tt.env, f != nil && f.nexthops, err, tt.want)
+		}
+	}
+	if _, err := parseFlags([]string{"--nexthop-objects=maybe"}, env(nil)); err == nil || !strings.Contains(err.Error(), "nexthop-objects") {
+		t.Errorf("--nexthop-objects=maybe: %v, want an error naming the flag", err)
+	}
+}
+
+func TestUseNexthops(t *testing.T) {
+	unsupported := errors.New("listing nexthop objects: invalid argument")
+	for _, tt := range []struct {
+		want     bool
+		probe    error
+		use      bool
+		probed   bool
+		fallback bool // the fallback line is logged
+	}{
+		{want: true, probe: nil, use: true, probed: true},
+		{want: true, probe: unsupported, use: false, probed: true, fallback: true},
+		{want: false, probe: nil, use: false},
+	} {
+		log := ktesting.NewLogger(t, ktesting.NewConfig(ktesting.BufferLogs(true)))
+		probed := false
+		got := useNexthops(tt.want, func() error { probed = true; return tt.probe }, log)
+		logs := log.GetSink().(ktesting.Underlier).GetBuffer().String()
+		if got != tt.use || probed != tt.probed {
+			t.Errorf("useNexthops(%v) with probe %v = %v (probed %v), want %v (probed %v)", tt.want, tt.probe, got, probed, tt.use, tt.probed)
+		}
+		if n := strings.Count(logs, "installing plain routes"); n != map[bool]int{true: 1}[tt.fallback] {
+			t.Errorf("useNexthops(%v) with probe %v logged the fallback %d times:\n%s", tt.want, tt.probe, n, logs)
 		}
 	}
 }

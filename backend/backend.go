@@ -31,6 +31,28 @@ type ExternalInterface struct {
 	// PublicIP is the address published in the lease (--public-ip, else
 	// IfaceAddr).
 	PublicIP netip.Addr
+	// IfaceAddrV6 is its IPv6 address (the local tunnel endpoint of IPv6
+	// overlays) and PublicIPv6 the one published (--public-ipv6, else
+	// IfaceAddrV6); both invalid when the overlay has no IPv6.
+	IfaceAddrV6 netip.Addr
+	PublicIPv6  netip.Addr
+	// NoIPv6 says why IfaceAddrV6 is invalid, as the interface choice found
+	// (e.g. "interface eth0 has no global IPv6 address; the IPv6 default
+	// route is on eth1: ..."); backends that need IPv6 put it in their error.
+	NoIPv6 string
+}
+
+// MissingIPv6 is the end of an error line for an interface without an IPv6
+// address: NoIPv6 if known, else a generic remedy.
+func (e ExternalInterface) MissingIPv6() string {
+	if e.NoIPv6 != "" {
+		return e.NoIPv6
+	}
+	name := "the external interface"
+	if e.Iface != nil {
+		name = e.Iface.Name
+	}
+	return "give " + name + " a global IPv6 address or choose another interface with --iface"
 }
 
 // Options is what a backend constructor gets.
@@ -55,6 +77,9 @@ type Publish struct {
 	// BackendData is published in the lease (e.g. vxlan's VtepMAC); may be
 	// nil.
 	BackendData json.RawMessage
+	// BackendV6Data is its IPv6 counterpart (vxlan's IPv6 VtepMAC); nil
+	// without IPv6.
+	BackendV6Data json.RawMessage
 	// MTU is FLANNEL_MTU.
 	MTU int
 }
@@ -68,8 +93,9 @@ type Backend interface {
 	Init(ctx context.Context) (Publish, error)
 	// Apply configures the host for the own lease and programs the kernel
 	// (routes, neighbours, ...) for exactly the remote leases given; entries
-	// this backend owns for leases not in the set are removed. Leases of
-	// other backend types are ignored (logged once). Safe to call from one
+	// this backend owns for leases not in the set are removed. The caller
+	// admits the leases (valid subnet of the network, not this node's, of
+	// this backend type); the backend checks only its own data. Safe to call from one
 	// goroutine at a time. Apply neither changes remote nor keeps it after
 	// it returns (it is a view of the caller's lease set).
 	Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error

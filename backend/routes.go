@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -57,13 +58,17 @@ func (r Route) netlinkRoute() *netlink.Route {
 	return nr
 }
 
-// routeKey is an IPv4 destination packed into an integer (address << 8 |
-// prefix length), and nextHop the rest of a Route: compact, cheap to hash
-// and compare, so that diffing 50,000 routes stays in cache.
+// routeKey is a destination (an IPv4 one in its IPv4-mapped form) and
+// nextHop the rest of a Route: fixed-size arrays without pointers, cheap to
+// hash and compare, so that diffing 50,000 routes stays in cache and the
+// garbage collector never scans the maps.
 type (
-	routeKey uint64
-	nextHop  struct {
-		gw     [4]byte
+	routeKey struct {
+		a    [16]byte
+		bits uint8
+	}
+	nextHop struct {
+		gw     [16]byte
 		link   int32
 		onlink bool
 		nh     uint32 // the nexthop object's ID; 0 for a plain route
@@ -71,12 +76,15 @@ type (
 )
 
 func keyOf(dst netip.Prefix) routeKey {
-	return routeKey(uint64(ip.Uint32(dst.Addr()))<<8 | uint64(dst.Bits()))
+	return routeKey{a: dst.Addr().As16(), bits: uint8(dst.Bits())}
 }
 
 func hopOf(r Route) nextHop {
-	return nextHop{gw: r.Gw.As4(), link: int32(r.LinkIndex), onlink: r.Onlink}
+	return nextHop{gw: r.Gw.As16(), link: int32(r.LinkIndex), onlink: r.Onlink}
 }
+
+// addr16 turns a stored address back into its family's form.
+func addr16(a [16]byte) netip.Addr { return netip.AddrFrom16(a).Unmap() }
 
 // batch is the route to write for key k.
 func (h nextHop) batch(k routeKey) nlbatch.Route {
@@ -87,18 +95,29 @@ func (h nextHop) batch(k routeKey) nlbatch.Route {
 
 // nexthop is the nexthop object a route via h uses.
 func (h nextHop) nexthop() nlbatch.Nexthop {
-	return nlbatch.Nexthop{ID: h.nh, Gw: netip.AddrFrom4(h.gw), LinkIndex: int(h.link), Onlink: h.onlink}
+	return nlbatch.Nexthop{ID: h.nh, Gw: addr16(h.gw), LinkIndex: int(h.link), Onlink: h.onlink}
 }
 
-// nexthopID is the ID of the nexthop object for routes via gw: the address
-// as a number, so that it is the same on every run and for every route via
-// that gateway.
-func nexthopID(gw netip.Addr) uint32 { return ip.Uint32(gw) }
+// nexthopID is the ID of the nexthop object for routes via gw, the same on
+// every run and for every route via that gateway: an IPv4 address as a
+// number; for an IPv6 one, 0xf followed by 28 bits of its FNV-1a hash (the
+// IDs of IPv4 class E addresses, never a gateway of a flannel network). Two
+// IPv6 gateways with one ID are handled as one gateway on two links: the
+// second gets plain routes.
+func nexthopID(gw netip.Addr) uint32 {
+	if gw.Is4() {
+		return ip.Uint32(gw)
+	}
+	h := fnv.New32a()
+	a := gw.As16()
+	h.Write(a[:])
+	return 0xf0000000 | h.Sum32()&0x0fffffff
+}
 
 func (h nextHop) route(k routeKey) Route {
 	return Route{
-		Dst:       netip.PrefixFrom(ip.FromUint32(uint32(k>>8)), int(k&0xff)),
-		Gw:        netip.AddrFrom4(h.gw),
+		Dst:       netip.PrefixFrom(addr16(k.a), int(k.bits)),
+		Gw:        addr16(h.gw),
 		LinkIndex: int(h.link),
 		Onlink:    h.onlink,
 	}
@@ -109,6 +128,7 @@ func (h nextHop) route(k routeKey) Route {
 // (one with a metric or TOS).
 type RouteNetlink interface {
 	ListRoutes(fn func(*nlbatch.RouteEntry) bool) error
+	ListRoutes6(fn func(*nlbatch.RouteEntry) bool) error
 	ReplaceRoutes(routes []nlbatch.Route, errs []error) error
 	DeleteRoutes(routes []nlbatch.Route, errs []error) error
 	ReplaceNexthops(nhs []nlbatch.Nexthop, errs []error) error
@@ -121,8 +141,9 @@ type RouteNetlink interface {
 const dumpAttempts = 3
 
 // RouteReconciler keeps a backend's routes in the main table equal to a
-// desired set. It owns a route when the route is in the main table, is
-// unicast with a single IPv4 gateway (so connected and kernel routes are never
+// desired set. It works on the family of its Network (IPv4 or IPv6). It owns
+// a route when the route is in the main table, is unicast with a single
+// gateway of that family (so connected and kernel routes are never
 // touched), leaves through one of the links it was given, and its destination
 // lies strictly inside Network (never Network itself) without overlapping the
 // node's own subnet. Everything else is foreign and left alone.
@@ -135,6 +156,7 @@ const dumpAttempts = 3
 type RouteReconciler struct {
 	nl       RouteNetlink
 	network  netip.Prefix
+	v6       bool // network is IPv6
 	links    []int
 	nexthops bool // install routes through nexthop objects
 
@@ -148,6 +170,7 @@ type RouteReconciler struct {
 	ids   []uint32
 	seen  map[uint32]bool
 	sets  []nlbatch.Route // routes to replace
+	moves []nlbatch.Route // IPv6 routes to delete before their replacement
 	upd   []bool          // whether sets[i] replaces a different route
 	dels  []nlbatch.Route // routes to delete
 	errs  []error         // the kernel's answer to each set or delete
@@ -160,6 +183,7 @@ func NewRouteReconciler(nl RouteNetlink, network netip.Prefix, links ...int) *Ro
 	return &RouteReconciler{
 		nl:      nl,
 		network: network.Masked(),
+		v6:      network.Addr().Is6(),
 		links:   slices.Clone(links),
 		want:    map[routeKey]nextHop{},
 		have:    map[routeKey]nextHop{},
@@ -197,7 +221,7 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes,
 	var bad int
 	var badErr error
 	for _, d := range desired {
-		if !r.ownsDst(d.Dst) || !r.onLink(d.LinkIndex) || !d.Gw.Is4() {
+		if !r.ownsDst(d.Dst) || !r.onLink(d.LinkIndex) || !r.family(d.Gw) {
 			bad++
 			if badErr == nil {
 				badErr = fmt.Errorf("installing route %s: %w (Network %s, own subnet %s, links %v)", d, ErrRouteNotOwned, r.network, own, r.links)
@@ -224,7 +248,7 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes,
 	clear(r.extra) // drop the references to the kernel's routes
 	if cap(r.sets)+cap(r.dels) > keepChanges {
 		// After a burst: the next calls need little of this.
-		r.sets, r.upd, r.dels, r.errs, r.nhBuf, r.ids = nil, nil, nil, nil, nil, nil
+		r.sets, r.upd, r.dels, r.moves, r.errs, r.nhBuf, r.ids = nil, nil, nil, nil, nil, nil, nil
 	}
 	if bad > 0 {
 		c.Failed += bad
@@ -249,7 +273,11 @@ func (r *RouteReconciler) dump() error {
 		clear(r.have)
 		clear(r.extra)
 		r.extra = r.extra[:0]
-		err = r.nl.ListRoutes(r.collect)
+		if r.v6 {
+			err = r.nl.ListRoutes6(r.collect)
+		} else {
+			err = r.nl.ListRoutes(r.collect)
+		}
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
 			return err
 		}
@@ -263,10 +291,10 @@ func (r *RouteReconciler) collect(k *nlbatch.RouteEntry) bool {
 		return true
 	}
 	gw, dst := k.Gw, k.Dst
-	if !gw.Is4() || gw.IsUnspecified() || !r.ownsDst(dst) {
+	if !r.family(gw) || gw.IsUnspecified() || !r.ownsDst(dst) {
 		return true
 	}
-	if k.Priority != 0 || k.Tos != 0 {
+	if (k.Priority != 0 && !(r.v6 && k.Priority == ip6DefaultMetric)) || k.Tos != 0 {
 		// Ours, but not a route we install: a replace of the desired
 		// route would not overwrite it.
 		r.extra = append(r.extra, netlink.Route{
@@ -275,7 +303,7 @@ func (r *RouteReconciler) collect(k *nlbatch.RouteEntry) bool {
 		})
 		return true
 	}
-	key, got := keyOf(dst), nextHop{gw: gw.As4(), link: int32(k.LinkIndex), onlink: k.Flags&unix.RTNH_F_ONLINK != 0, nh: k.NexthopID}
+	key, got := keyOf(dst), nextHop{gw: gw.As16(), link: int32(k.LinkIndex), onlink: k.Flags&unix.RTNH_F_ONLINK != 0, nh: k.NexthopID}
 	prev, dup := r.have[key]
 	if !dup {
 		r.have[key] = got
@@ -291,9 +319,21 @@ func (r *RouteReconciler) collect(k *nlbatch.RouteEntry) bool {
 	return true
 }
 
+// ip6DefaultMetric is the metric the kernel gives an IPv6 route added
+// without one (IP6_RT_PRIO_USER): the routes this reconciler installs.
+const ip6DefaultMetric = 1024
+
+// family reports whether a is an address of the reconciler's family.
+func (r *RouteReconciler) family(a netip.Addr) bool {
+	if r.v6 {
+		return a.Is6() && !a.Is4In6()
+	}
+	return a.Is4()
+}
+
 // ownsDst reports whether dst is a destination the reconciler manages.
 func (r *RouteReconciler) ownsDst(dst netip.Prefix) bool {
-	return dst.Addr().Is4() && dst.Masked() == dst &&
+	return r.family(dst.Addr()) && dst.Masked() == dst &&
 		dst.Bits() > r.network.Bits() && r.network.Contains(dst.Addr()) &&
 		!(r.own.IsValid() && dst.Overlaps(r.own))
 }
@@ -314,7 +354,7 @@ func (r *RouteReconciler) write() (Changes, error) {
 			first = err
 		}
 	}
-	r.sets, r.upd, r.dels = r.sets[:0], r.upd[:0], r.dels[:0]
+	r.sets, r.upd, r.dels, r.moves = r.sets[:0], r.upd[:0], r.dels[:0], r.moves[:0]
 	for k, want := range r.want {
 		have, ok := r.have[k]
 		if ok && have == want {
@@ -322,6 +362,19 @@ func (r *RouteReconciler) write() (Changes, error) {
 		}
 		r.sets = append(r.sets, want.batch(k))
 		r.upd = append(r.upd, ok)
+		if ok && r.v6 && have.link != want.link {
+			r.moves = append(r.moves, have.batch(k))
+		}
+	}
+	if len(r.moves) > 0 {
+		// The kernel refuses an IPv6 onlink gateway that a route through
+		// another link covers, the route being replaced included: a route
+		// moving to another link (DirectRouting turned off, say) goes
+		// first. A failure here shows in the replace that follows. (A
+		// foreign route for the whole IPv6 network through another link
+		// makes every onlink route fail the same way; the error says
+		// "invalid argument" for each.)
+		_ = r.nl.DeleteRoutes(r.moves, r.results(len(r.moves)))
 	}
 	for k, have := range r.have {
 		if _, ok := r.want[k]; !ok {
@@ -413,7 +466,7 @@ func (r *RouteReconciler) collectNexthops() error {
 	seen := r.seen
 	clear(seen)
 	for _, h := range r.have {
-		if h.nh == 0 || h.nh != nexthopID(netip.AddrFrom4(h.gw)) || seen[h.nh] {
+		if h.nh == 0 || h.nh != nexthopID(addr16(h.gw)) || seen[h.nh] {
 			continue
 		}
 		seen[h.nh] = true

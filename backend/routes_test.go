@@ -66,8 +66,8 @@ func (f *fakeRoutes) RouteListFilteredIter(family int, filter *netlink.Route, ma
 		return f.dumpErr
 	}
 	for _, r := range f.routes {
-		if family != netlink.FAMILY_V4 {
-			panic("fake: only IPv4 is modelled")
+		if (r.Dst.IP.To4() != nil) != (family == netlink.FAMILY_V4) {
+			continue
 		}
 		if mask&netlink.RT_FILTER_TABLE != 0 {
 			if r.Table != filter.Table {
@@ -110,6 +110,14 @@ func (f *fakeRoutes) RouteReplace(r *netlink.Route) error {
 // ListRoutes is the dump ListRoutes makes, through RouteListFilteredIter.
 func (f *fakeRoutes) ListRoutes(fn func(*nlbatch.RouteEntry) bool) error {
 	return f.RouteListFilteredIter(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
+		e := nlbatch.RouteEntryOf(&r)
+		return fn(&e)
+	})
+}
+
+// ListRoutes6 is ListRoutes for the IPv6 routes.
+func (f *fakeRoutes) ListRoutes6(fn func(*nlbatch.RouteEntry) bool) error {
+	return f.RouteListFilteredIter(netlink.FAMILY_V6, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
 		e := nlbatch.RouteEntryOf(&r)
 		return fn(&e)
 	})

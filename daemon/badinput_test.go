@@ -145,7 +145,7 @@ func countLog(buf ktesting.Buffer, msg, key, value string) int {
 	return n
 }
 
-const skipMsg = "Skipping a lease that does not fit the network config"
+const skipMsg = "Skipping a lease; fix or remove it in the store"
 
 // TestRunSkipsBadLeases runs a node among leases that do not fit the
 // network (outside it, another length, overlapping) or do not parse (an
@@ -162,7 +162,7 @@ func TestRunSkipsBadLeases(t *testing.T) {
 	mgrBuf := mgrLog.GetSink().(ktesting.Underlier).GetBuffer()
 	l.recordingConfig()
 
-	good := `{"PublicIP":"192.168.8.%d","BackendType":"fake-logged"}`
+	good := `{"PublicIP":"192.168.8.%d","BackendType":"fake-recording"}`
 	l.set("subnets/10.5.5.0-24", fmt.Sprintf(good, 5), time.Hour)
 	// Bad for the daemon: well-formed keys that do not fit the config.
 	badFit := map[string]string{

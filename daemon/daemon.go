@@ -11,9 +11,11 @@ import (
 	"io/fs"
 	"net/netip"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/internal/metrics"
@@ -21,7 +23,20 @@ import (
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
-// Rules keeps the iptables rules of one lease in place.
+// RuleSet is what the forward and masquerade rules of a node depend on.
+type RuleSet struct {
+	// Network and Lease are the IPv4 network and own subnet; invalid
+	// without IPv4.
+	Network, Lease netip.Prefix
+	// IPv6Network and IPv6Lease are their IPv6 counterparts; invalid
+	// without IPv6.
+	IPv6Network, IPv6Lease netip.Prefix
+	// IPMasq adds the masquerade rules; NFTables keeps the rules in
+	// nftables instead of iptables (the config's EnableNFTables).
+	IPMasq, NFTables bool
+}
+
+// Rules keeps the forward and masquerade rules of one lease in place.
 type Rules interface {
 	// Ensure installs the rule set now.
 	Ensure(ctx context.Context) error
@@ -43,11 +58,17 @@ type Options struct {
 	// IPMasq is published as FLANNEL_IPMASQ and passed to Rules.
 	IPMasq bool
 	// Rules builds the rule keeper for a lease; nil installs no rules.
-	Rules func(network, lease netip.Prefix, ipMasq bool) (Rules, error)
+	Rules func(RuleSet) (Rules, error)
 	// RenewMargin is how long before expiry the lease is renewed (60 min).
 	RenewMargin time.Duration
 	// RenewRetry is the wait after a failed renewal (1 min).
 	RenewRetry time.Duration
+	// AcquireRetry is the first wait after a failed acquisition; it doubles
+	// up to 30 s (500 ms).
+	AcquireRetry time.Duration
+	// RulesRetry is the first wait after a failed install of the rules; it
+	// doubles up to 30 s (1 s).
+	RulesRetry time.Duration
 	// RouteResync is how often the backend re-checks the kernel (10 s).
 	RouteResync time.Duration
 	// Nexthops makes backends install routes through nexthop objects.
@@ -57,13 +78,16 @@ type Options struct {
 	// OnReady is called once, after subnet.env is written and the rules are
 	// installed. Optional.
 	OnReady func()
+	// OnNotReady is called with the reason each time the first install of
+	// the rules fails (and will be retried). Optional.
+	OnNotReady func(reason string)
 	// OnLease is called with each lease this node holds (the first and any
 	// re-acquired one). Optional.
 	OnLease func(subnet.Lease)
 	// Logger receives the daemon's logs (klog.Background()).
 	Logger *klog.Logger
-	// Now is the clock (time.Now).
-	Now func() time.Time
+	// Clock is the time every timer of the daemon runs on (the real clock).
+	Clock clock.WithTicker
 }
 
 func (o *Options) defaults() {
@@ -83,34 +107,57 @@ func (o *Options) defaults() {
 		l := klog.Background()
 		o.Logger = &l
 	}
-	if o.Now == nil {
-		o.Now = time.Now
+	if o.AcquireRetry == 0 {
+		o.AcquireRetry = 500 * time.Millisecond
+	}
+	if o.RulesRetry == 0 {
+		o.RulesRetry = time.Second
+	}
+	if o.Clock == nil {
+		o.Clock = clock.RealClock{}
 	}
 }
 
-// node is the state Run owns; only Run's goroutine touches it.
-type node struct {
-	o       Options
-	log     klog.Logger
-	cfg     *subnet.Config
-	be      backend.Backend
-	attrs   subnet.LeaseAttrs
-	mtu     int
-	lease   subnet.Lease
-	leases  *leaseSet       // every valid lease, own included
-	skipped map[string]bool // bad lease values already logged
+// maxRetry bounds the back-off of acquisitions and rule installs.
+const maxRetry = 30 * time.Second
 
-	rulesCancel context.CancelFunc
-	rulesDone   chan struct{}
+// node is the state Run owns; only Run's goroutine (the owner loop) touches
+// it. Store I/O and rule installs run in goroutines it starts, whose results
+// come back on channels the loop selects on.
+type node struct {
+	o      Options
+	log    klog.Logger
+	cfg    *subnet.Config
+	be     backend.Backend
+	attrs  subnet.LeaseAttrs
+	mtu    int
+	lease  subnet.Lease
+	leases *leaseSet // every admitted lease, own included
+	adm    *admission
+
+	store storeState
+	rules rulesState
+
+	envWritten bool
+	ready      bool   // OnReady was called
+	cfgSeen    string // state and detail of the stored config last reported
+
+	wg sync.WaitGroup // the goroutines Run started
 }
 
 // Run runs the node until ctx ends, then returns nil. Kernel state (routes,
 // devices, rules) is left in place so that a restart does not interrupt
-// traffic. Errors before the node is ready are returned; after that, errors
-// are logged and retried.
+// traffic. Errors before the first lease is programmed are returned; after
+// that, errors are logged and retried.
 func Run(ctx context.Context, o Options) error {
 	o.defaults()
-	n := &node{o: o, log: *o.Logger, leases: newLeaseSet(), skipped: map[string]bool{}}
+	n := &node{o: o, log: *o.Logger, leases: newLeaseSet(), cfgSeen: "current\x00"}
+	n.store.results = make(chan storeResult)
+	n.rules.status = make(chan error)
+	// On return: stop the goroutines (cancel), then wait for them.
+	defer n.wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	defer n.stopRules()
 
 	cfg, err := o.Manager.GetNetworkConfig(ctx)
@@ -118,9 +165,16 @@ func Run(ctx context.Context, o Options) error {
 		return ctxOr(ctx, fmt.Errorf("getting network config: %w", err))
 	}
 	n.cfg = cfg
+	metrics.SetNetworkConfig("current")
 	n.log.Info("Network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen,
 		"subnetMin", cfg.SubnetMin, "subnetMax", cfg.SubnetMax, "backend", cfg.BackendType)
 
+	switch {
+	case cfg.EnableIPv4 && !o.Ext.PublicIP.Is4():
+		return fmt.Errorf("the network config enables IPv4 but interface %s has no IPv4 address; give it one or choose another with --iface", o.Ext.Iface.Name)
+	case cfg.EnableIPv6 && !o.Ext.PublicIPv6.Is6():
+		return fmt.Errorf("the network config enables IPv6 but the interface has no IPv6 address: %s", o.Ext.MissingIPv6())
+	}
 	be, err := backend.New(cfg.BackendType, backend.Options{Ext: o.Ext, Config: cfg, Netlink: o.Netlink, Nexthops: o.Nexthops, Logger: n.log.WithName(cfg.BackendType)})
 	if err != nil {
 		return err
@@ -132,38 +186,47 @@ func Run(ctx context.Context, o Options) error {
 		return ctxOr(ctx, fmt.Errorf("starting %s backend: %w", cfg.BackendType, err))
 	}
 	n.mtu = pub.MTU
-	n.attrs = subnet.LeaseAttrs{PublicIP: o.Ext.PublicIP, BackendType: cfg.BackendType, BackendData: pub.BackendData}
+	n.attrs = subnet.LeaseAttrs{PublicIP: o.Ext.PublicIP, BackendType: subnet.WireBackendType(cfg.BackendType), BackendData: pub.BackendData}
+	if cfg.EnableIPv6 {
+		n.attrs.PublicIPv6, n.attrs.BackendV6Data = o.Ext.PublicIPv6, pub.BackendV6Data
+	}
+	if !cfg.EnableIPv4 {
+		n.attrs.PublicIP, n.attrs.BackendData = netip.IPv4Unspecified(), nil // as flannel writes an IPv6-only lease
+	}
+	n.adm = newAdmission(cfg, n.attrs.PublicIP, n.attrs.PublicIPv6, n.log)
 
 	lease, err := n.acquire(ctx, n.previousSubnet())
 	if err != nil {
 		return ctxOr(ctx, err)
 	}
 	n.setLease(*lease)
-	// The rules depend only on the network and the lease: install them
-	// while the backend is programmed.
-	rulesIn, err := n.startRules(ctx)
-	if err != nil {
+	// The rules depend only on the network and the lease: they are
+	// installed while the backend is programmed.
+	if err := n.startRules(ctx); err != nil {
 		return ctxOr(ctx, err)
 	}
 
 	events := make(chan []subnet.Event, 64)
-	wctx, wcancel := context.WithCancel(ctx)
 	werr := make(chan error, 1)
-	wdone := make(chan struct{})
-	go func() {
-		defer close(wdone)
-		werr <- o.Manager.WatchLeases(wctx, events)
-	}()
-	// Wait on wdone, not werr: loop may already have taken the error.
-	defer func() { wcancel(); <-wdone }()
+	n.goRun(func() { werr <- o.Manager.WatchLeases(ctx, events) })
+	configs := make(chan subnet.ConfigUpdate, 1)
+	n.goRun(func() {
+		if err := o.Manager.WatchConfig(ctx, configs); err != nil && ctx.Err() == nil {
+			n.log.Error(err, "Watching the network config stopped")
+		}
+	})
 
 	// Program the kernel from the first snapshot, never from an empty set:
 	// an empty set would remove the routes a previous run left in place.
 	select {
 	case <-ctx.Done():
 		return nil
+	case err := <-werr:
+		return ctxOr(ctx, fmt.Errorf("watching leases: %w", err))
 	case batch := <-events:
-		n.update(batch)
+		if n.update(batch) {
+			n.store.lost = true
+		}
 	}
 	if err := n.apply(ctx); err != nil {
 		return ctxOr(ctx, fmt.Errorf("programming %s backend: %w", cfg.BackendType, err))
@@ -171,17 +234,20 @@ func Run(ctx context.Context, o Options) error {
 	if err := n.writeEnv(); err != nil {
 		return ctxOr(ctx, err)
 	}
-	if err := n.awaitRules(ctx, rulesIn); err != nil {
-		return ctxOr(ctx, err)
-	}
-	if o.OnReady != nil {
-		o.OnReady()
-	}
-	n.log.Info("Ready", "subnet", n.lease.Subnet, "publicIP", o.Ext.PublicIP, "leases", n.leases.len())
+	n.maybeReady()
 	if n.leases.len() >= burstEvents {
 		debug.FreeOSMemory()
 	}
-	return n.loop(ctx, events, werr)
+	return n.loop(ctx, events, werr, configs)
+}
+
+// goRun runs f in a goroutine that Run waits for before it returns.
+func (n *node) goRun(f func()) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		f()
+	}()
 }
 
 // burstEvents is the size of a burst of lease events (or of the first set)
@@ -198,107 +264,16 @@ func ctxOr(ctx context.Context, err error) error {
 	return err
 }
 
-func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-chan error) error {
-	renew := time.NewTimer(n.renewDelay())
-	defer renew.Stop()
-	resync := time.NewTicker(n.o.RouteResync)
-	defer resync.Stop()
-	var coalesce <-chan time.Time // non-nil while an Apply is pending
-	pending := 0                  // lease events since the last Apply
-	apply := func() {
-		coalesce = nil
-		if err := n.apply(ctx); err != nil && ctx.Err() == nil {
-			n.log.Error(err, "Programming the backend failed; retrying at the next resync")
-		}
-		if pending >= burstEvents {
-			debug.FreeOSMemory()
-		}
-		pending = 0
+// maybeReady calls OnReady once subnet.env is written and the rules are in.
+func (n *node) maybeReady() {
+	if n.ready || !n.envWritten || !n.rules.installed {
+		return
 	}
-	for {
-		select {
-		case <-ctx.Done():
-			n.log.Info("Stopping; routes, devices and rules stay in place")
-			return nil
-		case err := <-werr:
-			return ctxOr(ctx, fmt.Errorf("watching leases: %w", err))
-		case batch := <-events:
-			pending += len(batch)
-			if n.update(batch) {
-				n.reacquire(ctx)
-				renew.Reset(n.renewDelay())
-				apply()
-				continue
-			}
-			if coalesce == nil {
-				coalesce = time.After(n.o.Coalesce)
-			}
-		case <-coalesce:
-			apply()
-		case <-resync.C:
-			apply()
-		case <-renew.C:
-			err := n.o.Manager.RenewLease(ctx, &n.lease)
-			switch {
-			case err == nil:
-				metrics.LeaseRenewals.WithLabelValues("ok").Inc()
-				metrics.LeaseExpiration.Set(expiry(n.lease))
-				n.log.V(1).Info("Renewed lease", "subnet", n.lease.Subnet, "expires", n.lease.Expiration)
-				renew.Reset(n.renewDelay())
-			case errors.Is(err, subnet.ErrLeaseLost):
-				metrics.LeaseRenewals.WithLabelValues("lost").Inc()
-				n.log.Info("Own lease is gone; acquiring again", "subnet", n.lease.Subnet, "reason", err)
-				n.reacquire(ctx)
-				renew.Reset(n.renewDelay())
-				apply()
-			case ctx.Err() == nil:
-				metrics.LeaseRenewals.WithLabelValues("error").Inc()
-				n.log.Error(err, "Renewing lease failed; retrying", "in", n.o.RenewRetry)
-				renew.Reset(n.o.RenewRetry)
-			}
-		}
+	n.ready = true
+	if n.o.OnReady != nil {
+		n.o.OnReady()
 	}
-}
-
-// renewDelay is the wait until the next renewal; a reservation never expires.
-func (n *node) renewDelay() time.Duration {
-	if n.lease.Reservation() {
-		return 1<<63 - 1
-	}
-	return max(n.lease.Expiration.Sub(n.o.Now())-n.o.RenewMargin, 0)
-}
-
-// update folds a batch of events into the lease set. It reports whether our
-// own lease was removed or taken by another node.
-func (n *node) update(batch []subnet.Event) (lost bool) {
-	n.leases.reserve(len(batch))
-	for _, ev := range batch {
-		l := ev.Lease
-		if ev.Type == subnet.EventRemoved {
-			n.leases.remove(l.Subnet)
-			if l.Subnet == n.lease.Subnet {
-				n.log.Info("Own lease was removed from etcd", "subnet", l.Subnet)
-				lost = true
-			}
-			continue
-		}
-		if !n.cfg.Network.Contains(l.Subnet.Addr()) || l.Subnet.Bits() != n.cfg.SubnetLen {
-			key := l.Subnet.String() + " " + l.Attrs.PublicIP.String()
-			if !n.skipped[key] {
-				n.skipped[key] = true
-				n.log.Info("Skipping a lease that does not fit the network config; remove it from etcd",
-					"subnet", l.Subnet, "publicIP", l.Attrs.PublicIP, "network", n.cfg.Network, "subnetLen", n.cfg.SubnetLen)
-			}
-			n.leases.remove(l.Subnet)
-			continue
-		}
-		n.leases.put(l)
-		if l.Subnet == n.lease.Subnet && l.Attrs.PublicIP != n.attrs.PublicIP {
-			n.log.Info("Own subnet is now leased by another node", "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
-			lost = true
-		}
-	}
-	return lost
+	n.log.Info("Ready", "subnet", n.lease.Subnet, "ipv6Subnet", n.lease.IPv6Subnet, "publicIP", n.o.Ext.PublicIP, "leases", n.leases.len())
 }
 
 // apply hands the current lease set to the backend.
@@ -322,7 +297,7 @@ func expiry(l subnet.Lease) float64 {
 
 // remotes is every lease but our own: a view of the lease set, which
 // backends neither keep nor change.
-func (n *node) remotes() []subnet.Lease { return n.leases.except(n.lease.Subnet) }
+func (n *node) remotes() []subnet.Lease { return n.leases.except(n.lease.Key()) }
 
 func (n *node) previousSubnet() netip.Prefix {
 	env, err := subnet.ReadEnv(n.o.SubnetFile)
@@ -339,56 +314,6 @@ func (n *node) previousSubnet() netip.Prefix {
 	return env.Subnet
 }
 
-// acquire obtains a lease, retrying transient errors with back-off until
-// ctx ends. A full range is returned as an error.
-func (n *node) acquire(ctx context.Context, prev netip.Prefix) (*subnet.Lease, error) {
-	wait := 500 * time.Millisecond
-	for {
-		l, err := n.o.Manager.AcquireLease(ctx, n.cfg, n.attrs, prev)
-		if err == nil {
-			n.log.Info("Acquired lease", "subnet", l.Subnet, "reservation", l.Reservation(), "expires", l.Expiration)
-			return l, nil
-		}
-		if errors.Is(err, subnet.ErrNoFreeSubnets) || ctx.Err() != nil {
-			return nil, fmt.Errorf("acquiring lease: %w", err)
-		}
-		n.log.Error(err, "Acquiring lease failed; retrying", "in", wait)
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(wait):
-		}
-		wait = min(wait*2, 30*time.Second)
-	}
-}
-
-// reacquire replaces a lost lease, preferring the same subnet, and
-// re-announces it. It keeps trying until ctx ends.
-func (n *node) reacquire(ctx context.Context) {
-	for ctx.Err() == nil {
-		l, err := n.acquire(ctx, n.lease.Subnet)
-		if err != nil {
-			if ctx.Err() == nil {
-				n.log.Error(err, "Re-acquiring lease failed; retrying in 30s")
-				select {
-				case <-ctx.Done():
-				case <-time.After(30 * time.Second):
-				}
-			}
-			continue
-		}
-		changed := l.Subnet != n.lease.Subnet
-		n.setLease(*l)
-		if changed {
-			n.log.Info("Lease moved to a new subnet", "subnet", l.Subnet)
-			if err := n.publish(ctx); err != nil {
-				n.log.Error(err, "Publishing the new lease failed")
-			}
-		}
-		return
-	}
-}
-
 func (n *node) setLease(l subnet.Lease) {
 	metrics.LeaseAcquisitions.Inc()
 	metrics.LeaseExpiration.Set(expiry(l))
@@ -399,75 +324,17 @@ func (n *node) setLease(l subnet.Lease) {
 	}
 }
 
-// publish writes subnet.env and (re)starts the rule keeper for the lease,
-// returning once both are in place.
-func (n *node) publish(ctx context.Context) error {
-	rulesIn, err := n.startRules(ctx)
-	if err != nil {
-		return err
-	}
-	if err := n.writeEnv(); err != nil {
-		return err
-	}
-	return n.awaitRules(ctx, rulesIn)
-}
-
 func (n *node) writeEnv() error {
-	env := subnet.Env{Network: n.cfg.Network, Subnet: n.lease.Subnet, MTU: n.mtu, IPMasq: n.o.IPMasq}
-	return subnet.WriteEnv(n.o.SubnetFile, env)
-}
-
-// startRules (re)starts the rule keeper for the current lease: a goroutine
-// installs the rules, reports the result on the returned channel (nil
-// without Options.Rules) and, if that succeeded, keeps them in place until
-// stopRules.
-func (n *node) startRules(ctx context.Context) (<-chan error, error) {
-	if n.o.Rules == nil {
-		return nil, nil
+	env := subnet.Env{MTU: n.mtu, IPMasq: n.o.IPMasq}
+	if n.cfg.EnableIPv4 {
+		env.Network, env.Subnet = n.cfg.Network, n.lease.Subnet
 	}
-	n.stopRules()
-	r, err := n.o.Rules(n.cfg.Network, n.lease.Subnet, n.o.IPMasq)
-	if err != nil {
-		return nil, fmt.Errorf("setting up iptables rules: %w", err)
+	if n.cfg.EnableIPv6 {
+		env.IPv6Network, env.IPv6Subnet = n.cfg.IPv6Network, n.lease.IPv6Subnet
 	}
-	rctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	installed := make(chan error, 1)
-	n.rulesCancel, n.rulesDone = cancel, done
-	go func() {
-		defer close(done)
-		err := r.Ensure(rctx)
-		installed <- err
-		if err != nil {
-			return
-		}
-		if err := r.Run(rctx); err != nil && rctx.Err() == nil {
-			n.log.Error(err, "Keeping iptables rules in place stopped")
-		}
-	}()
-	return installed, nil
-}
-
-// awaitRules waits for the first install started by startRules.
-func (n *node) awaitRules(ctx context.Context, installed <-chan error) error {
-	if installed == nil {
-		return nil
+	if err := subnet.WriteEnv(n.o.SubnetFile, env); err != nil {
+		return err
 	}
-	select {
-	case err := <-installed:
-		if err != nil {
-			return fmt.Errorf("installing iptables rules: %w", err)
-		}
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-func (n *node) stopRules() {
-	if n.rulesCancel != nil {
-		n.rulesCancel()
-		<-n.rulesDone
-		n.rulesCancel = nil
-	}
+	n.envWritten = true
+	return nil
 }

@@ -66,7 +66,7 @@ func (f *fakeBackend) state() (subnet.Lease, string, int) {
 
 var (
 	fakesMu sync.Mutex
-	fakes   = map[string]*fakeBackend{} // by test name
+	fakes   = map[string][]*fakeBackend{} // by test name, in creation order
 )
 
 func init() {
@@ -76,15 +76,28 @@ func init() {
 		var name struct{ Test string }
 		json.Unmarshal(o.Config.Backend, &name)
 		f := &fakeBackend{}
-		fakes[name.Test] = f
+		fakes[name.Test] = append(fakes[name.Test], f)
 		return f, nil
 	})
 }
 
-func fakeFor(t *testing.T) *fakeBackend {
-	fakesMu.Lock()
-	defer fakesMu.Unlock()
-	return fakes[t.Name()]
+// fakeFor is the backend of the test's first daemon.
+func fakeFor(t *testing.T) *fakeBackend { return fakeN(t, 0) }
+
+// fakeN is the backend of the test's daemon i (in start order), once it
+// has been created.
+func fakeN(t *testing.T, i int) *fakeBackend {
+	t.Helper()
+	var f *fakeBackend
+	eventually(t, "the fake backend", func() bool {
+		fakesMu.Lock()
+		defer fakesMu.Unlock()
+		if fs := fakes[t.Name()]; len(fs) > i {
+			f = fs[i]
+		}
+		return f != nil
+	})
+	return f
 }
 
 type lab struct {

@@ -24,14 +24,23 @@ func (s *leaseSet) len() int { return len(s.list) }
 // does not leave the slice up to twice as large as it needs.
 func (s *leaseSet) reserve(n int) { s.list = slices.Grow(s.list, n) }
 
-// put adds or replaces the lease of l.Subnet.
+// put adds or replaces the lease of l.Key().
 func (s *leaseSet) put(l subnet.Lease) {
-	if i, ok := s.at[l.Subnet]; ok {
+	if i, ok := s.at[l.Key()]; ok {
 		s.list[i] = l
 		return
 	}
-	s.at[l.Subnet] = len(s.list)
+	s.at[l.Key()] = len(s.list)
 	s.list = append(s.list, l)
+}
+
+// get returns the lease of p, if any.
+func (s *leaseSet) get(p netip.Prefix) (subnet.Lease, bool) {
+	i, ok := s.at[p]
+	if !ok {
+		return subnet.Lease{}, false
+	}
+	return s.list[i], true
 }
 
 // remove drops the lease of p, if any.
@@ -64,5 +73,5 @@ func (s *leaseSet) swap(i, j int) {
 		return
 	}
 	s.list[i], s.list[j] = s.list[j], s.list[i]
-	s.at[s.list[i].Subnet], s.at[s.list[j].Subnet] = i, j
+	s.at[s.list[i].Key()], s.at[s.list[j].Key()] = i, j
 }

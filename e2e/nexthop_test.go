@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -53,10 +56,14 @@ func nexthopObjects(ctx context.Context, h *lab.Host) (string, error) {
 	return strings.TrimSpace(out), err
 }
 
-// TestNexthopObjects runs host-gw and vxlan with --nexthop-objects: every
-// overlay route goes through a nexthop object whose ID is its gateway's
-// address, traffic flows, and a restart without the flag turns the routes
-// back into plain ones and deletes the nexthop objects.
+// TestNexthopObjects runs host-gw and vxlan with the default route form:
+// every overlay route goes through a nexthop object whose ID is its
+// gateway's address, and traffic flows. Then host1 goes back and forth
+// between the default and a plain-route daemon (--nexthop-objects=false),
+// in a cluster whose other hosts stay on nexthops: each restart turns its
+// routes into the other form (plain: no nexthop object left), all 6 pings
+// pass after each, and a ping stream between host1 and host2 loses nothing
+// across the switches.
 func TestNexthopObjects(t *testing.T) {
 	for _, tc := range []struct {
 		name, config string
@@ -70,7 +77,7 @@ func TestNexthopObjects(t *testing.T) {
 			l := newLab(t, 3, tc.config)
 			ctx := testCtx(t, 2*time.Minute)
 			hosts := l.Hosts()
-			envs := startAll(t, l, "--nexthop-objects")
+			envs := startAll(t, l)
 			want := func(self int, nexthops bool) []nexthopRoute {
 				var rs []nexthopRoute
 				for j := range hosts {
@@ -110,22 +117,86 @@ func TestNexthopObjects(t *testing.T) {
 			pingAll(t, hosts, envs)
 
 			h0 := hosts[0]
-			if code := stop(t, h0.Daemon()); code != 0 {
-				t.Fatalf("flanneld on %s exited with %d after SIGTERM", h0.Name, code)
-			}
-			startDaemon(t, h0)
-			if env := waitEnv(t, h0); env.Subnet != envs[0].Subnet {
-				t.Fatalf("after restart %s has subnet %s, want %s", h0.Name, env.Subnet, envs[0].Subnet)
-			}
-			eventually(t, "plain routes on "+h0.Name, check(0, false))
-			eventually(t, "no nexthop objects on "+h0.Name, func() error {
-				out, err := nexthopObjects(ctx, h0)
-				if err == nil && out != "" {
-					err = fmt.Errorf("%s still has nexthop objects:\n%s", h0.Name, out)
+			there := startPingStream(t, h0, envs[0].Subnet.Addr(), envs[1].Subnet.Addr())
+			back := startPingStream(t, hosts[1], envs[1].Subnet.Addr(), envs[0].Subnet.Addr())
+			for _, nexthops := range []bool{false, true, false, true} {
+				if code := stop(t, h0.Daemon()); code != 0 {
+					t.Fatalf("flanneld on %s exited with %d after SIGTERM", h0.Name, code)
 				}
-				return err
-			})
-			pingAll(t, hosts, envs)
+				var args []string
+				if !nexthops {
+					args = append(args, "--nexthop-objects=false")
+				}
+				startDaemon(t, h0, args...)
+				if env := waitEnv(t, h0); env.Subnet != envs[0].Subnet {
+					t.Fatalf("after restart %s has subnet %s, want %s", h0.Name, env.Subnet, envs[0].Subnet)
+				}
+				form := map[bool]string{true: "nexthop", false: "plain"}[nexthops]
+				eventually(t, form+" routes on "+h0.Name, check(0, nexthops))
+				if !nexthops {
+					eventually(t, "no nexthop objects on "+h0.Name, func() error {
+						out, err := nexthopObjects(ctx, h0)
+						if err == nil && out != "" {
+							err = fmt.Errorf("%s still has nexthop objects:\n%s", h0.Name, out)
+						}
+						return err
+					})
+				}
+				for i := 1; i < len(hosts); i++ {
+					if err := check(i, true)(); err != nil {
+						t.Error(err)
+					}
+				}
+				pingAll(t, hosts, envs)
+			}
+			for _, s := range []*pingStream{there, back} {
+				sent, received := s.stop(t)
+				t.Logf("ping stream %s: %d sent, %d received", s.name, sent, received)
+				if sent < 10 || received != sent {
+					t.Errorf("ping stream %s across the switches: %d sent, %d received; want at least 10, all answered", s.name, sent, received)
+				}
+			}
 		})
 	}
+}
+
+// pingStream is a ping running in a host namespace until stopped.
+type pingStream struct {
+	name string
+	cmd  *exec.Cmd
+	out  bytes.Buffer
+}
+
+// startPingStream pings dst from src inside h every 10 ms until stop.
+func startPingStream(t *testing.T, h *lab.Host, src, dst netip.Addr) *pingStream {
+	t.Helper()
+	s := &pingStream{name: fmt.Sprintf("%s %s -> %s", h.Name, src, dst)}
+	// ip netns exec execs ping in place: the signal reaches ping itself.
+	s.cmd = exec.Command("ip", "netns", "exec", h.NS, "ping", "-n", "-q", "-i", "0.01", "-W", "2", "-I", src.String(), dst.String())
+	s.cmd.Stdout, s.cmd.Stderr = &s.out, &s.out
+	if err := s.cmd.Start(); err != nil {
+		t.Fatalf("starting ping on %s: %v", h.Name, err)
+	}
+	t.Cleanup(func() {
+		if s.cmd.ProcessState == nil {
+			s.cmd.Process.Kill()
+			s.cmd.Wait()
+		}
+	})
+	return s
+}
+
+// stop interrupts the ping (which then prints its summary) and returns the
+// packets sent and answered.
+func (s *pingStream) stop(t *testing.T) (sent, received int) {
+	t.Helper()
+	if err := s.cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatalf("interrupting ping %s: %v", s.name, err)
+	}
+	s.cmd.Wait()
+	sent, received, ok := pingCounts(s.out.String())
+	if !ok {
+		t.Fatalf("ping %s printed no counts:\n%s", s.name, s.out.String())
+	}
+	return sent, received
 }

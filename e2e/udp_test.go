@@ -16,7 +16,8 @@ import (
 
 const udpConfig = `{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}`
 
-// TestUDP runs three hosts on the udp backend: flannel0 as WIRE.md says,
+// TestUDP runs three hosts on the udp backend: leases in flannel's form
+// (no BackendType) written and followed, flannel0 as WIRE.md says,
 // FLANNEL_MTU = eth0 - 28, overlay pings between every pair, and a lease
 // removed stops traffic to it with ICMP net-unreachable from the sender's
 // own flanneld (the packet never leaves the host).
@@ -42,8 +43,14 @@ func TestUDP(t *testing.T) {
 	}
 	for i, h := range hosts {
 		ls := leasesOf(leases, h)
-		if len(ls) != 1 || ls[0].PublicIP != h.Addr || ls[0].BackendType != "udp" || ls[0].Subnet != envs[i].Subnet.Masked() {
+		if len(ls) != 1 || ls[0].PublicIP != h.Addr || ls[0].BackendType != "" || ls[0].Subnet != envs[i].Subnet.Masked() {
 			t.Errorf("%s: leases %+v, want one udp lease for %s", h.Name, ls, envs[i].Subnet)
+		}
+		// Written as flannel's udp backend writes it, so that flannel's
+		// nodes and ours take each other's leases (WIRE.md, udp).
+		resp, err := l.KeysAPI().Get(testCtx(t, converge), leaseKey(l, envs[i].Subnet.Masked()), nil)
+		if want := `{"PublicIP":"` + h.Addr.String() + `"}`; err != nil || resp.Node.Value != want {
+			t.Errorf("%s: lease value %v (%v), want %s", h.Name, resp, err, want)
 		}
 	}
 	setBridges(t, hosts, envs)

@@ -517,7 +517,7 @@ func TestVXLANEntriesRestored(t *testing.T) {
 			State: unix.NUD_PERMANENT, IP: l.Host(2).Addr.AsSlice(), HardwareAddr: peerMAC})
 	})
 	delRoute := edit(func(nh *netlink.Handle, dev netlink.Link) error {
-		return nh.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: ipNet(peer), Gw: peer.Addr().AsSlice(), Flags: int(netlink.FLAG_ONLINK)})
+		return nh.RouteDel(&netlink.Route{Dst: ipNet(peer)}) // by destination: it may use a nexthop object
 	})
 	wrongNeigh := edit(func(nh *netlink.Handle, dev netlink.Link) error {
 		return nh.NeighSet(&netlink.Neigh{LinkIndex: dev.Attrs().Index, Family: unix.AF_INET, State: unix.NUD_PERMANENT,

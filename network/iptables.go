@@ -18,21 +18,27 @@ import (
 // CPU is contended.
 const childNice = 10
 
-// execIPTables runs the IPv4 iptables-save and iptables-restore binaries.
-// They come with the iptables package and use the same back-end (nf_tables
-// or legacy) as the iptables command of the host.
+// execIPTables runs the iptables-save and iptables-restore binaries (IPv4)
+// or ip6tables-save and ip6tables-restore (IPv6). They come with the
+// iptables package and use the same back-end (nf_tables or legacy) as the
+// iptables command of the host.
 type execIPTables struct {
 	save    string // path of iptables-save
 	restore string // path of iptables-restore
 }
 
-// lookIPTables finds iptables-save and iptables-restore on PATH.
-func lookIPTables() (*execIPTables, error) {
-	save, err := exec.LookPath("iptables-save")
+// lookIPTables finds iptables-save and iptables-restore on PATH, or with
+// ipv6 ip6tables-save and ip6tables-restore.
+func lookIPTables(ipv6 bool) (*execIPTables, error) {
+	prog := "iptables"
+	if ipv6 {
+		prog = "ip6tables"
+	}
+	save, err := exec.LookPath(prog + "-save")
 	if err != nil {
 		return nil, err
 	}
-	restore, err := exec.LookPath("iptables-restore")
+	restore, err := exec.LookPath(prog + "-restore")
 	if err != nil {
 		return nil, err
 	}

@@ -98,12 +98,12 @@ func TestKeeperInNetns(t *testing.T) {
 // iptables-save and iptables-restore (of the same back-end) go through
 // wrappers too.
 type nsIPTables struct {
-	t       *testing.T
+	t       testing.TB
 	wrapper string
 	keeper  *execIPTables
 }
 
-func newNSIPTables(t *testing.T, nsenter, nsPath, bin string) *nsIPTables {
+func newNSIPTables(t testing.TB, nsenter, nsPath, bin string) *nsIPTables {
 	dir := t.TempDir()
 	wrap := func(name, bin string) string {
 		t.Helper()

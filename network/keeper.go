@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
-	"strings"
+	"os/exec"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
+	"sigs.k8s.io/knftables"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
 )
@@ -20,29 +20,31 @@ import (
 // flannel's --iptables-resync default.
 const DefaultResyncInterval = 5 * time.Second
 
-// iptablesAPI is how the Keeper reads and changes the kernel's rules: one
-// dump of every table, and one batch of changes applied atomically per
-// table. Tests replace it with a fake; execIPTables runs iptables-save and
-// iptables-restore.
-type iptablesAPI interface {
-	// Save returns the rules of every table in iptables-save format.
-	Save(ctx context.Context) ([]byte, error)
-	// Restore applies an iptables-restore script without flushing the
-	// tables it names (--noflush), waiting for the xtables lock.
-	Restore(ctx context.Context, script []byte) error
-}
-
-// Options configures a Keeper.
+// Options configures a Keeper. At least one family must be given: Network
+// and Lease for IPv4, IPv6Network and IPv6Lease for IPv6 (dual stack: both;
+// IPv6-only: leave Network and Lease zero).
 type Options struct {
-	// Network is the flannel network (the config's Network), e.g. 10.5.0.0/16.
-	// Required; IPv4. Host bits are ignored.
+	// Network is the IPv4 flannel network (the config's Network), e.g.
+	// 10.5.0.0/16. Host bits are ignored. The zero value means no IPv4
+	// rules (an IPv6-only network).
 	Network netip.Prefix
-	// Lease is this node's lease subnet, e.g. 10.5.34.0/24. Required; IPv4,
-	// inside Network. It can be changed later with SetLease.
+	// Lease is this node's IPv4 lease subnet, e.g. 10.5.34.0/24. Required
+	// with Network, and inside it. It can be changed later with SetLease.
 	Lease netip.Prefix
+	// IPv6Network is the IPv6 flannel network (the config's IPv6Network),
+	// e.g. fc00::/48. The zero value means no IPv6 rules.
+	IPv6Network netip.Prefix
+	// IPv6Lease is this node's IPv6 lease subnet, e.g. fc00:0:0:22::/64.
+	// Required with IPv6Network, and inside it. SetLease changes it too.
+	IPv6Lease netip.Prefix
 	// IPMasq installs the masquerade rules (--ip-masq). When false, a
 	// masquerade chain and jumps to it left by an earlier run are removed.
 	IPMasq bool
+	// NFTables keeps the rules in the nftables tables "ip flannel-ipv4" and
+	// "ip6 flannel-ipv6" (the config's EnableNFTables) instead of
+	// iptables/ip6tables chains. Either way, the first Ensure removes what
+	// the other mode left from an earlier run.
+	NFTables bool
 	// ResyncInterval is how often Run checks the rules; zero means
 	// DefaultResyncInterval.
 	ResyncInterval time.Duration
@@ -50,100 +52,236 @@ type Options struct {
 	// value means klog.Background().
 	Logger klog.Logger
 
-	// ipt replaces the iptables binaries in tests; nil means iptables-save
-	// and iptables-restore found on PATH.
-	ipt iptablesAPI
+	// Tests replace the tools: when any of these is set, the Keeper uses
+	// exactly these, and a nil one counts as a tool not installed. When
+	// none is set, the binaries are found on PATH.
+	ipt  iptablesAPI                                                              // iptables-save/-restore
+	ip6t iptablesAPI                                                              // ip6tables-save/-restore
+	nft  func(family knftables.Family, table string) (knftables.Interface, error) // nft
 }
 
-// Keeper installs flanneld's iptables rules and keeps them in place. Its
-// methods are safe for concurrent use.
+// familyKeeper keeps the rules of one family in place.
+type familyKeeper interface {
+	ensure(ctx context.Context, lease netip.Prefix) error
+}
+
+// family indexes the per-family state of a Keeper.
+type family int
+
+const (
+	ipv4 family = iota
+	ipv6
+)
+
+func (f family) String() string { return [...]string{"IPv4", "IPv6"}[f] }
+
+// Keeper installs flanneld's forward and masquerade rules, for IPv4, IPv6
+// or both, with iptables or nftables, and keeps them in place. Its methods
+// are safe for concurrent use.
 //
-// The lease subnet can change while it runs (SetLease); IPMasq cannot: to
-// switch it, construct a new Keeper, whose first Ensure installs or removes
-// the masquerade chain. Nothing is removed when a Keeper stops: the rules
-// stay in place for the next run of the daemon to find.
+// The lease subnets can change while it runs (SetLease); the networks,
+// IPMasq and the mode cannot: to switch them, construct a new Keeper, whose
+// first Ensure installs the new rules and removes what is no longer
+// wanted. Nothing is removed when a Keeper stops: the rules stay in place
+// for the next run of the daemon to find.
 type Keeper struct {
-	ipt      iptablesAPI
 	log      klog.Logger
 	interval time.Duration
-	network  netip.Prefix
+	network  netip.Prefix // IPv4 network; zero without IPv4
+	network6 netip.Prefix // IPv6 network; zero without IPv6
 	ipMasq   bool
 
-	mu    sync.Mutex // guards lease
-	lease netip.Prefix
+	keepers [2]familyKeeper // by family; nil for a family not configured
+	cleanup []cleanupStep   // the other mode's leftovers, removed once
 
-	ensureMu sync.Mutex           // serialises Ensure; guards rendered and lastOK
-	rendered map[string]rendering // by setKey: what our last restore read back
-	lastOK   time.Time            // end of the last Ensure that succeeded
+	mu     sync.Mutex // guards leases
+	leases [2]netip.Prefix
+
+	ensureMu sync.Mutex // serialises Ensure; guards lastOK and cleaned
+	lastOK   time.Time  // end of the last Ensure that succeeded
+	cleaned  bool       // cleanup has succeeded
 
 	restores atomic.Uint64
-	wake     chan struct{} // tells Run the lease changed
+	wake     chan struct{} // tells Run a lease changed
+}
+
+// cleanupStep removes one set of leftovers; it reports whether there were any.
+type cleanupStep struct {
+	what   string
+	remove func(ctx context.Context) (bool, error)
 }
 
 // New validates opts and returns a Keeper. It installs nothing: call Ensure
 // or Run.
 func New(opts Options) (*Keeper, error) {
-	if !opts.Network.IsValid() || !opts.Network.Addr().Is4() {
+	has4, has6 := opts.Network.IsValid(), opts.IPv6Network.IsValid()
+	if !has4 && !has6 {
+		return nil, fmt.Errorf("invalid iptables setup: no network given; set the config's Network (IPv4) and/or IPv6Network")
+	}
+	if has4 && !opts.Network.Addr().Is4() {
 		return nil, fmt.Errorf("invalid iptables setup: network %q is not an IPv4 prefix; set the config's Network to e.g. 10.5.0.0/16", opts.Network)
 	}
-	network := opts.Network.Masked()
-	lease, err := checkLease(network, opts.Lease)
-	if err != nil {
-		return nil, err
+	if has6 && (!opts.IPv6Network.Addr().Is6() || opts.IPv6Network.Addr().Is4In6()) {
+		return nil, fmt.Errorf("invalid iptables setup: IPv6 network %q is not an IPv6 prefix; set the config's IPv6Network to e.g. fc00::/48", opts.IPv6Network)
+	}
+	k := &Keeper{
+		network:  opts.Network.Masked(),
+		network6: opts.IPv6Network.Masked(),
+		ipMasq:   opts.IPMasq,
+		wake:     make(chan struct{}, 1),
+	}
+	if !has4 {
+		k.network = netip.Prefix{}
+	}
+	if !has6 {
+		k.network6 = netip.Prefix{}
+	}
+	for f, lease := range [2]netip.Prefix{opts.Lease, opts.IPv6Lease} {
+		if !k.networkOf(family(f)).IsValid() {
+			continue
+		}
+		l, err := k.checkLease(lease)
+		if err != nil {
+			return nil, err
+		}
+		k.leases[f] = l
 	}
 	if opts.ResyncInterval < 0 {
 		return nil, fmt.Errorf("invalid iptables setup: resync interval %v is negative; use a positive interval", opts.ResyncInterval)
 	}
-	interval := opts.ResyncInterval
-	if interval == 0 {
-		interval = DefaultResyncInterval
+	k.interval = opts.ResyncInterval
+	if k.interval == 0 {
+		k.interval = DefaultResyncInterval
 	}
-	log := opts.Logger
-	if log.GetSink() == nil {
-		log = klog.Background()
+	k.log = opts.Logger
+	if k.log.GetSink() == nil {
+		k.log = klog.Background()
 	}
-	ipt := opts.ipt
-	if ipt == nil {
-		e, err := lookIPTables()
-		if err != nil {
-			return nil, fmt.Errorf("setting up iptables: %w; install the iptables package (it provides iptables-save and iptables-restore)", err)
+
+	t := findTools(opts)
+	for _, f := range []family{ipv4, ipv6} {
+		network := k.networkOf(f)
+		family, table := nftTable(f == ipv6)
+		connect := func() (knftables.Interface, error) { return t.nft(family, table) }
+		switch {
+		case network.IsValid() && opts.NFTables:
+			if !t.nftFound {
+				return nil, fmt.Errorf("setting up nftables: nft not found; install the nftables package (nft 1.0.1 or later) or turn EnableNFTables off")
+			}
+			k.keepers[f] = newNFTKeeper(connect, f == ipv6, k.log, network, k.ipMasq, &k.restores)
+		case network.IsValid():
+			ipt := t.ipt[f]
+			if ipt == nil {
+				return nil, fmt.Errorf("setting up %s: %s not found; install the iptables package (it provides %[2]s-save and %[2]s-restore)", f, progIPT(f))
+			}
+			k.keepers[f] = newIPTKeeper(ipt, f == ipv6, k.log, network, k.ipMasq, &k.restores)
 		}
-		ipt = e
+		// Leftovers: iptables chains unless we keep them, our nftables
+		// table unless we keep it. Without the tool there is nothing to
+		// remove them with.
+		if !network.IsValid() || opts.NFTables {
+			if ipt := t.ipt[f]; ipt != nil {
+				c := newIPTKeeper(ipt, f == ipv6, k.log, network, false, &k.restores)
+				k.cleanup = append(k.cleanup, cleanupStep{what: progIPT(f) + " chains", remove: c.removeAll})
+			}
+		}
+		if (!network.IsValid() || !opts.NFTables) && t.nftFound {
+			k.cleanup = append(k.cleanup, cleanupStep{what: "nftables table " + string(family) + " " + table, remove: func(ctx context.Context) (bool, error) {
+				nft, err := connect()
+				if err != nil {
+					// nft cannot work here (too old, no kernel support),
+					// so it cannot have made the table either.
+					return false, nil
+				}
+				removed, err := removeNFTTable(ctx, nft, family, table)
+				if removed {
+					k.restores.Add(1)
+					metrics.IPTablesRestores.Inc()
+				}
+				return removed, err
+			}})
+		}
 	}
-	return &Keeper{
-		ipt:      ipt,
-		log:      log,
-		interval: interval,
-		network:  network,
-		ipMasq:   opts.IPMasq,
-		lease:    lease,
-		rendered: make(map[string]rendering),
-		wake:     make(chan struct{}, 1),
-	}, nil
+	return k, nil
 }
 
-// checkLease validates a lease subnet against the network and masks it.
-func checkLease(network, lease netip.Prefix) (netip.Prefix, error) {
-	if !lease.IsValid() || !lease.Addr().Is4() {
-		return netip.Prefix{}, fmt.Errorf("invalid iptables setup: lease %q is not an IPv4 prefix; pass the node's lease subnet, e.g. 10.5.34.0/24", lease)
+func progIPT(f family) string {
+	if f == ipv6 {
+		return "ip6tables"
 	}
-	if lease.Bits() < network.Bits() || !network.Contains(lease.Addr()) {
+	return "iptables"
+}
+
+// tools are the programs a Keeper may run.
+type tools struct {
+	ipt [2]iptablesAPI // by family; nil when not installed
+	// nft connects to a table; knftables.New runs nft twice to check that
+	// it works, so it is called at the first Ensure, not in New.
+	nft      func(family knftables.Family, table string) (knftables.Interface, error)
+	nftFound bool // nft is installed
+}
+
+// findTools returns the test's tools, or those found on PATH.
+func findTools(opts Options) tools {
+	if opts.ipt != nil || opts.ip6t != nil || opts.nft != nil {
+		return tools{ipt: [2]iptablesAPI{opts.ipt, opts.ip6t}, nft: opts.nft, nftFound: opts.nft != nil}
+	}
+	var t tools
+	for _, f := range []family{ipv4, ipv6} {
+		if e, err := lookIPTables(f == ipv6); err == nil {
+			t.ipt[f] = e
+		}
+	}
+	_, err := exec.LookPath("nft")
+	t.nftFound = err == nil
+	t.nft = func(family knftables.Family, table string) (knftables.Interface, error) {
+		return knftables.New(family, table)
+	}
+	return t
+}
+
+func (k *Keeper) networkOf(f family) netip.Prefix {
+	if f == ipv6 {
+		return k.network6
+	}
+	return k.network
+}
+
+// checkLease validates a lease subnet against the network of its family
+// and masks it.
+func (k *Keeper) checkLease(lease netip.Prefix) (netip.Prefix, error) {
+	if !lease.IsValid() {
+		return netip.Prefix{}, fmt.Errorf("invalid iptables setup: lease %q is not a prefix; pass the node's lease subnet, e.g. 10.5.34.0/24", lease)
+	}
+	f := ipv4
+	if lease.Addr().Is6() && !lease.Addr().Is4In6() {
+		f = ipv6
+	}
+	network := k.networkOf(f)
+	if !network.IsValid() {
+		return netip.Prefix{}, fmt.Errorf("invalid iptables setup: lease %s is %s but no %[2]s network is configured; pass a subnet of the network", lease, f)
+	}
+	if lease.Addr().Is4In6() || lease.Bits() < network.Bits() || !network.Contains(lease.Addr()) {
 		return netip.Prefix{}, fmt.Errorf("invalid iptables setup: lease %s is not inside network %s; pass a subnet of the network", lease, network)
 	}
 	return lease.Masked(), nil
 }
 
-// SetLease changes the lease subnet, e.g. after the lease was lost and a
-// different subnet acquired. The change is applied by the next Ensure; a
-// running Run is woken to do so at once.
+// SetLease changes the lease subnet of the lease's family (IPv4 or IPv6),
+// e.g. after the lease was lost and a different subnet acquired. The change
+// is applied by the next Ensure; a running Run is woken to do so at once.
 func (k *Keeper) SetLease(lease netip.Prefix) error {
-	lease, err := checkLease(k.network, lease)
+	lease, err := k.checkLease(lease)
 	if err != nil {
 		return err
 	}
+	f := ipv4
+	if lease.Addr().Is6() {
+		f = ipv6
+	}
 	k.mu.Lock()
-	changed := k.lease != lease
-	k.lease = lease
+	changed := k.leases[f] != lease
+	k.leases[f] = lease
 	k.mu.Unlock()
 	if changed {
 		select {
@@ -154,9 +292,11 @@ func (k *Keeper) SetLease(lease netip.Prefix) error {
 	return nil
 }
 
-// Restores returns how many times Ensure has had to change the kernel's rules:
-// once per chain whose rules or jump it put back (the first install counts),
-// and once per removal of a masquerade chain left over while IPMasq is off.
+// Restores returns how many times Ensure has had to change the kernel's
+// rules. In iptables mode: once per chain whose rules or jump it put back
+// (the first install counts), and once per table from which it removed a
+// chain (a masquerade chain left over while IPMasq is off, or the other
+// mode's leftovers). In nftables mode: once per table written or removed.
 func (k *Keeper) Restores() uint64 { return k.restores.Load() }
 
 // Run calls Ensure at once (unless an Ensure succeeded less than
@@ -172,7 +312,7 @@ func (k *Keeper) Run(ctx context.Context) error {
 	for {
 		if !recent {
 			if err := k.Ensure(ctx); err != nil && ctx.Err() == nil {
-				k.log.Error(err, "Failed to keep iptables rules in place; retrying", "interval", k.interval)
+				k.log.Error(err, "Failed to keep the forward and masquerade rules in place; retrying", "interval", k.interval)
 			}
 		}
 		recent = false
@@ -185,271 +325,45 @@ func (k *Keeper) Run(ctx context.Context) error {
 	}
 }
 
-// Ensure makes the kernel's rules match Rules for the current lease. It
-// reads every table with one iptables-save and, only if something is off,
-// applies the changes with one iptables-restore: a chain missing or with any
-// rule missing, extra or out of order is declared again (which empties it)
-// and refilled in order in the same transaction, so the chain is never seen
-// half-filled; a missing jump from FORWARD or POSTROUTING is inserted at
-// position 1 (an existing jump stays where it is). With IPMasq off, every
-// jump to FLANNEL-POSTRTG is deleted from POSTROUTING and the chain removed.
-// Calling it again with nothing changed changes nothing. If the restore
-// fails, each table is tried again on its own, so that one table's failure
-// does not keep the other's rules out; the errors are joined.
+// Ensure makes the kernel's rules match the current leases, for each
+// configured family (see iptKeeper.ensure and nftKeeper.ensure). A check
+// that finds everything in place changes nothing. Until it has once
+// succeeded, Ensure then also removes the other mode's leftovers (and those
+// of a family not configured); a failure there is logged, not returned, and
+// retried by the next Ensure. The families' errors are joined.
 func (k *Keeper) Ensure(ctx context.Context) error {
 	k.ensureMu.Lock()
 	defer k.ensureMu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("ensuring iptables rules: %w", err)
 	}
-	p, err := k.plan(ctx)
-	if err != nil {
-		return err
-	}
-	if len(p) == 0 {
-		k.lastOK = time.Now()
-		return nil
-	}
-	err = k.restore(ctx, p.script())
-	if err == nil {
-		k.done(ctx, p)
-		k.lastOK = time.Now()
-		return nil
-	}
-	if len(p) == 1 || ctx.Err() != nil {
-		return p[0].wrap(err)
-	}
-	// One table failed; the other may or may not have been committed before
-	// it. Look again and apply each table on its own.
-	first := p
-	if p, err = k.plan(ctx); err != nil {
-		return err
-	}
-	var errs []error
-	var applied plan
-	for _, tc := range first {
-		if !slices.ContainsFunc(p, func(o *tableChange) bool { return o.table == tc.table }) {
-			applied = append(applied, tc) // committed before the failure
-		}
-	}
-	for _, tc := range p {
-		if err := k.restore(ctx, plan{tc}.script()); err != nil {
-			errs = append(errs, tc.wrap(err))
-			continue
-		}
-		applied = append(applied, tc)
-	}
-	k.done(ctx, applied)
-	return errors.Join(errs...)
-}
-
-// restoreTimeout bounds one iptables-restore, which waits for the xtables
-// lock.
-const restoreTimeout = time.Minute
-
-// restore runs one iptables-restore. Once started it is not cut short by
-// ctx: killing it after its COMMIT would leave rules applied but reported
-// as failed (and uncounted). It is bounded by restoreTimeout instead.
-func (k *Keeper) restore(ctx context.Context, script []byte) error {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), restoreTimeout)
-	defer cancel()
-	return k.ipt.Restore(rctx, script)
-}
-
-// plan is the changes one Ensure makes, per table, in script order.
-type plan []*tableChange
-
-// tableChange is what must change in one table: one of our chain sets put
-// back in place, or the masquerade chain removed.
-type tableChange struct {
-	table   string
-	lines   []string  // iptables-restore lines, without *table and COMMIT
-	set     *chainSet // the set put in place; nil for the removal
-	refill  string    // why the chain is declared again and refilled ("" if not)
-	jump    bool      // the jump to the chain is inserted
-	removed bool      // the masquerade chain or jumps to it are removed
-}
-
-func (tc *tableChange) wrap(err error) error {
-	what := ChainMasquerade + " removal"
-	if tc.set != nil {
-		what = tc.set.chain
-	}
-	return fmt.Errorf("restoring iptables table %s (%s): %w", tc.table, what, err)
-}
-
-// script renders the plan as one iptables-restore input.
-func (p plan) script() []byte {
-	var b strings.Builder
-	for _, tc := range p {
-		b.WriteString("*" + tc.table + "\n")
-		for _, l := range tc.lines {
-			b.WriteString(l + "\n")
-		}
-		b.WriteString("COMMIT\n")
-	}
-	return []byte(b.String())
-}
-
-// plan reads the tables and works out what must change.
-func (k *Keeper) plan(ctx context.Context) (plan, error) {
-	dump, err := k.ipt.Save(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("reading iptables rules: %w", err)
-	}
-	tables := parseSave(dump)
 	k.mu.Lock()
-	lease := k.lease
+	leases := k.leases
 	k.mu.Unlock()
-
-	var p plan
-	if tc := k.planSet(tables, forwardSet(k.network)); tc != nil {
-		p = append(p, tc)
-	}
-	if k.ipMasq {
-		if tc := k.planSet(tables, masqSet(k.network, lease)); tc != nil {
-			p = append(p, tc)
-		}
-	} else if tc := planRemoveMasq(tables[TableNAT]); tc != nil {
-		p = append(p, tc)
-	}
-	return p, nil
-}
-
-// planSet returns the changes that put one chain and its jump in place, or
-// nil if they are in place.
-func (k *Keeper) planSet(tables map[string]*savedTable, s chainSet) *tableChange {
-	t := tables[s.table]
-	if t == nil {
-		t = &savedTable{}
-	}
-	tc := &tableChange{table: s.table, set: &s}
-	if reason := k.chainDrift(t, s); reason != "" {
-		tc.lines = append(tc.lines, ":"+s.chain+" - [0:0]")
-		for _, r := range s.rules {
-			tc.lines = append(tc.lines, ruleLine("-A", s.chain, r))
-		}
-		tc.refill = reason
-	}
-	if !hasRule(t.rules[s.parent], s.parent, s.jump) {
-		tc.lines = append(tc.lines, ruleLine("-I", s.parent, append([]string{"1"}, s.jump...)))
-		tc.jump = true
-	}
-	if len(tc.lines) == 0 {
-		return nil
-	}
-	return tc
-}
-
-// chainDrift returns why the chain must be restored, or "" if it is in place.
-func (k *Keeper) chainDrift(t *savedTable, s chainSet) string {
-	if !t.chains[s.chain] {
-		return "chain missing"
-	}
-	listing := t.rules[s.chain]
-	if chainMatches(listing, s.chain, s.rules) {
-		return ""
-	}
-	// An iptables version that prints rules differently from how we write
-	// them would otherwise cause a restore at every check: accept exactly
-	// what it printed after our last restore of these same rules.
-	if r, ok := k.rendered[setKey(s)]; ok && r.rules == rulesKey(s.rules) && slices.Equal(r.listing, listing) {
-		return ""
-	}
-	return "rules missing, extra or out of order"
-}
-
-// hasRule reports whether a chain's "-A" lines hold rulespec.
-func hasRule(lines []string, chain string, rulespec []string) bool {
-	for _, l := range lines {
-		if s, ok := appendedSpec(l, chain); ok && slices.Equal(s, rulespec) {
-			return true
-		}
-	}
-	return false
-}
-
-// planRemoveMasq returns the changes that delete every jump from nat
-// POSTROUTING to FLANNEL-POSTRTG (whatever its comment) and then the chain,
-// or nil if there is none of either.
-func planRemoveMasq(t *savedTable) *tableChange {
-	if t == nil {
-		return nil
-	}
-	tc := &tableChange{table: TableNAT, removed: true}
-	for _, l := range t.rules[chainNATPostrouting] {
-		s, ok := appendedSpec(l, chainNATPostrouting)
-		if !ok || !jumpsTo(s, ChainMasquerade) {
+	var errs []error
+	for f, fk := range k.keepers {
+		if fk == nil {
 			continue
 		}
-		// By rulespec, as iptables-save printed it, not by position, so a
-		// rule someone else inserted meanwhile cannot be hit.
-		tc.lines = append(tc.lines, "-D"+strings.TrimPrefix(l, "-A"))
-	}
-	if t.chains[ChainMasquerade] {
-		tc.lines = append(tc.lines, ":"+ChainMasquerade+" - [0:0]", "-X "+ChainMasquerade)
-	}
-	if len(tc.lines) == 0 {
-		return nil
-	}
-	return tc
-}
-
-func setKey(s chainSet) string { return s.table + " " + s.chain }
-
-// done remembers how iptables prints the chains an applied plan refilled
-// (see chainDrift), then logs and counts what it restored.
-func (k *Keeper) done(ctx context.Context, p plan) {
-	var refilled []*chainSet
-	for _, tc := range p {
-		if tc.refill != "" {
-			refilled = append(refilled, tc.set)
-			delete(k.rendered, setKey(*tc.set))
+		if err := fk.ensure(ctx, leases[f]); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	if len(refilled) > 0 {
-		// A failed read only loses the shortcut.
-		if dump, err := k.ipt.Save(ctx); err == nil {
-			tables := parseSave(dump)
-			for _, s := range refilled {
-				t := tables[s.table]
-				if t == nil {
-					continue
-				}
-				// Only a listing with as many rules as were written can be
-				// another rendering of them; anything else is a change made
-				// since the restore, which the next check repairs.
-				if l := t.rules[s.chain]; len(l) == len(s.rules) && !chainMatches(l, s.chain, s.rules) {
-					k.rendered[setKey(*s)] = rendering{rules: rulesKey(s.rules), listing: l}
-				}
+	if !k.cleaned && len(errs) == 0 {
+		k.cleaned = true
+		for _, c := range k.cleanup {
+			removed, err := c.remove(ctx)
+			switch {
+			case err != nil:
+				k.cleaned = false
+				k.log.Error(err, "Failed to remove rules left from an earlier run; retrying at the next check", "what", c.what)
+			case removed:
+				k.log.Info("Removed rules left from an earlier run", "what", c.what)
 			}
 		}
 	}
-	for _, tc := range p {
-		if s := tc.set; s != nil {
-			if tc.refill != "" {
-				k.log.Info("Restored iptables chain", "table", s.table, "chain", s.chain, "reason", tc.refill, "rules", len(s.rules))
-			}
-			if tc.jump {
-				k.log.Info("Restored iptables jump", "table", s.table, "from", s.parent, "to", s.chain)
-			}
-		}
-		if tc.removed {
-			k.log.Info("Removed iptables masquerade rules left from an earlier run", "table", TableNAT, "chain", ChainMasquerade, "reason", "ip-masq is off")
-		}
-		k.restores.Add(1)
-		metrics.IPTablesRestores.Inc()
+	if len(errs) == 0 {
+		k.lastOK = time.Now()
 	}
-}
-
-// rendering is a chain's listing read back right after we restored it.
-type rendering struct {
-	rules   string // rulesKey of the rules written
-	listing []string
-}
-
-// rulesKey identifies a rule set, so a remembered listing is only used for
-// the rules it was read back from.
-func rulesKey(rules [][]string) string {
-	return fmt.Sprintf("%q", rules)
+	return errors.Join(errs...)
 }

@@ -20,7 +20,7 @@ var (
 )
 
 // testLogger sends the Keeper's log lines to t.
-func testLogger(t *testing.T) klog.Logger {
+func testLogger(t testing.TB) klog.Logger {
 	return funcr.New(func(prefix, args string) { t.Log(prefix, args) }, funcr.Options{})
 }
 

@@ -1,7 +1,9 @@
-// Package network keeps flanneld's iptables rules in place.
+// Package network keeps flanneld's forward and masquerade rules in place, for
+// IPv4 and IPv6, with iptables/ip6tables or with nftables.
 //
-// The rules live in two chains that belong wholly to flanneld, each reached by
-// one jump from a built-in chain:
+// In iptables mode the rules of each family live in two chains that belong
+// wholly to flanneld, each reached by one jump from a built-in chain (the
+// same names in iptables and ip6tables):
 //
 //	filter FORWARD     -j FLANNEL-FWD      (always)
 //	nat    POSTROUTING -j FLANNEL-POSTRTG  (only with --ip-masq)
@@ -14,6 +16,9 @@
 // Rules in other chains, and rules other than our jumps in FORWARD and
 // POSTROUTING, are never touched. Anything else found inside FLANNEL-FWD or
 // FLANNEL-POSTRTG is removed, because those chains are ours.
+//
+// In nftables mode (see nftables.go) the same rules live in the tables
+// "ip flannel-ipv4" and "ip6 flannel-ipv6", which belong wholly to flanneld.
 package network
 
 import (
@@ -37,8 +42,19 @@ const (
 	chainNATPostrouting = "POSTROUTING"
 )
 
-// multicast is never masqueraded.
-const multicast = "224.0.0.0/4"
+// Multicast destinations are never masqueraded.
+const (
+	multicast4 = "224.0.0.0/4"
+	multicast6 = "ff00::/8"
+)
+
+// multicast returns the multicast range of the network's family.
+func multicast(network netip.Prefix) string {
+	if network.Addr().Is6() {
+		return multicast6
+	}
+	return multicast4
+}
 
 // Rule is one iptables rule: Spec is what follows "-t Table -A Chain".
 type Rule struct {
@@ -73,7 +89,7 @@ type chainSet struct {
 }
 
 // Rules returns the rules flanneld keeps for the flannel network and this
-// node's lease subnet: the filter FORWARD jump and the FLANNEL-FWD rules, then,
+// node's lease subnet (both IPv4 for iptables, both IPv6 for ip6tables): the filter FORWARD jump and the FLANNEL-FWD rules, then,
 // when ipMasq is set, the nat POSTROUTING jump and the FLANNEL-POSTRTG rules.
 // Each jump comes before the rules of its chain; the rules of a chain are in
 // evaluation order. Prefixes are masked to their network address. Masquerade
@@ -135,7 +151,7 @@ func masqSet(network, lease netip.Prefix) chainSet {
 			// Traffic within the network keeps its addresses.
 			spec([]string{"-s", n, "-d", n}, comment("no masq within network"), []string{"-j", "RETURN"}),
 			// Traffic from the network to the outside (not multicast) is masqueraded.
-			spec([]string{"-s", n, "!", "-d", multicast}, comment("masq leaving network"), []string{"-j", "MASQUERADE"}),
+			spec([]string{"-s", n, "!", "-d", multicast(network)}, comment("masq leaving network"), []string{"-j", "MASQUERADE"}),
 			// Traffic from outside to our own subnet keeps its addresses.
 			spec([]string{"!", "-s", n, "-d", s}, comment("no masq to own subnet"), []string{"-j", "RETURN"}),
 			// Traffic from outside (e.g. this host) to other subnets is masqueraded.

@@ -49,6 +49,20 @@ func TestRules(t *testing.T) {
 				`-t nat -A FLANNEL-POSTRTG ! -s 10.0.0.0/8 -d 10.0.0.0/8 -m comment --comment "flanneld masq entering network" -j MASQUERADE`,
 			},
 		},
+		{
+			name:    "IPv6 for ip6tables, multicast ff00::/8",
+			network: "fc00:0:0:1::5/48", lease: "fc00:0:0:22::1/64", ipMasq: true,
+			want: []string{
+				`-t filter -A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD`,
+				`-t filter -A FLANNEL-FWD -s fc00::/48 -m comment --comment "flanneld forward from network" -j ACCEPT`,
+				`-t filter -A FLANNEL-FWD -d fc00::/48 -m comment --comment "flanneld forward to network" -j ACCEPT`,
+				`-t nat -A POSTROUTING -m comment --comment "flanneld masquerade" -j FLANNEL-POSTRTG`,
+				`-t nat -A FLANNEL-POSTRTG -s fc00::/48 -d fc00::/48 -m comment --comment "flanneld no masq within network" -j RETURN`,
+				`-t nat -A FLANNEL-POSTRTG -s fc00::/48 ! -d ff00::/8 -m comment --comment "flanneld masq leaving network" -j MASQUERADE`,
+				`-t nat -A FLANNEL-POSTRTG ! -s fc00::/48 -d fc00:0:0:22::/64 -m comment --comment "flanneld no masq to own subnet" -j RETURN`,
+				`-t nat -A FLANNEL-POSTRTG ! -s fc00::/48 -d fc00::/48 -m comment --comment "flanneld masq entering network" -j MASQUERADE`,
+			},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -16,17 +16,28 @@ import (
 
 // Env is the content of subnet.env.
 type Env struct {
-	Network netip.Prefix // FLANNEL_NETWORK
+	Network netip.Prefix // FLANNEL_NETWORK; invalid when IPv4 is off
 	Subnet  netip.Prefix // the lease; FLANNEL_SUBNET is its first host address
-	MTU     int          // FLANNEL_MTU
-	IPMasq  bool         // FLANNEL_IPMASQ
+	// IPv6Network and IPv6Subnet are FLANNEL_IPV6_NETWORK and (its first
+	// host address) FLANNEL_IPV6_SUBNET; invalid without IPv6.
+	IPv6Network netip.Prefix
+	IPv6Subnet  netip.Prefix
+	MTU         int  // FLANNEL_MTU
+	IPMasq      bool // FLANNEL_IPMASQ
 }
 
-// Marshal renders the file. An MTU of 0 (unknown) leaves FLANNEL_MTU out
+// Marshal renders the file in flannel's order: the IPv4 lines, the IPv6
+// lines, then MTU and IPMASQ. An MTU of 0 (unknown) leaves FLANNEL_MTU out
 // rather than telling docker to use 0.
 func (e Env) Marshal() []byte {
-	first := ip.FromUint32(ip.Uint32(e.Subnet.Addr()) + 1)
-	b := fmt.Appendf(nil, "FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s/%d\n", e.Network, first, e.Subnet.Bits())
+	var b []byte
+	if e.Network.IsValid() {
+		first := ip.FromUint32(ip.Uint32(e.Subnet.Addr()) + 1)
+		b = fmt.Appendf(b, "FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s/%d\n", e.Network, first, e.Subnet.Bits())
+	}
+	if e.IPv6Network.IsValid() {
+		b = fmt.Appendf(b, "FLANNEL_IPV6_NETWORK=%s\nFLANNEL_IPV6_SUBNET=%s/%d\n", e.IPv6Network, ip.HostAddr6(e.IPv6Subnet), e.IPv6Subnet.Bits())
+	}
 	if e.MTU != 0 {
 		b = fmt.Appendf(b, "FLANNEL_MTU=%d\n", e.MTU)
 	}
@@ -72,10 +83,11 @@ func WriteEnv(path string, e Env) (err error) {
 var ErrBadEnv = errors.New("invalid subnet file")
 
 // ParseEnv parses subnet.env content. Blank lines, comments and unknown
-// variables are ignored; FLANNEL_NETWORK and FLANNEL_SUBNET are required.
+// variables are ignored; FLANNEL_NETWORK and FLANNEL_SUBNET, or
+// FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET, or all four, are required.
 func ParseEnv(data []byte) (Env, error) {
 	var e Env
-	var haveNet, haveSub bool
+	var haveNet, haveSub, haveNet6, haveSub6 bool
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
@@ -105,6 +117,21 @@ func ParseEnv(data []byte) (Env, error) {
 				return Env{}, fmt.Errorf("%w: FLANNEL_SUBNET %s is longer than /30, which no lease is", ErrBadEnv, quote(v))
 			}
 			e.Subnet, haveSub = p, true
+		case "FLANNEL_IPV6_NETWORK":
+			p, err := ip.ParsePrefix6(v)
+			if err != nil {
+				return Env{}, fmt.Errorf("%w: FLANNEL_IPV6_NETWORK %s is not an IPv6 CIDR", ErrBadEnv, quote(v))
+			}
+			e.IPv6Network, haveNet6 = p, true
+		case "FLANNEL_IPV6_SUBNET":
+			p, err := ip.ParsePrefix6(v)
+			if err != nil {
+				return Env{}, fmt.Errorf("%w: FLANNEL_IPV6_SUBNET %s is not an IPv6 CIDR", ErrBadEnv, quote(v))
+			}
+			if p.Bits() > 126 {
+				return Env{}, fmt.Errorf("%w: FLANNEL_IPV6_SUBNET %s is longer than /126, which no lease is", ErrBadEnv, quote(v))
+			}
+			e.IPv6Subnet, haveSub6 = p, true
 		case "FLANNEL_MTU":
 			m, err := strconv.Atoi(v)
 			if err != nil || m <= 0 {
@@ -124,8 +151,8 @@ func ParseEnv(data []byte) (Env, error) {
 	} else if err != nil {
 		return Env{}, fmt.Errorf("%w: %v", ErrBadEnv, err)
 	}
-	if !haveNet || !haveSub {
-		return Env{}, fmt.Errorf("%w: FLANNEL_NETWORK and FLANNEL_SUBNET are required", ErrBadEnv)
+	if haveNet != haveSub || haveNet6 != haveSub6 || (!haveNet && !haveNet6) {
+		return Env{}, fmt.Errorf("%w: FLANNEL_NETWORK and FLANNEL_SUBNET (or their FLANNEL_IPV6_ forms) are required, in pairs", ErrBadEnv)
 	}
 	return e, nil
 }

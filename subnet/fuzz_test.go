@@ -126,6 +126,9 @@ func FuzzParseLeaseAttrs(f *testing.F) {
 		`{"PublicIP":"10.0.0.1","BackendData":{}}}`,
 		`{"PublicIP":"10.0.0.1","BackendType":"a\"b"}`,
 		`{"PublicIP":"10.0.0.1"} `,
+		`{"PublicIP":"10.5.0.4","PublicIPv6":"fc00::4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"},"BackendV6Data":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4f"}}`,
+		`{"PublicIP":"10.5.0.4","PublicIPv6":null,"BackendType":"vxlan"}`,
+		`{"PublicIP":"10.5.0.4","PublicIPv6":"10.0.0.1"}`,
 	} {
 		f.Add([]byte(s))
 	}

@@ -22,9 +22,14 @@ var (
 // LeaseAttrs is the JSON value of a lease key, exactly as flannel writes it:
 // {"PublicIP":"192.168.8.101","BackendType":"vxlan","BackendData":{...}}.
 type LeaseAttrs struct {
-	PublicIP    netip.Addr
+	PublicIP netip.Addr
+	// PublicIPv6 is the node's IPv6 address in a dual-stack or IPv6-only
+	// cluster; left out when invalid.
+	PublicIPv6  netip.Addr      `json:",omitzero"`
 	BackendType string          `json:",omitempty"`
 	BackendData json.RawMessage `json:",omitempty"`
+	// BackendV6Data is BackendData for the IPv6 side (vxlan's IPv6 VtepMAC).
+	BackendV6Data json.RawMessage `json:",omitempty"`
 }
 
 // ParseLeaseAttrs parses and checks a lease value written by any node.
@@ -91,9 +96,11 @@ func plainASCII(s []byte) bool {
 // parseLeaseAttrsJSON is ParseLeaseAttrs through encoding/json: any form.
 func parseLeaseAttrsJSON(data []byte) (LeaseAttrs, error) {
 	var raw struct {
-		PublicIP    *string
-		BackendType string
-		BackendData json.RawMessage
+		PublicIP      *string
+		PublicIPv6    *string
+		BackendType   string
+		BackendData   json.RawMessage
+		BackendV6Data json.RawMessage
 	}
 	if err := json.Unmarshal(data, &raw); err != nil {
 		return LeaseAttrs{}, fmt.Errorf("%w: %v", ErrBadLease, err)
@@ -106,8 +113,18 @@ func parseLeaseAttrsJSON(data []byte) (LeaseAttrs, error) {
 		return LeaseAttrs{}, fmt.Errorf("%w: PublicIP %s is not an IPv4 address", ErrBadLease, quote(*raw.PublicIP))
 	}
 	attrs := LeaseAttrs{PublicIP: a, BackendType: raw.BackendType}
+	if raw.PublicIPv6 != nil && *raw.PublicIPv6 != "" {
+		a6, err := netip.ParseAddr(*raw.PublicIPv6)
+		if err != nil || !a6.Is6() || a6.Is4In6() || a6.Zone() != "" {
+			return LeaseAttrs{}, fmt.Errorf("%w: PublicIPv6 %s is not an IPv6 address", ErrBadLease, quote(*raw.PublicIPv6))
+		}
+		attrs.PublicIPv6 = a6
+	}
 	if d := bytes.TrimSpace(raw.BackendData); len(d) > 0 && !bytes.Equal(d, []byte("null")) {
 		attrs.BackendData = d
+	}
+	if d := bytes.TrimSpace(raw.BackendV6Data); len(d) > 0 && !bytes.Equal(d, []byte("null")) {
+		attrs.BackendV6Data = d
 	}
 	return attrs, nil
 }
@@ -117,13 +134,26 @@ func (a LeaseAttrs) Marshal() ([]byte, error) {
 	return json.Marshal(a)
 }
 
-// Lease is one node's claim on a subnet.
+// Lease is one node's claim on a subnet (and, dual stack, an IPv6 subnet).
 type Lease struct {
+	// Subnet is the IPv4 subnet; invalid for an IPv6-only lease.
 	Subnet netip.Prefix
-	Attrs  LeaseAttrs
+	// IPv6Subnet is the IPv6 subnet; invalid without IPv6.
+	IPv6Subnet netip.Prefix
+	Attrs      LeaseAttrs
 	// Expiration is when etcd expires the key; zero for a reservation (a key
 	// written without TTL).
 	Expiration time.Time
+}
+
+// Key identifies the lease: its IPv4 subnet, or the IPv6 subnet of an
+// IPv6-only lease (the IPv4 part of a key claims it, as the store's key
+// names do).
+func (l *Lease) Key() netip.Prefix {
+	if l.Subnet.IsValid() {
+		return l.Subnet
+	}
+	return l.IPv6Subnet
 }
 
 // Reservation reports whether the lease key has no TTL.
@@ -150,4 +180,29 @@ func (t EventType) String() string {
 type Event struct {
 	Type  EventType
 	Lease Lease
+}
+
+// udpType is the udp backend's name. flannel's udp backend (v0.10 to v0.28)
+// writes its lease with no BackendType at all, so "" means udp too.
+const udpType = "udp"
+
+// SameBackend reports whether a lease whose BackendType is leaseType belongs
+// to the backend named backendType: equal names, with "" standing for udp.
+func SameBackend(leaseType, backendType string) bool {
+	if leaseType == "" {
+		leaseType = udpType
+	}
+	if backendType == "" {
+		backendType = udpType
+	}
+	return leaseType == backendType
+}
+
+// WireBackendType is the BackendType a node of backendType writes in its
+// lease: the name, except for udp, whose leases carry none (as flannel's).
+func WireBackendType(backendType string) string {
+	if backendType == udpType {
+		return ""
+	}
+	return backendType
 }

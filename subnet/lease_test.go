@@ -67,3 +67,27 @@ func BenchmarkParseLeaseAttrs(b *testing.B) {
 		})
 	}
 }
+
+// TestLeaseAttrsDualStack: the value shapes flannel v0.28 writes (with and
+// without IPv6) parse, and ours round-trip, leaving PublicIPv6 out when
+// there is none (flannel v0.10 reads it as before).
+func TestLeaseAttrsDualStack(t *testing.T) {
+	a, err := ParseLeaseAttrs([]byte(`{"PublicIP":"10.5.0.4","PublicIPv6":"fc00::4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"},"BackendV6Data":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4f"}}`))
+	if err != nil || a.PublicIPv6.String() != "fc00::4" || string(a.BackendV6Data) != `{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4f"}` {
+		t.Fatalf("dual-stack value: %+v, %v", a, err)
+	}
+	out, err := a.Marshal()
+	if err != nil || string(out) != `{"PublicIP":"10.5.0.4","PublicIPv6":"fc00::4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"},"BackendV6Data":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4f"}}` {
+		t.Errorf("Marshal = %s, %v", out, err)
+	}
+	a, err = ParseLeaseAttrs([]byte(`{"PublicIP":"10.5.0.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}}`))
+	if err != nil || a.PublicIPv6.IsValid() {
+		t.Fatalf("v0.28 value without IPv6: %+v, %v", a, err)
+	}
+	if out, _ := a.Marshal(); string(out) != `{"PublicIP":"10.5.0.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"82:4b:b6:2f:54:4e"}}` {
+		t.Errorf("Marshal without IPv6 = %s", out)
+	}
+	if _, err := ParseLeaseAttrs([]byte(`{"PublicIP":"10.5.0.4","PublicIPv6":"10.0.0.1"}`)); !errors.Is(err, ErrBadLease) {
+		t.Errorf("an IPv4 PublicIPv6 was accepted: %v", err)
+	}
+}

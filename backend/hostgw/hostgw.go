@@ -5,6 +5,14 @@
 //
 // It works only when every node's PublicIP is on a network directly
 // connected to the external interface (one L2 segment).
+//
+// With EnableIPv6 it also routes each remote lease's IPv6 subnet via its
+// PublicIPv6, which must likewise be on an IPv6 network of the external
+// interface:
+//
+//	<remote IPv6 subnet> via <remote PublicIPv6> dev <external interface>
+//
+// IPv6-only (EnableIPv4 false) installs only those.
 package hostgw
 
 import (
@@ -63,13 +71,21 @@ type hostGW struct {
 	nl     netlinkHandle
 	owned  *nlbatch.Handle // opened by the factory, closed by Close
 	log    klog.Logger
-	routes *backend.RouteReconciler
+	// routes keeps the IPv4 routes (nil when the config disables IPv4),
+	// routes6 the IPv6 ones (nil without EnableIPv6).
+	routes, routes6 *backend.RouteReconciler
 
 	// Reused by each Apply.
-	desired []backend.Route
+	desired, desired6 []backend.Route
 	// noted holds the leases skipped by the last Apply and why, so that a
 	// lease is logged once when it starts being skipped, not on every Apply.
-	noted, skipped map[netip.Prefix]string
+	noted, skipped map[skipKey]string
+}
+
+// skipKey names a lease skipped by one family's routes.
+type skipKey struct {
+	subnet netip.Prefix
+	v6     bool
 }
 
 func newHostGW(opts backend.Options, nl netlinkHandle) (*hostGW, error) {
@@ -79,19 +95,30 @@ func newHostGW(opts backend.Options, nl netlinkHandle) (*hostGW, error) {
 	if opts.Config == nil {
 		return nil, errors.New("no network config given")
 	}
-	return &hostGW{
+	b := &hostGW{
 		ext:     opts.Ext,
 		config:  opts.Config,
 		nl:      nl,
 		log:     opts.Logger,
-		routes:  newReconciler(nl, opts),
-		noted:   map[netip.Prefix]string{},
-		skipped: map[netip.Prefix]string{},
-	}, nil
+		noted:   map[skipKey]string{},
+		skipped: map[skipKey]string{},
+	}
+	// IPv4 unless the config enables only IPv6 (a Config literal that
+	// enables neither means IPv4, as before dual stack).
+	if opts.Config.EnableIPv4 || !opts.Config.EnableIPv6 {
+		b.routes = newReconciler(nl, opts, opts.Config.Network)
+	}
+	if opts.Config.EnableIPv6 {
+		if !opts.Config.IPv6Network.Addr().Is6() {
+			return nil, errors.New("EnableIPv6 is set but IPv6Network is missing")
+		}
+		b.routes6 = newReconciler(nl, opts, opts.Config.IPv6Network)
+	}
+	return b, nil
 }
 
-func newReconciler(nl netlinkHandle, opts backend.Options) *backend.RouteReconciler {
-	r := backend.NewRouteReconciler(nl, opts.Config.Network, opts.Ext.Iface.Index)
+func newReconciler(nl netlinkHandle, opts backend.Options, network netip.Prefix) *backend.RouteReconciler {
+	r := backend.NewRouteReconciler(nl, network, opts.Ext.Iface.Index)
 	r.UseNexthops(opts.Nexthops)
 	return r
 }
@@ -107,12 +134,23 @@ func (b *hostGW) Init(ctx context.Context) (backend.Publish, error) {
 		}
 	}
 	name := b.ext.Iface.Name
-	if !b.ext.IfaceAddr.Is4() {
-		return backend.Publish{}, fmt.Errorf("interface %s has no IPv4 address; host-gw needs one (choose another with --iface)", name)
+	if b.routes != nil {
+		if !b.ext.IfaceAddr.Is4() {
+			return backend.Publish{}, fmt.Errorf("interface %s has no IPv4 address; host-gw needs one (choose another with --iface)", name)
+		}
+		if b.ext.PublicIP != b.ext.IfaceAddr {
+			return backend.Publish{}, fmt.Errorf("%w: --public-ip %s is not %s, the address of %s; drop --public-ip, set it to %s, or use the vxlan backend",
+				ErrPublicIP, b.ext.PublicIP, b.ext.IfaceAddr, name, b.ext.IfaceAddr)
+		}
 	}
-	if b.ext.PublicIP != b.ext.IfaceAddr {
-		return backend.Publish{}, fmt.Errorf("%w: --public-ip %s is not %s, the address of %s; drop --public-ip, set it to %s, or use the vxlan backend",
-			ErrPublicIP, b.ext.PublicIP, b.ext.IfaceAddr, name, b.ext.IfaceAddr)
+	if b.routes6 != nil {
+		if !b.ext.IfaceAddrV6.Is6() || b.ext.IfaceAddrV6.Is4In6() {
+			return backend.Publish{}, fmt.Errorf("EnableIPv6 is set but interface %s has no global IPv6 address; host-gw needs one (%s)", name, b.ext.MissingIPv6())
+		}
+		if b.ext.PublicIPv6 != b.ext.IfaceAddrV6 {
+			return backend.Publish{}, fmt.Errorf("%w: --public-ipv6 %s is not %s, the IPv6 address of %s; drop --public-ipv6, set it to %s, or use the vxlan backend",
+				ErrPublicIP, b.ext.PublicIPv6, b.ext.IfaceAddrV6, name, b.ext.IfaceAddrV6)
+		}
 	}
 	if b.ext.Iface.MTU <= 0 {
 		return backend.Publish{}, fmt.Errorf("interface %s reports MTU %d; host-gw publishes the interface MTU, so it must be positive", name, b.ext.Iface.MTU)
@@ -121,85 +159,123 @@ func (b *hostGW) Init(ctx context.Context) (backend.Publish, error) {
 }
 
 // Apply routes each remote host-gw lease via its PublicIP on the external
-// interface and removes the routes of leases no longer given. A lease that
-// cannot be routed (another backend type, outside Network, a PublicIP not on
-// a directly connected network) is skipped and logged once; it does not stop
-// the others.
+// interface (and, with IPv6, its IPv6 subnet via its PublicIPv6) and removes
+// the routes of leases no longer given. A lease that cannot be routed
+// (another backend type, outside Network, a PublicIP not on a directly
+// connected network) is skipped and logged once; it does not stop the
+// others, and a failure of one family does not stop the other.
 func (b *hostGW) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	connected, err := b.connected()
-	if err != nil {
-		return err
-	}
-
-	b.desired = b.desired[:0]
 	clear(b.skipped)
-	for i := range remote {
-		l := &remote[i]
-		if l.Subnet.Overlaps(own.Subnet) {
-			continue // our own lease is routed locally, never via anyone
+	var errs []error
+	programmed := 0
+	if b.routes != nil {
+		n, err := b.apply(false, own, remote)
+		programmed += n
+		if err != nil {
+			errs = append(errs, err)
 		}
-		if reason := b.check(l, connected); reason != "" {
-			b.skip(l.Subnet, reason)
-			continue
+	}
+	if b.routes6 != nil {
+		n, err := b.apply(true, own, remote)
+		programmed += n
+		if err != nil {
+			errs = append(errs, err)
 		}
-		b.desired = append(b.desired, backend.Route{Dst: l.Subnet, Gw: l.Attrs.PublicIP, LinkIndex: b.ext.Iface.Index})
 	}
 	b.noted, b.skipped = b.skipped, b.noted
-
-	c, err := b.routes.Reconcile(own.Subnet, b.desired)
-	metrics.Programmed.WithLabelValues(Type, "route").Set(float64(len(b.desired) - c.Failed))
-	if c.Any() {
-		b.log.Info("Reconciled host-gw routes", "routes", len(b.desired), "added", c.Added, "updated", c.Updated, "removed", c.Removed, "failed", c.Failed)
-	}
-	if err != nil {
-		return fmt.Errorf("programming host-gw routes: %w", err)
-	}
-	return nil
+	metrics.Programmed.WithLabelValues(Type, "route").Set(float64(programmed))
+	return errors.Join(errs...)
 }
 
-// check returns why lease l cannot be routed, or "".
-func (b *hostGW) check(l *subnet.Lease, connected []netip.Prefix) string {
-	if l.Attrs.BackendType != Type {
-		return fmt.Sprintf("its backend type is %q, not %q", l.Attrs.BackendType, Type)
+// apply reconciles one family's routes and returns how many are in place.
+func (b *hostGW) apply(v6 bool, own subnet.Lease, remote []subnet.Lease) (int, error) {
+	connected, err := b.connected(v6)
+	if err != nil {
+		return 0, err
 	}
-	n := b.config.Network
-	if !ip.Contains(n, l.Subnet) || l.Subnet.Bits() == n.Bits() {
+	desired, routes, ownSubnet, family := &b.desired, b.routes, own.Subnet, "IPv4"
+	if v6 {
+		desired, routes, ownSubnet, family = &b.desired6, b.routes6, own.IPv6Subnet, "IPv6"
+	}
+	*desired = (*desired)[:0]
+	for i := range remote {
+		l := &remote[i]
+		sn, gw := l.Subnet, l.Attrs.PublicIP
+		if v6 {
+			sn, gw = l.IPv6Subnet, l.Attrs.PublicIPv6
+		}
+		if sn.IsValid() && ownSubnet.IsValid() && sn.Overlaps(ownSubnet) {
+			continue // our own lease is routed locally, never via anyone
+		}
+		if reason := b.check(v6, sn, gw, connected); reason != "" {
+			if !sn.IsValid() {
+				sn = l.Subnet // name the lease by what it has
+			}
+			b.skip(skipKey{sn, v6}, reason)
+			continue
+		}
+		*desired = append(*desired, backend.Route{Dst: sn, Gw: gw, LinkIndex: b.ext.Iface.Index})
+	}
+
+	c, err := routes.Reconcile(ownSubnet, *desired)
+	if c.Any() {
+		b.log.Info("Reconciled host-gw routes", "family", family, "routes", len(*desired), "added", c.Added, "updated", c.Updated, "removed", c.Removed, "failed", c.Failed)
+	}
+	if err != nil {
+		return len(*desired) - c.Failed, fmt.Errorf("programming host-gw %s routes: %w", family, err)
+	}
+	return len(*desired), nil
+}
+
+// check returns why a lease's subnet sn cannot be routed via gw, or "".
+func (b *hostGW) check(v6 bool, sn netip.Prefix, gw netip.Addr, connected []netip.Prefix) string {
+	n, own, pubKey, family := b.config.Network, b.ext.IfaceAddr, "PublicIP", "IPv4"
+	if v6 {
+		n, own, pubKey, family = b.config.IPv6Network, b.ext.IfaceAddrV6, "PublicIPv6", "IPv6"
+		if !sn.IsValid() {
+			return "it has no IPv6 subnet"
+		}
+	}
+	if !ip.Contains(n, sn) || sn.Bits() == n.Bits() {
 		return fmt.Sprintf("it is outside Network %s", n)
 	}
-	gw := l.Attrs.PublicIP
-	if !gw.Is4() {
-		return "it has no IPv4 PublicIP"
+	if !gw.IsValid() || gw.Is4() == v6 || gw.Is4In6() {
+		return fmt.Sprintf("it has no %s %s", family, pubKey)
 	}
-	if gw == b.ext.IfaceAddr {
-		return fmt.Sprintf("its PublicIP %s is this node's own address", gw)
+	if gw == own {
+		return fmt.Sprintf("its %s %s is this node's own address", pubKey, gw)
 	}
 	for _, p := range connected {
 		if p.Contains(gw) {
 			return ""
 		}
 	}
-	return fmt.Sprintf("its PublicIP %s is not on a network directly connected to %s (%v); host-gw needs all nodes on one L2 segment, use vxlan otherwise",
-		gw, b.ext.Iface.Name, connected)
+	return fmt.Sprintf("its %s %s is not on a network directly connected to %s (%v); host-gw needs all nodes on one L2 segment, use vxlan otherwise",
+		pubKey, gw, b.ext.Iface.Name, connected)
 }
 
 // skip records that a lease is skipped, logging it if it was not skipped
 // for the same reason by the previous Apply.
-func (b *hostGW) skip(p netip.Prefix, reason string) {
-	b.skipped[p] = reason
-	if b.noted[p] != reason {
-		b.log.Info("Ignoring lease", "subnet", p, "reason", reason)
+func (b *hostGW) skip(k skipKey, reason string) {
+	b.skipped[k] = reason
+	if b.noted[k] != reason {
+		b.log.Info("Ignoring lease", "subnet", k.subnet, "reason", reason)
 	}
 }
 
 // connected returns the networks directly connected to the external
-// interface: the prefixes of its IPv4 addresses (the peer's, for a
-// point-to-point address).
-func (b *hostGW) connected() ([]netip.Prefix, error) {
+// interface: the prefixes of its addresses of one family (the peer's, for a
+// point-to-point address; IPv6 link-local ones excepted).
+func (b *hostGW) connected(v6 bool) ([]netip.Prefix, error) {
 	link := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: b.ext.Iface.Index, Name: b.ext.Iface.Name}}
-	addrs, err := b.nl.AddrList(link, netlink.FAMILY_V4)
+	family, hostBits := netlink.FAMILY_V4, 32
+	if v6 {
+		family, hostBits = netlink.FAMILY_V6, 128
+	}
+	addrs, err := b.nl.AddrList(link, family)
 	if err != nil {
 		return nil, fmt.Errorf("listing the addresses of %s: %w", b.ext.Iface.Name, err)
 	}
@@ -211,10 +287,10 @@ func (b *hostGW) connected() ([]netip.Prefix, error) {
 		}
 		if a.Peer != nil {
 			n = a.Peer // a /32 peer is one reachable host
-		} else if ones, _ := n.Mask.Size(); ones == 32 {
+		} else if ones, _ := n.Mask.Size(); ones == hostBits {
 			continue // a /32 address connects no network
 		}
-		if p, ok := ip.FromIPNet(n); ok {
+		if p, ok := ip.PrefixFromIPNet(n); ok && !p.Addr().IsLinkLocalUnicast() {
 			nets = append(nets, p)
 		}
 	}

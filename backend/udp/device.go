@@ -24,15 +24,22 @@ type tunDevice interface {
 const tunOffset = 16
 
 // createTUN creates the TUN device name in the calling thread's network
-// namespace: IFF_TUN|IFF_NO_PI as flannel, plus IFF_VNET_HDR when offload is
-// true, in which case wireguard-go's tun package enables the TCP (and, where
-// the kernel has them, UDP) segmentation offloads. It sets the MTU. vnet
-// reports whether offloads are on.
+// namespace, or attaches to it when it exists (left by an earlier run):
+// IFF_TUN|IFF_NO_PI as flannel, plus IFF_VNET_HDR when offload is true, in
+// which case wireguard-go's tun package enables the TCP (and, where the
+// kernel has them, UDP) segmentation offloads. The device is made
+// persistent, so that closing it leaves it in place with its address and
+// the routes through it: packets sent to it meanwhile are dropped, and the
+// next run attaches to it again. It sets the MTU. vnet reports whether
+// offloads are on.
 func createTUN(name string, mtu int, offload bool) (dev tun.Device, vnet bool, err error) {
 	if offload {
 		dev, err = openTUN(name, mtu, unix.IFF_VNET_HDR)
 		if err == nil {
 			return dev, true, nil
+		}
+		if errors.Is(err, unix.EBUSY) {
+			return nil, false, err // held by another process: no use retrying
 		}
 		offErr := err
 		dev, err = openTUN(name, mtu, 0)
@@ -58,7 +65,19 @@ func openTUN(name string, mtu int, extra uint16) (tun.Device, error) {
 	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI | extra)
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("creating TUN %s: %w", name, err)
+		return nil, attachError(name, err)
+	}
+	if err := unix.IoctlSetInt(fd, unix.TUNSETPERSIST, 1); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("making TUN %s persistent: %w", name, err)
+	}
+	if extra&unix.IFF_VNET_HDR == 0 {
+		// A device left by a run with offloads keeps them; without the
+		// virtio header its reads would return unsplit super-packets.
+		if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, 0); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("turning off the offloads of TUN %s: %w", name, err)
+		}
 	}
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)
@@ -77,4 +96,17 @@ func openTUN(name string, mtu int, extra uint16) (tun.Device, error) {
 		}
 	}()
 	return dev, nil
+}
+
+// attachError explains a failed TUNSETIFF on name: EBUSY means another
+// process holds the existing device, EINVAL that a device of that name
+// exists but is not a single-queue TUN.
+func attachError(name string, err error) error {
+	switch {
+	case errors.Is(err, unix.EBUSY):
+		return fmt.Errorf("attaching to TUN %s: another process has it open (is another flanneld running?): %w", name, err)
+	case errors.Is(err, unix.EINVAL):
+		return fmt.Errorf("creating TUN %s: a device of that name exists and is not a single-queue TUN; delete it (ip link del %s): %w", name, name, err)
+	}
+	return fmt.Errorf("creating TUN %s: %w", name, err)
 }

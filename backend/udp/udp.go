@@ -82,12 +82,11 @@ type Backend struct {
 
 	path path
 
-	mu      sync.Mutex // guards the fields below
-	dev     tunDevice
-	sock    *sockConn
-	closed  bool
-	wg      sync.WaitGroup
-	ignored map[netip.Prefix]bool // leases of other types, logged once
+	mu     sync.Mutex // guards the fields below
+	dev    tunDevice
+	sock   *sockConn
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // New checks the options and the udp keys of the Backend block. Devices and
@@ -110,7 +109,7 @@ func New(o backend.Options) (*Backend, error) {
 	if mtu < 576 {
 		return nil, fmt.Errorf("udp backend: external interface %s has MTU %d; the overlay needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 576+overhead)
 	}
-	b := &Backend{opts: o, cfg: cfg, log: o.Logger, mtu: mtu, ignored: map[netip.Prefix]bool{}}
+	b := &Backend{opts: o, cfg: cfg, log: o.Logger, mtu: mtu}
 	if o.Netlink != nil {
 		b.nl = o.Netlink
 	} else {
@@ -122,9 +121,9 @@ func New(o backend.Options) (*Backend, error) {
 	return b, nil
 }
 
-// Init creates the TUN flannel0 and the UDP socket on <iface addr>:<Port>,
-// both in the calling thread's network namespace, and starts the packet
-// loops. It publishes MTU = external MTU - 28 and no BackendData.
+// Init creates the TUN flannel0, or attaches to the one an earlier run
+// left, and the UDP socket on <iface addr>:<Port>, both in the calling
+// thread's network namespace, and starts the packet loops. It publishes MTU = external MTU - 28 and no BackendData.
 func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -181,13 +180,6 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 		if l.Subnet == own.Subnet {
 			continue
 		}
-		if l.Attrs.BackendType != TypeName {
-			if !b.ignored[l.Subnet] {
-				b.ignored[l.Subnet] = true
-				b.log.Info("Ignoring a lease of another backend type", "subnet", l.Subnet, "type", l.Attrs.BackendType)
-			}
-			continue
-		}
 		routes = append(routes, route{Subnet: l.Subnet, PublicIP: l.Attrs.PublicIP})
 	}
 	if err := b.configureDevice(own.Subnet); err != nil {
@@ -238,8 +230,9 @@ func (b *Backend) configureDevice(own netip.Prefix) error {
 func (b *Backend) Stats() Stats { return b.path.ctr.snapshot() }
 
 // Close stops the packet loops and closes the socket and the TUN. The TUN
-// is not persistent: closing it removes flannel0 and with it the Network
-// route; a restarted daemon creates both again. Idempotent.
+// is persistent: flannel0 stays, with its address and the Network route
+// through it (packets to it are dropped until a restarted daemon attaches
+// to it again), so a restart does not take the route away. Idempotent.
 func (b *Backend) Close() error {
 	b.mu.Lock()
 	if b.closed {

@@ -12,7 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/backend"
-	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -51,7 +50,7 @@ type backendData struct {
 	VtepMAC string
 }
 
-// neighEntry is an IPv4 neighbour on the VTEP device: the remote subnet's
+// neighEntry is a neighbour on the VTEP device: the remote subnet's
 // first address resolves to the remote VTEP's MAC.
 type neighEntry struct {
 	IP    netip.Addr
@@ -96,13 +95,40 @@ func newDesired() *desired {
 
 // world is what desired computation needs to know about this node.
 type world struct {
-	network  netip.Prefix // Config.Network
+	v6       bool         // the IPv6 overlay: leases' IPv6Subnet, PublicIPv6, BackendV6Data
+	network  netip.Prefix // Config.Network (IPv6Network)
 	own      subnet.Lease // this node's lease
-	vtep     int          // index of flannel.<VNI>
+	vtep     int          // index of flannel.<VNI> (flannel-v6.<VNI>)
 	ext      int          // index of the external interface
 	direct   bool         // DirectRouting is on
 	extNets  []netip.Prefix
 	localIPs []netip.Addr // this node's own addresses (PublicIP, IfaceAddr)
+}
+
+// view is the part of a lease one overlay uses: for IPv4 its Subnet,
+// PublicIP and BackendData, for IPv6 its IPv6Subnet, PublicIPv6 and
+// BackendV6Data.
+func (w *world) view(l *subnet.Lease) (sn netip.Prefix, pub netip.Addr, data json.RawMessage) {
+	if w.v6 {
+		return l.IPv6Subnet, l.Attrs.PublicIPv6, l.Attrs.BackendV6Data
+	}
+	return l.Subnet, l.Attrs.PublicIP, l.Attrs.BackendData
+}
+
+// family names the overlay's address family in log lines.
+func (w *world) family() string {
+	if w.v6 {
+		return "IPv6"
+	}
+	return "IPv4"
+}
+
+// is reports whether a is an address of the overlay's family.
+func (w *world) is(a netip.Addr) bool {
+	if w.v6 {
+		return a.Is6() && !a.Is4In6()
+	}
+	return a.Is4()
 }
 
 // compute fills d with the entries for remote. For a lease tunnelled through
@@ -130,56 +156,65 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		d.order = append(d.order, i)
 	}
 	slices.SortStableFunc(d.order, func(a, b int) int {
-		la, lb := &remote[a], &remote[b]
-		if c := la.Subnet.Addr().Compare(lb.Subnet.Addr()); c != 0 {
+		sa, pa, da := w.view(&remote[a])
+		sb, pb, db := w.view(&remote[b])
+		if c := sa.Addr().Compare(sb.Addr()); c != 0 {
 			return c
 		}
-		if c := cmp.Compare(la.Subnet.Bits(), lb.Subnet.Bits()); c != 0 {
+		if c := cmp.Compare(sa.Bits(), sb.Bits()); c != 0 {
 			return c
 		}
-		if c := la.Attrs.PublicIP.Compare(lb.Attrs.PublicIP); c != 0 {
+		if c := pa.Compare(pb); c != 0 {
 			return c
 		}
-		return bytes.Compare(la.Attrs.BackendData, lb.Attrs.BackendData)
+		return bytes.Compare(da, db)
 	})
 
+	ownSn, _, _ := w.view(&w.own)
+	pubKey, dataKey := "PublicIP", "BackendData"
+	if w.v6 {
+		pubKey, dataKey = "PublicIPv6", "BackendV6Data"
+	}
 	// Sorted by first address, a subnet overlaps an accepted one exactly when
 	// it starts at or before the furthest end accepted so far.
 	var last netip.Prefix // the accepted subnet that ends furthest
-	var lastEnd uint32
+	var lastEnd netip.Addr
 	for _, i := range d.order {
 		l := &remote[i]
-		sn := l.Subnet
+		sn, pub, data := w.view(l)
+		if !sn.IsValid() && w.v6 {
+			sn = l.Subnet // name the lease by what it has
+		}
 		skipf := func(format string, args ...any) {
 			d.skips = append(d.skips, skip{sn, fmt.Sprintf(format, args...)})
 		}
 		switch {
-		case l.Attrs.BackendType != backendType:
-			skipf("backend type is %q, not %q", l.Attrs.BackendType, backendType)
+		case w.v6 && !l.IPv6Subnet.IsValid():
+			skipf("the lease has no IPv6 subnet")
 			continue
-		case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
-			skipf("subnet %s is not an IPv4 subnet", sn)
+		case !sn.IsValid() || !w.is(sn.Addr()) || sn.Masked() != sn:
+			skipf("subnet %s is not an %s subnet", sn, w.family())
 			continue
 		case sn.Bits() <= w.network.Bits() || !w.network.Contains(sn.Addr()):
 			skipf("subnet is not inside Network %s", w.network)
 			continue
-		case w.own.Subnet.IsValid() && sn.Overlaps(w.own.Subnet):
-			skipf("subnet overlaps this node's lease %s", w.own.Subnet)
+		case ownSn.IsValid() && sn.Overlaps(ownSn):
+			skipf("subnet overlaps this node's lease %s", ownSn)
 			continue
-		case last.IsValid() && ip.Uint32(sn.Addr()) <= lastEnd:
+		case last.IsValid() && sn.Addr().Compare(lastEnd) <= 0:
 			skipf("subnet overlaps the lease %s", last)
 			continue
-		case !l.Attrs.PublicIP.IsValid():
-			skipf("PublicIP is missing")
+		case !pub.IsValid():
+			skipf("%s is missing", pubKey)
 			continue
-		case !l.Attrs.PublicIP.Is4():
-			skipf("PublicIP %s is not an IPv4 address", l.Attrs.PublicIP)
+		case !w.is(pub):
+			skipf("%s %s is not an %s address", pubKey, pub, w.family())
 			continue
-		case slices.Contains(w.localIPs, l.Attrs.PublicIP):
-			skipf("PublicIP %s is this node's own address (a stale lease of this node?)", l.Attrs.PublicIP)
+		case slices.Contains(w.localIPs, pub):
+			skipf("%s %s is this node's own address (a stale lease of this node?)", pubKey, pub)
 			continue
 		}
-		mac, err := leaseMAC(l.Attrs.BackendData)
+		mac, err := leaseMAC(dataKey, data)
 		if err != nil {
 			skipf("%v", err)
 			continue
@@ -189,25 +224,45 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 			continue
 		}
 		d.macOwner[mac] = sn
-		if end := ip.Uint32(sn.Addr()) | (1<<(32-sn.Bits()) - 1); !last.IsValid() || end > lastEnd {
+		if end := lastAddr(sn); !last.IsValid() || end.Compare(lastEnd) > 0 {
 			last, lastEnd = sn, end
 		}
 
-		if w.direct && onNets(w.extNets, l.Attrs.PublicIP) {
-			d.routes = append(d.routes, backend.Route{Dst: sn, Gw: l.Attrs.PublicIP, LinkIndex: w.ext})
+		if w.direct && onNets(w.extNets, pub) {
+			d.routes = append(d.routes, backend.Route{Dst: sn, Gw: pub, LinkIndex: w.ext})
 			continue
 		}
 		gw := sn.Addr()
 		d.neighs[gw] = neighEntry{IP: gw, MAC: mac, State: unix.NUD_PERMANENT}
-		d.fdbs[mac] = fdbEntry{MAC: mac, Dst: l.Attrs.PublicIP, State: unix.NUD_PERMANENT}
+		d.fdbs[mac] = fdbEntry{MAC: mac, Dst: pub, State: unix.NUD_PERMANENT}
 		d.routes = append(d.routes, backend.Route{Dst: sn, Gw: gw, LinkIndex: w.vtep, Onlink: true})
 	}
 }
 
-// leaseMAC extracts the VtepMAC of a lease's BackendData.
-func leaseMAC(data json.RawMessage) (hwAddr, error) {
+// lastAddr is the last address of p.
+func lastAddr(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As16()
+	i := p.Bits()
+	if p.Addr().Is4() {
+		i += 96
+	}
+	for ; i < 128; i++ {
+		if i%8 == 0 {
+			for ; i < 128; i += 8 {
+				a[i/8] = 0xff
+			}
+			break
+		}
+		a[i/8] |= 1 << (7 - i%8)
+	}
+	return netip.AddrFrom16(a).Unmap()
+}
+
+// leaseMAC extracts the VtepMAC of a lease's BackendData (key names it:
+// BackendData or BackendV6Data).
+func leaseMAC(key string, data json.RawMessage) (hwAddr, error) {
 	if isNull(data) {
-		return hwAddr{}, fmt.Errorf("BackendData is missing; a vxlan lease carries {\"VtepMAC\":\"xx:xx:xx:xx:xx:xx\"}")
+		return hwAddr{}, fmt.Errorf("%s is missing; a vxlan lease carries {\"VtepMAC\":\"xx:xx:xx:xx:xx:xx\"}", key)
 	}
 	// The form every node writes, without encoding/json: this runs for
 	// every lease on every Apply.
@@ -220,10 +275,10 @@ func leaseMAC(data json.RawMessage) (hwAddr, error) {
 	}
 	var bd struct{ VtepMAC *string }
 	if err := json.Unmarshal(data, &bd); err != nil {
-		return hwAddr{}, fmt.Errorf("BackendData %s is not a JSON object with a VtepMAC string", compact(data))
+		return hwAddr{}, fmt.Errorf("%s %s is not a JSON object with a VtepMAC string", key, compact(data))
 	}
 	if bd.VtepMAC == nil {
-		return hwAddr{}, fmt.Errorf("BackendData %s has no VtepMAC", compact(data))
+		return hwAddr{}, fmt.Errorf("%s %s has no VtepMAC", key, compact(data))
 	}
 	m, err := parseVtepMAC(*bd.VtepMAC)
 	if err != nil {

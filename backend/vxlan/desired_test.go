@@ -94,8 +94,6 @@ route 10.5.3.0/24 via 10.5.3.0 dev 7 onlink`,
 			base,
 			[]subnet.Lease{
 				vx("10.5.2.0/24", "192.168.8.2", "0e:00:00:00:00:02"),
-				lease("10.5.4.0/24", "192.168.8.4", "host-gw", ""),
-				lease("10.5.5.0/24", "192.168.8.5", "udp", ""),
 				lease("10.5.6.0/24", "192.168.8.6", "vxlan", ""),
 				lease("10.5.7.0/24", "192.168.8.7", "vxlan", `{"Mac":"0e:00:00:00:00:07"}`),
 				lease("10.5.8.0/24", "192.168.8.8", "vxlan", `["0e:00:00:00:00:08"]`),
@@ -131,8 +129,6 @@ skip 10.5.16.0/24: PublicIP is missing
 skip 10.5.17.0/24: PublicIP 2001:db8::1 is not an IPv4 address
 skip 10.5.2.0/24: subnet overlaps the lease 10.5.2.0/24
 skip 10.5.2.128/25: subnet overlaps the lease 10.5.2.0/24
-skip 10.5.4.0/24: backend type is "host-gw", not "vxlan"
-skip 10.5.5.0/24: backend type is "udp", not "vxlan"
 skip 10.5.6.0/24: BackendData is missing; a vxlan lease carries {"VtepMAC":"xx:xx:xx:xx:xx:xx"}
 skip 10.5.7.0/24: BackendData {"Mac":"0e:00:00:00:00:07"} has no VtepMAC
 skip 10.5.8.0/24: BackendData ["0e:00:00:00:00:08"] is not a JSON object with a VtepMAC string
@@ -192,6 +188,109 @@ func TestColonMAC(t *testing.T) {
 		}
 		if ok && !bytes.Equal(got[:], want) {
 			t.Errorf("colonMAC(%q) = %s, net.ParseMAC %s", s, got, want)
+		}
+	}
+}
+
+func vx6(sn6, pub6, mac6 string) subnet.Lease {
+	l := vx("10.5.9.0/24", "192.168.8.9", "0e:00:00:00:00:09")
+	l.IPv6Subnet = netip.MustParsePrefix(sn6)
+	if pub6 != "" {
+		l.Attrs.PublicIPv6 = netip.MustParseAddr(pub6)
+	}
+	if mac6 != "" {
+		l.Attrs.BackendV6Data = json.RawMessage(`{"VNI":1,"VtepMAC":"` + mac6 + `"}`)
+	}
+	return l
+}
+
+// TestDesiredComputeIPv6: the IPv6 overlay reads IPv6Subnet, PublicIPv6 and
+// BackendV6Data, with the same admission rules as IPv4.
+func TestDesiredComputeIPv6(t *testing.T) {
+	own := vx6("fc00:5:0:1::/64", "fd5e::1", "0e:00:00:00:06:01")
+	w := world{
+		v6:       true,
+		network:  netip.MustParsePrefix("fc00:5::/48"),
+		own:      own,
+		vtep:     8,
+		ext:      2,
+		localIPs: []netip.Addr{netip.MustParseAddr("fd5e::1")},
+	}
+	direct := w
+	direct.direct = true
+	direct.extNets = []netip.Prefix{netip.MustParsePrefix("fd5e::/64")}
+	noSubnet := vx("10.5.3.0/24", "192.168.8.3", "0e:00:00:00:00:03")
+	overlap := vx6("fc00:5:0:2::/80", "fd5e::5", "0e:00:00:00:06:05")
+	tests := []struct {
+		name   string
+		w      world
+		remote []subnet.Lease
+		want   string
+	}{
+		{"two peers", w, []subnet.Lease{
+			vx6("fc00:5:0:2::/64", "fd5e::2", "0e:00:00:00:06:02"),
+			vx6("fc00:5:0:3::/64", "fd99::3", "0e:00:00:00:06:03"),
+		}, `fdb 0e:00:00:00:06:02 self dst fd5e::2 permanent
+fdb 0e:00:00:00:06:03 self dst fd99::3 permanent
+neigh fc00:5:0:2:: lladdr 0e:00:00:00:06:02 nud permanent
+neigh fc00:5:0:3:: lladdr 0e:00:00:00:06:03 nud permanent
+route fc00:5:0:2::/64 via fc00:5:0:2:: dev 8 onlink
+route fc00:5:0:3::/64 via fc00:5:0:3:: dev 8 onlink`},
+		{"direct routing on the shared network only", direct, []subnet.Lease{
+			vx6("fc00:5:0:2::/64", "fd5e::2", "0e:00:00:00:06:02"),
+			vx6("fc00:5:0:3::/64", "fd99::3", "0e:00:00:00:06:03"),
+		}, `fdb 0e:00:00:00:06:03 self dst fd99::3 permanent
+neigh fc00:5:0:3:: lladdr 0e:00:00:00:06:03 nud permanent
+route fc00:5:0:2::/64 via fd5e::2 dev 2
+route fc00:5:0:3::/64 via fc00:5:0:3:: dev 8 onlink`},
+		{"unusable leases", w, []subnet.Lease{
+			noSubnet,
+			vx6("fc00:5:0:4::/64", "", "0e:00:00:00:06:04"),
+			vx6("fc00:5:0:5::/64", "fd5e::5", ""),
+			vx6("fc00:6::/64", "fd5e::6", "0e:00:00:00:06:06"),
+			vx6("fc00:5:0:1::/64", "fd5e::7", "0e:00:00:00:06:07"),
+			vx6("fc00:5:0:8::/64", "fd5e::1", "0e:00:00:00:06:08"),
+			vx6("fc00:5:0:9::/64", "10.0.0.9", "0e:00:00:00:06:09"),
+			vx6("fc00:5:0:2::/64", "fd5e::2", "0e:00:00:00:06:02"),
+			overlap,
+		}, `fdb 0e:00:00:00:06:02 self dst fd5e::2 permanent
+neigh fc00:5:0:2:: lladdr 0e:00:00:00:06:02 nud permanent
+route fc00:5:0:2::/64 via fc00:5:0:2:: dev 8 onlink
+skip 10.5.3.0/24: the lease has no IPv6 subnet
+skip fc00:5:0:1::/64: subnet overlaps this node's lease fc00:5:0:1::/64
+skip fc00:5:0:2::/80: subnet overlaps the lease fc00:5:0:2::/64
+skip fc00:5:0:4::/64: PublicIPv6 is missing
+skip fc00:5:0:5::/64: BackendV6Data is missing; a vxlan lease carries {"VtepMAC":"xx:xx:xx:xx:xx:xx"}
+skip fc00:5:0:8::/64: PublicIPv6 fd5e::1 is this node's own address (a stale lease of this node?)
+skip fc00:5:0:9::/64: PublicIPv6 10.0.0.9 is not an IPv6 address
+skip fc00:6::/64: subnet is not inside Network fc00:5::/48`},
+	}
+	d := newDesired()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, rev := range []bool{false, true} {
+				remote := slices.Clone(tt.remote)
+				if rev {
+					slices.Reverse(remote)
+				}
+				d.compute(tt.w, remote)
+				if got := d.render(); got != tt.want {
+					t.Errorf("desired set (reversed %t):\n%s\n\nwant:\n%s", rev, got, tt.want)
+				}
+			}
+		})
+	}
+}
+
+// TestLastAddr checks the end of a prefix for both families.
+func TestLastAddr(t *testing.T) {
+	for p, want := range map[string]string{
+		"10.5.2.0/24": "10.5.2.255", "10.5.0.0/16": "10.5.255.255", "10.5.2.4/30": "10.5.2.7", "10.5.2.4/32": "10.5.2.4",
+		"fc00:5:0:2::/64": "fc00:5:0:2:ffff:ffff:ffff:ffff", "fc00:5::/45": "fc00:5:7:ffff:ffff:ffff:ffff:ffff", "fc00:4::/15": "fc01:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+		"fc00::1/128": "fc00::1", "::/0": "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+	} {
+		if got := lastAddr(netip.MustParsePrefix(p)); got.String() != want {
+			t.Errorf("lastAddr(%s) = %s, want %s", p, got, want)
 		}
 	}
 }

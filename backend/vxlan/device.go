@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -16,8 +17,12 @@ import (
 )
 
 // encapOverhead is what VXLAN over IPv4 adds to each packet: outer IPv4 (20),
-// UDP (8), VXLAN (8) and inner Ethernet (14) headers.
-const encapOverhead = 50
+// UDP (8), VXLAN (8) and inner Ethernet (14) headers; encapOverhead6 the
+// same over IPv6 (a 40-byte outer header).
+const (
+	encapOverhead  = 50
+	encapOverhead6 = 70
+)
 
 // linkNetlink is the part of *netlink.Handle the device code uses.
 type linkNetlink interface {
@@ -32,8 +37,14 @@ type linkNetlink interface {
 	AddrDel(link netlink.Link, addr *netlink.Addr) error
 }
 
-// deviceName is the VTEP device of a VNI, as flannel names it.
-func deviceName(vni int) string { return "flannel." + strconv.Itoa(vni) }
+// deviceName is the VTEP device of a VNI, as flannel names it:
+// flannel.<VNI> for IPv4, flannel-v6.<VNI> for IPv6.
+func deviceName(vni int, v6 bool) string {
+	if v6 {
+		return "flannel-v6." + strconv.Itoa(vni)
+	}
+	return "flannel." + strconv.Itoa(vni)
+}
 
 // deviceSpec is the VTEP device as WIRE.md describes it.
 type deviceSpec struct {
@@ -59,7 +70,7 @@ func (s deviceSpec) mismatch(l netlink.Link) string {
 			why = append(why, fmt.Sprintf(format, args...))
 		}
 	}
-	local, _ := ip.FromIP(v.SrcAddr)
+	local, _ := ip.AddrFromIP(v.SrcAddr)
 	check(v.VxlanId == s.VNI, "VNI %d, want %d", v.VxlanId, s.VNI)
 	check(local == s.Local, "local %s, want %s", v.SrcAddr, s.Local)
 	check(v.VtepDevIndex == s.ExtIndex, "dev index %d, want %d", v.VtepDevIndex, s.ExtIndex)
@@ -165,18 +176,24 @@ func randomMAC() (hwAddr, error) {
 	return m, nil
 }
 
-// ensureAddress gives dev exactly one IPv4 address, a/32, adding it before
-// removing any other (a previous lease's address).
+// ensureAddress gives dev exactly one address of a's family, a/32 (a/128),
+// adding it before removing any other (a previous lease's address). IPv6
+// link-local addresses are the kernel's and left alone.
 func ensureAddress(nl linkNetlink, dev netlink.Link, a netip.Addr) error {
 	name := dev.Attrs().Name
-	have, err := nl.AddrList(dev, netlink.FAMILY_V4)
+	family, bits := netlink.FAMILY_V4, 32
+	if !a.Is4() {
+		family, bits = netlink.FAMILY_V6, 128
+	}
+	have, err := nl.AddrList(dev, family)
 	if err != nil {
 		return fmt.Errorf("listing addresses of %s: %w", name, err)
 	}
-	want := ip.HostNet(a, 32)
+	have = slices.DeleteFunc(have, func(h netlink.Addr) bool { return h.IPNet == nil || h.IP.IsLinkLocalUnicast() })
+	want := ip.HostNet(a, bits)
 	found := false
 	for _, h := range have {
-		if h.IPNet != nil && h.IPNet.String() == want.String() {
+		if h.IPNet.String() == want.String() {
 			found = true
 		}
 	}
@@ -187,7 +204,7 @@ func ensureAddress(nl linkNetlink, dev netlink.Link, a netip.Addr) error {
 	}
 	for i := range have {
 		h := &have[i]
-		if h.IPNet == nil || h.IPNet.String() == want.String() {
+		if h.IPNet.String() == want.String() {
 			continue
 		}
 		if err := nl.AddrDel(dev, h); err != nil && !isNotFound(err) {

@@ -66,23 +66,25 @@ func dumpNeigh(nl neighNetlink, family uint8, link int, start func(), fn func(*n
 	return nil
 }
 
-// neighTable is the IPv4 neighbour table of the VTEP device, as far as the
+// neighTable is the neighbour table (of family: AF_INET or AF_INET6) of the
+// VTEP device, as far as the
 // backend owns it: every permanent entry (nobody but this backend adds
 // those on flannel.<VNI>), plus whatever entry the kernel holds for a
 // desired IP, so that a resolved or failed entry there is made permanent.
 // Entries the kernel manages for other IPs are left to it.
 type neighTable struct {
-	nl   neighNetlink
-	link int
-	have map[netip.Addr]neighEntry
-	buf  []nlbatch.Neigh
+	nl     neighNetlink
+	link   int
+	family uint8
+	have   map[netip.Addr]neighEntry
+	buf    []nlbatch.Neigh
 }
 
 // load reads the table; want is the desired set.
 func (t *neighTable) load(want map[netip.Addr]neighEntry) error {
-	err := dumpNeigh(t.nl, unix.AF_INET, t.link, func() { clear(t.have) }, func(n *nlbatch.NeighEntry) {
+	err := dumpNeigh(t.nl, t.family, t.link, func() { clear(t.have) }, func(n *nlbatch.NeighEntry) {
 		a := n.IP
-		if !a.Is4() {
+		if a.Is4() != (t.family == unix.AF_INET) {
 			return
 		}
 		if _, desired := want[a]; !desired && n.State&unix.NUD_PERMANENT == 0 {
@@ -102,7 +104,7 @@ func (t *neighTable) load(want map[netip.Addr]neighEntry) error {
 
 // entry is e as written to the kernel: permanent, unicast.
 func (t *neighTable) entry(e neighEntry) nlbatch.Neigh {
-	return nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_INET, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: e.IP, MAC: e.MAC}
+	return nlbatch.Neigh{LinkIndex: t.link, Family: t.family, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: e.IP, MAC: e.MAC}
 }
 
 // setAll sets each entry; errs[i] receives the result of es[i].
@@ -115,7 +117,7 @@ func (t *neighTable) setAll(es []neighEntry, errs []error) {
 // delAll deletes each entry (by IP); one already gone counts as deleted.
 func (t *neighTable) delAll(es []neighEntry, errs []error) {
 	byIP := func(e neighEntry) nlbatch.Neigh {
-		return nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_INET, IP: e.IP}
+		return nlbatch.Neigh{LinkIndex: t.link, Family: t.family, IP: e.IP}
 	}
 	writeAll(&t.buf, es, errs, byIP, t.nl.DeleteNeighs, true, func(e neighEntry, err error) error {
 		return fmt.Errorf("deleting neighbour %s: %w", e.IP, err)
@@ -123,7 +125,7 @@ func (t *neighTable) delAll(es []neighEntry, errs []error) {
 }
 
 func (t *neighTable) del(_ netip.Addr, e neighEntry) error {
-	err := t.nl.NeighDel(&netlink.Neigh{LinkIndex: t.link, Family: unix.AF_INET, IP: ip.IP(e.IP)})
+	err := t.nl.NeighDel(&netlink.Neigh{LinkIndex: t.link, Family: int(t.family), IP: ip.IP(e.IP)})
 	if err != nil && !isNotFound(err) {
 		return fmt.Errorf("deleting neighbour %s: %w", e.IP, err)
 	}

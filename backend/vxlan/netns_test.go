@@ -41,7 +41,9 @@ type host struct {
 	h    *nlbatch.Handle
 	ext  *net.Interface
 	addr netip.Addr // the external address, 10.250.9.N
-	logs *logLines
+	// addr6 is the external IPv6 address, fd5e::N (newDualPair only).
+	addr6 netip.Addr
+	logs  *logLines
 }
 
 func needRoot(tb testing.TB) {

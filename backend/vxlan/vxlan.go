@@ -17,6 +17,16 @@
 // interface's addresses gets only `<subnet> via <PublicIP> dev <ext>`, and no
 // neighbour or fdb entry, as in flannel v0.10; entries left from when it was
 // tunnelled are removed.
+//
+// With EnableIPv6 (flannel v0.28's dual stack) the same is done a second
+// time over IPv6: a device flannel-v6.<VNI> whose local address is the
+// external interface's IPv6 address (MTU external − 70), its MAC published
+// as BackendV6Data, and per remote lease with an IPv6Subnet, a PublicIPv6 and
+// a BackendV6Data: neighbour <IPv6 subnet IP> → VtepMAC, fdb VtepMAC → PublicIPv6,
+// route <IPv6 subnet> via <IPv6 subnet IP> onlink. It owns on that device and
+// in the IPv6 main table what the IPv4 overlay owns on its own (IPv6
+// link-local addresses excepted). IPv6-only (EnableIPv4 false) has only
+// flannel-v6.<VNI>.
 package vxlan
 
 import (
@@ -24,9 +34,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
@@ -53,21 +65,42 @@ type kernel interface {
 	routeNetlink
 }
 
-// vxlanBackend is the vxlan backend. Use it from one goroutine at a time.
+// vxlanBackend is the vxlan backend: an IPv4 overlay (the embedded plane,
+// on flannel.<VNI>) and, with EnableIPv6, an IPv6 one (flannel-v6.<VNI>).
+// Use it from one goroutine at a time.
 type vxlanBackend struct {
-	cfg     config
-	network netip.Prefix
-	ext     backend.ExternalInterface
-	spec    deviceSpec
-	nl      kernel
-	owned   *nlbatch.Handle // the handle New opened, closed by Close; nil if given
-	log     klog.Logger
-	// nexthops: routes go through nexthop objects (Options.Nexthops).
-	nexthops bool
+	cfg   config
+	nl    kernel
+	owned *nlbatch.Handle // the handle New opened, closed by Close; nil if given
+	log   klog.Logger
 
 	closed bool
-	dev    *netlink.Vxlan // the device as last ensured; nil before Init
-	mac    hwAddr         // the published VTEP MAC
+
+	// plane is the IPv4 overlay; it is used only when v4 is set.
+	plane
+	v4 bool
+	// v6 is the IPv6 overlay, nil when the config does not enable IPv6.
+	v6 *plane
+}
+
+// plane is one address family's overlay: its VTEP device and the
+// neighbours, fdb entries and routes of the remote leases' subnets of that
+// family.
+type plane struct {
+	v6       bool
+	network  netip.Prefix // Network or IPv6Network
+	spec     deviceSpec
+	nl       kernel
+	log      klog.Logger
+	direct   bool // DirectRouting
+	nexthops bool // routes go through nexthop objects (Options.Nexthops)
+	// localIPs are this node's own addresses of the family (IfaceAddr,
+	// PublicIP): a lease that names one is a stale lease of this node.
+	localIPs []netip.Addr
+	extName  string
+
+	dev *netlink.Vxlan // the device as last ensured; nil before Init
+	mac hwAddr         // the published VTEP MAC
 
 	routes    *backend.RouteReconciler
 	routeLink int // the device index routes was built for
@@ -108,6 +141,10 @@ type ignored struct {
 // opens a netlink socket if none is given; it changes nothing in the kernel.
 // Every config error names the key, the value and the rule
 // and wraps subnet.ErrInvalidConfig.
+//
+// The IPv4 overlay is on when the config enables IPv4 (or enables neither
+// family, as a Config literal of a test does); the IPv6 one when it enables
+// IPv6.
 func newBackend(o backend.Options) (*vxlanBackend, error) {
 	if o.Config == nil {
 		return nil, errors.New("vxlan backend: no network config given")
@@ -119,12 +156,22 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 	if o.Ext.Iface == nil || o.Ext.Iface.Index <= 0 {
 		return nil, errors.New("vxlan backend: no external interface given")
 	}
-	if !o.Ext.IfaceAddr.Is4() {
+	v4, v6 := o.Config.EnableIPv4 || !o.Config.EnableIPv6, o.Config.EnableIPv6
+	if v4 && !o.Ext.IfaceAddr.Is4() {
 		return nil, fmt.Errorf("vxlan backend: external interface %s has no IPv4 address to use as the tunnel endpoint", o.Ext.Iface.Name)
 	}
-	mtu := o.Ext.Iface.MTU - encapOverhead
-	if mtu < 68 {
-		return nil, fmt.Errorf("vxlan backend: external interface %s MTU %d is too small: VXLAN needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 68+encapOverhead)
+	if v6 && (!o.Ext.IfaceAddrV6.Is6() || o.Ext.IfaceAddrV6.Is4In6()) {
+		return nil, fmt.Errorf("vxlan backend: EnableIPv6 is set but external interface %s has no global IPv6 address to use as the tunnel endpoint (%s)", o.Ext.Iface.Name, o.Ext.MissingIPv6())
+	}
+	if v6 && !o.Config.IPv6Network.Addr().Is6() {
+		return nil, errors.New("vxlan backend: EnableIPv6 is set but IPv6Network is missing")
+	}
+	overhead := encapOverhead
+	if v6 {
+		overhead = encapOverhead6
+	}
+	if o.Ext.Iface.MTU-overhead < 68 {
+		return nil, fmt.Errorf("vxlan backend: external interface %s MTU %d is too small: VXLAN needs at least %d", o.Ext.Iface.Name, o.Ext.Iface.MTU, 68+overhead)
 	}
 	var nl kernel = o.Netlink
 	var owned *nlbatch.Handle
@@ -135,35 +182,64 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 		}
 		nl, owned = h, h
 	}
-	b := &vxlanBackend{
-		cfg:     cfg,
-		network: o.Config.Network.Masked(),
-		ext:     o.Ext,
-		spec: deviceSpec{
-			Name:     deviceName(cfg.VNI),
-			VNI:      cfg.VNI,
-			Local:    o.Ext.IfaceAddr,
-			ExtIndex: o.Ext.Iface.Index,
-			Port:     cfg.Port,
-			GBP:      cfg.GBP,
-			MTU:      mtu,
-		},
-		nl:       nl,
-		owned:    owned,
-		nexthops: o.Nexthops,
-		log:      o.Logger,
-		want:     newDesired(),
-		ignore:   map[netip.Prefix]ignored{},
+	b := &vxlanBackend{cfg: cfg, nl: nl, owned: owned, log: o.Logger, v4: v4}
+	newPlane := func(p *plane, v6 bool) {
+		*p = plane{
+			v6:       v6,
+			network:  o.Config.Network.Masked(),
+			nl:       nl,
+			log:      o.Logger,
+			direct:   cfg.DirectRouting,
+			nexthops: o.Nexthops,
+			localIPs: []netip.Addr{o.Ext.IfaceAddr, o.Ext.PublicIP},
+			extName:  o.Ext.Iface.Name,
+			spec: deviceSpec{
+				Name:     deviceName(cfg.VNI, v6),
+				VNI:      cfg.VNI,
+				Local:    o.Ext.IfaceAddr,
+				ExtIndex: o.Ext.Iface.Index,
+				Port:     cfg.Port,
+				GBP:      cfg.GBP,
+				MTU:      o.Ext.Iface.MTU - encapOverhead,
+			},
+			want:     newDesired(),
+			ignore:   map[netip.Prefix]ignored{},
+			halfDone: map[netip.Addr]struct{}{},
+			rec:      routeRecorder{routeNetlink: nl, failed: map[netip.Prefix]struct{}{}},
+		}
+		if v6 {
+			p.network = o.Config.IPv6Network.Masked()
+			p.localIPs = []netip.Addr{o.Ext.IfaceAddrV6, o.Ext.PublicIPv6}
+			p.spec.Local = o.Ext.IfaceAddrV6
+			p.spec.MTU = o.Ext.Iface.MTU - encapOverhead6
+		}
+		p.neighs.have = map[netip.Addr]neighEntry{}
+		p.fdbs.have = map[hwAddr]fdbEntry{}
 	}
-	b.neighs.have = map[netip.Addr]neighEntry{}
-	b.fdbs.have = map[hwAddr]fdbEntry{}
-	b.halfDone = map[netip.Addr]struct{}{}
-	b.rec = routeRecorder{routeNetlink: nl, failed: map[netip.Prefix]struct{}{}}
+	newPlane(&b.plane, false)
+	if v6 {
+		b.v6 = new(plane)
+		newPlane(b.v6, true)
+	}
 	return b, nil
 }
 
-// Init creates flannel.<VNI> or adopts a matching one, and returns its MAC
-// as BackendData {"VtepMAC":"..."} with MTU = external MTU − 50.
+// planes returns the overlays in use, IPv4 first.
+func (b *vxlanBackend) planes() []*plane {
+	ps := make([]*plane, 0, 2)
+	if b.v4 {
+		ps = append(ps, &b.plane)
+	}
+	if b.v6 != nil {
+		ps = append(ps, b.v6)
+	}
+	return ps
+}
+
+// Init creates flannel.<VNI> (and flannel-v6.<VNI> with IPv6) or adopts
+// matching ones, and returns their MACs as BackendData {"VtepMAC":"..."}
+// (and BackendV6Data) with MTU = external MTU − 50 (− 70 over IPv6; the
+// smaller one when both).
 func (b *vxlanBackend) Init(ctx context.Context) (backend.Publish, error) {
 	if b.closed {
 		return backend.Publish{}, ErrClosed
@@ -171,22 +247,33 @@ func (b *vxlanBackend) Init(ctx context.Context) (backend.Publish, error) {
 	if err := ctx.Err(); err != nil {
 		return backend.Publish{}, err
 	}
-	if err := b.ensureDevice(); err != nil {
-		return backend.Publish{}, err
+	var pub backend.Publish
+	for _, p := range b.planes() {
+		if err := p.ensureDevice(); err != nil {
+			return backend.Publish{}, err
+		}
+		data, err := json.Marshal(backendData{VtepMAC: p.mac.String()})
+		if err != nil {
+			return backend.Publish{}, fmt.Errorf("encoding BackendData: %w", err)
+		}
+		if p.v6 {
+			pub.BackendV6Data = data
+		} else {
+			pub.BackendData = data
+		}
+		if pub.MTU == 0 || p.spec.MTU < pub.MTU {
+			pub.MTU = p.spec.MTU
+		}
+		b.log.Info("VXLAN device ready", "device", p.spec.Name, "vni", p.spec.VNI, "vtepMAC", p.mac.String(),
+			"local", p.spec.Local, "dstport", p.spec.Port, "mtu", p.spec.MTU, "directRouting", b.cfg.DirectRouting)
 	}
-	data, err := json.Marshal(backendData{VtepMAC: b.mac.String()})
-	if err != nil {
-		return backend.Publish{}, fmt.Errorf("encoding BackendData: %w", err)
-	}
-	b.log.Info("VXLAN device ready", "device", b.spec.Name, "vni", b.spec.VNI, "vtepMAC", b.mac.String(),
-		"local", b.spec.Local, "dstport", b.spec.Port, "mtu", b.spec.MTU, "directRouting", b.cfg.DirectRouting)
-	return backend.Publish{BackendData: data, MTU: b.spec.MTU}, nil
+	return pub, nil
 }
 
 // ensureDevice makes the device match the spec (recreating it with the same
 // MAC if it went away or was changed) and keeps the route reconciler on its
 // current index.
-func (b *vxlanBackend) ensureDevice() error {
+func (b *plane) ensureDevice() error {
 	dev, replaced, err := ensureDevice(b.nl, b.spec, b.mac)
 	if err != nil {
 		return err
@@ -215,12 +302,16 @@ func (b *vxlanBackend) ensureDevice() error {
 		b.routes.UseNexthops(b.nexthops)
 		b.routeLink = dev.Index
 	}
-	b.neighs.nl, b.neighs.link = b.nl, dev.Index
+	family := uint8(unix.AF_INET)
+	if b.v6 {
+		family = unix.AF_INET6
+	}
+	b.neighs.nl, b.neighs.link, b.neighs.family = b.nl, dev.Index, family
 	b.fdbs.nl, b.fdbs.link = b.nl, dev.Index
 	return nil
 }
 
-func (b *vxlanBackend) setMAC(dev *netlink.Vxlan, mac hwAddr) error {
+func (b *plane) setMAC(dev *netlink.Vxlan, mac hwAddr) error {
 	if err := b.nl.LinkSetHardwareAddr(dev, mac[:]); err != nil {
 		return fmt.Errorf("restoring the MAC of %s from %s to the published %s: %w", b.spec.Name, dev.HardwareAddr, mac, err)
 	}
@@ -229,46 +320,74 @@ func (b *vxlanBackend) setMAC(dev *netlink.Vxlan, mac hwAddr) error {
 	return nil
 }
 
-// Apply brings the device to the own lease (address <subnet IP>/32, up) and
-// makes the neighbour, fdb and route entries exactly those of the vxlan
-// leases in remote. It reads each table once, sets missing or different
+// Apply brings each device to the own lease (address <subnet IP>/32 on
+// flannel.<VNI>, <IPv6 subnet IP>/128 on flannel-v6.<VNI>, up) and makes the
+// neighbour, fdb and route entries exactly those of the vxlan leases in
+// remote, per family. It reads each table once, sets missing or different
 // entries (neighbours, then fdb entries, then routes), removes the entries
 // of leases no longer present (routes, then fdb entries, then neighbours),
 // and, for a lease whose route fails, takes its neighbour and fdb entry out
 // again. A lease that cannot be programmed is left out and logged once; it
-// never fails the call.
+// never fails the call. A failure of one family does not stop the other.
 func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error {
 	if b.closed {
 		return ErrClosed
 	}
-	if b.dev == nil {
+	if (b.v4 && b.dev == nil) || (b.v6 != nil && b.v6.dev == nil) {
 		return errors.New("vxlan backend: Apply called before Init")
 	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if !own.Subnet.Addr().Is4() || !ip.Contains(b.network, own.Subnet) {
+	if b.v4 && (!own.Subnet.Addr().Is4() || !ip.Contains(b.network, own.Subnet)) {
 		return fmt.Errorf("applying vxlan leases: own lease %s is not a subnet of Network %s", own.Subnet, b.network)
 	}
-	if err := b.ensureDevice(); err != nil {
-		return fmt.Errorf("applying vxlan leases: %w", err)
+	if b.v6 != nil && (!own.IPv6Subnet.Addr().Is6() || !ip.Contains(b.v6.network, own.IPv6Subnet)) {
+		return fmt.Errorf("applying vxlan leases: own IPv6 lease %s is not a subnet of IPv6Network %s", own.IPv6Subnet, b.v6.network)
 	}
-	if err := ensureAddress(b.nl, b.dev, own.Subnet.Addr()); err != nil {
-		return fmt.Errorf("applying vxlan leases: %w", err)
+	var errs []error
+	for _, p := range b.planes() {
+		if err := p.apply(own, remote); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("applying vxlan leases: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// apply is Apply for one family; its error names the device.
+func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
+	ownSubnet := own.Subnet
+	if b.v6 {
+		ownSubnet = own.IPv6Subnet
+	}
+	if err := b.ensureDevice(); err != nil {
+		return err
+	}
+	if err := ensureAddress(b.nl, b.dev, ownSubnet.Addr()); err != nil {
+		return err
 	}
 
 	w := world{
+		v6:       b.v6,
 		network:  b.network,
 		own:      own,
 		vtep:     b.dev.Index,
 		ext:      b.spec.ExtIndex,
-		direct:   b.cfg.DirectRouting,
-		localIPs: []netip.Addr{b.ext.IfaceAddr, b.ext.PublicIP, own.Attrs.PublicIP},
+		direct:   b.direct,
+		localIPs: b.localIPs,
 	}
-	if b.cfg.DirectRouting {
+	if b.v6 {
+		w.localIPs = append(w.localIPs[:len(w.localIPs):len(w.localIPs)], own.Attrs.PublicIPv6)
+	} else {
+		w.localIPs = append(w.localIPs[:len(w.localIPs):len(w.localIPs)], own.Attrs.PublicIP)
+	}
+	if b.direct {
 		nets, err := b.extNets()
 		if err != nil {
-			return fmt.Errorf("applying vxlan leases: %w", err)
+			return err
 		}
 		w.extNets = nets
 	}
@@ -283,12 +402,11 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 		}
 	}
 	if err := b.neighs.load(b.want.neighs); err != nil {
-		return fmt.Errorf("applying vxlan leases: %w", err)
+		return err
 	}
 	if err := b.fdbs.load(b.want.fdbs); err != nil {
-		return fmt.Errorf("applying vxlan leases: %w", err)
+		return err
 	}
-
 	// Per lease, WIRE.md's order: neighbour, fdb entry, route; a lease whose
 	// neighbour or fdb entry fails gets no route, and one whose route fails
 	// loses its neighbour and fdb entry again, so that none is left half
@@ -339,7 +457,7 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 		routes = b.routeBuf
 	}
 	clear(b.rec.failed)
-	st.Route, err = b.routes.Reconcile(own.Subnet, routes)
+	st.Route, err = b.routes.Reconcile(ownSubnet, routes)
 	note("programming routes", err)
 	for dst := range b.rec.failed {
 		if _, tunnelled := b.want.neighs[dst.Addr()]; tunnelled {
@@ -372,17 +490,17 @@ func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []sub
 		b.setNeighs, b.setFDBs, b.errs, b.neighs.buf, b.fdbs.buf = nil, nil, nil, nil, nil
 	}
 	if st.Neigh.Any() || st.FDB.Any() || st.Route.Any() {
-		b.log.V(1).Info("Programmed vxlan leases", "leases", len(remote), "routes", len(routes),
+		b.log.V(1).Info("Programmed vxlan leases", "device", b.spec.Name, "leases", len(remote), "routes", len(routes),
 			"neigh", st.Neigh, "fdb", st.FDB, "route", st.Route, "rolledBack", st.RolledBack)
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("applying vxlan leases: %w", errors.Join(errs...))
+		return fmt.Errorf("%s: %w", b.spec.Name, errors.Join(errs...))
 	}
 	return nil
 }
 
 // results returns the reused result slice, n long and cleared.
-func (b *vxlanBackend) results(n int) []error { return backend.Results(&b.errs, n) }
+func (b *plane) results(n int) []error { return backend.Results(&b.errs, n) }
 
 // failedSet turns the set of key k that Diff counted as an add or an update
 // into a failure.
@@ -427,7 +545,7 @@ func firstFailure(errs []error) error {
 
 // rollBack removes the neighbour and fdb entry of each tunnelled lease in
 // halfDone. It returns how many leases it rolled back.
-func (b *vxlanBackend) rollBack(st *stats) int {
+func (b *plane) rollBack(st *stats) int {
 	for gw := range b.halfDone {
 		e := b.want.neighs[gw]
 		if err := b.neighs.del(gw, e); err != nil {
@@ -447,7 +565,7 @@ func (b *vxlanBackend) rollBack(st *stats) int {
 
 // logSkips logs each lease that cannot be programmed once per reason, not on
 // every Apply, and forgets leases that are gone or fixed.
-func (b *vxlanBackend) logSkips() {
+func (b *plane) logSkips() {
 	var gen uint64
 	for _, v := range b.ignore {
 		gen = max(gen, v.gen)
@@ -467,20 +585,22 @@ func (b *vxlanBackend) logSkips() {
 }
 
 // extNets returns the networks the external interface is directly attached
-// to (the prefixes of its IPv4 addresses).
-func (b *vxlanBackend) extNets() ([]netip.Prefix, error) {
-	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: b.spec.ExtIndex, Name: b.ext.Iface.Name}}
-	addrs, err := b.nl.AddrList(link, netlink.FAMILY_V4)
+// to (the prefixes of its addresses of the family; IPv6 link-local ones
+// excepted).
+func (b *plane) extNets() ([]netip.Prefix, error) {
+	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: b.spec.ExtIndex, Name: b.extName}}
+	family := netlink.FAMILY_V4
+	if b.v6 {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := b.nl.AddrList(link, family)
 	if err != nil {
-		return nil, fmt.Errorf("listing addresses of %s: %w", b.ext.Iface.Name, err)
+		return nil, fmt.Errorf("listing addresses of %s: %w", b.extName, err)
 	}
 	var nets []netip.Prefix
 	for _, a := range addrs {
-		if p, ok := ip.FromIPNet(a.IPNet); ok {
-			nets = append(nets, p)
-		}
-		if a.Peer != nil {
-			if p, ok := ip.FromIPNet(a.Peer); ok {
+		for _, n := range []*net.IPNet{a.IPNet, a.Peer} {
+			if p, ok := ip.PrefixFromIPNet(n); ok && !p.Addr().IsLinkLocalUnicast() {
 				nets = append(nets, p)
 			}
 		}

@@ -358,7 +358,7 @@ func TestEntriesDeletedOrChangedByHandAreRestored(t *testing.T) {
 	}
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
@@ -548,7 +548,11 @@ func writeExcept[T any](items []T, errs []error, write func([]T, []error) error,
 // useKernel points every netlink call of be at k.
 func (be *vxlanBackend) useKernel(k kernel) {
 	be.nl = k
-	be.rec.routeNetlink = k
+	for _, p := range be.planes() {
+		p.nl = k
+		p.rec.routeNetlink = k
+		p.neighs.nl, p.fdbs.nl = k, k
+	}
 }
 
 func TestPartialFailureRollsBackTheLease(t *testing.T) {

@@ -2,6 +2,9 @@ package main
 
 import (
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/flanneld-go/flanneld/e2e/lab"
@@ -32,5 +35,77 @@ func TestDemoHostGW(t *testing.T) {
 	bin := lab.BuildDaemon(t)
 	if code := run([]string{"-flanneld", bin, "-backend", "host-gw", "-timeout", "90s"}); code != 0 {
 		t.Fatalf("demo exit code %d, want 0 (see the output above)", code)
+	}
+}
+
+// TestDemoWithoutIptables runs the demo on a PATH without iptables-save,
+// iptables-restore and apt-get (as on a machine that is not Debian, or
+// not root): it stops before creating anything, with one line naming the
+// package and the command that installs it. (With apt-get as root the lab
+// installs the package itself: e2e/lab's TestEnsureInstallsMissing.)
+func TestDemoWithoutIptables(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the demo needs root (it creates network namespaces)")
+	}
+	bin := lab.BuildDaemon(t)
+	dir := t.TempDir()
+	for _, cmd := range []string{"ip", "ping", "ss", "bash"} {
+		if p, err := exec.LookPath(cmd); err == nil {
+			if err := os.Symlink(p, filepath.Join(dir, cmd)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	before := netns(t)
+	t.Setenv("PATH", dir)
+	stderr := captureStderr(t)
+	code := run([]string{"-flanneld", bin, "-timeout", "10s"})
+	out := stderr()
+	if code != 1 {
+		t.Fatalf("demo exit code %d, want 1; output:\n%s", code, out)
+	}
+	if !strings.Contains(out, "iptables") || !strings.Contains(out, "apt-get install") || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+		t.Fatalf("demo output %q, want one line naming the iptables package and apt-get install", out)
+	}
+	if after := netns(t); after != before {
+		t.Fatalf("the demo left namespaces: before %q, after %q", before, after)
+	}
+}
+
+// netns lists the network namespaces, with the PATH of the test.
+func netns(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip netns list: %v: %s", err, out)
+	}
+	return string(out)
+}
+
+// captureStderr sends os.Stderr to a file until the returned function is
+// called, which returns what was written.
+func captureStderr(t *testing.T) func() string {
+	t.Helper()
+	f, err := os.CreateTemp(t.TempDir(), "stderr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := os.Stderr
+	os.Stderr = f
+	restored := false
+	restore := func() {
+		if !restored {
+			os.Stderr = orig
+			restored = true
+		}
+	}
+	t.Cleanup(restore)
+	return func() string {
+		restore()
+		b, err := os.ReadFile(f.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
 	}
 }

@@ -17,6 +17,7 @@ type Host struct {
 	Name       string     // "host1", "host2", ...
 	NS         string     // namespace name, for ip netns exec
 	Addr       netip.Addr // eth0 address on the LAN (the daemon's public IP)
+	Addr6      netip.Addr // eth0 IPv6 address on the LAN (Options.LAN6); invalid without
 	SubnetFile string     // the daemon's --subnet-file
 	// DaemonEnv is added to the environment of the daemons StartDaemon
 	// runs from then on, e.g. NODE_NAME=host1 for --kube-subnet-mgr.
@@ -43,11 +44,14 @@ func (h *Host) Exec(ctx context.Context, argv ...string) (string, error) {
 	return string(out), nil
 }
 
-// Ping sends one ICMP echo from the host to dst, from source address src
-// (an invalid src lets the kernel choose), and reports whether a reply came
-// back within two seconds.
+// Ping sends one ICMP (ICMPv6 for an IPv6 dst) echo from the host to dst,
+// from source address src (an invalid src lets the kernel choose), and
+// reports whether a reply came back within two seconds.
 func (h *Host) Ping(ctx context.Context, src, dst netip.Addr) error {
 	args := []string{"ping", "-n", "-c", "1", "-W", "2"}
+	if dst.Is6() && !dst.Is4In6() {
+		args = append(args, "-6")
+	}
 	if src.IsValid() {
 		args = append(args, "-I", src.String())
 	}
@@ -72,12 +76,20 @@ func (h *Host) WaitPing(ctx context.Context, src, dst netip.Addr) error {
 }
 
 // SetBridgeAddr gives the host's docker0 bridge the address p (e.g.
-// FLANNEL_SUBNET, 10.5.34.1/24), replacing any address it had.
+// FLANNEL_SUBNET, 10.5.34.1/24, or FLANNEL_IPV6_SUBNET), replacing any
+// address of p's family it had (IPv6: any global one); the other family's
+// stay, so a dual-stack host calls it once per family.
 func (h *Host) SetBridgeAddr(p netip.Prefix) error {
-	if err := ipCmd("-n", h.NS, "addr", "flush", "dev", BridgeName); err != nil {
+	if p.Addr().Is4() {
+		if err := ipCmd("-n", h.NS, "-4", "addr", "flush", "dev", BridgeName); err != nil {
+			return err
+		}
+		return ipCmd("-n", h.NS, "addr", "add", p.String(), "dev", BridgeName)
+	}
+	if err := ipCmd("-n", h.NS, "-6", "addr", "flush", "dev", BridgeName, "scope", "global"); err != nil {
 		return err
 	}
-	return ipCmd("-n", h.NS, "addr", "add", p.String(), "dev", BridgeName)
+	return ipCmd("-n", h.NS, "addr", "add", p.String(), "dev", BridgeName, "nodad")
 }
 
 // ReadSubnetEnv reads and parses the host's subnet file.

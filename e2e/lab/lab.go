@@ -8,6 +8,9 @@
 // Layout (defaults): LAN 10.250.0.0/24, etcd at 10.250.0.1:2379 (client)
 // and :2380 (peer) inside the LAN namespace, host i (1-based) at
 // 10.250.0.(10+i)/24 on its eth0, ip_forward=1 in every host namespace.
+// With Options.LAN6 (e.g. fd5e::/64) the LAN is dual stack: the LAN bridge
+// gets the prefix's first address and host i its (10+i)th on eth0, with
+// duplicate address detection off and IPv6 forwarding on in every host.
 package lab
 
 import (
@@ -67,6 +70,11 @@ type Options struct {
 	// LAN is the underlay prefix, IPv4, /24 or shorter (default
 	// 10.250.0.0/24). etcd takes the first address, host i the (10+i)th.
 	LAN netip.Prefix
+	// LAN6, if set, is an IPv6 underlay prefix (/120 or shorter, e.g.
+	// fd5e::/64) on the same LAN: the LAN bridge takes its first address,
+	// host i its (10+i)th (Host.Addr6), so that daemons find a global IPv6
+	// address on eth0. Unset: the LAN is IPv4 only.
+	LAN6 netip.Prefix
 	// NamePrefix starts every namespace name (default "flab"). Names are
 	// <NamePrefix>-<pid>-<n>-lan and <NamePrefix>-<pid>-<n>-host<i>.
 	NamePrefix string
@@ -146,6 +154,10 @@ func New(opts Options) (*Lab, error) {
 		return nil, fmt.Errorf("lab: LAN %s must be an IPv4 prefix of /24 or shorter", opts.LAN)
 	}
 	opts.LAN = opts.LAN.Masked()
+	if opts.LAN6.IsValid() && (!opts.LAN6.Addr().Is6() || opts.LAN6.Addr().Is4In6() || opts.LAN6.Bits() > 120) {
+		return nil, fmt.Errorf("lab: LAN6 %s must be an IPv6 prefix of /120 or shorter, such as fd5e::/64", opts.LAN6)
+	}
+	opts.LAN6 = opts.LAN6.Masked()
 	if opts.NamePrefix == "" {
 		opts.NamePrefix = DefaultNamePrefix
 	}
@@ -165,7 +177,7 @@ func New(opts Options) (*Lab, error) {
 	if opts.Logf == nil {
 		opts.Logf = func(string, ...any) {}
 	}
-	if err := ensureTools(); err != nil {
+	if err := ensureTools(opts.Logf); err != nil {
 		return nil, err
 	}
 
@@ -200,15 +212,26 @@ func (l *Lab) build() error {
 		return err
 	}
 	lanPfx := l.opts.LAN.Bits()
-	for _, args := range [][]string{
+	if err := l.noDAD(l.lanNS); err != nil {
+		return err
+	}
+	lanCmds := [][]string{
 		{"-n", l.lanNS, "link", "set", "lo", "up"},
 		{"-n", l.lanNS, "link", "add", lanBridge, "type", "bridge"},
 		{"-n", l.lanNS, "addr", "add", prefixString(l.etcdAddr, lanPfx), "dev", lanBridge},
-		{"-n", l.lanNS, "link", "set", lanBridge, "up"},
-	} {
+	}
+	if l.opts.LAN6.IsValid() {
+		lanCmds = append(lanCmds, []string{"-n", l.lanNS, "addr", "add", prefixString(l.opts.LAN6.Addr().Next(), l.opts.LAN6.Bits()), "dev", lanBridge, "nodad"})
+	}
+	lanCmds = append(lanCmds, []string{"-n", l.lanNS, "link", "set", lanBridge, "up"})
+	for _, args := range lanCmds {
 		if err := ipCmd(args...); err != nil {
 			return err
 		}
+	}
+	addr6 := l.opts.LAN6.Addr().Next()
+	for range 9 {
+		addr6 = addr6.Next()
 	}
 
 	addr := l.etcdAddr
@@ -226,6 +249,13 @@ func (l *Lab) build() error {
 			Addr: addr,
 			lab:  l,
 		}
+		if l.opts.LAN6.IsValid() {
+			addr6 = addr6.Next()
+			if !l.opts.LAN6.Contains(addr6) {
+				return fmt.Errorf("lab: LAN6 %s has no room for host %d", l.opts.LAN6, i)
+			}
+			h.Addr6 = addr6
+		}
 		h.dir = filepath.Join(l.dir, h.Name)
 		h.SubnetFile = filepath.Join(h.dir, "subnet.env")
 		if err := os.MkdirAll(h.dir, 0o755); err != nil {
@@ -234,23 +264,36 @@ func (l *Lab) build() error {
 		if err := l.addNS(h.NS); err != nil {
 			return err
 		}
+		if err := l.noDAD(h.NS); err != nil {
+			return err
+		}
 		lanEnd := "h" + strconv.Itoa(i)
-		for _, args := range [][]string{
+		cmds := [][]string{
 			{"-n", h.NS, "link", "set", "lo", "up"},
 			// Both ends are created directly in their namespaces.
 			{"link", "add", "name", ExternalIface, "netns", h.NS, "type", "veth", "peer", "name", lanEnd, "netns", l.lanNS},
 			{"-n", l.lanNS, "link", "set", lanEnd, "master", lanBridge, "up"},
 			{"-n", h.NS, "addr", "add", prefixString(addr, lanPfx), "dev", ExternalIface},
-			{"-n", h.NS, "link", "set", ExternalIface, "up"},
-			{"-n", h.NS, "link", "add", BridgeName, "type", "bridge"},
-			{"-n", h.NS, "link", "set", BridgeName, "up"},
-		} {
+		}
+		if h.Addr6.IsValid() {
+			cmds = append(cmds, []string{"-n", h.NS, "addr", "add", prefixString(h.Addr6, l.opts.LAN6.Bits()), "dev", ExternalIface, "nodad"})
+		}
+		cmds = append(cmds,
+			[]string{"-n", h.NS, "link", "set", ExternalIface, "up"},
+			[]string{"-n", h.NS, "link", "add", BridgeName, "type", "bridge"},
+			[]string{"-n", h.NS, "link", "set", BridgeName, "up"},
+		)
+		for _, args := range cmds {
 			if err := ipCmd(args...); err != nil {
 				return err
 			}
 		}
-		if _, err := h.Exec(context.Background(), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
-			return fmt.Errorf("enabling ip_forward on %s: %w", h.Name, err)
+		forward := "echo 1 > /proc/sys/net/ipv4/ip_forward"
+		if h.Addr6.IsValid() {
+			forward += " && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"
+		}
+		if _, err := h.Exec(context.Background(), "sh", "-c", forward); err != nil {
+			return fmt.Errorf("enabling forwarding on %s: %w", h.Name, err)
 		}
 		l.hosts = append(l.hosts, h)
 	}
@@ -268,6 +311,22 @@ func (l *Lab) build() error {
 	l.mu.Unlock()
 	l.opts.Logf("lab %s: %d hosts on %s, etcd %s, built in %v",
 		l.name, len(l.hosts), l.opts.LAN, l.EtcdEndpoint(), time.Since(begin).Round(time.Millisecond))
+	return nil
+}
+
+// noDAD turns IPv6 duplicate address detection off in ns, for the links
+// made after it: their link-local addresses (neighbour discovery speaks from
+// them) are usable at once rather than a second or two later. Only with
+// LAN6.
+func (l *Lab) noDAD(ns string) error {
+	if !l.opts.LAN6.IsValid() {
+		return nil
+	}
+	out, err := exec.Command("ip", "netns", "exec", ns, "sh", "-c",
+		"echo 0 > /proc/sys/net/ipv6/conf/all/accept_dad && echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("turning IPv6 DAD off in %s: %w: %s", ns, err, strings.TrimSpace(string(out)))
+	}
 	return nil
 }
 
@@ -307,6 +366,9 @@ func (l *Lab) Dir() string { return l.dir }
 
 // EtcdPrefix is the etcd prefix passed to the daemons.
 func (l *Lab) EtcdPrefix() string { return l.opts.EtcdPrefix }
+
+// LAN6 is the IPv6 underlay prefix (invalid for an IPv4-only lab).
+func (l *Lab) LAN6() netip.Prefix { return l.opts.LAN6 }
 
 // EtcdAddr is etcd's address on the LAN.
 func (l *Lab) EtcdAddr() netip.Addr { return l.etcdAddr }

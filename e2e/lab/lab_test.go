@@ -407,6 +407,8 @@ func TestNewRejectsBadOptions(t *testing.T) {
 	for name, o := range map[string]Options{
 		"too many hosts": {Hosts: 500},
 		"ipv6 lan":       {LAN: netip.MustParsePrefix("fd00::/64")},
+		"ipv4 lan6":      {LAN6: netip.MustParsePrefix("10.251.0.0/24")},
+		"tiny lan6":      {LAN6: netip.MustParsePrefix("fd5e::/124")},
 		"small lan":      {LAN: netip.MustParsePrefix("10.250.0.0/28")},
 		"bad prefix":     {NamePrefix: "a/b"},
 		"no daemon file": {DaemonPath: "/nonexistent/flanneld"},
@@ -415,5 +417,116 @@ func TestNewRejectsBadOptions(t *testing.T) {
 			l.Close()
 			t.Errorf("%s: New succeeded", name)
 		}
+	}
+}
+
+// TestEnsureInstallsMissing: with iptables-save and iptables-restore
+// missing from PATH, the lab asks the installer for the iptables package
+// (once) and goes on when the commands are there afterwards; when the
+// installer fails, New's error is the installer's.
+func TestEnsureInstallsMissing(t *testing.T) {
+	dir := t.TempDir()
+	for _, tool := range tools {
+		if tool.pkg == "iptables" {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(dir, tool.cmd), []byte("#!/bin/sh\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", dir)
+	var asked [][]string
+	install := func(pkgs []string) error {
+		asked = append(asked, pkgs)
+		for _, cmd := range []string{"iptables-save", "iptables-restore"} {
+			if err := os.WriteFile(filepath.Join(dir, cmd), []byte("#!/bin/sh\n"), 0o755); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	failing := func(pkgs []string) error { return fmt.Errorf("cannot install %v", pkgs) }
+	if err := ensure(failing); err == nil || !strings.Contains(err.Error(), "cannot install [iptables]") {
+		t.Fatalf("ensure with a failing installer: %v, want its error", err)
+	}
+	if err := ensure(install); err != nil {
+		t.Fatalf("ensure: %v", err)
+	}
+	if fmt.Sprint(asked) != "[[iptables]]" {
+		t.Fatalf("installer asked for %v, want [[iptables]]", asked)
+	}
+	if err := ensure(failing); err != nil {
+		t.Fatalf("ensure with everything in place called the installer: %v", err)
+	}
+	if err := ensure(func([]string) error { return nil }); err != nil {
+		t.Fatalf("ensure: %v", err)
+	}
+	if err := os.Remove(filepath.Join(dir, "iptables-save")); err != nil {
+		t.Fatal(err)
+	}
+	if err := ensure(func([]string) error { return nil }); err == nil || !strings.Contains(err.Error(), "iptables, still missing") {
+		t.Fatalf("ensure after an install that did not help: %v, want it to say iptables is still missing", err)
+	}
+}
+
+// TestLabIPv6Underlay: with LAN6 every host has its IPv6 address on eth0
+// (usable at once: no DAD), hosts reach each other and the LAN over IPv6,
+// docker0 takes an address of each family, and nothing appears outside the
+// lab's namespaces.
+func TestLabIPv6Underlay(t *testing.T) {
+	before := map[string]bool{}
+	if os.Geteuid() == 0 {
+		before = rootLinks(t)
+	}
+	l := Start(t, Options{Hosts: 2, LAN6: netip.MustParsePrefix("fd5e::/64")})
+	ctx := ctxFor(t, time.Minute)
+	if got := l.LAN6().String(); got != "fd5e::/64" {
+		t.Errorf("LAN6() = %s", got)
+	}
+	for i, h := range l.Hosts() {
+		if want := netip.MustParseAddr(fmt.Sprintf("fd5e::%x", 11+i)); h.Addr6 != want {
+			t.Errorf("%s Addr6 = %s, want %s", h.Name, h.Addr6, want)
+		}
+		out, err := h.Exec(ctx, "ip", "-6", "-o", "addr", "show", "dev", ExternalIface, "scope", "global")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := h.Addr6.String() + "/64"; !strings.Contains(out, want) || strings.Contains(out, "tentative") {
+			t.Errorf("%s eth0 IPv6 addresses %q, want %s, not tentative", h.Name, out, want)
+		}
+		out, err = h.Exec(ctx, "cat", "/proc/sys/net/ipv6/conf/all/forwarding")
+		if err != nil || strings.TrimSpace(out) != "1" {
+			t.Errorf("%s IPv6 forwarding %q, %v; want 1", h.Name, out, err)
+		}
+	}
+	h1, h2 := l.Host(1), l.Host(2)
+	if err := h1.Ping(ctx, h1.Addr6, h2.Addr6); err != nil {
+		t.Fatalf("ping -6 across the LAN: %v", err)
+	}
+	if err := h2.Ping(ctx, netip.Addr{}, l.LAN6().Addr().Next()); err != nil {
+		t.Errorf("ping -6 the LAN bridge: %v", err)
+	}
+	if err := h1.Ping(ctx, netip.Addr{}, h2.Addr); err != nil {
+		t.Errorf("IPv4 ping across a dual-stack LAN: %v", err)
+	}
+
+	// SetBridgeAddr replaces per family.
+	for _, p := range []string{"10.5.1.1/24", "fc00:5:0:1::1/64", "fc00:5:0:9::1/64"} {
+		if err := h1.SetBridgeAddr(netip.MustParsePrefix(p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := h1.Exec(ctx, "ip", "-o", "addr", "show", "dev", BridgeName, "scope", "global")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "10.5.1.1/24") || !strings.Contains(out, "fc00:5:0:9::1/64") || strings.Contains(out, "fc00:5:0:1::1") {
+		t.Errorf("docker0 addresses:\n%s\nwant 10.5.1.1/24 and fc00:5:0:9::1/64 only", out)
+	}
+
+	// The caller's namespace has neither the links nor the addresses.
+	checkNoLabLinksInRoot(t, before, 2)
+	if out, err := exec.Command("ip", "-6", "-o", "addr", "show").CombinedOutput(); err != nil || strings.Contains(string(out), "fd5e::") {
+		t.Errorf("fd5e:: appeared in the root namespace: %s %v", out, err)
 	}
 }

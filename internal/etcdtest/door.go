@@ -21,8 +21,10 @@ type door struct {
 	dial    func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	mu     sync.Mutex
+	thawed *sync.Cond // signalled when frozen or closed changes
 	conns  map[net.Conn]struct{}
 	closed bool
+	frozen bool // no byte passes, nothing is closed: a partition
 	wg     sync.WaitGroup
 }
 
@@ -40,6 +42,7 @@ func openDoor(nsPath, addr, backendNS, backend string) (*door, error) {
 		return nil, fmt.Errorf("listening on %s for etcd clients: %w", addr, err)
 	}
 	d := &door{ln: ln, backend: backend, dial: DialContextIn(backendNS), conns: map[net.Conn]struct{}{}}
+	d.thawed = sync.NewCond(&d.mu)
 	d.wg.Add(1)
 	go d.serve()
 	return d, nil
@@ -85,6 +88,9 @@ func (d *door) untrack(c net.Conn) {
 func (d *door) relay(c net.Conn) {
 	defer d.wg.Done()
 	defer d.untrack(c)
+	if !d.wait() {
+		return
+	}
 	up, err := d.dial(context.Background(), "tcp", d.backend)
 	if err != nil {
 		return // the client sees its connection closed, as by a dying member
@@ -96,7 +102,7 @@ func (d *door) relay(c net.Conn) {
 	defer d.untrack(up)
 	done := make(chan struct{}, 2)
 	pipe := func(dst, src net.Conn) {
-		_, err := io.Copy(dst, src)
+		err := d.copy(dst, src)
 		if tc, ok := dst.(*net.TCPConn); ok && err == nil {
 			tc.CloseWrite() // pass the half close on
 		} else {
@@ -110,6 +116,46 @@ func (d *door) relay(c net.Conn) {
 	<-done
 }
 
+// copy is io.Copy that holds each chunk while the door is frozen.
+func (d *door) copy(dst, src net.Conn) error {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if !d.wait() {
+				return net.ErrClosed
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// wait blocks while the door is frozen; false once it is closed.
+func (d *door) wait() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for d.frozen && !d.closed {
+		d.thawed.Wait()
+	}
+	return !d.closed
+}
+
+// freeze stops (true) or resumes (false) every byte through the door.
+func (d *door) freeze(on bool) {
+	d.mu.Lock()
+	d.frozen = on
+	d.mu.Unlock()
+	d.thawed.Broadcast()
+}
+
 // close closes the listener and every connection, and waits for the relay
 // goroutines. It is idempotent.
 func (d *door) close() {
@@ -119,6 +165,7 @@ func (d *door) close() {
 		return
 	}
 	d.closed = true
+	d.thawed.Broadcast()
 	d.ln.Close()
 	for c := range d.conns {
 		c.Close()

@@ -460,6 +460,58 @@ func (s *Server) Restart() error {
 	return nil
 }
 
+// Freeze cuts the server off as a network partition does: connections stay
+// open and new ones are accepted, but no byte passes until Thaw (clients
+// wait for their own timeouts). Restart ends it.
+func (s *Server) Freeze() { s.freeze(true) }
+
+// Thaw ends Freeze: the bytes held pass on.
+func (s *Server) Thaw() { s.freeze(false) }
+
+func (s *Server) freeze(on bool) {
+	s.mu.Lock()
+	d := s.door
+	s.mu.Unlock()
+	if d != nil {
+		d.freeze(on)
+	}
+}
+
+// Wipe stops the server, deletes its data and starts it again, empty, on
+// the same address and ports: an etcd whose data was lost and that was
+// started afresh.
+func (s *Server) Wipe() error {
+	s.Stop()
+	if err := os.RemoveAll(s.dataDir()); err != nil {
+		return fmt.Errorf("wiping etcd data: %w", err)
+	}
+	return s.Restart()
+}
+
+// Backup stops the server, copies its data directory to dir (which must
+// not exist) and starts it again: an offline backup.
+func (s *Server) Backup(dir string) error {
+	s.Stop()
+	if err := os.CopyFS(dir, os.DirFS(s.dataDir())); err != nil {
+		return fmt.Errorf("backing up etcd data: %w", err)
+	}
+	return s.Restart()
+}
+
+// RestoreBackup stops the server, replaces its data with the backup Backup
+// wrote to dir and starts it again: the store goes back to the state (and
+// index) it had then, as after etcd's documented disaster recovery.
+func (s *Server) RestoreBackup(dir string) error {
+	s.Stop()
+	if err := os.RemoveAll(s.dataDir()); err != nil {
+		return fmt.Errorf("restoring etcd data: %w", err)
+	}
+	if err := os.CopyFS(s.dataDir(), os.DirFS(dir)); err != nil {
+		return fmt.Errorf("restoring etcd data: %w", err)
+	}
+	return s.Restart()
+}
+
 // Close stops the server and removes its data. It is idempotent.
 func (s *Server) Close() error {
 	s.mu.Lock()

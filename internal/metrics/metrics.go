@@ -39,6 +39,9 @@ var (
 	EtcdErrors = CounterVec{name: ns + "etcd_request_errors_total", labels: []string{"op"}}
 	// WatchResyncs counts full re-lists of the leases (etcd index cleared).
 	WatchResyncs = set.NewCounter(ns + "watch_resyncs_total")
+	// StoreResets counts stores found restored from a backup, wiped or
+	// replaced (index gone back, cluster ID changed) under a watch.
+	StoreResets = set.NewCounter(ns + "store_resets_total")
 	// Leases is the number of valid leases this node knows, its own included.
 	Leases = set.NewGauge(ns+"leases", nil)
 	// Programmed is the number of kernel entries a backend keeps, by backend
@@ -50,7 +53,26 @@ var (
 	ReconcileErrors = set.NewCounter(ns + "reconcile_errors_total")
 	// IPTablesRestores counts chains (re)installed by the iptables keeper.
 	IPTablesRestores = set.NewCounter(ns + "iptables_restores_total")
+	// NetworkConfig is 1 for the state the stored network config was last
+	// seen in and 0 for the others (see NetworkConfigStates).
+	NetworkConfig = GaugeVec{name: ns + "network_config_state", labels: []string{"state"}}
 )
+
+// NetworkConfigStates are the states of the stored network config: current
+// (what the daemon runs on), changed (a restart applies it), missing (the
+// key or file is gone) and invalid (it does not parse).
+var NetworkConfigStates = []string{"current", "changed", "missing", "invalid"}
+
+// SetNetworkConfig makes state the one NetworkConfig state set to 1.
+func SetNetworkConfig(state string) {
+	for _, s := range NetworkConfigStates {
+		v := 0.0
+		if s == state {
+			v = 1
+		}
+		NetworkConfig.WithLabelValues(s).Set(v)
+	}
+}
 
 // CounterVec is a counter per combination of label values.
 type CounterVec struct {

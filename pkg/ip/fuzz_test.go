@@ -42,3 +42,39 @@ func FuzzParseKey(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseLeaseKey checks the dual-stack key codec the same way: no panic,
+// one spelling per lease (LeaseKey gives the input back), one-line errors.
+//
+//	go test -run '^$' -fuzz '^FuzzParseLeaseKey$' -fuzztime 30s ./pkg/ip/
+func FuzzParseLeaseKey(f *testing.F) {
+	for _, s := range []string{
+		"10.5.34.0-24", "10.5.34.0-24&fc00:0:0:22::-64", "0.0.0.0-0&fc00::-48", "0.0.0.0-0",
+		"10.5.34.0-24&fc00:0000::-64", "10.5.34.0-24&fc00::1-64", "10.5.34.0-24&fc00::-129",
+		"10.5.34.0-24&10.5.0.0-16", "10.5.34.0-24&::ffff:10.0.0.0-120", "10.5.34.0-24&", "&fc00::-64",
+		"10.5.34.0-24&fc00::-64&fd00::-64", "10.5.34.0-24&fc00::%eth0-64", "10.5.34.0-24&FC00::-64",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		v4, v6, err := ParseLeaseKey(s)
+		if err != nil {
+			if strings.ContainsAny(err.Error(), "\n\r") {
+				t.Errorf("ParseLeaseKey(%q) error is not one line: %q", s, err)
+			}
+			return
+		}
+		if !v4.IsValid() && !v6.IsValid() {
+			t.Fatalf("ParseLeaseKey(%q) gave no subnet", s)
+		}
+		if v4.IsValid() && (!v4.Addr().Is4() || v4.Masked() != v4) {
+			t.Errorf("ParseLeaseKey(%q) IPv4 part %v", s, v4)
+		}
+		if v6.IsValid() && (!v6.Addr().Is6() || v6.Addr().Is4In6() || v6.Masked() != v6) {
+			t.Errorf("ParseLeaseKey(%q) IPv6 part %v", s, v6)
+		}
+		if got := LeaseKey(v4, v6); got != s {
+			t.Errorf("LeaseKey(ParseLeaseKey(%q)) = %q, want the input back", s, got)
+		}
+	})
+}

@@ -99,24 +99,48 @@ func Contains(outer, inner netip.Prefix) bool {
 	return outer.Bits() <= inner.Bits() && outer.Contains(inner.Addr())
 }
 
-// IPNet converts an IPv4 prefix to the *net.IPNet netlink wants, with a
-// 4-byte IP and mask.
+// IPNet converts a prefix to the *net.IPNet netlink wants, with a 4-byte IP
+// and mask for IPv4 (16-byte for IPv6).
 func IPNet(p netip.Prefix) *net.IPNet {
-	b := p.Addr().As4()
-	return &net.IPNet{IP: net.IP(b[:]), Mask: net.CIDRMask(p.Bits(), 32)}
+	return HostNet(p.Addr(), p.Bits())
 }
 
 // HostNet converts an address with a prefix length (for example an interface
 // address 10.5.34.0/16) to *net.IPNet without clearing host bits.
 func HostNet(a netip.Addr, bits int) *net.IPNet {
-	b := a.As4()
-	return &net.IPNet{IP: net.IP(b[:]), Mask: net.CIDRMask(bits, 32)}
+	nip := IP(a)
+	return &net.IPNet{IP: nip, Mask: net.CIDRMask(bits, 8*len(nip))}
 }
 
-// IP converts an IPv4 address to a 4-byte net.IP.
+// IP converts an address to a net.IP: 4 bytes for IPv4 (and IPv4-mapped),
+// 16 for IPv6.
 func IP(a netip.Addr) net.IP {
-	b := a.As4()
+	if a.Is4() || a.Is4In6() {
+		b := a.As4()
+		return net.IP(b[:])
+	}
+	b := a.As16()
 	return net.IP(b[:])
+}
+
+// AddrFromIP converts a net.IP of either family to a netip.Addr (an IPv4
+// one in its 4-byte form).
+func AddrFromIP(nip net.IP) (netip.Addr, bool) {
+	a, ok := netip.AddrFromSlice(nip)
+	return a.Unmap(), ok
+}
+
+// PrefixFromIPNet converts a *net.IPNet of either family to a masked prefix.
+func PrefixFromIPNet(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := AddrFromIP(n.IP)
+	ones, bits := n.Mask.Size()
+	if !ok || bits != a.BitLen() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, ones).Masked(), true
 }
 
 // FromIP converts a net.IP (4- or 16-byte form) to an IPv4 netip.Addr.
@@ -145,4 +169,55 @@ func FromIPNet(n *net.IPNet) (netip.Prefix, bool) {
 		ones -= 96
 	}
 	return netip.PrefixFrom(a, ones).Masked(), true
+}
+
+// LeaseKey returns the etcd lease key name of a lease: "10.5.34.0-24", or
+// with an IPv6 subnet "10.5.34.0-24&fc00:0:0:22::-64" (flannel's dual-stack
+// form; an IPv6-only lease has "0.0.0.0-0" as its IPv4 part).
+func LeaseKey(v4, v6 netip.Prefix) string {
+	if !v4.IsValid() {
+		v4 = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	}
+	if !v6.IsValid() {
+		return Key(v4)
+	}
+	return Key(v4) + "&" + v6.Addr().String() + "-" + strconv.Itoa(v6.Bits())
+}
+
+// ParseLeaseKey is the inverse of LeaseKey. v6 is invalid for a key without
+// an IPv6 part; v4 is invalid for "0.0.0.0-0" (an IPv6-only lease).
+func ParseLeaseKey(s string) (v4, v6 netip.Prefix, err error) {
+	s4, s6, dual := strings.Cut(s, "&")
+	if v4, err = ParseKey(s4); err != nil {
+		return netip.Prefix{}, netip.Prefix{}, err
+	}
+	if v4.Bits() == 0 {
+		if !v4.Addr().IsUnspecified() || !dual {
+			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: a /0 is no lease", s)
+		}
+		v4 = netip.Prefix{}
+	}
+	if !dual {
+		return v4, netip.Prefix{}, nil
+	}
+	addr, bits, ok := strings.Cut(s6, "-")
+	if !ok {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: want <A.B.C.D>-<len>&<IPv6>-<len>", s)
+	}
+	a, err := ParseAddr6(addr)
+	if err != nil {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: %w", s, err)
+	}
+	if a.String() != addr {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: write the IPv6 address as %s", s, a)
+	}
+	n, err := strconv.Atoi(bits)
+	if err != nil || n < 1 || n > 128 || bits != strconv.Itoa(n) {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: IPv6 prefix length %q is not 1..128", s, bits)
+	}
+	v6 = netip.PrefixFrom(a, n)
+	if v6.Masked() != v6 {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("parsing lease key %q: %s is not the first address of a /%d", s, a, n)
+	}
+	return v4, v6, nil
 }

@@ -10,10 +10,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// RouteEntry is an IPv4 route as a dump reports it, decoded without
+// RouteEntry is an IPv4 or IPv6 route as a dump reports it, decoded without
 // allocating: only what a route reconciler needs.
 type RouteEntry struct {
-	Dst       netip.Prefix // 0.0.0.0/0 for a default route
+	Dst       netip.Prefix // 0.0.0.0/0 (::/0) for a default route
 	Gw        netip.Addr   // invalid if none
 	LinkIndex int
 	Table     int
@@ -36,10 +36,19 @@ const dumpBuf = 64 << 10
 // the dump, every route is still delivered and the error is
 // netlink.ErrDumpInterrupted: the view may be inconsistent.
 func (h *Handle) ListRoutes(fn func(*RouteEntry) bool) error {
+	return h.listRoutes(unix.AF_INET, fn)
+}
+
+// ListRoutes6 is ListRoutes for the IPv6 routes.
+func (h *Handle) ListRoutes6(fn func(*RouteEntry) bool) error {
+	return h.listRoutes(unix.AF_INET6, fn)
+}
+
+func (h *Handle) listRoutes(family uint8, fn func(*RouteEntry) bool) error {
 	var e RouteEntry
 	stop := false
-	err := h.dump(unix.RTM_GETROUTE, []byte{unix.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, func(typ uint16, body []byte) {
-		if typ == unix.RTM_NEWROUTE && !stop && decodeRoute(body, &e) {
+	err := h.dump(unix.RTM_GETROUTE, []byte{family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, func(typ uint16, body []byte) {
+		if typ == unix.RTM_NEWROUTE && !stop && decodeRoute(body, family, &e) {
 			stop = !fn(&e)
 		}
 	})
@@ -165,10 +174,14 @@ func nextAttr(a []byte) (typ uint16, val, rest []byte, ok bool) {
 func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
 
 // decodeRoute fills e from an rtmsg and its attributes; false for anything
-// but a well-formed IPv4 route.
-func decodeRoute(b []byte, e *RouteEntry) bool {
-	if len(b) < unix.SizeofRtMsg || b[0] != unix.AF_INET {
+// but a well-formed route of family (AF_INET or AF_INET6).
+func decodeRoute(b []byte, family uint8, e *RouteEntry) bool {
+	if len(b) < unix.SizeofRtMsg || b[0] != family {
 		return false
+	}
+	alen := 4
+	if family == unix.AF_INET6 {
+		alen = 16
 	}
 	*e = RouteEntry{
 		Tos:      int(b[3]),
@@ -179,10 +192,10 @@ func decodeRoute(b []byte, e *RouteEntry) bool {
 		Flags:    int(binary.NativeEndian.Uint32(b[8:])),
 	}
 	dstLen := int(b[1])
-	if dstLen > 32 {
+	if dstLen > 8*alen {
 		return false
 	}
-	var dst [4]byte
+	var dst [16]byte
 	for a := b[unix.SizeofRtMsg:]; len(a) >= unix.SizeofRtAttr; {
 		t, v, rest, ok := nextAttr(a)
 		if !ok {
@@ -191,13 +204,13 @@ func decodeRoute(b []byte, e *RouteEntry) bool {
 		a = rest
 		switch t {
 		case unix.RTA_DST:
-			if len(v) != 4 {
+			if len(v) != alen {
 				return false
 			}
-			dst = [4]byte(v)
+			copy(dst[:], v)
 		case unix.RTA_GATEWAY:
-			if len(v) == 4 {
-				e.Gw = netip.AddrFrom4([4]byte(v))
+			if len(v) == alen {
+				e.Gw = addrOf(v)
 			}
 		case unix.RTA_OIF:
 			if len(v) == 4 {
@@ -219,8 +232,20 @@ func decodeRoute(b []byte, e *RouteEntry) bool {
 			}
 		}
 	}
-	e.Dst = netip.PrefixFrom(netip.AddrFrom4(dst), dstLen)
+	if alen == 4 {
+		e.Dst = netip.PrefixFrom(netip.AddrFrom4([4]byte(dst[:4])), dstLen)
+	} else {
+		e.Dst = netip.PrefixFrom(netip.AddrFrom16(dst), dstLen)
+	}
 	return true
+}
+
+// addrOf is a 4- or 16-byte address; an IPv4-mapped one stays IPv6.
+func addrOf(v []byte) netip.Addr {
+	if len(v) == 4 {
+		return netip.AddrFrom4([4]byte(v))
+	}
+	return netip.AddrFrom16([16]byte(v))
 }
 
 // RouteEntryOf returns r as a dump of it would report it (vishvananda/netlink
@@ -237,6 +262,9 @@ func RouteEntryOf(r *netlink.Route) RouteEntry {
 		Priority:  r.Priority,
 		Multipath: len(r.MultiPath) > 0,
 		Dst:       netip.PrefixFrom(netip.IPv4Unspecified(), 0),
+	}
+	if r.Family == unix.AF_INET6 {
+		e.Dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 	}
 	if a, ok := netip.AddrFromSlice(r.Gw); ok {
 		e.Gw = a.Unmap()

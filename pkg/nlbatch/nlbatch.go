@@ -105,7 +105,7 @@ func (h *Handle) Close() {
 	h.Handle.Close()
 }
 
-// Route is a unicast IPv4 route in the main table, as rtnetlink takes it:
+// Route is a unicast IPv4 or IPv6 route (the family of Dst) in the main table, as rtnetlink takes it:
 // Dst via Gw on link LinkIndex (with the onlink flag when Onlink), or, with
 // NexthopID set, Dst via that nexthop object (Gw and LinkIndex unused).
 type Route struct {
@@ -121,7 +121,7 @@ type Route struct {
 func (r Route) Netlink() *netlink.Route {
 	nr := &netlink.Route{
 		LinkIndex: r.LinkIndex,
-		Dst:       &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), 32)},
+		Dst:       &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), r.Dst.Addr().BitLen())},
 		Gw:        r.Gw.AsSlice(),
 		Table:     unix.RT_TABLE_MAIN,
 	}
@@ -131,7 +131,7 @@ func (r Route) Netlink() *netlink.Route {
 	return nr
 }
 
-// Nexthop is an IPv4 nexthop object: Gw on link LinkIndex.
+// Nexthop is a nexthop object: Gw (IPv4 or IPv6) on link LinkIndex.
 type Nexthop struct {
 	ID        uint32
 	Gw        netip.Addr
@@ -139,7 +139,7 @@ type Nexthop struct {
 	Onlink    bool
 }
 
-// Neigh is a neighbour (Family AF_INET: IP has lladdr MAC) or an fdb entry
+// Neigh is a neighbour (Family AF_INET or AF_INET6: IP has lladdr MAC) or an fdb entry
 // (Family AF_BRIDGE with NTF_SELF: frames to MAC go to IP, in VNI if not 0).
 type Neigh struct {
 	LinkIndex int
@@ -183,11 +183,10 @@ func (h *Handle) ReplaceNexthops(nhs []Nexthop, errs []error) error {
 		}
 		b := h.begin(unix.RTM_NEWNEXTHOP, unix.NLM_F_CREATE|unix.NLM_F_REPLACE)
 		// struct nhmsg: family, scope, protocol, resvd, flags.
-		b = append(b, unix.AF_INET, unix.RT_SCOPE_UNIVERSE, unix.RTPROT_BOOT, 0)
+		b = append(b, family(n.Gw), unix.RT_SCOPE_UNIVERSE, unix.RTPROT_BOOT, 0)
 		b = binary.NativeEndian.AppendUint32(b, flags)
 		b = attrU32(b, unix.NHA_ID, n.ID)
-		a4 := n.Gw.As4()
-		b = attr(b, unix.NHA_GATEWAY, a4[:])
+		b = attrAddr(b, unix.NHA_GATEWAY, n.Gw)
 		b = attrU32(b, unix.NHA_OIF, uint32(n.LinkIndex))
 		h.end(b)
 	}
@@ -238,15 +237,13 @@ func (h *Handle) route(typ uint16, flags uint16, r *Route) {
 	}
 	// struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope,
 	// type, flags.
-	b = append(b, unix.AF_INET, uint8(r.Dst.Bits()), 0, 0, unix.RT_TABLE_MAIN, proto, scope, rtype)
+	b = append(b, family(r.Dst.Addr()), uint8(r.Dst.Bits()), 0, 0, unix.RT_TABLE_MAIN, proto, scope, rtype)
 	b = binary.NativeEndian.AppendUint32(b, rtFlags)
-	d4 := r.Dst.Addr().As4()
-	b = attr(b, unix.RTA_DST, d4[:])
+	b = attrAddr(b, unix.RTA_DST, r.Dst.Addr())
 	if r.NexthopID != 0 {
 		b = attrU32(b, rtaNHID, r.NexthopID)
 	} else {
-		g4 := r.Gw.As4()
-		b = attr(b, unix.RTA_GATEWAY, g4[:])
+		b = attrAddr(b, unix.RTA_GATEWAY, r.Gw)
 		b = attrU32(b, unix.RTA_OIF, uint32(r.LinkIndex))
 	}
 	h.end(b)
@@ -303,6 +300,24 @@ func attr(b []byte, typ uint16, val []byte) []byte {
 		b = append(b, 0)
 	}
 	return b
+}
+
+// family is AF_INET for an IPv4 address, else AF_INET6.
+func family(a netip.Addr) uint8 {
+	if a.Is4() {
+		return unix.AF_INET
+	}
+	return unix.AF_INET6
+}
+
+// attrAddr appends a as 4 bytes (IPv4) or 16 (IPv6).
+func attrAddr(b []byte, typ uint16, a netip.Addr) []byte {
+	if a.Is4() {
+		a4 := a.As4()
+		return attr(b, typ, a4[:])
+	}
+	a16 := a.As16()
+	return attr(b, typ, a16[:])
 }
 
 func attrU32(b []byte, typ uint16, v uint32) []byte {

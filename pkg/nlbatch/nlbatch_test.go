@@ -449,3 +449,125 @@ func BenchmarkListRoutes(b *testing.B) {
 		}
 	})
 }
+
+// TestRoutes6 writes IPv6 routes (plain, onlink, through an IPv6 nexthop
+// object) and IPv6 neighbours in batches, and ListRoutes6 decodes the table
+// as vishvananda/netlink does; ListRoutes still sees IPv4 routes only.
+func TestRoutes6(t *testing.T) {
+	l := newLab(t)
+	eth0, err := l.h.LinkByIndex(l.eth0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := netlink.ParseAddr("fd5e::1/64")
+	a.Flags = unix.IFA_F_NODAD
+	if err := l.h.AddrAdd(eth0, a); err != nil {
+		t.Fatal(err)
+	}
+	const n = 1500 // several chunks and dump datagrams
+	sub6 := func(i int) netip.Prefix {
+		return netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfc, 0, 0, 5, 0, byte(i >> 8), byte(i)}), 64)
+	}
+	routes := make([]nlbatch.Route, n)
+	for i := range routes {
+		routes[i] = nlbatch.Route{Dst: sub6(i), Gw: netip.MustParseAddr(fmt.Sprintf("fd5e::%x", i+2)), LinkIndex: l.eth0}
+		if i%3 == 0 {
+			routes[i].Gw, routes[i].Onlink = sub6(i).Addr(), true
+		}
+	}
+	errs := make([]error, n)
+	if err := l.h.ReplaceRoutes(routes, errs); err != nil || errors.Join(errs...) != nil {
+		t.Fatal(err, errors.Join(errs...))
+	}
+	if err := l.h.ReplaceNexthops([]nlbatch.Nexthop{{ID: 0xf0000077, Gw: netip.MustParseAddr("fd5e::77"), LinkIndex: l.eth0}}, errs[:1]); err != nil || errs[0] != nil {
+		t.Fatal(err, errs[0])
+	}
+	nhRoute := nlbatch.Route{Dst: netip.MustParsePrefix("fd99::/64"), NexthopID: 0xf0000077}
+	if err := l.h.ReplaceRoutes([]nlbatch.Route{nhRoute}, errs[:1]); err != nil || errs[0] != nil {
+		t.Fatal(err, errs[0])
+	}
+	neighs := []nlbatch.Neigh{{LinkIndex: l.eth0, Family: unix.AF_INET6, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST,
+		IP: netip.MustParseAddr("fd5e::99"), MAC: [6]byte{0x0e, 0, 0, 0, 0, 0x99}}}
+	if err := l.h.SetNeighs(neighs, errs[:1]); err != nil || errs[0] != nil {
+		t.Fatal(err, errs[0])
+	}
+
+	type row struct {
+		gw                  string
+		link, flags, metric int
+	}
+	want := map[string]row{}
+	err = l.h.RouteListFilteredIter(unix.AF_INET6, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
+		if r.Dst != nil && (r.Dst.IP[0] == 0xfc || r.Dst.IP[0] == 0xfd && r.Dst.IP[1] == 0x99) {
+			gw := "invalid IP"
+			if r.Gw != nil {
+				gw = r.Gw.String()
+			}
+			want[r.Dst.String()] = row{gw, r.LinkIndex, r.Flags, r.Priority}
+		}
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]row{}
+	var nh uint32
+	err = l.h.ListRoutes6(func(e *nlbatch.RouteEntry) bool {
+		if !e.Dst.Addr().Is6() {
+			t.Errorf("ListRoutes6 reported %s", e.Dst)
+		}
+		if b := e.Dst.Addr().As16(); e.Table == unix.RT_TABLE_MAIN && (b[0] == 0xfc || b[0] == 0xfd && b[1] == 0x99) {
+			got[e.Dst.String()] = row{e.Gw.String(), e.LinkIndex, e.Flags, e.Priority}
+			if e.Dst == nhRoute.Dst {
+				nh = e.NexthopID
+			}
+		}
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != n+1 || len(want) != n+1 {
+		t.Fatalf("ListRoutes6 saw %d routes, vishvananda/netlink %d; want %d", len(got), len(want), n+1)
+	}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("route %s: ListRoutes6 %+v, vishvananda/netlink %+v", k, got[k], w)
+		}
+	}
+	if nh != 0xf0000077 {
+		t.Errorf("the nexthop route's NexthopID = %#x", nh)
+	}
+	if r1, r0 := got[sub6(1).String()], got[sub6(0).String()]; r1.gw != "fd5e::3" || r1.flags&unix.RTNH_F_ONLINK != 0 ||
+		r0.gw != sub6(0).Addr().String() || r0.flags&unix.RTNH_F_ONLINK == 0 || r0.metric != 1024 {
+		t.Errorf("routes %s %+v, %s %+v; want via fd5e::3, and onlink via the subnet address, metric 1024", sub6(1), r1, sub6(0), r0)
+	}
+	if err := l.h.ListRoutes(func(e *nlbatch.RouteEntry) bool {
+		if !e.Dst.Addr().Is4() {
+			t.Errorf("ListRoutes reported %s", e.Dst)
+		}
+		return true
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var neighSeen bool
+	if err := l.h.ListNeighs(unix.AF_INET6, l.eth0, func(e *nlbatch.NeighEntry) bool {
+		neighSeen = neighSeen || e.IP == neighs[0].IP && e.MAC == neighs[0].MAC && e.State == unix.NUD_PERMANENT
+		return true
+	}); err != nil || !neighSeen {
+		t.Errorf("the IPv6 neighbour was not listed: %v", err)
+	}
+
+	if err := l.h.DeleteRoutes(append(routes, nhRoute), make([]error, n+1)); err != nil {
+		t.Fatal(err)
+	}
+	left := 0
+	if err := l.h.ListRoutes6(func(e *nlbatch.RouteEntry) bool {
+		if b := e.Dst.Addr().As16(); b[0] == 0xfc {
+			left++
+		}
+		return true
+	}); err != nil || left != 0 {
+		t.Errorf("%d routes left after DeleteRoutes, %v", left, err)
+	}
+}

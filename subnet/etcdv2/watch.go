@@ -43,7 +43,14 @@ type watcher struct {
 	logged map[string]uint64
 	// cursor is the etcd index the set is current to.
 	cursor uint64
-	bo     backoff
+	// clusterID is the X-Etcd-Cluster-ID of the store the set was read
+	// from ("" before the first answer).
+	clusterID string
+	// check asks for a look at the store's index and cluster ID before the
+	// next long poll: after a failed request the store may have been
+	// restored from a backup or replaced by an empty one.
+	check bool
+	bo    backoff
 	// failures counts failed requests since etcd last answered.
 	failures int
 }
@@ -81,18 +88,38 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 			continue
 		}
 
+		if w.check {
+			// A short read of the config key: the index and cluster ID of
+			// the answer tell whether the store went back in time. It also
+			// moves the client off a member that hangs without closing.
+			index, clusterID, err := w.m.peek(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				d := w.bo.next()
+				w.logFailure(log, err, "Checking etcd failed; retrying", d)
+				if !sleep(ctx, d) {
+					return ctx.Err()
+				}
+				continue
+			}
+			w.check = false
+			if w.replaced(log, index, clusterID) {
+				needList = true
+				continue
+			}
+		}
+
 		resp, err := w.poll(ctx)
 		if err != nil {
 			switch {
 			case ctx.Err() != nil:
 				return ctx.Err()
 			case errors.Is(err, errPollTimeout):
-				// A long poll with no news. The member may hang without
-				// closing the connection; a short read moves the client
-				// to another member if so. Then watch again.
-				if _, err := w.m.get(ctx, w.m.configKey(), nil); err != nil && etcdCode(err) == 0 && ctx.Err() == nil {
-					log.Error(err, "Checking etcd after a quiet watch failed")
-				}
+				// A long poll with no news: look at the store, then
+				// watch again.
+				w.check = true
 			case etcdCode(err) == client.ErrorCodeEventIndexCleared:
 				// etcd no longer has the events after our cursor: re-list
 				// and send the difference.
@@ -104,12 +131,17 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 					return ctx.Err()
 				}
 			default:
+				w.check = true
 				d := w.bo.next()
 				w.logFailure(log, err, "Watching leases failed; retrying", d)
 				if !sleep(ctx, d) {
 					return ctx.Err()
 				}
 			}
+			continue
+		}
+		if w.replaced(log, resp.Index, resp.ClusterID) {
+			needList = true
 			continue
 		}
 		w.bo.reset()
@@ -146,6 +178,46 @@ func (w *watcher) recovered(log klog.Logger) {
 		log.Info("etcd answers again; watching leases", "failedAttempts", w.failures)
 		w.failures = 0
 	}
+}
+
+// replaced reports whether the store that answered with index and
+// clusterID is not the one the set was read from: its index is below the
+// cursor (restored from an older backup, or wiped and started anew) or its
+// cluster ID changed. The set is then listed again and the difference sent,
+// so that leases written since are followed and a node whose own key is gone
+// writes it again.
+func (w *watcher) replaced(log klog.Logger, index uint64, clusterID string) bool {
+	switch {
+	case w.clusterID != "" && clusterID != "" && clusterID != w.clusterID:
+		log.Error(nil, "etcd's cluster ID changed: the store was replaced; listing the leases again", "was", w.clusterID, "now", clusterID)
+	case index != 0 && index < w.cursor:
+		log.Error(nil, "etcd's index went back: the store was restored from a backup or wiped; listing the leases again", "cursor", w.cursor, "index", index)
+	default:
+		if clusterID != "" {
+			w.clusterID = clusterID
+		}
+		return false
+	}
+	metrics.StoreResets.Inc()
+	return true
+}
+
+// peek reads the config key for the store's index and cluster ID (the
+// latter "" when the key is missing). An answer that is an etcd error other
+// than a missing key (access refused, say) gives index 0: nothing to
+// compare, and no reason to stop watching.
+func (m *Manager) peek(ctx context.Context) (index uint64, clusterID string, err error) {
+	resp, err := m.get(ctx, m.configKey(), nil)
+	var e client.Error
+	switch {
+	case err == nil:
+		return resp.Index, resp.ClusterID, nil
+	case errors.As(err, &e) && e.Code == client.ErrorCodeKeyNotFound:
+		return e.Index, "", nil
+	case etcdCode(err) != 0:
+		return 0, "", nil
+	}
+	return 0, "", err
 }
 
 func send(ctx context.Context, events chan<- []subnet.Event, evs []subnet.Event) error {
@@ -194,6 +266,9 @@ func (w *watcher) list(ctx context.Context) ([]subnet.Event, error) {
 		switch {
 		case err == nil:
 			root, index = resp.Node, resp.Index
+			if resp.ClusterID != "" {
+				w.clusterID = resp.ClusterID
+			}
 		case etcdCode(err) == client.ErrorCodeKeyNotFound:
 			var e client.Error
 			errors.As(err, &e)
