@@ -653,3 +653,122 @@ func TestWatchLeasesAcrossRestart(t *testing.T) {
 		t.Errorf("after the restart: %s, want %s", got, want)
 	}
 }
+
+const dualConf = `{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}}`
+
+func TestAcquireLeaseDualStack(t *testing.T) {
+	f := newFixture(t)
+	writeAtomic(t, f.path, dualConf)
+	m := f.manager(f.cfg, "dual-node")
+	cfg, err := m.GetNetworkConfig(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.createNode("dual-node", "", nil)
+	attrs := vxlanAttrs("192.168.8.70")
+	attrs.PublicIPv6, attrs.BackendV6Data = netip.MustParseAddr("fd00::70"), []byte(`{"VNI":1,"VtepMAC":"26:ad:3e:11:22:34"}`)
+	done := make(chan error, 1)
+	var l *subnet.Lease
+	go func() {
+		var err error
+		l, err = m.AcquireLease(context.Background(), cfg, attrs, netip.Prefix{})
+		done <- err
+	}()
+	waitFor(t, "the wait for the podCIDRs", func() bool { return f.logs.count("Waiting for the node's podCIDR") > 0 })
+	f.updateNode("dual-node", func(n *v1.Node) {
+		n.Spec.PodCIDR, n.Spec.PodCIDRs = "10.5.70.0/24", []string{"10.5.70.0/24", "fc00:0:0:46::/64"}
+	})
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if l.Subnet != netip.MustParsePrefix("10.5.70.0/24") || l.IPv6Subnet != netip.MustParsePrefix("fc00:0:0:46::/64") {
+		t.Errorf("lease = %v and %v, want both podCIDRs", l.Subnet, l.IPv6Subnet)
+	}
+	want := map[string]string{
+		f.key("backend-type"):        "vxlan",
+		f.key("backend-data"):        `{"VNI":1,"VtepMAC":"26:ad:3e:11:22:33"}`,
+		f.key("backend-v6-data"):     `{"VNI":1,"VtepMAC":"26:ad:3e:11:22:34"}`,
+		f.key("public-ip"):           "192.168.8.70",
+		f.key("public-ipv6"):         "fd00::70",
+		f.key("kube-subnet-manager"): "true",
+	}
+	if got := f.ownAnnotations("dual-node"); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("annotations = %v, want exactly %v", got, want)
+	}
+
+	// IPv6 only: no IPv4 annotations.
+	writeAtomic(t, f.path, `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}}`)
+	if cfg, err = m.GetNetworkConfig(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	f.createNode("v6-node", "fc00:0:0:47::/64", nil)
+	m6 := f.manager(f.cfg, "v6-node")
+	attrs.PublicIP, attrs.BackendData = netip.IPv4Unspecified(), nil
+	if l, err = m6.AcquireLease(context.Background(), cfg, attrs, netip.Prefix{}); err != nil {
+		t.Fatal(err)
+	}
+	if l.Subnet.IsValid() || l.IPv6Subnet != netip.MustParsePrefix("fc00:0:0:47::/64") {
+		t.Errorf("IPv6-only lease = %v and %v", l.Subnet, l.IPv6Subnet)
+	}
+	want = map[string]string{
+		f.key("backend-type"):        "vxlan",
+		f.key("backend-v6-data"):     `{"VNI":1,"VtepMAC":"26:ad:3e:11:22:34"}`,
+		f.key("public-ipv6"):         "fd00::70",
+		f.key("kube-subnet-manager"): "true",
+	}
+	if got := f.ownAnnotations("v6-node"); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("IPv6-only annotations = %v, want exactly %v", got, want)
+	}
+
+	f.createNode("v6-out", "fd99::/64", nil)
+	_, err = f.manager(f.cfg, "v6-out").AcquireLease(context.Background(), cfg, attrs, netip.Prefix{})
+	if !errors.Is(err, ErrPodCIDROutsideNetwork) || !strings.Contains(err.Error(), "fd99::/64") || !strings.Contains(err.Error(), "fc00::/48") {
+		t.Errorf("IPv6 podCIDR outside IPv6Network: err = %v", err)
+	}
+}
+
+func TestWatchLeasesDualStack(t *testing.T) {
+	f := newFixture(t)
+	f.createNode("d-a", "", map[string]string{
+		f.key("kube-subnet-manager"): "true",
+		f.key("backend-type"):        "vxlan",
+		f.key("backend-data"):        `{"VtepMAC":"82:4b:b6:2f:54:4e"}`,
+		f.key("backend-v6-data"):     `{"VtepMAC":"82:4b:b6:2f:54:4f"}`,
+		f.key("public-ip"):           "192.168.8.80",
+		f.key("public-ipv6"):         "fd00::80",
+	})
+	f.updateNode("d-a", func(n *v1.Node) {
+		n.Spec.PodCIDR, n.Spec.PodCIDRs = "10.5.80.0/24", []string{"10.5.80.0/24", "fc00:0:0:50::/64"}
+	})
+	f.createNode("d-6", "", map[string]string{
+		f.key("kube-subnet-manager"): "true",
+		f.key("backend-type"):        "vxlan",
+		f.key("backend-v6-data"):     `{"VtepMAC":"82:4b:b6:2f:54:50"}`,
+		f.key("public-ipv6"):         "fd00::81",
+	})
+	f.updateNode("d-6", func(n *v1.Node) { n.Spec.PodCIDR, n.Spec.PodCIDRs = "fc00:0:0:51::/64", []string{"fc00:0:0:51::/64"} })
+	events, _ := startWatch(t, f.manager(f.cfg, "me"))
+	got := map[string]subnet.Lease{}
+	for _, e := range next(t, events) {
+		got[e.Lease.Key().String()] = e.Lease
+	}
+	a, six := got["10.5.80.0/24"], got["fc00:0:0:51::/64"]
+	if len(got) != 2 || a.IPv6Subnet != netip.MustParsePrefix("fc00:0:0:50::/64") || a.Attrs.PublicIPv6 != netip.MustParseAddr("fd00::80") ||
+		string(a.Attrs.BackendV6Data) != `{"VtepMAC":"82:4b:b6:2f:54:4f"}` || a.Attrs.PublicIP != netip.MustParseAddr("192.168.8.80") {
+		t.Errorf("dual-stack lease = %+v (all: %v)", a, got)
+	}
+	if six.Subnet.IsValid() || six.Attrs.PublicIPv6 != netip.MustParseAddr("fd00::81") || six.Attrs.PublicIP != netip.IPv4Unspecified() {
+		t.Errorf("IPv6-only lease = %+v", six)
+	}
+}
+
+// ownAnnotations are node's annotations of the fixture's prefix.
+func (f *fixture) ownAnnotations(node string) map[string]string {
+	got := map[string]string{}
+	for k, v := range f.getNode(node).Annotations {
+		if strings.HasPrefix(k, f.prefix+"/") {
+			got[k] = v
+		}
+	}
+	return got
+}

@@ -128,7 +128,7 @@ func (m *Manager) slimNode(obj any) (any, error) {
 	}
 	slim := &v1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: n.Name, ResourceVersion: n.ResourceVersion},
-		Spec:       v1.NodeSpec{PodCIDR: n.Spec.PodCIDR},
+		Spec:       v1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
 	}
 	for k, v := range n.Annotations {
 		if m.keys.watched(k) {
@@ -202,7 +202,7 @@ func (w *watcher) collect(keys []string) []subnet.Event {
 		switch {
 		case ok && had && sameLease(old, lease):
 		case ok:
-			if had && old.Subnet != lease.Subnet {
+			if had && old.Key() != lease.Key() {
 				batch = append(batch, subnet.Event{Type: subnet.EventRemoved, Lease: old})
 			}
 			w.reported[key] = lease
@@ -216,8 +216,9 @@ func (w *watcher) collect(keys []string) []subnet.Event {
 }
 
 func sameLease(a, b subnet.Lease) bool {
-	return a.Subnet == b.Subnet && a.Attrs.PublicIP == b.Attrs.PublicIP &&
-		a.Attrs.BackendType == b.Attrs.BackendType && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
+	return a.Subnet == b.Subnet && a.IPv6Subnet == b.IPv6Subnet && a.Attrs.PublicIP == b.Attrs.PublicIP &&
+		a.Attrs.PublicIPv6 == b.Attrs.PublicIPv6 && a.Attrs.BackendType == b.Attrs.BackendType &&
+		bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData) && bytes.Equal(a.Attrs.BackendV6Data, b.Attrs.BackendV6Data)
 }
 
 // lease reads a node's lease. A node that is not a lease (no
@@ -225,7 +226,7 @@ func sameLease(a, b subnet.Lease) bool {
 // podCIDR or annotations do not parse is not ok and logged once.
 func (w *watcher) lease(n *v1.Node) (subnet.Lease, bool) {
 	keys := w.m.keys
-	if n.Annotations[keys.subnetManager] != "true" || n.Spec.PodCIDR == "" {
+	if n.Annotations[keys.subnetManager] != "true" || (n.Spec.PodCIDR == "" && len(n.Spec.PodCIDRs) == 0) {
 		delete(w.bad, n.Name)
 		return subnet.Lease{}, false
 	}
@@ -241,23 +242,57 @@ func (w *watcher) lease(n *v1.Node) (subnet.Lease, bool) {
 	return l, true
 }
 
-// parseNodeLease reads the lease of a node that is marked as one.
+// parseNodeLease reads the lease of a node that is marked as one: its IPv4
+// part when it has an IPv4 podCIDR and a public-ip, its IPv6 part when it
+// has an IPv6 podCIDR and a public-ipv6 (as a node publishes the families
+// its config enables). A node with neither is an error.
 func parseNodeLease(keys annotations, n *v1.Node) (subnet.Lease, error) {
-	p, err := netip.ParsePrefix(n.Spec.PodCIDR)
-	if err != nil || !p.Addr().Is4() {
-		return subnet.Lease{}, fmt.Errorf("podCIDR %q is not an IPv4 CIDR", n.Spec.PodCIDR)
+	v4, v6, err := podCIDRs(n)
+	if err != nil {
+		return subnet.Lease{}, err
 	}
-	s := n.Annotations[keys.publicIP]
-	ip, err := netip.ParseAddr(s)
-	if err != nil || !ip.Is4() {
-		return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not an IPv4 address", keys.publicIP, s)
-	}
-	attrs := subnet.LeaseAttrs{PublicIP: ip, BackendType: n.Annotations[keys.backendType]}
-	if d := bytes.TrimSpace([]byte(n.Annotations[keys.backendData])); len(d) > 0 && !bytes.Equal(d, []byte("null")) {
-		if !json.Valid(d) {
-			return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not JSON", keys.backendData, n.Annotations[keys.backendData])
+	l := subnet.Lease{Attrs: subnet.LeaseAttrs{BackendType: n.Annotations[keys.backendType]}}
+	if s, ok := n.Annotations[keys.publicIP]; v4.IsValid() && ok {
+		ip, err := netip.ParseAddr(s)
+		if err != nil || !ip.Is4() {
+			return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not an IPv4 address", keys.publicIP, s)
 		}
-		attrs.BackendData = d
+		if l.Attrs.BackendData, err = backendData(keys.backendData, n.Annotations[keys.backendData]); err != nil {
+			return subnet.Lease{}, err
+		}
+		l.Subnet, l.Attrs.PublicIP = v4, ip
 	}
-	return subnet.Lease{Subnet: p.Masked(), Attrs: attrs}, nil
+	if s, ok := n.Annotations[keys.publicIPv6]; v6.IsValid() && ok {
+		ip, err := netip.ParseAddr(s)
+		if err != nil || !ip.Is6() || ip.Is4In6() {
+			return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not an IPv6 address", keys.publicIPv6, s)
+		}
+		if l.Attrs.BackendV6Data, err = backendData(keys.backendV6Data, n.Annotations[keys.backendV6Data]); err != nil {
+			return subnet.Lease{}, err
+		}
+		l.IPv6Subnet, l.Attrs.PublicIPv6 = v6, ip
+	}
+	if !l.Subnet.IsValid() && !l.IPv6Subnet.IsValid() {
+		if v4.IsValid() || !v6.IsValid() {
+			return subnet.Lease{}, fmt.Errorf("podCIDR %s has no %s annotation", v4, keys.publicIP)
+		}
+		return subnet.Lease{}, fmt.Errorf("IPv6 podCIDR %s has no %s annotation", v6, keys.publicIPv6)
+	}
+	if !l.Subnet.IsValid() {
+		// An IPv6-only lease, as flannel reads it (see subnet.Lease.Key).
+		l.Attrs.PublicIP = netip.IPv4Unspecified()
+	}
+	return l, nil
+}
+
+// backendData is the JSON of a backend-data annotation, nil for none.
+func backendData(key, value string) ([]byte, error) {
+	d := bytes.TrimSpace([]byte(value))
+	if len(d) == 0 || bytes.Equal(d, []byte("null")) {
+		return nil, nil
+	}
+	if !json.Valid(d) {
+		return nil, fmt.Errorf("annotation %s=%q is not JSON", key, value)
+	}
+	return d, nil
 }

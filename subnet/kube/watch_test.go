@@ -8,8 +8,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// TestSlimNode: the informer keeps a node's name, version, podCIDR and the
-// four lease annotations, nothing else.
+// TestSlimNode: the informer keeps a node's name, version, podCIDRs and the
+// lease annotations, nothing else.
 func TestSlimNode(t *testing.T) {
 	keys, err := newAnnotations(DefaultAnnotationPrefix)
 	if err != nil {
@@ -40,7 +40,7 @@ func TestSlimNode(t *testing.T) {
 			"flannel.alpha.coreos.com/public-ip":           "192.168.8.1",
 			"flannel.alpha.coreos.com/kube-subnet-manager": "true",
 		}},
-		Spec: v1.NodeSpec{PodCIDR: "10.5.1.0/24"},
+		Spec: v1.NodeSpec{PodCIDR: "10.5.1.0/24", PodCIDRs: []string{"10.5.1.0/24"}},
 	}
 	if fmt.Sprintf("%+v", got) != fmt.Sprintf("%+v", want) {
 		t.Errorf("slim node =\n%+v\nwant\n%+v", got, want)
