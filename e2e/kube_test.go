@@ -37,7 +37,15 @@ const annotationPrefix = "flannel.alpha.coreos.com/"
 // would. The daemons find their node through NODE_NAME.
 func newKubeLab(t *testing.T, n int, config string) *kubeLab {
 	t.Helper()
-	l := newLab(t, n, "")
+	return newKubeLabWith(t, newLab(t, n, ""), config, func(i int) []netip.Prefix {
+		return []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("10.5.%d.0/24", i))}
+	})
+}
+
+// newKubeLabWith is newKubeLab on the lab l, host i (1-based) getting the
+// podCIDRs podCIDRs(i).
+func newKubeLabWith(t *testing.T, l *lab.Lab, config string, podCIDRs func(i int) []netip.Prefix) *kubeLab {
+	t.Helper()
 	s, err := kubetest.New(kubetest.WithNetNS(filepath.Join("/run/netns", l.LANNamespace()), l.EtcdAddr()))
 	if err != nil {
 		t.Fatal(err)
@@ -65,7 +73,7 @@ func newKubeLab(t *testing.T, n int, config string) *kubeLab {
 	}
 	k.args = []string{"--kube-subnet-mgr", "--kubeconfig-file", kubeconfig, "--net-config-path", conf}
 	for i, h := range l.Hosts() {
-		k.registerNode(t, h, netip.MustParsePrefix(fmt.Sprintf("10.5.%d.0/24", i+1)))
+		k.registerNode(t, h, podCIDRs(i+1)...)
 		h.DaemonEnv = []string{"NODE_NAME=" + h.Name}
 	}
 	return k
@@ -73,7 +81,7 @@ func newKubeLab(t *testing.T, n int, config string) *kubeLab {
 
 // registerNode creates h's Node as a kubelet does (addresses, Ready), then
 // sets its podCIDR as kube-controller-manager does.
-func (k *kubeLab) registerNode(t *testing.T, h *lab.Host, podCIDR netip.Prefix) {
+func (k *kubeLab) registerNode(t *testing.T, h *lab.Host, podCIDRs ...netip.Prefix) {
 	t.Helper()
 	ctx := context.Background()
 	n := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: h.Name, Labels: map[string]string{
@@ -89,7 +97,10 @@ func (k *kubeLab) registerNode(t *testing.T, h *lab.Host, podCIDR netip.Prefix) 
 	if n, err = k.admin.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	n.Spec.PodCIDR, n.Spec.PodCIDRs = podCIDR.String(), []string{podCIDR.String()}
+	for _, p := range podCIDRs {
+		n.Spec.PodCIDRs = append(n.Spec.PodCIDRs, p.String())
+	}
+	n.Spec.PodCIDR = n.Spec.PodCIDRs[0]
 	if _, err := k.admin.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -246,4 +257,58 @@ func TestKubePodName(t *testing.T) {
 	if env := waitEnv(t, h); env.Subnet != netip.MustParsePrefix("10.5.1.1/24") {
 		t.Errorf("FLANNEL_SUBNET = %s, want 10.5.1.1/24 (the podCIDR of %s)", env.Subnet, h.Name)
 	}
+}
+
+// TestKubeDualStack: three dual-stack hosts on vxlan with IPv4 and IPv6
+// podCIDRs; each publishes both families and every overlay address reaches
+// every other over IPv4 and IPv6.
+func TestKubeDualStack(t *testing.T) {
+	t.Parallel()
+	needRoot(t)
+	bin := lab.BuildDaemon(t)
+	l := lab.Start(t, lab.Options{Hosts: 3, DaemonPath: bin, LAN6: netip.MustParsePrefix("fd5e::/64")})
+	t.Cleanup(func() { stopAll(t, l) })
+	k := newKubeLabWith(t, l, `{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}}`,
+		func(i int) []netip.Prefix {
+			return []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("10.5.%d.0/24", i)), netip.MustParsePrefix(fmt.Sprintf("fc00:0:0:%d::/64", i))}
+		})
+	ctx := testCtx(t, converge)
+	hosts := k.Hosts()
+	envs := startAll(t, k.Lab, k.args...)
+	subnets6 := make([]netip.Prefix, len(hosts))
+	for i, h := range hosts {
+		want6 := netip.MustParsePrefix(fmt.Sprintf("fc00:0:0:%d::1/64", i+1))
+		if got := envs[i].Vars["FLANNEL_IPV6_SUBNET"]; got != want6.String() {
+			t.Errorf("%s FLANNEL_IPV6_SUBNET = %q, want %s", h.Name, got, want6)
+		}
+		subnets6[i] = want6
+		n, err := k.admin.CoreV1().Nodes().Get(ctx, h.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n.Annotations[annotationPrefix+"public-ipv6"] != h.Addr6.String() || n.Annotations[annotationPrefix+"backend-v6-data"] == "" {
+			t.Errorf("%s annotations = %v, want public-ipv6 %s and backend-v6-data", h.Name, n.Annotations, h.Addr6)
+		}
+		if err := h.SetBridgeAddr(envs[i].Subnet); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.SetBridgeAddr(want6); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pingAll(t, hosts, envs)
+	pairs := 0
+	for i, from := range hosts {
+		for j := range hosts {
+			if i == j {
+				continue
+			}
+			if err := from.WaitPing(ctx, subnets6[i].Addr(), subnets6[j].Addr()); err != nil {
+				t.Errorf("overlay ping -6 %s -> %s: %v", from.Name, hosts[j].Name, err)
+				continue
+			}
+			pairs++
+		}
+	}
+	t.Logf("overlay IPv6 pings: %d/%d pairs", pairs, len(hosts)*(len(hosts)-1))
 }
