@@ -23,7 +23,9 @@ const DefaultNetConfigPath = "/etc/kube-flannel/net-conf.json"
 // DefaultAnnotationPrefix is flannel's --kube-annotation-prefix default.
 const DefaultAnnotationPrefix = "flannel.alpha.coreos.com"
 
-// ErrPodCIDROutsideNetwork: the node's podCIDR lies outside the configured Network.
+// ErrPodCIDROutsideNetwork: the node's podCIDR lies outside Network (or
+// IPv6Network). Its errors also match subnet.ErrInvalidConfig: the config
+// file and the cluster's --cluster-cidr disagree, which a retry cannot mend.
 var ErrPodCIDROutsideNetwork = errors.New("node podCIDR is outside the network")
 
 // Options configures a Manager.

@@ -321,8 +321,8 @@ func TestAcquireLeasePodCIDROutsideNetwork(t *testing.T) {
 	f.createNode("out-node", "10.6.1.0/24", nil)
 	m := f.manager(f.cfg, "out-node")
 	_, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.11"), netip.Prefix{})
-	if !errors.Is(err, ErrPodCIDROutsideNetwork) {
-		t.Fatalf("err = %v, want ErrPodCIDROutsideNetwork", err)
+	if !errors.Is(err, ErrPodCIDROutsideNetwork) || !errors.Is(err, subnet.ErrInvalidConfig) {
+		t.Fatalf("err = %v, want ErrPodCIDROutsideNetwork and ErrInvalidConfig", err)
 	}
 	for _, s := range []string{"out-node", "10.6.1.0/24", "10.5.0.0/16", f.path, "--cluster-cidr"} {
 		if !strings.Contains(err.Error(), s) {

@@ -34,12 +34,10 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 		return nil, err
 	}
 	if v4.IsValid() && (!cfg.Network.Contains(v4.Addr()) || v4.Bits() < cfg.Network.Bits()) {
-		return nil, fmt.Errorf("%w: node %s has podCIDR %s, outside Network %s of %s; make kube-controller-manager's --cluster-cidr match Network (or fix Network)",
-			ErrPodCIDROutsideNetwork, m.node, v4, cfg.Network, m.path)
+		return nil, m.outside("podCIDR %s, outside Network %s; make kube-controller-manager's --cluster-cidr match Network (or fix Network)", v4, cfg.Network)
 	}
 	if v6.IsValid() && (!cfg.IPv6Network.Contains(v6.Addr()) || v6.Bits() < cfg.IPv6Network.Bits()) {
-		return nil, fmt.Errorf("%w: node %s has IPv6 podCIDR %s, outside IPv6Network %s of %s; make kube-controller-manager's --cluster-cidr match IPv6Network (or fix IPv6Network)",
-			ErrPodCIDROutsideNetwork, m.node, v6, cfg.IPv6Network, m.path)
+		return nil, m.outside("IPv6 podCIDR %s, outside IPv6Network %s; make kube-controller-manager's --cluster-cidr match IPv6Network (or fix IPv6Network)", v6, cfg.IPv6Network)
 	}
 	if v4.IsValid() {
 		if attrs.PublicIP, err = m.overwrite(node, m.keys.publicIPOverwrite, attrs.PublicIP, false); err != nil {
@@ -56,6 +54,22 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 		return nil, err
 	}
 	return l, nil
+}
+
+// podCIDRError is a podCIDR the network config does not allow: both
+// ErrPodCIDROutsideNetwork and (as the config file and the cluster
+// disagree) subnet.ErrInvalidConfig.
+type podCIDRError struct{ *subnet.ConfigError }
+
+func (e podCIDRError) Is(target error) bool {
+	return target == ErrPodCIDROutsideNetwork || target == subnet.ErrInvalidConfig
+}
+
+// outside is the podCIDRError of this node, e.g. "invalid network config at
+// /etc/kube-flannel/net-conf.json: node n1 has podCIDR 10.6.1.0/24, outside
+// Network 10.5.0.0/16; make ...".
+func (m *Manager) outside(format string, args ...any) error {
+	return podCIDRError{&subnet.ConfigError{Key: m.path, Reason: fmt.Sprintf("node %s has "+format, append([]any{m.node}, args...)...)}}
 }
 
 // overwrite returns the address of the node's annotation key if it has one
