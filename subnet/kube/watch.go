@@ -46,11 +46,17 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 	go func() { defer close(done); ctrl.RunWithContext(ctx) }()
 	defer func() { cancel(); <-done }()
 
+	// Polled more often than cache.WaitForCacheSync does (100 ms): the
+	// first batch is what a starting daemon waits for.
 	began := time.Now()
-	if !cache.WaitForCacheSync(ctx.Done(), ctrl.HasSynced) {
-		return ctx.Err()
+	for !ctrl.HasSynced() {
+		if err := sleep(ctx, 5*time.Millisecond); err != nil {
+			return err
+		}
 	}
-	// The first batch is the whole store, not the keys touched so far.
+	// The first batch is the whole store; what was touched until now is in
+	// it.
+	w.takeDirty()
 	keys := store.ListKeys()
 	first := w.collect(keys)
 	if first == nil {
