@@ -97,8 +97,14 @@ func build(bin string) error {
 	if err != nil {
 		goCmd = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
-	tmp, err := os.MkdirTemp(filepath.Dir(bin), "build-")
-	if err != nil {
+	// A fixed directory, not a random one: the Go build cache keys the
+	// main module's packages by their directory, so a rebuild (a deleted
+	// binary, another cache directory on the same machine) reuses them.
+	tmp := filepath.Join(filepath.Dir(bin), "build-"+Version)
+	if err := os.RemoveAll(tmp); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
 		return err
 	}
 	defer os.RemoveAll(tmp)
