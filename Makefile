@@ -39,6 +39,7 @@ bench: build
 # seed corpora live in testdata/fuzz/ and run as plain tests in `make test`.
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseKey$$' -fuzztime $(FUZZTIME) ./pkg/ip/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseLeaseKey$$' -fuzztime $(FUZZTIME) ./pkg/ip/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConfig$$' -fuzztime $(FUZZTIME) ./subnet/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseLeaseAttrs$$' -fuzztime $(FUZZTIME) ./subnet/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseEnv$$' -fuzztime $(FUZZTIME) ./subnet/

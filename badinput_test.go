@@ -64,6 +64,8 @@ func TestFlagBadInput(t *testing.T) {
 		{"only commas", []string{"--etcd-endpoints=, ,"}, nil, "--etcd-endpoints", "such as http://127.0.0.1:2379"},
 		{"empty prefix", []string{"--etcd-prefix="}, nil, "--etcd-prefix", "such as /coreos.com/network"},
 		{"relative prefix", []string{"--etcd-prefix=coreos.com/network"}, nil, "--etcd-prefix", "such as /coreos.com/network"},
+		{"unknown etcd API", []string{"--etcd-api=v4"}, nil, "--etcd-api", "use auto, v2 or v3"},
+		{"etcd API from env", nil, map[string]string{"FLANNELD_ETCD_API": "3"}, "--etcd-api", "use auto, v2 or v3"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -94,6 +96,8 @@ func TestFlagGoodInputStillParses(t *testing.T) {
 		{[]string{"--healthz-port=8080", "--healthz-ip=::1", "--public-ip=192.168.8.1", "-v=4"}, nil},
 		{[]string{"--public-ipv6=fd00::1"}, map[string]string{"FLANNELD_PUBLIC_IPV6": "fd00::2"}},
 		{nil, map[string]string{"FLANNELD_IFACE": " eth0 , eth1", "FLANNELD_SUBNET_FILE": "/tmp/s.env", "FLANNELD_V": "2"}},
+		{[]string{"--etcd-api=v2"}, nil},
+		{nil, map[string]string{"FLANNELD_ETCD_API": "v3"}},
 	} {
 		if _, err := parseFlags(tc.args, env(tc.env)); err != nil {
 			t.Errorf("parseFlags(%q, %v) = %v, want success", tc.args, tc.env, err)

@@ -34,7 +34,7 @@ import (
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
-	"github.com/flanneld-go/flanneld/subnet/etcdv2"
+	"github.com/flanneld-go/flanneld/subnet/etcdapi"
 )
 
 // version is set at build time: -ldflags "-X main.version=...".
@@ -48,6 +48,7 @@ type flags struct {
 	etcdCAFile     string
 	etcdUsername   string
 	etcdPassword   string
+	etcdAPI        string
 	iface          []string
 	ifaceRegex     []string
 	subnetFile     string
@@ -74,6 +75,7 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.StringVar(&f.etcdCAFile, "etcd-cafile", "", "SSL Certificate Authority file used to secure etcd communication")
 	fs.StringVar(&f.etcdUsername, "etcd-username", "", "username for BasicAuth to etcd")
 	fs.StringVar(&f.etcdPassword, "etcd-password", "", "password for BasicAuth to etcd")
+	fs.StringVar(&f.etcdAPI, "etcd-api", "auto", "etcd API holding the network: v2, v3, or auto (the config in v3 first, then in v2)")
 	fs.StringArrayVar(&f.iface, "iface", nil, "interface to use (IP or name) for inter-host communication; may be repeated, tried in order")
 	fs.StringArrayVar(&f.ifaceRegex, "iface-regex", nil, "regex matched against IPv4 addresses, then IPv6 addresses, then names to pick the interface; may be repeated")
 	fs.StringVar(&f.subnetFile, "subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
@@ -159,6 +161,9 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 	}
 	if (f.etcdCertfile == "") != (f.etcdKeyfile == "") {
 		return nil, fmt.Errorf("--etcd-certfile and --etcd-keyfile go together: give both or neither")
+	}
+	if _, err := etcdapi.ParseAPI(f.etcdAPI); err != nil {
+		return nil, err
 	}
 	if strings.Trim(f.etcdEndpoints, ", ") == "" {
 		return nil, fmt.Errorf("--etcd-endpoints is empty: give a comma-separated list such as http://127.0.0.1:2379")
@@ -324,14 +329,15 @@ func useNexthops(want bool, check func() error, log klog.Logger) bool {
 }
 
 // newManager creates the etcd lease manager of the flags.
-func newManager(f *flags, log klog.Logger) (*etcdv2.Manager, error) {
+func newManager(f *flags, log klog.Logger) (*etcdapi.Manager, error) {
 	var endpoints []string
 	for _, e := range strings.Split(f.etcdEndpoints, ",") {
 		if e = strings.TrimSpace(e); e != "" {
 			endpoints = append(endpoints, e)
 		}
 	}
-	return etcdv2.New(etcdv2.Options{
+	return etcdapi.New(etcdapi.Options{
+		API:       f.etcdAPI,
 		Endpoints: endpoints,
 		CertFile:  f.etcdCertfile,
 		KeyFile:   f.etcdKeyfile,

@@ -299,19 +299,28 @@ func expiry(l subnet.Lease) float64 {
 // backends neither keep nor change.
 func (n *node) remotes() []subnet.Lease { return n.leases.except(n.lease.Key()) }
 
-func (n *node) previousSubnet() netip.Prefix {
+// previousSubnet is the lease of the previous subnet file, if it is for
+// this network config: the subnets to ask for again.
+func (n *node) previousSubnet() subnet.Lease {
 	env, err := subnet.ReadEnv(n.o.SubnetFile)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return netip.Prefix{}
+		return subnet.Lease{}
 	case err != nil:
 		n.log.Info("Ignoring the previous subnet file; a new subnet will be chosen", "reason", err)
-		return netip.Prefix{}
-	case env.Network != n.cfg.Network:
-		n.log.Info("Previous subnet file is for another network; a new subnet will be chosen", "file", n.o.SubnetFile, "network", env.Network)
-		return netip.Prefix{}
+		return subnet.Lease{}
 	}
-	return env.Subnet
+	var prev subnet.Lease
+	if n.cfg.EnableIPv4 && env.Network == n.cfg.Network {
+		prev.Subnet = env.Subnet
+	}
+	if n.cfg.EnableIPv6 && env.IPv6Network == n.cfg.IPv6Network {
+		prev.IPv6Subnet = env.IPv6Subnet
+	}
+	if !prev.Subnet.IsValid() && !prev.IPv6Subnet.IsValid() {
+		n.log.Info("Previous subnet file is for another network; a new subnet will be chosen", "file", n.o.SubnetFile, "network", env.Network, "ipv6Network", env.IPv6Network)
+	}
+	return prev
 }
 
 func (n *node) setLease(l subnet.Lease) {

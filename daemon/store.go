@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"time"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
@@ -72,7 +71,7 @@ func (n *node) startStore(ctx context.Context, op storeOp) {
 		case opAcquire:
 			var l *subnet.Lease
 			// Prefer the subnet held so far.
-			if l, r.err = n.o.Manager.AcquireLease(ctx, cfg, attrs, lease.Subnet); l != nil {
+			if l, r.err = n.o.Manager.AcquireLease(ctx, cfg, attrs, lease); l != nil {
 				r.lease = *l
 			}
 		}
@@ -163,7 +162,7 @@ func (n *node) renewDelay() time.Duration {
 // acquire obtains the first lease, retrying transient errors with back-off
 // until ctx ends; nothing else runs yet. A full range is returned as an
 // error.
-func (n *node) acquire(ctx context.Context, prev netip.Prefix) (*subnet.Lease, error) {
+func (n *node) acquire(ctx context.Context, prev subnet.Lease) (*subnet.Lease, error) {
 	wait := n.o.AcquireRetry
 	for {
 		l, err := n.o.Manager.AcquireLease(ctx, n.cfg, n.attrs, prev)

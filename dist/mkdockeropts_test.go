@@ -1,6 +1,7 @@
 package dist
 
 import (
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -392,5 +393,38 @@ func checkOneLineError(t *testing.T, res result, code int, want []string) {
 		if !strings.Contains(res.stderr, w) {
 			t.Errorf("stderr %q does not contain %q", res.stderr, w)
 		}
+	}
+}
+
+// TestMkDockerOptsDualStack: a dual-stack subnet.env as the daemon writes
+// it (FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET added) gives docker the
+// same options as the IPv4 lines alone, as flannel's script does.
+func TestMkDockerOptsDualStack(t *testing.T) {
+	e := subnet.Env{Network: netip.MustParsePrefix("10.1.0.0/16"), Subnet: netip.MustParsePrefix("10.1.74.0/24"), MTU: 1472, IPMasq: true}
+	for shell, argv := range scriptShells(t) {
+		t.Run(shell, func(t *testing.T) {
+			var outs []string
+			for _, v6 := range []bool{false, true} {
+				if v6 {
+					e.IPv6Network, e.IPv6Subnet = netip.MustParsePrefix("fc00::/48"), netip.MustParsePrefix("fc00:0:0:4a::/64")
+				}
+				dir := t.TempDir()
+				in, out := filepath.Join(dir, "subnet.env"), filepath.Join(dir, "docker_opts.env")
+				if err := subnet.WriteEnv(in, e); err != nil {
+					t.Fatal(err)
+				}
+				if v6 && !strings.Contains(readFile(t, in), "FLANNEL_IPV6_SUBNET=fc00:0:0:4a::1/64\n") {
+					t.Fatalf("subnet.env lacks the IPv6 subnet:\n%s", readFile(t, in))
+				}
+				res := run(t, os.Environ(), append(slices.Clone(argv), "-f", in, "-d", out)...)
+				if res.code != 0 || res.stderr != "" {
+					t.Fatalf("exit %d, stderr %q", res.code, res.stderr)
+				}
+				outs = append(outs, readFile(t, out))
+			}
+			if outs[0] != outs[1] || !strings.Contains(outs[1], "--bip=10.1.74.1/24") {
+				t.Errorf("IPv4 only:\n%s\ndual stack:\n%s", outs[0], outs[1])
+			}
+		})
 	}
 }

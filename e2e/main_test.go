@@ -61,6 +61,12 @@ func needRoot(tb testing.TB) {
 // etcd before any daemon starts.
 func newLab(tb testing.TB, hosts int, config string) *lab.Lab {
 	tb.Helper()
+	return newLabWith(tb, lab.Options{Hosts: hosts}, config)
+}
+
+// newLabWith is newLab with the lab's options (DaemonPath is filled in).
+func newLabWith(tb testing.TB, opts lab.Options, config string) *lab.Lab {
+	tb.Helper()
 	needRoot(tb)
 	bin := lab.BuildDaemon(tb)
 	var l *lab.Lab
@@ -76,7 +82,8 @@ func newLab(tb testing.TB, hosts int, config string) *lab.Lab {
 			}
 		}
 	})
-	l = lab.Start(tb, lab.Options{Hosts: hosts, DaemonPath: bin})
+	opts.DaemonPath = bin
+	l = lab.Start(tb, opts)
 	// Runs before the lab's own cleanup, which would only kill a stuck
 	// daemon: here a daemon that does not exit 0 fails the test.
 	tb.Cleanup(func() { stopAll(tb, l) })

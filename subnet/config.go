@@ -400,3 +400,29 @@ func compact(raw json.RawMessage) string {
 	}
 	return b.String()
 }
+
+// InRange6 reports whether p is an IPv6 subnet this config could lease:
+// IPv6SubnetLen long, inside IPv6Network, between IPv6SubnetMin and
+// IPv6SubnetMax.
+func (c *Config) InRange6(p netip.Prefix) bool {
+	if !c.EnableIPv6 || !p.Addr().Is6() || p.Bits() != c.IPv6SubnetLen || p.Masked() != p || !c.IPv6Network.Contains(p.Addr()) {
+		return false
+	}
+	return p.Addr().Compare(c.IPv6SubnetMin) >= 0 && p.Addr().Compare(c.IPv6SubnetMax) <= 0
+}
+
+// Subnets6 calls yield for each leasable IPv6 subnet from IPv6SubnetMin to
+// IPv6SubnetMax in order, until yield returns false.
+func (c *Config) Subnets6(yield func(netip.Prefix) bool) {
+	p := netip.PrefixFrom(c.IPv6SubnetMin, c.IPv6SubnetLen)
+	for p.Addr().Compare(c.IPv6SubnetMax) <= 0 {
+		if !yield(p) {
+			return
+		}
+		next, ok := ip.Next6(p)
+		if !ok {
+			return
+		}
+		p = next
+	}
+}

@@ -3,7 +3,6 @@ package subnet
 import (
 	"context"
 	"errors"
-	"net/netip"
 )
 
 // ErrConfigMissing is sent by WatchConfig while the config key (or file) does
@@ -27,12 +26,13 @@ type Manager interface {
 	GetNetworkConfig(ctx context.Context) (*Config, error)
 
 	// AcquireLease obtains a lease for attrs: the lease whose PublicIP is
-	// attrs.PublicIP if it fits cfg (its value is updated to attrs; a
-	// reservation stays TTL-less), else prev if it fits cfg and no key holds
-	// it, else one chosen at random among the first 100 free subnets. It never
-	// overwrites or deletes another node's lease. ErrNoFreeSubnets when the
-	// range is full.
-	AcquireLease(ctx context.Context, cfg *Config, attrs LeaseAttrs, prev netip.Prefix) (*Lease, error)
+	// attrs.PublicIP (PublicIPv6 for IPv6 only) if it fits cfg (its value is
+	// updated to attrs; a reservation stays TTL-less), else prev's subnets
+	// (prev.Subnet, and prev.IPv6Subnet with IPv6) where they fit cfg and no
+	// key holds them, else ones chosen at random among the first 100 free
+	// subnets. It never overwrites or deletes another node's lease.
+	// ErrNoFreeSubnets when the range is full.
+	AcquireLease(ctx context.Context, cfg *Config, attrs LeaseAttrs, prev Lease) (*Lease, error)
 
 	// RenewLease re-sets lease with a fresh TTL (a reservation is left
 	// TTL-less) and updates lease.Expiration. It returns an error wrapping

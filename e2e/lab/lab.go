@@ -84,6 +84,10 @@ type Options struct {
 	Dir string
 	// Logf receives progress and diagnostics; nil discards them.
 	Logf func(format string, args ...any)
+	// EtcdBinary, when set, is an etcd server binary (see internal/etcdbin)
+	// the lab runs in the LAN namespace instead of the embedded etcd; Etcd
+	// and KeysAPI are then nil, SetConfig writes with the v3 API.
+	EtcdBinary string
 }
 
 // Lab is a running namespaced network. Close it when done.
@@ -96,6 +100,7 @@ type Lab struct {
 	ownDir   bool
 	hosts    []*Host
 	etcd     *etcdtest.Server
+	extEtcd  *externalEtcd
 
 	mu       sync.Mutex
 	made     []string // namespaces created, in order
@@ -298,6 +303,18 @@ func (l *Lab) build() error {
 		l.hosts = append(l.hosts, h)
 	}
 
+	if l.opts.EtcdBinary != "" {
+		e, err := l.startExternalEtcd(l.opts.EtcdBinary)
+		if err != nil {
+			return err
+		}
+		l.mu.Lock()
+		l.extEtcd = e
+		l.mu.Unlock()
+		l.opts.Logf("lab %s: %d hosts on %s, etcd %s (%s), built in %v",
+			l.name, len(l.hosts), l.opts.LAN, l.EtcdEndpoint(), l.opts.EtcdBinary, time.Since(begin).Round(time.Millisecond))
+		return nil
+	}
 	srv, err := etcdtest.New(
 		etcdtest.WithNetNS(nsPath(l.lanNS)),
 		etcdtest.WithListen(l.etcdAddr, EtcdClientPort, EtcdPeerPort),
@@ -384,11 +401,19 @@ func (l *Lab) Etcd() *etcdtest.Server { return l.etcd }
 
 // KeysAPI is a v2 keys API connected to the lab's etcd from inside the LAN
 // namespace.
-func (l *Lab) KeysAPI() client.KeysAPI { return l.etcd.KeysAPI() }
+func (l *Lab) KeysAPI() client.KeysAPI {
+	if l.etcd == nil {
+		return nil
+	}
+	return l.etcd.KeysAPI()
+}
 
 // SetConfig writes the network config JSON to <prefix>/config.
 func (l *Lab) SetConfig(ctx context.Context, configJSON string) error {
 	key := l.opts.EtcdPrefix + "/config"
+	if l.opts.EtcdBinary != "" {
+		return l.setConfigV3(ctx, key, configJSON)
+	}
 	if _, err := l.KeysAPI().Set(ctx, key, configJSON, nil); err != nil {
 		return fmt.Errorf("writing %s: %w", key, err)
 	}
@@ -408,6 +433,7 @@ func (l *Lab) Close() error {
 	l.closed = true
 	made := l.made
 	srv := l.etcd
+	ext := l.extEtcd
 	l.mu.Unlock()
 
 	var errs []error
@@ -434,6 +460,7 @@ func (l *Lab) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	ext.stop()
 	for i := len(made) - 1; i >= 0; i-- {
 		if err := deleteNS(made[i]); err != nil {
 			errs = append(errs, err)

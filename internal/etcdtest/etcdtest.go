@@ -1,4 +1,4 @@
-// Package etcdtest runs a real etcd server with the v2 API enabled, for
+// Package etcdtest runs a real etcd server (v3 API, and v2 unless WithoutV2), for
 // tests and for the namespaced lab: a single member (Start, New) or a
 // cluster of several (StartCluster, NewCluster). A server keeps its data in
 // a temporary directory, listens on loopback (or on a given address,
@@ -44,6 +44,7 @@ type options struct {
 	nsPath     string
 	tls        bool
 	parentDir  string
+	noV2       bool
 }
 
 // member is what a server knows of its cluster; the zero value is a
@@ -308,7 +309,7 @@ func (s *Server) startEtcd() (*embed.Etcd, error) {
 	cfg := embed.NewConfig()
 	cfg.Name = s.member.name
 	cfg.Dir = s.dataDir()
-	cfg.EnableV2 = true
+	cfg.EnableV2 = !s.opts.noV2
 	cfg.ListenClientUrls = []url.URL{s.backendURL}
 	cfg.AdvertiseClientUrls = []url.URL{s.clientURL}
 	cfg.ListenPeerUrls = []url.URL{s.peerURL}

@@ -51,6 +51,9 @@ var (
 	ReconcileDuration = newHistogram(ns+"reconcile_duration_seconds", 0.0005, 4, 9)
 	// ReconcileErrors counts failed backend reconciles.
 	ReconcileErrors = set.NewCounter(ns + "reconcile_errors_total")
+	// EtcdAPI is 1 for the etcd API the lease manager uses (api "v2" or
+	// "v3"), chosen once at start.
+	EtcdAPI = GaugeVec{name: ns + "etcd_api", labels: []string{"api"}}
 	// IPTablesRestores counts chains (re)installed by the iptables keeper.
 	IPTablesRestores = set.NewCounter(ns + "iptables_restores_total")
 	// NetworkConfig is 1 for the state the stored network config was last

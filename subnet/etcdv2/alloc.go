@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"path"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -15,15 +14,17 @@ import (
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
-// freeCandidates is how many free subnets, from SubnetMin up, a new lease is
-// chosen among at random.
-const freeCandidates = 100
-
 // entry is one lease key whose name and value both parse.
 type entry struct {
-	subnet netip.Prefix
-	attrs  subnet.LeaseAttrs
-	node   *client.Node
+	subnet  netip.Prefix // invalid for an IPv6-only key
+	subnet6 netip.Prefix // invalid without IPv6
+	attrs   subnet.LeaseAttrs
+	node    *client.Node
+}
+
+// lease is the lease of the key.
+func (e entry) lease() subnet.Lease {
+	return subnet.Lease{Subnet: e.subnet, IPv6Subnet: e.subnet6, Attrs: e.attrs, Expiration: e.expiration()}
 }
 
 // expiration is the lease expiry of the key; zero for a key without TTL.
@@ -34,67 +35,16 @@ func (e entry) expiration() time.Time {
 	return *e.node.Expiration
 }
 
-// takenSet holds the subnets some key claims, valid or not.
-type takenSet struct {
-	bits  int
-	exact map[netip.Prefix]bool
-	// other holds claims of another length (stray or hand-written keys);
-	// a candidate overlapping one of them is not free.
-	other []netip.Prefix
-}
-
-func newTakenSet(bits int) *takenSet {
-	return &takenSet{bits: bits, exact: map[netip.Prefix]bool{}}
-}
-
-func (t *takenSet) add(p netip.Prefix) {
-	if p.Bits() == t.bits {
-		t.exact[p] = true
-		return
-	}
-	t.other = append(t.other, p)
-}
-
-func (t *takenSet) free(p netip.Prefix) bool {
-	if t.exact[p] {
-		return false
-	}
-	for _, o := range t.other {
-		if o.Overlaps(p) {
-			return false
-		}
-	}
-	return true
-}
-
-// leaseKeyPrefix parses the name of a key under subnets/ strictly.
+// leaseKeyPrefix parses the name of a key under subnets/ strictly and
+// returns what identifies its lease (subnet.Lease.Key): the IPv4 subnet,
+// or the IPv6 one of an IPv6-only key.
 func leaseKeyPrefix(name string) (netip.Prefix, bool) {
-	p, err := ip.ParseKey(name)
-	return p, err == nil
-}
-
-// claimedPrefix is the subnet a key name claims, read leniently so that a
-// malformed name such as "10.5.3.1-24" or "10.5.3.0-24x" still keeps
-// 10.5.3.0/24 from being handed out. ok is false when no subnet can be read from the name at all.
-func claimedPrefix(name string) (netip.Prefix, bool) {
-	if p, ok := leaseKeyPrefix(name); ok {
-		return p, true
-	}
-	a, b, found := strings.Cut(name, "-")
-	if !found {
+	v4, v6, err := ip.ParseLeaseKey(name)
+	if err != nil {
 		return netip.Prefix{}, false
 	}
-	addr, err := netip.ParseAddr(a)
-	if err != nil || !addr.Is4() {
-		return netip.Prefix{}, false
-	}
-	// Leading digits only, as a flannel node's unanchored match reads it.
-	digits := len(b) - len(strings.TrimLeft(b, "0123456789"))
-	n, err := strconv.Atoi(b[:digits])
-	if err != nil || n < 0 || n > 32 {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(addr, n).Masked(), true
+	l := subnet.Lease{Subnet: v4, IPv6Subnet: v6}
+	return l.Key(), true
 }
 
 // flatten returns the value keys below dir (a recursive listing), sorted by
@@ -125,71 +75,85 @@ func parseNode(dir string, n *client.Node) (entry, error) {
 	if path.Dir(n.Key) != dir {
 		return entry{}, errors.New("not a lease key: it is in a subdirectory")
 	}
-	p, ok := leaseKeyPrefix(path.Base(n.Key))
-	if !ok {
-		return entry{}, errors.New("not a lease key: the name is not <A.B.C.D>-<prefix length>, like 10.5.34.0-24")
+	v4, v6, err := ip.ParseLeaseKey(path.Base(n.Key))
+	if err != nil {
+		return entry{}, errors.New("not a lease key: the name is not <A.B.C.D>-<prefix length>, like 10.5.34.0-24 (or 10.5.34.0-24&fc00:0:0:22::-64)")
 	}
 	attrs, err := subnet.ParseLeaseAttrs([]byte(n.Value))
 	if err != nil {
 		return entry{}, err
 	}
-	return entry{subnet: p, attrs: attrs, node: n}, nil
+	return entry{subnet: v4, subnet6: v6, attrs: attrs, node: n}, nil
 }
 
 // allocation is the subnets directory as AcquireLease sees it.
 type allocation struct {
 	dir   string
 	nodes []*client.Node // the keys, parsed only when own looks for a lease
-	taken *takenSet
+	taken *subnet.Taken  // IPv4 subnets claimed
+	// taken6 holds the IPv6 subnets claimed (nil without IPv6).
+	taken6 *subnet.Taken
+	// dual is true when a key has a dual-stack name.
+	dual bool
 }
 
 // newAllocation reads a recursive listing of dir (nil for a missing
 // directory). Every key that names a subnet claims it, whatever its value.
 func newAllocation(cfg *subnet.Config, dir string, root *client.Node) *allocation {
-	a := &allocation{dir: dir, taken: newTakenSet(cfg.SubnetLen)}
+	a := &allocation{dir: dir, taken: subnet.NewTaken(cfg.SubnetLen)}
+	if cfg.EnableIPv6 {
+		a.taken6 = subnet.NewTaken(cfg.IPv6SubnetLen)
+	}
 	a.nodes = flatten(root)
 	for _, n := range a.nodes {
-		if p, ok := claimedPrefix(path.Base(n.Key)); ok {
-			a.taken.add(p)
+		v4, v6 := subnet.ClaimedPrefixes(path.Base(n.Key))
+		a.dual = a.dual || strings.Contains(n.Key, "&")
+		if v4.IsValid() {
+			a.taken.Add(v4)
+		}
+		if v6.IsValid() && a.taken6 != nil {
+			a.taken6.Add(v6)
 		}
 	}
 	return a
 }
 
-// own returns the lease of publicIP that fits cfg. Only values that can
-// hold publicIP are parsed: those with its text, or with a JSON escape
-// (which could spell it); with thousands of leases in etcd, that is most
-// of the cost of acquiring one.
-func (a *allocation) own(cfg *subnet.Config, publicIP netip.Addr) (entry, bool) {
-	ipText := publicIP.String()
+// own returns the lease of attrs' node that fits cfg: found by PublicIP
+// (PublicIPv6 for IPv6 only), with a subnet in range for each family cfg
+// enables. Only values that can hold the address are parsed: those with
+// its text, or with a JSON escape (which could spell it); with thousands of
+// leases in etcd, that is most of the cost of acquiring one.
+func (a *allocation) own(cfg *subnet.Config, attrs subnet.LeaseAttrs) (entry, bool) {
+	ipText := attrs.PublicIP.String()
+	if !cfg.EnableIPv4 {
+		ipText = attrs.PublicIPv6.String()
+	}
 	for _, n := range a.nodes {
 		if !strings.Contains(n.Value, ipText) && !strings.Contains(n.Value, `\`) {
 			continue
 		}
 		e, err := parseNode(a.dir, n)
-		if err == nil && e.attrs.PublicIP == publicIP && cfg.InRange(e.subnet) {
+		if err == nil && subnet.OwnLease(cfg, attrs, e.lease()) {
 			return e, true
 		}
 	}
 	return entry{}, false
 }
 
-// choose returns prev when it fits cfg and no key claims it, else a subnet
-// picked with intn among the first freeCandidates free ones. ok is false
-// when the range is full.
-func (a *allocation) choose(cfg *subnet.Config, prev netip.Prefix, intn func(int) int) (netip.Prefix, bool) {
-	if prev.IsValid() && cfg.InRange(prev) && a.taken.free(prev) {
-		return prev, true
-	}
-	cands := make([]netip.Prefix, 0, freeCandidates)
-	cfg.Subnets(func(p netip.Prefix) bool {
-		if a.taken.free(p) {
-			cands = append(cands, p)
+// choose picks the subnets of a new lease: subnet.ChooseSubnet and, with
+// IPv6, subnet.ChooseSubnet6 on the listing.
+func (a *allocation) choose(cfg *subnet.Config, prev subnet.Lease, intn func(int) int) (subnet.Lease, bool) {
+	var l subnet.Lease
+	var ok bool
+	if cfg.EnableIPv4 {
+		if l.Subnet, ok = subnet.ChooseSubnet(cfg, a.taken, prev.Subnet, intn); !ok {
+			return l, false
 		}
-		return len(cands) < freeCandidates
-	})
-	if len(cands) == 0 {
-		return netip.Prefix{}, false
 	}
-	return cands[intn(len(cands))], true
+	if cfg.EnableIPv6 {
+		if l.IPv6Subnet, ok = subnet.ChooseSubnet6(cfg, a.taken6, prev.IPv6Subnet, intn); !ok {
+			return l, false
+		}
+	}
+	return l, true
 }

@@ -33,32 +33,6 @@ func dirNode(kv map[string]string) *client.Node {
 	return root
 }
 
-func TestClaimedPrefix(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		want string // "" = no claim
-	}{
-		{"10.5.34.0-24", "10.5.34.0/24"},
-		{"10.5.34.7-24", "10.5.34.0/24"}, // not canonical, still claims its subnet
-		{"10.5.0.0-16", "10.5.0.0/16"},
-		{"10.5.34.0-33", ""},
-		{"10.5.34.0", ""},
-		{"garbage", ""},
-		{"::1-64", ""},
-		{"10.5.34.0-x", ""},
-		{"10.5.34.0-24x", "10.5.34.0/24"},
-		{"10.5.34.0-", ""},
-	} {
-		p, ok := claimedPrefix(tc.name)
-		switch {
-		case tc.want == "" && ok:
-			t.Errorf("claimedPrefix(%q) = %v, want no claim", tc.name, p)
-		case tc.want != "" && (!ok || p != pfx(tc.want)):
-			t.Errorf("claimedPrefix(%q) = %v, %v; want %s", tc.name, p, ok, tc.want)
-		}
-	}
-}
-
 func TestChoose(t *testing.T) {
 	// Ten subnets: 10.5.1.0 .. 10.5.10.0.
 	small := `{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.10.0"}`
@@ -104,14 +78,14 @@ func TestChoose(t *testing.T) {
 				prev = pfx(tc.prev)
 			}
 			offered := 0
-			got, ok := a.choose(cfg, prev, func(n int) int { offered = n; return tc.intn(n) })
+			got, ok := a.choose(cfg, subnet.Lease{Subnet: prev}, func(n int) int { offered = n; return tc.intn(n) })
 			if tc.want == "" {
 				if ok {
 					t.Fatalf("choose = %v, want range full", got)
 				}
 				return
 			}
-			if !ok || got != pfx(tc.want) {
+			if !ok || got.Subnet != pfx(tc.want) {
 				t.Fatalf("choose = %v, %v; want %s", got, ok, tc.want)
 			}
 			if tc.nCands > 0 && offered != tc.nCands {
@@ -132,23 +106,23 @@ func TestAllocationOwn(t *testing.T) {
 		"10.5.7.0-24extra": `{"PublicIP":"192.168.0.3"}`,
 		"10.5.9.0-24":      `{"PublicIP":"192.168.0.\u0039"}`,
 	}))
-	e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.1"))
+	e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.1")})
 	if !ok || e.subnet != pfx("10.5.3.0/24") || e.attrs.BackendType != "vxlan" {
 		t.Errorf("own(192.168.0.1) = %+v, %v; want 10.5.3.0/24", e, ok)
 	}
-	if e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.3")); ok {
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.3")}); ok {
 		t.Errorf("own(192.168.0.3) = %+v; its keys do not parse or are misplaced, want none", e)
 	}
 	// A value that spells the address with a JSON escape is still found.
-	if e, ok := a.own(cfg, netip.MustParseAddr("192.168.0.9")); !ok || e.subnet != pfx("10.5.9.0/24") {
+	if e, ok := a.own(cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.0.9")}); !ok || e.subnet != pfx("10.5.9.0/24") {
 		t.Errorf("own(192.168.0.9) = %+v, %v; want 10.5.9.0/24 (its value escapes a digit)", e, ok)
 	}
 	for _, s := range []string{"10.5.3.0/24", "10.5.4.0/24", "10.5.5.0/24", "10.5.6.0/24", "10.5.7.0/24"} {
-		if a.taken.free(pfx(s)) {
+		if a.taken.Free(pfx(s)) {
 			t.Errorf("%s is free, want taken", s)
 		}
 	}
-	if !a.taken.free(pfx("10.5.8.0/24")) {
+	if !a.taken.Free(pfx("10.5.8.0/24")) {
 		t.Errorf("10.5.8.0/24 is taken, want free")
 	}
 }
@@ -212,11 +186,11 @@ func TestDiffLeases(t *testing.T) {
 		{"mixed, adds first", leaseMap(a, b), leaseMap(b2, c), "+10.5.2.0/24@192.168.0.2{\"VtepMAC\":\"bb\"} +10.5.3.0/24@192.168.0.3 -10.5.1.0/24@192.168.0.1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := map[netip.Prefix]known{}
+			before := map[netip.Prefix]subnet.LeaseSummary{}
 			for p, l := range tc.known {
-				before[p] = summarize(l.Attrs)
+				before[p] = subnet.Summarize(l.Attrs)
 			}
-			if got := evString(diffLeases(before, tc.current)); got != tc.want {
+			if got := evString(subnet.DiffLeases(before, tc.current)); got != tc.want {
 				t.Errorf("diff = %q\nwant   %q", got, tc.want)
 			}
 		})
@@ -226,7 +200,7 @@ func TestDiffLeases(t *testing.T) {
 func TestWatcherApply(t *testing.T) {
 	var logs []string
 	m := newManager(nil, Options{Prefix: "/coreos.com/network", Logger: captureLogger(&logs)})
-	w := &watcher{m: m, dir: testDir, known: map[netip.Prefix]known{}, logged: map[string]uint64{}}
+	w := &watcher{m: m, dir: testDir, known: map[netip.Prefix]subnet.LeaseSummary{}, logged: map[string]uint64{}}
 	node := func(name, value string, idx uint64) *client.Node {
 		return &client.Node{Key: testDir + "/" + name, Value: value, ModifiedIndex: idx}
 	}

@@ -209,7 +209,7 @@ func TestBadLeaseInput(t *testing.T) {
 				if i > 0 {
 					publicIP = fmt.Sprintf("192.168.101.%d", i)
 				}
-				l, err := am.AcquireLease(context.Background(), cfg, attrsFor(publicIP), claims[0])
+				l, err := am.AcquireLease(context.Background(), cfg, attrsFor(publicIP), subnet.Lease{Subnet: claims[0]})
 				if errors.Is(err, subnet.ErrNoFreeSubnets) {
 					break
 				}

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net/netip"
+	"path"
 	"strings"
 	"sync"
 	"time"
@@ -110,8 +110,8 @@ func newManager(api keysAPI, opts Options) *Manager {
 
 func (m *Manager) configKey() string  { return m.prefix + "/config" }
 func (m *Manager) subnetsDir() string { return m.prefix + "/subnets" }
-func (m *Manager) leaseKey(p netip.Prefix) string {
-	return m.subnetsDir() + "/" + ip.Key(p)
+func (m *Manager) leaseKey(l subnet.Lease) string {
+	return m.subnetsDir() + "/" + ip.LeaseKey(l.Subnet, l.IPv6Subnet)
 }
 
 // get and set bound one call to the cluster (every member tried) and make
@@ -204,9 +204,9 @@ func configError(key string, err error) error {
 }
 
 // AcquireLease implements subnet.Manager.
-func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev netip.Prefix) (*subnet.Lease, error) {
-	if !attrs.PublicIP.Is4() {
-		return nil, fmt.Errorf("acquiring lease: public IP %v is not an IPv4 address", attrs.PublicIP)
+func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev subnet.Lease) (*subnet.Lease, error) {
+	if err := subnet.CheckAttrs(cfg, attrs); err != nil {
+		return nil, fmt.Errorf("acquiring lease: %w", err)
 	}
 	raw, err := attrs.Marshal()
 	if err != nil {
@@ -230,7 +230,7 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 
 // tryAcquire makes one attempt; a nil lease and nil error mean another node
 // changed the subnets directory under us and the caller should start over.
-func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value string, prev netip.Prefix) (*subnet.Lease, error) {
+func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value string, prev subnet.Lease) (*subnet.Lease, error) {
 	dir := m.subnetsDir()
 	resp, err := m.get(ctx, dir, &client.GetOptions{Recursive: true, Quorum: true})
 	var root *client.Node
@@ -248,54 +248,92 @@ func (m *Manager) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subn
 	}
 	alloc := newAllocation(cfg, dir, root)
 
-	if own, ok := alloc.own(cfg, attrs.PublicIP); ok {
+	if own, ok := alloc.own(cfg, attrs); ok {
+		l := own.lease()
+		l.Attrs = attrs
 		reservation := own.node.Expiration == nil
 		if reservation && own.node.Value == value {
-			return &subnet.Lease{Subnet: own.subnet, Attrs: attrs}, nil
+			return &l, nil
 		}
 		// PrevIndex: only if nobody changed the key since we listed it.
 		opts := &client.SetOptions{PrevExist: client.PrevExist, PrevIndex: own.node.ModifiedIndex}
 		if !reservation {
 			opts.TTL = LeaseTTL
 		}
-		r, err := m.set(ctx, m.leaseKey(own.subnet), value, opts)
+		r, err := m.set(ctx, m.leaseKey(l), value, opts)
 		switch code := etcdCode(err); {
 		case err == nil:
-			return leaseFrom(own.subnet, attrs, r.Node), nil
+			return leaseFrom(l, r.Node), nil
 		case code == client.ErrorCodeKeyNotFound || code == client.ErrorCodeTestFailed:
 			return nil, nil
 		default:
-			return nil, fmt.Errorf("updating lease %s: %w", own.subnet, err)
+			return nil, fmt.Errorf("updating lease %s: %w", l.Key(), err)
 		}
 	}
 
-	p, ok := alloc.choose(cfg, prev, m.intn)
+	l, ok := alloc.choose(cfg, prev, m.intn)
 	if !ok {
 		return nil, subnet.ErrNoFreeSubnets
 	}
-	r, err := m.set(ctx, m.leaseKey(p), value, &client.SetOptions{PrevExist: client.PrevNoExist, TTL: LeaseTTL})
+	l.Attrs = attrs
+	key := m.leaseKey(l)
+	r, err := m.set(ctx, key, value, &client.SetOptions{PrevExist: client.PrevNoExist, TTL: LeaseTTL})
 	switch code := etcdCode(err); {
 	case err == nil:
-		return leaseFrom(p, attrs, r.Node), nil
 	case code == client.ErrorCodeNodeExist:
 		return nil, nil
 	default:
-		return nil, fmt.Errorf("creating lease %s: %w", p, err)
+		return nil, fmt.Errorf("creating lease %s: %w", l.Key(), err)
 	}
+	if cfg.EnableIPv6 || alloc.dual {
+		// Keys that differ only in their IPv6 (or IPv4) part can claim the
+		// same subnet at once; the older key keeps it.
+		won, err := m.firstClaim(ctx, key, r.Node.CreatedIndex, l)
+		if err != nil || !won {
+			return nil, err
+		}
+	}
+	return leaseFrom(l, r.Node), nil
 }
 
-func leaseFrom(p netip.Prefix, attrs subnet.LeaseAttrs, n *client.Node) *subnet.Lease {
-	l := &subnet.Lease{Subnet: p, Attrs: attrs}
+// firstClaim lists the subnets directory after our key (created at index)
+// and reports whether no older key claims a subnet of l. A later claim
+// loses: its key is deleted (only if it is still the one we wrote) and the
+// caller starts over.
+func (m *Manager) firstClaim(ctx context.Context, key string, index uint64, l subnet.Lease) (bool, error) {
+	resp, err := m.get(ctx, m.subnetsDir(), &client.GetOptions{Recursive: true, Quorum: true})
+	if err != nil {
+		return false, fmt.Errorf("listing %s: %w", m.subnetsDir(), err)
+	}
+	for _, n := range flatten(resp.Node) {
+		if n.Key == key || n.CreatedIndex > index {
+			continue
+		}
+		v4, v6 := subnet.ClaimedPrefixes(path.Base(n.Key))
+		if (v4.IsValid() && l.Subnet.IsValid() && v4.Overlaps(l.Subnet)) || (v6.IsValid() && l.IPv6Subnet.IsValid() && v6.Overlaps(l.IPv6Subnet)) {
+			dctx, cancel := context.WithTimeout(ctx, m.callTimeout)
+			_, err := m.api.Delete(dctx, key, &client.DeleteOptions{PrevIndex: index})
+			cancel()
+			if err != nil && etcdCode(err) == 0 {
+				return false, fmt.Errorf("giving up lease %s to %s: %w", l.Key(), n.Key, err)
+			}
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+func leaseFrom(l subnet.Lease, n *client.Node) *subnet.Lease {
 	if n != nil && n.Expiration != nil {
 		l.Expiration = *n.Expiration
 	}
-	return l
+	return &l
 }
 
 // RenewLease implements subnet.Manager. A lease with TTL costs one
 // compare-and-swap; a reservation one read.
 func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
-	key := m.leaseKey(lease.Subnet)
+	key := m.leaseKey(*lease)
 	if lease.Reservation() {
 		resp, err := m.get(ctx, key, nil)
 		switch {
@@ -308,7 +346,7 @@ func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
 		if err != nil || attrs.PublicIP != lease.Attrs.PublicIP {
 			return fmt.Errorf("renewing lease %s: %w: the key now holds another value", lease.Subnet, subnet.ErrLeaseLost)
 		}
-		lease.Expiration = leaseFrom(lease.Subnet, attrs, resp.Node).Expiration
+		lease.Expiration = leaseFrom(*lease, resp.Node).Expiration
 		return nil
 	}
 
@@ -328,7 +366,7 @@ func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
 	default:
 		return fmt.Errorf("renewing lease %s: %w", lease.Subnet, err)
 	}
-	lease.Expiration = leaseFrom(lease.Subnet, lease.Attrs, resp.Node).Expiration
+	lease.Expiration = leaseFrom(*lease, resp.Node).Expiration
 	return nil
 }
 

@@ -110,7 +110,7 @@ func TestAcquireConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			leases[i], errs[i] = m.AcquireLease(context.Background(), cfg, attrsFor(fmt.Sprintf("192.168.1.%d", i+1)), netip.Prefix{})
+			leases[i], errs[i] = m.AcquireLease(context.Background(), cfg, attrsFor(fmt.Sprintf("192.168.1.%d", i+1)), subnet.Lease{})
 		}()
 	}
 	close(start)
@@ -152,7 +152,7 @@ func TestAcquireConcurrent(t *testing.T) {
 	t.Logf("most create attempts by one manager: %d of %d allowed", most, maxAcquireAttempts)
 
 	m, _ := newTestManager(t, srv)
-	_, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.2.1"), netip.Prefix{})
+	_, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.2.1"), subnet.Lease{})
 	if !errors.Is(err, subnet.ErrNoFreeSubnets) {
 		t.Fatalf("acquire on a full range = %v, want ErrNoFreeSubnets", err)
 	}
@@ -164,7 +164,7 @@ func TestAcquireRestart(t *testing.T) {
 	ctx := context.Background()
 
 	m1, _ := newTestManager(t, srv)
-	l1, err := m1.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l1, err := m1.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +173,7 @@ func TestAcquireRestart(t *testing.T) {
 		m, _ := newTestManager(t, srv)
 		a := attrsFor("192.168.0.1")
 		a.BackendData = []byte(`{"VtepMAC":"02:00:00:00:00:01"}`) // a new MAC after restart
-		l, err := m.AcquireLease(ctx, cfg, a, netip.Prefix{})
+		l, err := m.AcquireLease(ctx, cfg, a, subnet.Lease{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -192,7 +192,7 @@ func TestAcquireRestart(t *testing.T) {
 			prev = pfx("10.5.34.0/24")
 		}
 		m, _ := newTestManager(t, srv)
-		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), prev)
+		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), subnet.Lease{Subnet: prev})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -203,12 +203,12 @@ func TestAcquireRestart(t *testing.T) {
 
 	t.Run("lease expired, node came back with another IP", func(t *testing.T) {
 		m, _ := newTestManager(t, srv)
-		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.3"), netip.Prefix{})
+		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.3"), subnet.Lease{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		del(t, srv, leaseKeyOf(l.Subnet)) // as if expired
-		l2, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.33"), l.Subnet)
+		l2, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.33"), subnet.Lease{Subnet: l.Subnet})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -220,7 +220,7 @@ func TestAcquireRestart(t *testing.T) {
 	t.Run("prev held by another node is not taken", func(t *testing.T) {
 		before := getNode(t, srv, leaseKeyOf(l1.Subnet))
 		m, _ := newTestManager(t, srv)
-		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.4"), l1.Subnet)
+		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.4"), subnet.Lease{Subnet: l1.Subnet})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -236,7 +236,7 @@ func TestAcquireRestart(t *testing.T) {
 	t.Run("own lease outside the range is left alone", func(t *testing.T) {
 		put(t, srv, "subnets/10.5.200.0-24", `{"PublicIP":"192.168.0.5"}`, time.Hour)
 		m, _ := newTestManager(t, srv)
-		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.5"), netip.Prefix{})
+		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.5"), subnet.Lease{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -257,14 +257,14 @@ func TestAcquireSkipsGarbage(t *testing.T) {
 	put(t, srv, "subnets/10.5.2.1-24", `{"PublicIP":"192.168.0.9"}`, 0) // misnamed
 	put(t, srv, "subnets/10.5.3.0-24", `{"PublicIP":"192.168.0.8"}`, time.Hour)
 	m, _ := newTestManager(t, srv)
-	l, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.0.1"), pfx("10.5.1.0/24"))
+	l, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.0.1"), subnet.Lease{Subnet: pfx("10.5.1.0/24")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if l.Subnet != pfx("10.5.4.0/24") {
 		t.Fatalf("got %v, want the only free subnet 10.5.4.0/24", l.Subnet)
 	}
-	if _, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.0.2"), netip.Prefix{}); !errors.Is(err, subnet.ErrNoFreeSubnets) {
+	if _, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.0.2"), subnet.Lease{}); !errors.Is(err, subnet.ErrNoFreeSubnets) {
 		t.Fatalf("second acquire = %v, want ErrNoFreeSubnets", err)
 	}
 	if n := getNode(t, srv, "subnets/10.5.1.0-24"); n == nil || n.Value != "garbage" {
@@ -283,7 +283,7 @@ func TestReservation(t *testing.T) {
 	// Other nodes fill the rest and never take the reservation, not even as prev.
 	for i, prev := range []netip.Prefix{reserved, {}} {
 		m, _ := newTestManager(t, srv)
-		l, err := m.AcquireLease(ctx, cfg, attrsFor(fmt.Sprintf("192.168.0.%d", 20+i)), prev)
+		l, err := m.AcquireLease(ctx, cfg, attrsFor(fmt.Sprintf("192.168.0.%d", 20+i)), subnet.Lease{Subnet: prev})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -292,12 +292,12 @@ func TestReservation(t *testing.T) {
 		}
 	}
 	m, _ := newTestManager(t, srv)
-	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.30"), reserved); !errors.Is(err, subnet.ErrNoFreeSubnets) {
+	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.30"), subnet.Lease{Subnet: reserved}); !errors.Is(err, subnet.ErrNoFreeSubnets) {
 		t.Fatalf("acquire with only the reservation left = %v, want ErrNoFreeSubnets", err)
 	}
 
 	own, _ := newTestManager(t, srv)
-	l, err := own.AcquireLease(ctx, cfg, attrsFor("192.168.0.7"), netip.Prefix{})
+	l, err := own.AcquireLease(ctx, cfg, attrsFor("192.168.0.7"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,7 +316,7 @@ func TestReservation(t *testing.T) {
 	checkTTLless("after acquire")
 	// Acquiring again (a restart) is a no-op write-wise and stays TTL-less.
 	before := getNode(t, srv, leaseKeyOf(reserved)).ModifiedIndex
-	if l, err = own.AcquireLease(ctx, cfg, attrsFor("192.168.0.7"), netip.Prefix{}); err != nil || l.Subnet != reserved {
+	if l, err = own.AcquireLease(ctx, cfg, attrsFor("192.168.0.7"), subnet.Lease{}); err != nil || l.Subnet != reserved {
 		t.Fatalf("re-acquire = %v, %v", l, err)
 	}
 	if after := getNode(t, srv, leaseKeyOf(reserved)).ModifiedIndex; after != before {
@@ -342,7 +342,7 @@ func TestRenew(t *testing.T) {
 	cfg := mustConfig(t, testConfig)
 	ctx := context.Background()
 	m, api := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -385,7 +385,7 @@ func TestLeaseLostAndWatchRemoved(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	m, _ := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -419,7 +419,7 @@ func TestTLS(t *testing.T) {
 	if _, err := m.GetNetworkConfig(ctx); err != nil {
 		t.Fatalf("GetNetworkConfig with TLS: %v", err)
 	}
-	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{}); err != nil {
+	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{}); err != nil {
 		t.Fatalf("AcquireLease with TLS: %v", err)
 	}
 
@@ -442,7 +442,7 @@ func TestTLS(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), netip.Prefix{})
+			_, err = m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), subnet.Lease{})
 			if err == nil {
 				t.Fatal("AcquireLease succeeded, want the connection refused")
 			}
@@ -529,7 +529,7 @@ func TestBasicAuth(t *testing.T) {
 	if err != nil {
 		t.Fatalf("GetNetworkConfig with credentials: %v", err)
 	}
-	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{}); err != nil {
+	if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{}); err != nil {
 		t.Fatalf("AcquireLease with credentials: %v", err)
 	}
 
@@ -551,7 +551,7 @@ func TestBasicAuth(t *testing.T) {
 			if tc.user != "" {
 				return // each request with a password costs a bcrypt on the server
 			}
-			if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), netip.Prefix{}); etcdCode(err) != client.ErrorCodeUnauthorized {
+			if _, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), subnet.Lease{}); etcdCode(err) != client.ErrorCodeUnauthorized {
 				t.Fatalf("AcquireLease = %v, want etcd error %d (unauthorized)", err, client.ErrorCodeUnauthorized)
 			}
 		})
@@ -582,7 +582,7 @@ func TestDeadEndpointIsSkipped(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		lease, err := m.AcquireLease(ctx, cfg, attrsFor(fmt.Sprintf("192.168.0.%d", i+1)), netip.Prefix{})
+		lease, err := m.AcquireLease(ctx, cfg, attrsFor(fmt.Sprintf("192.168.0.%d", i+1)), subnet.Lease{})
 		if err != nil {
 			t.Fatalf("AcquireLease with one dead endpoint: %v", err)
 		}

@@ -83,7 +83,7 @@ func raceRound(t *testing.T, srv *etcdtest.Server, prefix string, cfg *subnet.Co
 			// Losing the race maxAcquireAttempts times in a row is an
 			// error whose remedy is to call again, as the daemon does.
 			for range 3 {
-				leases[i], errs[i] = m.AcquireLease(ctx, cfg, attrs, netip.Prefix{})
+				leases[i], errs[i] = m.AcquireLease(ctx, cfg, attrs, subnet.Lease{})
 				if !errors.Is(errs[i], errContention) {
 					break
 				}
@@ -169,7 +169,7 @@ func raceRound(t *testing.T, srv *etcdtest.Server, prefix string, cfg *subnet.Co
 	if countSubnets(cfg) == raceNodes {
 		m, _ := newTestManager(t, srv, opts)
 		prev := netip.PrefixFrom(cfg.SubnetMin, cfg.SubnetLen)
-		_, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.255.1"), prev)
+		_, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.255.1"), subnet.Lease{Subnet: prev})
 		if !errors.Is(err, subnet.ErrNoFreeSubnets) {
 			t.Errorf("acquire on the full range = %v, want ErrNoFreeSubnets", err)
 		}

@@ -68,6 +68,7 @@ type Options struct {
 type keysAPI interface {
 	Get(ctx context.Context, key string, opts *client.GetOptions) (*client.Response, error)
 	Set(ctx context.Context, key, value string, opts *client.SetOptions) (*client.Response, error)
+	Delete(ctx context.Context, key string, opts *client.DeleteOptions) (*client.Response, error)
 	Watcher(key string, opts *client.WatcherOptions) client.Watcher
 }
 

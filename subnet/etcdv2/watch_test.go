@@ -377,7 +377,7 @@ func TestWatchStartsFromAcquireListing(t *testing.T) {
 	other := netip.MustParsePrefix("10.5.77.0/24")
 	put(t, srv, leaseKeyOf(netip.MustParsePrefix("10.5.78.0/24")), `{"PublicIP":"192.168.0.78"}`, time.Hour)
 	m, api := newTestManager(t, srv)
-	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}

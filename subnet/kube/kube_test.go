@@ -217,7 +217,7 @@ func TestAcquireLeaseWaitsForPodCIDRThenPublishes(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		l, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.101"), netip.Prefix{})
+		l, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.101"), subnet.Lease{})
 		done <- result{l, err}
 	}()
 	waitFor(t, "the podCIDR wait log line", func() bool { return f.logs.count("Waiting for the node's podCIDR") > 0 })
@@ -282,7 +282,7 @@ func TestAcquireLeaseUDPAnnotations(t *testing.T) {
 	f.createNode("udp-node", "10.5.7.0/24", nil)
 	m := f.manager(f.cfg, "udp-node")
 	attrs := subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.168.8.7")}
-	if _, err := m.AcquireLease(context.Background(), mustConfig(t), attrs, netip.Prefix{}); err != nil {
+	if _, err := m.AcquireLease(context.Background(), mustConfig(t), attrs, subnet.Lease{}); err != nil {
 		t.Fatal(err)
 	}
 	n := f.getNode("udp-node")
@@ -298,7 +298,7 @@ func TestAcquireLeasePublicIPOverwrite(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("ow-node", "10.5.9.0/24", map[string]string{f.key("public-ip-overwrite"): "203.0.113.9"})
 	m := f.manager(f.cfg, "ow-node")
-	l, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.9"), netip.Prefix{})
+	l, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.9"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -310,7 +310,7 @@ func TestAcquireLeasePublicIPOverwrite(t *testing.T) {
 	}
 
 	f.createNode("ow-bad", "10.5.10.0/24", map[string]string{f.key("public-ip-overwrite"): "not-an-ip"})
-	_, err = f.manager(f.cfg, "ow-bad").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.10"), netip.Prefix{})
+	_, err = f.manager(f.cfg, "ow-bad").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.10"), subnet.Lease{})
 	if err == nil || !strings.Contains(err.Error(), "public-ip-overwrite") || !strings.Contains(err.Error(), "not-an-ip") {
 		t.Errorf("bad overwrite: err = %v, want one naming the annotation and its value", err)
 	}
@@ -320,7 +320,7 @@ func TestAcquireLeasePodCIDROutsideNetwork(t *testing.T) {
 	f := newFixture(t)
 	f.createNode("out-node", "10.6.1.0/24", nil)
 	m := f.manager(f.cfg, "out-node")
-	_, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.11"), netip.Prefix{})
+	_, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.11"), subnet.Lease{})
 	if !errors.Is(err, ErrPodCIDROutsideNetwork) || !errors.Is(err, subnet.ErrInvalidConfig) {
 		t.Fatalf("err = %v, want ErrPodCIDROutsideNetwork and ErrInvalidConfig", err)
 	}
@@ -336,7 +336,7 @@ func TestAcquireLeasePodCIDROutsideNetwork(t *testing.T) {
 
 func TestAcquireLeaseMissingNode(t *testing.T) {
 	f := newFixture(t)
-	_, err := f.manager(f.cfg, "no-such-node").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.12"), netip.Prefix{})
+	_, err := f.manager(f.cfg, "no-such-node").AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.12"), subnet.Lease{})
 	if err == nil || !strings.Contains(err.Error(), "no-such-node") || !strings.Contains(err.Error(), "NODE_NAME") {
 		t.Errorf("err = %v, want one naming the node and NODE_NAME", err)
 	}
@@ -347,7 +347,7 @@ func TestRenewLease(t *testing.T) {
 	f.createNode("renew-node", "10.5.12.0/24", nil)
 	m := f.manager(f.cfg, "renew-node")
 	ctx := context.Background()
-	l, err := m.AcquireLease(ctx, mustConfig(t), vxlanAttrs("192.168.8.12"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, mustConfig(t), vxlanAttrs("192.168.8.12"), subnet.Lease{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,7 +483,7 @@ func TestWatchLeasesSeesOwnAcquire(t *testing.T) {
 	if b := next(t, events); len(b) != 0 {
 		t.Fatalf("first batch = %s, want empty", describe(b))
 	}
-	if _, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.40"), netip.Prefix{}); err != nil {
+	if _, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.40"), subnet.Lease{}); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := describe(next(t, events)), `added 10.5.40.0/24 192.168.8.40 vxlan {"VNI":1,"VtepMAC":"26:ad:3e:11:22:33"}`; got != want {
@@ -671,7 +671,7 @@ func TestAcquireLeaseDualStack(t *testing.T) {
 	var l *subnet.Lease
 	go func() {
 		var err error
-		l, err = m.AcquireLease(context.Background(), cfg, attrs, netip.Prefix{})
+		l, err = m.AcquireLease(context.Background(), cfg, attrs, subnet.Lease{})
 		done <- err
 	}()
 	waitFor(t, "the wait for the podCIDRs", func() bool { return f.logs.count("Waiting for the node's podCIDR") > 0 })
@@ -704,7 +704,7 @@ func TestAcquireLeaseDualStack(t *testing.T) {
 	f.createNode("v6-node", "fc00:0:0:47::/64", nil)
 	m6 := f.manager(f.cfg, "v6-node")
 	attrs.PublicIP, attrs.BackendData = netip.IPv4Unspecified(), nil
-	if l, err = m6.AcquireLease(context.Background(), cfg, attrs, netip.Prefix{}); err != nil {
+	if l, err = m6.AcquireLease(context.Background(), cfg, attrs, subnet.Lease{}); err != nil {
 		t.Fatal(err)
 	}
 	if l.Subnet.IsValid() || l.IPv6Subnet != netip.MustParsePrefix("fc00:0:0:47::/64") {
@@ -721,7 +721,7 @@ func TestAcquireLeaseDualStack(t *testing.T) {
 	}
 
 	f.createNode("v6-out", "fd99::/64", nil)
-	_, err = f.manager(f.cfg, "v6-out").AcquireLease(context.Background(), cfg, attrs, netip.Prefix{})
+	_, err = f.manager(f.cfg, "v6-out").AcquireLease(context.Background(), cfg, attrs, subnet.Lease{})
 	if !errors.Is(err, ErrPodCIDROutsideNetwork) || !strings.Contains(err.Error(), "fd99::/64") || !strings.Contains(err.Error(), "fc00::/48") {
 		t.Errorf("IPv6 podCIDR outside IPv6Network: err = %v", err)
 	}

@@ -28,7 +28,7 @@ const (
 // prev is ignored: the podCIDR is the node's. If the node carries
 // <prefix>/public-ip-overwrite (or public-ipv6-overwrite), that address is
 // published and returned as the lease's PublicIP (PublicIPv6).
-func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev netip.Prefix) (*subnet.Lease, error) {
+func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, prev subnet.Lease) (*subnet.Lease, error) {
 	node, v4, v6, err := m.waitPodCIDRs(ctx, cfg)
 	if err != nil {
 		return nil, err

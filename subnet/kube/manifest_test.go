@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net/netip"
 	"slices"
 	"testing"
 
@@ -108,7 +107,7 @@ func TestRBAC(t *testing.T) {
 		t.Fatalf("NodeName as flannel: %q, %v", name, err)
 	}
 	m := f.manager(flannelCfg, name)
-	l, err := m.AcquireLease(ctx, mustConfig(t), vxlanAttrs("192.168.8.50"), netip.Prefix{})
+	l, err := m.AcquireLease(ctx, mustConfig(t), vxlanAttrs("192.168.8.50"), subnet.Lease{})
 	if err != nil {
 		t.Fatalf("AcquireLease as flannel: %v", err)
 	}
