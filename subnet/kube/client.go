@@ -3,6 +3,7 @@ package kube
 import (
 	"context"
 	"fmt"
+	"sync"
 
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -16,17 +17,21 @@ import (
 // The manager speaks only core/v1 (nodes and pods): its scheme holds that
 // group alone, instead of client-go's clientset with every API group, which
 // would triple the daemon's binary and the memory its start-up touches.
+// It is built at the first client, not at init, so that a daemon in etcd
+// mode does not pay for it.
 var (
-	scheme     = runtime.NewScheme()
-	codecs     = serializer.NewCodecFactory(scheme)
-	paramCodec = runtime.NewParameterCodec(scheme)
+	schemeOnce sync.Once
+	codecs     serializer.CodecFactory
+	paramCodec runtime.ParameterCodec
 )
 
-func init() {
+func initScheme() {
+	scheme := runtime.NewScheme()
 	if err := v1.AddToScheme(scheme); err != nil {
 		panic(err) // a static registration; fails only if the types are broken
 	}
 	metav1.AddToGroupVersion(scheme, v1.SchemeGroupVersion)
+	codecs, paramCodec = serializer.NewCodecFactory(scheme), runtime.NewParameterCodec(scheme)
 }
 
 // client is the part of the API the manager uses: nodes get, list, watch
@@ -37,6 +42,7 @@ type client struct {
 
 // newClient makes a core/v1 client of cfg.
 func newClient(cfg *rest.Config) (*client, error) {
+	schemeOnce.Do(initScheme)
 	c := rest.CopyConfig(cfg)
 	c.GroupVersion = &v1.SchemeGroupVersion
 	c.APIPath = "/api"
