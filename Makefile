@@ -21,9 +21,11 @@ lint:
 	  if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
 	$(GO) vet ./...
 
-# The whole suite: unit tests, integration tests against an embedded etcd,
+# The whole suite: unit tests, integration tests against an embedded etcd
+# and a real kube-apiserver (built first, once, into ~/.cache/flanneld-test),
 # and (as root) the namespaced e2e tests; then the arm64 cross build.
 test: lint
+	$(GO) test -count=1 -timeout 15m -run '^TestBinary$$' ./internal/kubetest/
 	$(GO) test -race -count=1 -timeout 25m ./...
 	GOARCH=arm64 CGO_ENABLED=0 $(GO) build -o /dev/null .
 

@@ -62,6 +62,7 @@ type flags struct {
 	routeResync    int
 	nexthops       bool
 	version        bool
+	kube           kubeFlags
 }
 
 func newFlagSet(f *flags) *pflag.FlagSet {
@@ -88,6 +89,7 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.IntVar(&f.routeResync, "route-resync", 10, "how often routes and other kernel entries are re-checked, in seconds")
 	fs.BoolVar(&f.nexthops, "nexthop-objects", true, "install routes through kernel nexthop objects (ip route shows nhid): linear instead of quadratic in the number of hosts; plain routes when the kernel lacks them (before Linux 5.3) or with --nexthop-objects=false")
 	fs.BoolVar(&f.version, "version", false, "print version and exit")
+	addKubeFlags(fs, &f.kube)
 	gofs := goflag.NewFlagSet("klog", goflag.ContinueOnError)
 	klog.InitFlags(gofs)
 	fs.AddGoFlagSet(gofs)
@@ -177,6 +179,9 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 			return nil, fmt.Errorf("--iface is empty: give an interface name or IPv4 address, such as eth0 or 10.0.0.5")
 		}
 	}
+	if err := f.kube.validate(); err != nil {
+		return nil, err
+	}
 	for _, expr := range f.ifaceRegex {
 		if _, err := regexp.Compile(expr); err != nil {
 			return nil, fmt.Errorf("--iface-regex %q is not a valid regular expression: %v", expr, err)
@@ -238,8 +243,13 @@ func run(f *flags) error {
 
 	// The etcd round trip for the network config overlaps the interface
 	// lookup; an error here is reported after the interface's, as before.
-	var mgr subnet.Manager
-	em, mgrErr := newManager(f, log)
+	var mgr, em subnet.Manager
+	var mgrErr error
+	if f.kube.subnetMgr {
+		em, mgrErr = newKubeManager(ctx, &f.kube, log)
+	} else {
+		em, mgrErr = newManager(f, log)
+	}
 	if mgrErr == nil {
 		mgr = prefetchConfig(ctx, em)
 	}

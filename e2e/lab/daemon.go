@@ -35,7 +35,7 @@ type Daemon struct {
 //
 // followed by extraArgs (a repeated single-valued flag overrides the earlier
 // one). Its stdout and stderr go to a new log file per start. FLANNELD_*
-// variables of the caller's environment are not passed on. The process dies
+// variables of the caller's environment are not passed on; h.DaemonEnv is. The process dies
 // with the lab's process, and Lab.Close stops it.
 func (h *Host) StartDaemon(extraArgs ...string) (*Daemon, error) {
 	l := h.lab
@@ -67,7 +67,7 @@ func (h *Host) StartDaemon(extraArgs ...string) (*Daemon, error) {
 	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS, l.opts.DaemonPath}, args...)...)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
-	cmd.Env = daemonEnv(os.Environ())
+	cmd.Env = append(daemonEnv(os.Environ()), h.DaemonEnv...)
 	// Own process group: a terminal's Ctrl-C reaches the lab, which then
 	// stops the daemons in order. Pdeathsig: never outlive the lab process.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

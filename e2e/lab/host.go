@@ -19,6 +19,9 @@ type Host struct {
 	Addr       netip.Addr // eth0 address on the LAN (the daemon's public IP)
 	Addr6      netip.Addr // eth0 IPv6 address on the LAN (Options.LAN6); invalid without
 	SubnetFile string     // the daemon's --subnet-file
+	// DaemonEnv is added to the environment of the daemons StartDaemon
+	// runs from then on, e.g. NODE_NAME=host1 for --kube-subnet-mgr.
+	DaemonEnv []string
 
 	lab *Lab
 	dir string
