@@ -94,7 +94,9 @@ func (n *node) update(batch []subnet.Event) (lost bool) {
 			}
 			continue
 		}
-		if own && l.Attrs.PublicIP == n.attrs.PublicIP && l.Attrs.PublicIPv6 == n.attrs.PublicIPv6 {
+		// Our lease as the store published it (a Kubernetes node may
+		// publish public-ip-overwrite instead of our address).
+		if own && l.Attrs.PublicIP == n.lease.Attrs.PublicIP && l.Attrs.PublicIPv6 == n.lease.Attrs.PublicIPv6 {
 			n.leases.put(l)
 			continue
 		}

@@ -160,8 +160,9 @@ func (n *node) renewDelay() time.Duration {
 }
 
 // acquire obtains the first lease, retrying transient errors with back-off
-// until ctx ends; nothing else runs yet. A full range is returned as an
-// error.
+// until ctx ends; nothing else runs yet. A full range, or a lease the
+// network config refuses (a podCIDR outside Network), is returned as an
+// error: the daemon stops with it.
 func (n *node) acquire(ctx context.Context, prev subnet.Lease) (*subnet.Lease, error) {
 	wait := n.o.AcquireRetry
 	for {
@@ -170,7 +171,7 @@ func (n *node) acquire(ctx context.Context, prev subnet.Lease) (*subnet.Lease, e
 			n.log.Info("Acquired lease", "subnet", l.Subnet, "reservation", l.Reservation(), "expires", l.Expiration)
 			return l, nil
 		}
-		if errors.Is(err, subnet.ErrNoFreeSubnets) || ctx.Err() != nil {
+		if errors.Is(err, subnet.ErrNoFreeSubnets) || errors.Is(err, subnet.ErrInvalidConfig) || ctx.Err() != nil {
 			return nil, fmt.Errorf("acquiring lease: %w", err)
 		}
 		n.log.Error(err, "Acquiring lease failed; retrying", "in", wait)
