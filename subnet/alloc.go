@@ -152,3 +152,29 @@ func CheckAttrs(cfg *Config, attrs LeaseAttrs) error {
 	}
 	return nil
 }
+
+// ChooseLease picks the subnets of a new lease: ChooseSubnet for IPv4 and
+// ChooseSubnet6 for IPv6, as cfg enables them (taken6 is the IPv6 claims).
+func ChooseLease(cfg *Config, taken, taken6 *Taken, prev Lease, intn func(int) int) (Lease, bool) {
+	var l Lease
+	var ok bool
+	if cfg.EnableIPv4 {
+		if l.Subnet, ok = ChooseSubnet(cfg, taken, prev.Subnet, intn); !ok {
+			return l, false
+		}
+	}
+	if cfg.EnableIPv6 {
+		if l.IPv6Subnet, ok = ChooseSubnet6(cfg, taken6, prev.IPv6Subnet, intn); !ok {
+			return l, false
+		}
+	}
+	return l, true
+}
+
+// ClaimsOf reports whether the lease key name claims a subnet of l (its
+// IPv4 or its IPv6 one): two keys created at once, differing only in one
+// part, can claim one subnet; the older keeps it.
+func ClaimsOf(name string, l Lease) bool {
+	v4, v6 := ClaimedPrefixes(name)
+	return (v4.IsValid() && l.Subnet.IsValid() && v4.Overlaps(l.Subnet)) || (v6.IsValid() && l.IPv6Subnet.IsValid() && v6.Overlaps(l.IPv6Subnet))
+}

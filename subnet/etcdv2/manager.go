@@ -309,8 +309,7 @@ func (m *Manager) firstClaim(ctx context.Context, key string, index uint64, l su
 		if n.Key == key || n.CreatedIndex > index {
 			continue
 		}
-		v4, v6 := subnet.ClaimedPrefixes(path.Base(n.Key))
-		if (v4.IsValid() && l.Subnet.IsValid() && v4.Overlaps(l.Subnet)) || (v6.IsValid() && l.IPv6Subnet.IsValid() && v6.Overlaps(l.IPv6Subnet)) {
+		if subnet.ClaimsOf(path.Base(n.Key), l) {
 			dctx, cancel := context.WithTimeout(ctx, m.callTimeout)
 			_, err := m.api.Delete(dctx, key, &client.DeleteOptions{PrevIndex: index})
 			cancel()

@@ -109,19 +109,7 @@ func (a *allocation) own(cfg *subnet.Config, attrs subnet.LeaseAttrs) (entry, bo
 	return entry{}, false
 }
 
-// choose picks the subnets of a new lease, as etcdv2's allocation does.
+// choose is subnet.ChooseLease on the listing.
 func (a *allocation) choose(cfg *subnet.Config, prev subnet.Lease, intn func(int) int) (subnet.Lease, bool) {
-	var l subnet.Lease
-	var ok bool
-	if cfg.EnableIPv4 {
-		if l.Subnet, ok = subnet.ChooseSubnet(cfg, a.taken, prev.Subnet, intn); !ok {
-			return l, false
-		}
-	}
-	if cfg.EnableIPv6 {
-		if l.IPv6Subnet, ok = subnet.ChooseSubnet6(cfg, a.taken6, prev.IPv6Subnet, intn); !ok {
-			return l, false
-		}
-	}
-	return l, true
+	return subnet.ChooseLease(cfg, a.taken, a.taken6, prev, intn)
 }

@@ -344,8 +344,7 @@ func (m *Manager) firstClaim(ctx context.Context, key string, revision int64, l 
 		if name == key || kv.CreateRevision > revision {
 			continue
 		}
-		v4, v6 := subnet.ClaimedPrefixes(name[strings.LastIndexByte(name, '/')+1:])
-		if (v4.IsValid() && l.Subnet.IsValid() && v4.Overlaps(l.Subnet)) || (v6.IsValid() && l.IPv6Subnet.IsValid() && v6.Overlaps(l.IPv6Subnet)) {
+		if subnet.ClaimsOf(name[strings.LastIndexByte(name, '/')+1:], l) {
 			_, err := m.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", revision)}, clientv3.OpDelete(key))
 			if err != nil {
 				return false, fmt.Errorf("giving up lease %s to %s: %w", l.Key(), name, err)
