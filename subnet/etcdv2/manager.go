@@ -67,6 +67,31 @@ func (m *Manager) keepListing(root *client.Node, index uint64) {
 	}
 }
 
+// keepOwn adds the key AcquireLease wrote to the kept listing, so that the
+// first watch knows the own lease from its start: a store wiped before the
+// watch saw the key written still reports it removed (and the daemon
+// writes it again).
+func (m *Manager) keepOwn(key, value string) {
+	m.listing.Lock()
+	defer m.listing.Unlock()
+	if m.listing.watched || !m.listing.ok {
+		return
+	}
+	root := &client.Node{Key: m.subnetsDir(), Dir: true}
+	if m.listing.root != nil {
+		c := *m.listing.root
+		root = &c
+	}
+	nodes := make(client.Nodes, 0, len(root.Nodes)+1)
+	for _, n := range root.Nodes {
+		if n.Key != key {
+			nodes = append(nodes, n)
+		}
+	}
+	root.Nodes = append(nodes, &client.Node{Key: key, Value: value, ModifiedIndex: m.listing.index})
+	m.listing.root = root
+}
+
 // takeListing returns the kept listing, if any, and stops keeping them.
 func (m *Manager) takeListing() (root *client.Node, index uint64, ok bool) {
 	m.listing.Lock()
@@ -219,6 +244,7 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 			return nil, fmt.Errorf("acquiring lease: %w", err)
 		}
 		if lease != nil {
+			m.keepOwn(m.leaseKey(*lease), value)
 			return lease, nil
 		}
 		if !sleep(ctx, m.jitter()) {

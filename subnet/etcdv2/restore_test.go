@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -122,4 +123,29 @@ func TestWatchConfig(t *testing.T) {
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Errorf("WatchConfig = %v, want context.Canceled", err)
 	}
+}
+
+// TestWatchFirstBatchHasOwnLease: the first batch after AcquireLease holds
+// the lease it wrote, so a store wiped before the watch saw that write still
+// reports the own lease removed (the daemon then writes it again).
+func TestWatchFirstBatchHasOwnLease(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	put(t, srv, "subnets/10.5.1.0-24", `{"PublicIP":"192.168.0.1"}`, time.Hour)
+	m, _ := newTestManager(t, srv)
+	l, err := m.AcquireLease(ctx, mustConfig(t, testConfig), attrsFor("192.168.0.2"), subnet.Lease{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startCollector(t, ctx, m)
+	var first []subnet.Event
+	eventually(t, "the first batch", func() bool { var ok bool; first, ok = c.firstBatch(); return ok })
+	if got := evString(first); !strings.Contains(got, l.Subnet.String()) {
+		t.Fatalf("first batch %q lacks the own lease %v", got, l.Subnet)
+	}
+	if err := srv.Wipe(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the own lease reported removed", func() bool { return c.sawRemoved(l.Subnet) })
 }

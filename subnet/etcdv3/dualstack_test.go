@@ -117,3 +117,29 @@ func TestDualStackFirstClaim(t *testing.T) {
 		t.Errorf("older key: firstClaim = %v, %v; want won", won, err)
 	}
 }
+
+// TestWatchFirstBatchHasOwnLease: the first batch after AcquireLease holds
+// the lease it wrote, so a store wiped before the watch saw that write still
+// reports the own lease removed (the daemon then writes it again).
+func TestWatchFirstBatchHasOwnLease(t *testing.T) {
+	srv := etcdtest.Start(t)
+	c := v3(t, srv)
+	put(t, c, "subnets/10.5.1.0-24", `{"PublicIP":"192.168.0.1"}`, time.Hour)
+	m, _ := newTestManager(t, srv)
+	l, err := m.AcquireLease(context.Background(), mustConfig(t, testConfig), attrsFor("192.168.0.2"), subnet.Lease{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := startCollector(t, m)
+	eventually(t, "the first batch", func() bool { return col.nBatches() > 0 })
+	col.mu.Lock()
+	first := evString(col.batches[0])
+	col.mu.Unlock()
+	if !strings.Contains(first, l.Subnet.String()) {
+		t.Fatalf("first batch %q lacks the own lease %v", first, l.Subnet)
+	}
+	if err := srv.Wipe(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the own lease reported removed", func() bool { return col.removals(l.Subnet) > 0 })
+}

@@ -257,6 +257,7 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 			return nil, fmt.Errorf("acquiring lease: %w", err)
 		}
 		if lease != nil {
+			m.keepOwn(m.leaseKey(*lease), raw, !lease.Reservation())
 			return lease, nil
 		}
 		if !sleep(ctx, m.jitter()) {
@@ -405,6 +406,32 @@ func (m *Manager) keepListing(resp *clientv3.GetResponse) {
 	if !m.listing.watched {
 		m.listing.resp = resp
 	}
+}
+
+// keepOwn adds the key AcquireLease wrote to the kept listing, so that the
+// first watch knows the own lease from its start: a store wiped before the
+// watch saw the key written still reports it removed (and the daemon
+// writes it again).
+func (m *Manager) keepOwn(key string, value []byte, leased bool) {
+	m.listing.Lock()
+	defer m.listing.Unlock()
+	resp := m.listing.resp
+	if m.listing.watched || resp == nil {
+		return
+	}
+	c := *resp
+	kvs := make([]*mvccpb.KeyValue, 0, len(c.Kvs)+1)
+	for _, kv := range c.Kvs {
+		if string(kv.Key) != key {
+			kvs = append(kvs, kv)
+		}
+	}
+	own := &mvccpb.KeyValue{Key: []byte(key), Value: value, ModRevision: c.Header.Revision}
+	if leased {
+		own.Lease = 1 // only "attached to a lease" is read
+	}
+	c.Kvs = append(kvs, own)
+	m.listing.resp = &c
 }
 
 // takeListing returns the kept listing, if any, and stops keeping them.
