@@ -300,7 +300,7 @@ func run(f *flags) error {
 		Nexthops:    nexthops,
 		Rules: func(set flannel.RuleSet) (flannel.Rules, error) {
 			return network.New(network.Options{Network: set.Network, Lease: set.Lease, IPv6Network: set.IPv6Network, IPv6Lease: set.IPv6Lease,
-				IPMasq: set.IPMasq, NFTables: set.NFTables,
+				IPMasq: set.IPMasq, NFTables: set.NFTables, CleanupInRun: true,
 				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("rules")})
 		},
 		OnNotReady: func(reason string) { notReady.Store(&reason) },

@@ -43,8 +43,15 @@ type Options struct {
 	// NFTables keeps the rules in the nftables tables "ip flannel-ipv4" and
 	// "ip6 flannel-ipv6" (the config's EnableNFTables) instead of
 	// iptables/ip6tables chains. Either way, the first Ensure removes what
-	// the other mode left from an earlier run.
+	// the other mode left from an earlier run (Run does, with
+	// CleanupInRun).
 	NFTables bool
+	// CleanupInRun leaves the removal of an earlier run's leftovers to Run,
+	// right after the first Ensure that succeeds, so that the first Ensure
+	// (which a node waits for before it is ready) only installs the rules:
+	// the removal lists the other mode's rules (ip6tables-save, nft) and
+	// takes some tens of milliseconds.
+	CleanupInRun bool
 	// ResyncInterval is how often Run checks the rules; zero means
 	// DefaultResyncInterval.
 	ResyncInterval time.Duration
@@ -100,6 +107,8 @@ type Keeper struct {
 	ensureMu sync.Mutex // serialises Ensure; guards lastOK and cleaned
 	lastOK   time.Time  // end of the last Ensure that succeeded
 	cleaned  bool       // cleanup has succeeded
+	// deferCleanup is Options.CleanupInRun.
+	deferCleanup bool
 
 	restores atomic.Uint64
 	wake     chan struct{} // tells Run a lease changed
@@ -129,6 +138,8 @@ func New(opts Options) (*Keeper, error) {
 		network6: opts.IPv6Network.Masked(),
 		ipMasq:   opts.IPMasq,
 		wake:     make(chan struct{}, 1),
+
+		deferCleanup: opts.CleanupInRun,
 	}
 	if !has4 {
 		k.network = netip.Prefix{}
@@ -316,6 +327,11 @@ func (k *Keeper) Run(ctx context.Context) error {
 			}
 		}
 		recent = false
+		if k.deferCleanup {
+			k.ensureMu.Lock()
+			k.removeLeftovers(ctx)
+			k.ensureMu.Unlock()
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -349,21 +365,31 @@ func (k *Keeper) Ensure(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
-	if !k.cleaned && len(errs) == 0 {
-		k.cleaned = true
-		for _, c := range k.cleanup {
-			removed, err := c.remove(ctx)
-			switch {
-			case err != nil:
-				k.cleaned = false
-				k.log.Error(err, "Failed to remove rules left from an earlier run; retrying at the next check", "what", c.what)
-			case removed:
-				k.log.Info("Removed rules left from an earlier run", "what", c.what)
-			}
-		}
-	}
 	if len(errs) == 0 {
 		k.lastOK = time.Now()
+		if !k.deferCleanup {
+			k.removeLeftovers(ctx)
+		}
 	}
 	return errors.Join(errs...)
+}
+
+// removeLeftovers removes the other mode's (and an unconfigured family's)
+// rules once the wanted ones are in, until it has once succeeded. Callers
+// hold ensureMu.
+func (k *Keeper) removeLeftovers(ctx context.Context) {
+	if k.cleaned || k.lastOK.IsZero() {
+		return
+	}
+	k.cleaned = true
+	for _, c := range k.cleanup {
+		removed, err := c.remove(ctx)
+		switch {
+		case err != nil:
+			k.cleaned = false
+			k.log.Error(err, "Failed to remove rules left from an earlier run; retrying at the next check", "what", c.what)
+		case removed:
+			k.log.Info("Removed rules left from an earlier run", "what", c.what)
+		}
+	}
 }

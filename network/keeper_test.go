@@ -670,3 +670,43 @@ func TestRunLogsErrorsAndRetries(t *testing.T) {
 	eventually(t, "the rules after the fault is gone", func() bool { return f.dump() == goldenMasq })
 	stop()
 }
+
+// TestCleanupInRun: with CleanupInRun the first Ensure only installs the
+// rules (what a node waits for before it is ready); Run then removes an
+// earlier run's leftovers (here the IPv6 chains of a dual-stack run) at
+// once, without waiting for its interval.
+func TestCleanupInRun(t *testing.T) {
+	f4, f6 := withForeignRules(), newFakeIPT()
+	v6net, v6lease := netip.MustParsePrefix("fc00::/48"), netip.MustParsePrefix("fc00:0:0:22::/64")
+	dual, err := New(Options{Network: testNetwork, Lease: testLease, IPv6Network: v6net, IPv6Lease: v6lease, Logger: testLogger(t), ipt: f4, ip6t: f6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ensure(t, dual)
+	if !strings.Contains(f6.dump(), ChainForward) {
+		t.Fatalf("the dual-stack run left no IPv6 chain:\n%s", f6.dump())
+	}
+	k, err := New(Options{Network: testNetwork, Lease: testLease, ResyncInterval: time.Hour, CleanupInRun: true, Logger: testLogger(t), ipt: f4, ip6t: f6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f6.takeWrites()
+	ensure(t, k)
+	if w := f6.takeWrites(); len(w) != 0 || !strings.Contains(f6.dump(), ChainForward) {
+		t.Fatalf("the first Ensure touched the IPv6 leftovers: %q", w)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- k.Run(ctx) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for strings.Contains(f6.dump(), ChainForward) {
+		if time.Now().After(deadline) {
+			t.Fatalf("Run did not remove the IPv6 leftovers:\n%s", f6.dump())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run = %v", err)
+	}
+}
