@@ -32,6 +32,39 @@ func writeLeasesV3(ctx context.Context, c *clientv3.Client, l *lab.Lab, backend 
 	})
 }
 
+// BenchmarkControlPlaneRunningV3 is BenchmarkControlPlaneRunning on
+// --etcd-api v3 (nexthop objects, the default route form): N leases written
+// in the v3 keyspace while the daemon runs, until all are in the kernel.
+func BenchmarkControlPlaneRunningV3(b *testing.B) {
+	needRoot(b)
+	n := envInts(b, envBenchNewLeases, benchMaxLeases-runningOffset, 5000)[0]
+	for _, backend := range benchBackends {
+		b.Run(fmt.Sprintf("%s/leases=%d", backend, n), func(b *testing.B) {
+			l := benchLab(b, backend)
+			c, err := l.V3Client()
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if _, err := c.Put(ctx, l.EtcdPrefix()+"/config", benchConfig(backend)); err != nil {
+				b.Fatal(err)
+			}
+			benchRunning(b, l, backend, n, benchWriter{
+				write: func(ctx context.Context, from, n int) error { return writeLeasesV3(ctx, c, l, backend, from, n) },
+				del: func(ctx context.Context, from, n int) error {
+					return forLeases(n, func(i int) error {
+						key, _ := fakeLease(l, backend, from+i)
+						_, err := c.Delete(ctx, key)
+						return err
+					})
+				},
+			}, "--etcd-api", "v3")
+		})
+	}
+}
+
 // BenchmarkControlPlaneStartV3 is BenchmarkControlPlaneStart on the etcd v3
 // API (--etcd-api v3): a daemon starts on a host with an empty kernel while
 // the v3 keyspace holds N leases (default 5,000). It reports the time from

@@ -493,70 +493,86 @@ func BenchmarkControlPlaneRunning(b *testing.B) {
 		for _, rf := range benchRoutes {
 			b.Run(fmt.Sprintf("%s/%s/leases=%d", backend, rf.name, n), func(b *testing.B) {
 				l := benchLab(b, backend)
-				h := l.Host(1)
 				kapi := benchKeys(b, l)
-				kc := newKernelCounter(b, h, backend)
-				d := startDaemon(b, h, routeArgs(rf.flag, "--healthz-port", strconv.Itoa(benchMetricsPort))...)
-				env := waitEnv(b, h)
-				if a := env.Subnet.Addr().As4(); a[0] == 10 {
-					if i := (int(a[1])<<8 | int(a[2])) - 1; i >= runningOffset && i < runningOffset+n {
-						b.Fatalf("the daemon's lease %s is among the fake ones", env.Subnet)
-					}
-				}
-				kc.waitCount(b, d, 0, nil)
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-				defer cancel()
-
-				var afterLast, afterFirst, writing []time.Duration
-				var applies, applySeconds, resyncs float64
-				for b.Loop() {
-					m0 := scrapeMetrics(b, h)
-					abort := make(chan struct{})
-					var t0, t1 time.Time
-					var werr error
-					wrote := make(chan struct{})
-					go func() {
-						defer close(wrote)
-						t0 = time.Now()
-						werr = writeLeases(ctx, kapi, l, backend, runningOffset, n)
-						t1 = time.Now()
-						if werr != nil {
-							close(abort)
-						}
-					}()
-					tDone, _ := kc.waitCount(b, d, n, abort)
-					<-wrote
-					b.StopTimer()
-					if werr != nil {
-						b.Fatal(werr)
-					}
-					afterLast = append(afterLast, max(tDone.Sub(t1), 0))
-					afterFirst = append(afterFirst, tDone.Sub(t0))
-					writing = append(writing, t1.Sub(t0))
-					m1 := scrapeMetrics(b, h)
-					applies += m1[metricApplies] - m0[metricApplies]
-					applySeconds += m1[metricApplySeconds] - m0[metricApplySeconds]
-					resyncs += m1[metricResyncs] - m0[metricResyncs]
-					if err := deleteLeases(ctx, kapi, l, backend, runningOffset, n); err != nil {
-						b.Fatal(err)
-					}
-					kc.waitCount(b, d, 0, nil)
-					b.StartTimer()
-				}
-				b.ReportMetric(ms(median(afterLast)), "after-last-write-ms")
-				b.ReportMetric(ms(median(afterFirst)), "after-first-write-ms")
-				b.ReportMetric(ms(median(writing)), "writing-ms")
-				iters := float64(len(afterLast))
-				b.ReportMetric(applies/iters, "applies")
-				b.ReportMetric(applySeconds*1000/iters, "apply-ms")
-				b.ReportMetric(resyncs/iters, "watch-resyncs")
-				m := settledMemory(b, h, d)
-				b.ReportMetric(m.RSS, "rss-MB")
-				b.ReportMetric(m.Peak, "peak-rss-MB")
-				b.ReportMetric(m.Anon, "anon-rss-MB")
+				benchRunning(b, l, backend, n, benchWriter{
+					write: func(ctx context.Context, from, n int) error { return writeLeases(ctx, kapi, l, backend, from, n) },
+					del:   func(ctx context.Context, from, n int) error { return deleteLeases(ctx, kapi, l, backend, from, n) },
+				}, routeArgs(rf.flag)...)
 			})
 		}
 	}
+}
+
+// benchWriter writes and deletes the fake leases from..from+n-1 in one
+// keyspace.
+type benchWriter struct {
+	write, del func(ctx context.Context, from, n int) error
+}
+
+// benchRunning is the body of the running benchmarks: a converged daemon
+// (args added to its command line) follows n leases written at once, then
+// their removal, each iteration.
+func benchRunning(b *testing.B, l *lab.Lab, backend string, n int, w benchWriter, args ...string) {
+	h := l.Host(1)
+	kc := newKernelCounter(b, h, backend)
+	d := startDaemon(b, h, append(args, "--healthz-port", strconv.Itoa(benchMetricsPort))...)
+	env := waitEnv(b, h)
+	if a := env.Subnet.Addr().As4(); a[0] == 10 {
+		if i := (int(a[1])<<8 | int(a[2])) - 1; i >= runningOffset && i < runningOffset+n {
+			b.Fatalf("the daemon's lease %s is among the fake ones", env.Subnet)
+		}
+	}
+	kc.waitCount(b, d, 0, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+
+	var afterLast, afterFirst, writing []time.Duration
+	var applies, applySeconds, resyncs float64
+	for b.Loop() {
+		m0 := scrapeMetrics(b, h)
+		abort := make(chan struct{})
+		var t0, t1 time.Time
+		var werr error
+		wrote := make(chan struct{})
+		go func() {
+			defer close(wrote)
+			t0 = time.Now()
+			werr = w.write(ctx, runningOffset, n)
+			t1 = time.Now()
+			if werr != nil {
+				close(abort)
+			}
+		}()
+		tDone, _ := kc.waitCount(b, d, n, abort)
+		<-wrote
+		b.StopTimer()
+		if werr != nil {
+			b.Fatal(werr)
+		}
+		afterLast = append(afterLast, max(tDone.Sub(t1), 0))
+		afterFirst = append(afterFirst, tDone.Sub(t0))
+		writing = append(writing, t1.Sub(t0))
+		m1 := scrapeMetrics(b, h)
+		applies += m1[metricApplies] - m0[metricApplies]
+		applySeconds += m1[metricApplySeconds] - m0[metricApplySeconds]
+		resyncs += m1[metricResyncs] - m0[metricResyncs]
+		if err := w.del(ctx, runningOffset, n); err != nil {
+			b.Fatal(err)
+		}
+		kc.waitCount(b, d, 0, nil)
+		b.StartTimer()
+	}
+	b.ReportMetric(ms(median(afterLast)), "after-last-write-ms")
+	b.ReportMetric(ms(median(afterFirst)), "after-first-write-ms")
+	b.ReportMetric(ms(median(writing)), "writing-ms")
+	iters := float64(len(afterLast))
+	b.ReportMetric(applies/iters, "applies")
+	b.ReportMetric(applySeconds*1000/iters, "apply-ms")
+	b.ReportMetric(resyncs/iters, "watch-resyncs")
+	m := settledMemory(b, h, d)
+	b.ReportMetric(m.RSS, "rss-MB")
+	b.ReportMetric(m.Peak, "peak-rss-MB")
+	b.ReportMetric(m.Anon, "anon-rss-MB")
 }
 
 const (
