@@ -2,7 +2,6 @@ package etcdv3
 
 import (
 	"context"
-	"net/netip"
 	"strings"
 	"testing"
 
@@ -35,7 +34,10 @@ func TestBadLeaseInput(t *testing.T) {
 	var logs []string
 	m, _ := newTestManager(t, srv, func(o *Options) { o.Logger = captureLogger(&logs) })
 	col := startCollector(t, m)
-	col.waitFor(t, map[netip.Prefix]string{})
+	eventually(t, "the first batch", func() bool { return col.nBatches() > 0 })
+	if got := col.snapshot(); len(got) != 0 {
+		t.Errorf("watched %v, want no lease", got)
+	}
 	cfg := mustConfig(t, `{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.7.0"}`)
 	l, err := m.AcquireLease(context.Background(), cfg, attrsFor("192.168.0.9"), subnet.Lease{})
 	if err != nil || l.Subnet != pfx("10.5.7.0/24") {
