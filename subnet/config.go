@@ -35,6 +35,19 @@ func (e *ConfigError) Error() string {
 	return ErrInvalidConfig.Error() + " at " + e.Key + ": " + e.Reason
 }
 
+// ConfigErrorAt names where the config was read in an error of
+// ParseConfig: "invalid network config at /coreos.com/network/config:
+// SubnetLen 31 is longer than 30".
+func ConfigErrorAt(key string, err error) error {
+	var ce *ConfigError
+	if errors.As(err, &ce) {
+		withKey := *ce
+		withKey.Key = key
+		return &withKey
+	}
+	return fmt.Errorf("%w at %s: %w", ErrInvalidConfig, key, err)
+}
+
 // Is makes errors.Is(err, ErrInvalidConfig) true.
 func (e *ConfigError) Is(target error) bool { return target == ErrInvalidConfig }
 

@@ -16,7 +16,7 @@ import (
 // sent (the value, or that the key is missing).
 func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigUpdate) error {
 	key := m.configKey()
-	bo := backoff{min: m.minBackoff, max: m.maxBackoff}
+	bo := subnet.Backoff{Min: m.minBackoff, Max: m.maxBackoff}
 	var last string // the value sent last; "" with sent: the key was missing
 	sent, failed := false, false
 	for {
@@ -44,12 +44,12 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 				m.log.V(1).Info("Reading the network config failed; retrying", "key", key, "err", err.Error())
 				failed = true
 			}
-			if !sleep(ctx, bo.next()) {
+			if !subnet.Sleep(ctx, bo.Next()) {
 				return ctx.Err()
 			}
 			continue
 		}
-		bo.reset()
+		bo.Reset()
 		failed = false
 		state := "\x00missing"
 		if present {
@@ -61,7 +61,7 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 				if resp.Node == nil || resp.Node.Dir {
 					u.Err = fmt.Errorf("%w at %s: it is a directory; store the JSON config as the value of this key", subnet.ErrInvalidConfig, key)
 				} else if cfg, err := subnet.ParseConfig([]byte(value)); err != nil {
-					u.Err = configError(key, err)
+					u.Err = subnet.ConfigErrorAt(key, err)
 				} else {
 					u.Config, u.Err = cfg, nil
 				}
@@ -79,7 +79,7 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 		_, err = m.api.Watcher(key, &client.WatcherOptions{AfterIndex: index}).Next(pctx)
 		cancel()
 		if err != nil && ctx.Err() == nil && pctx.Err() == nil && etcdCode(err) != client.ErrorCodeEventIndexCleared {
-			if !sleep(ctx, bo.next()) {
+			if !subnet.Sleep(ctx, bo.Next()) {
 				return ctx.Err()
 			}
 		}

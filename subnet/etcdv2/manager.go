@@ -191,7 +191,7 @@ func (m *Manager) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) 
 			}
 			cfg, err := subnet.ParseConfig([]byte(resp.Node.Value))
 			if err != nil {
-				return nil, configError(key, err)
+				return nil, subnet.ConfigErrorAt(key, err)
 			}
 			return cfg, nil
 		}
@@ -210,22 +210,10 @@ func (m *Manager) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) 
 			m.log.Info("Network config not available yet; retrying every "+m.configRetry.String(), "key", key, "reason", reason)
 			lastReason = reason
 		}
-		if !sleep(ctx, m.configRetry) {
+		if !subnet.Sleep(ctx, m.configRetry) {
 			return nil, ctx.Err()
 		}
 	}
-}
-
-// configError names the key in ParseConfig's error: "invalid network config
-// at /coreos.com/network/config: SubnetLen 31 is longer than 30".
-func configError(key string, err error) error {
-	var ce *subnet.ConfigError
-	if errors.As(err, &ce) {
-		withKey := *ce
-		withKey.Key = key
-		return &withKey
-	}
-	return fmt.Errorf("%w at %s: %w", subnet.ErrInvalidConfig, key, err)
 }
 
 // AcquireLease implements subnet.Manager.
@@ -247,7 +235,7 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 			m.keepOwn(m.leaseKey(*lease), value)
 			return lease, nil
 		}
-		if !sleep(ctx, m.jitter()) {
+		if !subnet.Sleep(ctx, m.jitter()) {
 			return nil, ctx.Err()
 		}
 	}
@@ -393,19 +381,4 @@ func (m *Manager) RenewLease(ctx context.Context, lease *subnet.Lease) error {
 	}
 	lease.Expiration = leaseFrom(*lease, resp.Node).Expiration
 	return nil
-}
-
-// sleep waits d or until ctx ends; false means ctx ended.
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

@@ -5,14 +5,11 @@ package etcdv2
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"time"
 
@@ -20,6 +17,8 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
+
+	"github.com/flanneld-go/flanneld/internal/etcdtls"
 )
 
 // Defaults of Options.
@@ -74,7 +73,7 @@ type keysAPI interface {
 
 // newKeysAPI builds the v2 client for opts (already defaulted).
 func newKeysAPI(opts *Options) (keysAPI, error) {
-	tlsCfg, err := tlsConfig(opts)
+	tlsCfg, err := etcdtls.Config(opts.CertFile, opts.KeyFile, opts.CAFile)
 	if err != nil {
 		return nil, err
 	}
@@ -131,37 +130,6 @@ func countError(ctx context.Context, op string, err error) {
 		return
 	}
 	metrics.EtcdErrors.WithLabelValues(op).Inc()
-}
-
-// tlsConfig returns the client TLS config of opts, or nil when no TLS file
-// is given (https endpoints then verify against the system roots).
-func tlsConfig(opts *Options) (*tls.Config, error) {
-	if opts.CertFile == "" && opts.KeyFile == "" && opts.CAFile == "" {
-		return nil, nil
-	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	if (opts.CertFile == "") != (opts.KeyFile == "") {
-		return nil, errors.New("etcd TLS: set both the client certificate file and the key file, or neither")
-	}
-	if opts.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(opts.CertFile, opts.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("loading etcd client certificate %s and key %s: %w", opts.CertFile, opts.KeyFile, err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	if opts.CAFile != "" {
-		pem, err := os.ReadFile(opts.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("loading etcd CA file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("loading etcd CA file %s: no PEM certificate in it", opts.CAFile)
-		}
-		cfg.RootCAs = pool
-	}
-	return cfg, nil
 }
 
 // withDefaults returns a copy of opts with the defaults filled in and the

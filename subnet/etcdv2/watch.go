@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 	"path"
 	"time"
@@ -25,7 +24,7 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 		dir:    m.subnetsDir(),
 		known:  map[netip.Prefix]subnet.LeaseSummary{},
 		logged: map[string]uint64{},
-		bo:     backoff{min: m.minBackoff, max: m.maxBackoff},
+		bo:     subnet.Backoff{Min: m.minBackoff, Max: m.maxBackoff},
 	}
 	return w.run(ctx, events)
 }
@@ -48,7 +47,7 @@ type watcher struct {
 	// next long poll: after a failed request the store may have been
 	// restored from a backup or replaced by an empty one.
 	check bool
-	bo    backoff
+	bo    subnet.Backoff
 	// failures counts failed requests since etcd last answered.
 	failures int
 }
@@ -67,14 +66,14 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				d := w.bo.next()
+				d := w.bo.Next()
 				w.logFailure(log, err, "Listing leases failed; retrying", d)
-				if !sleep(ctx, d) {
+				if !subnet.Sleep(ctx, d) {
 					return ctx.Err()
 				}
 				continue
 			}
-			w.bo.reset()
+			w.bo.Reset()
 			w.recovered(log)
 			needList = false
 			if first || len(evs) > 0 {
@@ -95,9 +94,9 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				d := w.bo.next()
+				d := w.bo.Next()
 				w.logFailure(log, err, "Checking etcd failed; retrying", d)
-				if !sleep(ctx, d) {
+				if !subnet.Sleep(ctx, d) {
 					return ctx.Err()
 				}
 				continue
@@ -125,14 +124,14 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 				needList = true
 				metrics.WatchResyncs.Inc()
 				cleared++
-				if cleared > 1 && !sleep(ctx, w.bo.next()) {
+				if cleared > 1 && !subnet.Sleep(ctx, w.bo.Next()) {
 					return ctx.Err()
 				}
 			default:
 				w.check = true
-				d := w.bo.next()
+				d := w.bo.Next()
 				w.logFailure(log, err, "Watching leases failed; retrying", d)
-				if !sleep(ctx, d) {
+				if !subnet.Sleep(ctx, d) {
 					return ctx.Err()
 				}
 			}
@@ -142,7 +141,7 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 			needList = true
 			continue
 		}
-		w.bo.reset()
+		w.bo.Reset()
 		w.recovered(log)
 		cleared = 0
 		evs, relist := w.apply(resp)
@@ -349,22 +348,3 @@ func (w *watcher) logBad(n *client.Node, err error) {
 	}
 	w.m.log.Info("Skipping a key in the subnets directory; fix its value or remove it from etcd", "key", n.Key, "modifiedIndex", n.ModifiedIndex, "reason", err.Error())
 }
-
-// backoff is exponential with jitter: each wait is drawn from [d/2, d],
-// d doubling from min to max; reset starts again at min.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func (b *backoff) next() time.Duration {
-	switch {
-	case b.cur == 0:
-		b.cur = b.min
-	case b.cur < b.max:
-		b.cur = min(2*b.cur, b.max)
-	}
-	half := b.cur / 2
-	return half + rand.N(b.cur-half+1)
-}
-
-func (b *backoff) reset() { b.cur = 0 }

@@ -18,7 +18,7 @@ import (
 // last one sent (the value, or that the key is missing).
 func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigUpdate) error {
 	key := m.configKey()
-	bo := backoff{min: m.minBackoff, max: m.maxBackoff}
+	bo := subnet.Backoff{Min: m.minBackoff, Max: m.maxBackoff}
 	var last string // the value sent last; "" with sent: the key was missing
 	sent, failed := false, false
 	var reconnected <-chan struct{}
@@ -35,18 +35,18 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 				m.log.V(1).Info("Reading the network config failed; retrying", "key", key, "err", err.Error())
 				failed = true
 			}
-			if !sleep(ctx, bo.next()) {
+			if !subnet.Sleep(ctx, bo.Next()) {
 				return ctx.Err()
 			}
 			continue
 		}
-		bo.reset()
+		bo.Reset()
 		failed = false
 		state, u := "\x00missing", subnet.ConfigUpdate{Err: fmt.Errorf("%w: %s does not exist", subnet.ErrConfigMissing, key)}
 		if len(resp.Kvs) > 0 {
 			state = string(resp.Kvs[0].Value)
 			if cfg, err := subnet.ParseConfig(resp.Kvs[0].Value); err != nil {
-				u.Err = configError(key, err)
+				u.Err = subnet.ConfigErrorAt(key, err)
 			} else {
 				u.Config, u.Err = cfg, nil
 			}
@@ -65,7 +65,7 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 			}
 		}
 		if err := m.waitConfigChange(ctx, key, resp.Header.Revision, resp.Header.ClusterId, reconnected); err != nil && ctx.Err() == nil {
-			if !sleep(ctx, bo.next()) {
+			if !subnet.Sleep(ctx, bo.Next()) {
 				return ctx.Err()
 			}
 		}

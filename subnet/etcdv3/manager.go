@@ -201,7 +201,7 @@ func (m *Manager) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) 
 		if err == nil && len(resp.Kvs) > 0 {
 			cfg, err := subnet.ParseConfig(resp.Kvs[0].Value)
 			if err != nil {
-				return nil, configError(key, err)
+				return nil, subnet.ConfigErrorAt(key, err)
 			}
 			return cfg, nil
 		}
@@ -219,22 +219,10 @@ func (m *Manager) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) 
 			m.log.Info("Network config not available yet; retrying every "+m.configRetry.String(), "key", key, "reason", reason)
 			lastReason = reason
 		}
-		if !sleep(ctx, m.configRetry) {
+		if !subnet.Sleep(ctx, m.configRetry) {
 			return nil, ctx.Err()
 		}
 	}
-}
-
-// configError names the key in ParseConfig's error: "invalid network config
-// at /coreos.com/network/config: SubnetLen 31 is longer than 30".
-func configError(key string, err error) error {
-	var ce *subnet.ConfigError
-	if errors.As(err, &ce) {
-		withKey := *ce
-		withKey.Key = key
-		return &withKey
-	}
-	return fmt.Errorf("%w at %s: %w", subnet.ErrInvalidConfig, key, err)
 }
 
 // AcquireLease implements subnet.Manager. A new key is created with one
@@ -260,7 +248,7 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs su
 			m.keepOwn(m.leaseKey(*lease), raw, !lease.Reservation())
 			return lease, nil
 		}
-		if !sleep(ctx, m.jitter()) {
+		if !subnet.Sleep(ctx, m.jitter()) {
 			return nil, ctx.Err()
 		}
 	}
@@ -505,40 +493,6 @@ func holds(kv *mvccpb.KeyValue, attrs subnet.LeaseAttrs) bool {
 	a, err := subnet.ParseLeaseAttrs(kv.Value)
 	return err == nil && a.PublicIP == attrs.PublicIP && a.PublicIPv6 == attrs.PublicIPv6
 }
-
-// sleep waits d or until ctx ends; false means ctx ended.
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-// backoff is exponential with jitter: each wait is drawn from [d/2, d],
-// d doubling from min to max; reset starts again at min.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func (b *backoff) next() time.Duration {
-	switch {
-	case b.cur == 0:
-		b.cur = b.min
-	case b.cur < b.max:
-		b.cur = min(2*b.cur, b.max)
-	}
-	half := b.cur / 2
-	return half + rand.N(b.cur-half+1)
-}
-
-func (b *backoff) reset() { b.cur = 0 }
 
 // ConfigExists reports whether the config key exists in the v3 keyspace,
 // with one read; it does not wait.

@@ -7,15 +7,14 @@ package etcdv3
 
 import (
 	"crypto/tls"
-	"crypto/x509"
-	"errors"
 	"fmt"
 	"net/url"
-	"os"
 	"strings"
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/flanneld-go/flanneld/internal/etcdtls"
 )
 
 // Defaults of Options.
@@ -89,33 +88,6 @@ func (opts Options) withDefaults() (Options, error) {
 	return opts, nil
 }
 
-// tlsConfig returns the client TLS config of opts, or nil when no TLS file
-// is given (https endpoints then verify against the system roots).
 func tlsConfig(opts *Options) (*tls.Config, error) {
-	if opts.CertFile == "" && opts.KeyFile == "" && opts.CAFile == "" {
-		return nil, nil
-	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	if (opts.CertFile == "") != (opts.KeyFile == "") {
-		return nil, errors.New("etcd TLS: set both the client certificate file and the key file, or neither")
-	}
-	if opts.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(opts.CertFile, opts.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("loading etcd client certificate %s and key %s: %w", opts.CertFile, opts.KeyFile, err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	if opts.CAFile != "" {
-		pem, err := os.ReadFile(opts.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("loading etcd CA file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("loading etcd CA file %s: no PEM certificate in it", opts.CAFile)
-		}
-		cfg.RootCAs = pool
-	}
-	return cfg, nil
+	return etcdtls.Config(opts.CertFile, opts.KeyFile, opts.CAFile)
 }

@@ -35,7 +35,7 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 		dir:    m.subnetsDir(),
 		known:  map[netip.Prefix]subnet.LeaseSummary{},
 		logged: map[string]int64{},
-		bo:     backoff{min: m.minBackoff, max: m.maxBackoff},
+		bo:     subnet.Backoff{Min: m.minBackoff, Max: m.maxBackoff},
 		log:    m.log.WithValues("prefix", m.subnetsDir()),
 	}
 	return w.run(ctx, events)
@@ -55,7 +55,7 @@ type watcher struct {
 	// the cluster that revision belongs to.
 	cursor    int64
 	clusterID uint64
-	bo        backoff
+	bo        subnet.Backoff
 	// failures counts failed requests since etcd last answered.
 	failures int
 }
@@ -82,14 +82,14 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				d := w.bo.next()
+				d := w.bo.Next()
 				w.logFailure(err, "Listing leases failed; retrying", d)
-				if !sleep(ctx, d) {
+				if !subnet.Sleep(ctx, d) {
 					return ctx.Err()
 				}
 				continue
 			}
-			w.bo.reset()
+			w.bo.Reset()
 			w.recovered()
 			needList = false
 			if first || len(evs) > 0 {
@@ -119,13 +119,13 @@ func (w *watcher) run(ctx context.Context, events chan<- []subnet.Event) error {
 			needList = true
 			// A store that keeps going back (members of different pasts
 			// answering in turn) is re-listed at the back-off's pace.
-			if relists++; relists > 1 && !sleep(ctx, w.bo.next()) {
+			if relists++; relists > 1 && !subnet.Sleep(ctx, w.bo.Next()) {
 				return ctx.Err()
 			}
 		default:
-			d := w.bo.next()
+			d := w.bo.Next()
 			w.logFailure(err, "Watching leases failed; retrying", d)
-			if !sleep(ctx, d) {
+			if !subnet.Sleep(ctx, d) {
 				return ctx.Err()
 			}
 		}
@@ -160,7 +160,7 @@ func (w *watcher) follow(ctx context.Context, st store, events chan<- []subnet.E
 			if w.wentBack(wr.Header.Revision, wr.Header.ClusterId) {
 				return leaveRelist, answered, nil
 			}
-			w.bo.reset()
+			w.bo.Reset()
 			w.recovered()
 			answered = true
 			if evs := w.apply(wr.Events); len(evs) > 0 {

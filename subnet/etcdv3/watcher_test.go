@@ -100,17 +100,3 @@ func TestWentBack(t *testing.T) {
 		}
 	}
 }
-
-func TestBackoff(t *testing.T) {
-	b := backoff{min: 100 * time.Millisecond, max: 5 * time.Second}
-	wantCaps := []time.Duration{100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000}
-	for round := range 2 {
-		for i, c := range wantCaps {
-			c *= time.Millisecond
-			if d := b.next(); d < c/2 || d > c {
-				t.Fatalf("round %d wait %d = %v, want in [%v, %v]", round, i, d, c/2, c)
-			}
-		}
-		b.reset()
-	}
-}

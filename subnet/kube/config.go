@@ -24,11 +24,7 @@ func (m *Manager) readConfig() (*subnet.Config, []byte, error) {
 	}
 	cfg, err := subnet.ParseConfig(data)
 	if err != nil {
-		var ce *subnet.ConfigError
-		if errors.As(err, &ce) {
-			ce.Key = m.path
-		}
-		return nil, data, err
+		return nil, data, subnet.ConfigErrorAt(m.path, err)
 	}
 	return cfg, data, nil
 }
