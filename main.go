@@ -28,7 +28,7 @@ import (
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	_ "github.com/flanneld-go/flanneld/backend/udp"
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
-	flannel "github.com/flanneld-go/flanneld/daemon"
+	"github.com/flanneld-go/flanneld/agent"
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/internal/pagetrim"
 	"github.com/flanneld-go/flanneld/network"
@@ -290,7 +290,7 @@ func run(f *flags) error {
 		}
 	}
 
-	return flannel.Run(ctx, flannel.Options{
+	return agent.Run(ctx, agent.Options{
 		Manager:     mgr,
 		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public, IfaceAddrV6: ext.Addr6, PublicIPv6: public6, NoIPv6: ext.NoAddr6},
 		Netlink:     nl,
@@ -299,7 +299,7 @@ func run(f *flags) error {
 		RenewMargin: time.Duration(f.renewMargin) * time.Minute,
 		RouteResync: time.Duration(f.routeResync) * time.Second,
 		Nexthops:    nexthops,
-		Rules: func(set flannel.RuleSet) (flannel.Rules, error) {
+		Rules: func(set agent.RuleSet) (agent.Rules, error) {
 			return network.New(network.Options{Network: set.Network, Lease: set.Lease, IPv6Network: set.IPv6Network, IPv6Lease: set.IPv6Lease,
 				IPMasq: set.IPMasq, NFTables: set.NFTables, CleanupInRun: true,
 				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("rules")})

@@ -1,8 +1,8 @@
-// Package daemon runs one node's lifecycle: wait for the network config,
+// Package agent runs one node's lifecycle: wait for the network config,
 // acquire a lease, hand it to the backend, publish subnet.env, keep the
 // iptables rules in place, and then follow the other nodes' leases and renew
 // our own until the context ends.
-package daemon
+package agent
 
 import (
 	"context"
