@@ -6,9 +6,7 @@ import (
 	"hash/fnv"
 	"net/netip"
 	"slices"
-	"strconv"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/pkg/ip"
@@ -20,139 +18,40 @@ import (
 // the own subnet, on a link it was not given, or without a gateway.
 var ErrRouteNotOwned = errors.New("route outside the reconciler's scope")
 
-// Route is a route a backend wants in the main table: Dst via Gw on link
-// LinkIndex, with the onlink flag when Onlink. It is comparable, so route
-// sets diff without allocating.
-type Route struct {
-	Dst       netip.Prefix
-	Gw        netip.Addr
-	LinkIndex int
-	Onlink    bool
-}
-
-// String renders the route as ip-route does, with the link index as dev.
-func (r Route) String() string {
-	s := r.Dst.String() + " via " + r.Gw.String() + " dev " + strconv.Itoa(r.LinkIndex)
-	if r.Onlink {
-		s += " onlink"
-	}
-	return s
-}
-
-// batch converts r to the form nlbatch writes.
-func (r Route) batch() nlbatch.Route {
-	return nlbatch.Route{Dst: r.Dst, Gw: r.Gw, LinkIndex: r.LinkIndex, Onlink: r.Onlink}
-}
-
-// netlinkRoute converts r to the form vishvananda/netlink takes.
-func (r Route) netlinkRoute() *netlink.Route {
-	nr := &netlink.Route{
-		LinkIndex: r.LinkIndex,
-		Dst:       ip.IPNet(r.Dst),
-		Gw:        ip.IP(r.Gw),
-		Table:     unix.RT_TABLE_MAIN,
-	}
-	if r.Onlink {
-		nr.Flags = int(netlink.FLAG_ONLINK)
-	}
-	return nr
-}
-
-// routeKey is a destination (an IPv4 one in its IPv4-mapped form) and
-// nextHop the rest of a Route: fixed-size arrays without pointers, cheap to
-// hash and compare, so that diffing 50,000 routes stays in cache and the
-// garbage collector never scans the maps.
-type (
-	routeKey struct {
-		a    [16]byte
-		bits uint8
-	}
-	nextHop struct {
-		gw     [16]byte
-		link   int32
-		onlink bool
-		nh     uint32 // the nexthop object's ID; 0 for a plain route
-	}
-)
-
-func keyOf(dst netip.Prefix) routeKey {
-	return routeKey{a: dst.Addr().As16(), bits: uint8(dst.Bits())}
-}
-
-func hopOf(r Route) nextHop {
-	return nextHop{gw: r.Gw.As16(), link: int32(r.LinkIndex), onlink: r.Onlink}
-}
-
-// addr16 turns a stored address back into its family's form.
-func addr16(a [16]byte) netip.Addr { return netip.AddrFrom16(a).Unmap() }
-
-// batch is the route to write for key k.
-func (h nextHop) batch(k routeKey) nlbatch.Route {
-	r := h.route(k).batch()
-	r.NexthopID = h.nh
-	return r
-}
-
-// nexthop is the nexthop object a route via h uses.
-func (h nextHop) nexthop() nlbatch.Nexthop {
-	return nlbatch.Nexthop{ID: h.nh, Gw: addr16(h.gw), LinkIndex: int(h.link), Onlink: h.onlink}
-}
-
-// nexthopID is the ID of the nexthop object for routes via gw, the same on
-// every run and for every route via that gateway: an IPv4 address as a
-// number; for an IPv6 one, 0xf followed by 28 bits of its FNV-1a hash (the
-// IDs of IPv4 class E addresses, never a gateway of a flannel network). Two
-// IPv6 gateways with one ID are handled as one gateway on two links: the
-// second gets plain routes.
-func nexthopID(gw netip.Addr) uint32 {
-	if gw.Is4() {
-		return ip.Uint32(gw)
-	}
-	h := fnv.New32a()
-	a := gw.As16()
-	h.Write(a[:])
-	return 0xf0000000 | h.Sum32()&0x0fffffff
-}
-
-func (h nextHop) route(k routeKey) Route {
-	return Route{
-		Dst:       netip.PrefixFrom(addr16(k.a), int(k.bits)),
-		Gw:        addr16(h.gw),
-		LinkIndex: int(h.link),
-		Onlink:    h.onlink,
-	}
-}
-
-// RouteNetlink is the part of *nlbatch.Handle a RouteReconciler uses: a dump,
-// batched writes, and a single delete for the odd route a batch cannot name
-// (one with a metric or TOS).
+// RouteNetlink is the part of *nlbatch.Handle a RouteReconciler uses: a dump
+// and batched writes.
 type RouteNetlink interface {
-	ListRoutes(fn func(*nlbatch.RouteEntry) bool) error
-	ListRoutes6(fn func(*nlbatch.RouteEntry) bool) error
+	ListRoutes(fn func(*nlbatch.Route) bool) error
+	ListRoutes6(fn func(*nlbatch.Route) bool) error
 	ReplaceRoutes(routes []nlbatch.Route, errs []error) error
 	DeleteRoutes(routes []nlbatch.Route, errs []error) error
 	ReplaceNexthops(nhs []nlbatch.Nexthop, errs []error) error
 	DeleteNexthops(ids []uint32, errs []error) error
-	RouteDel(route *netlink.Route) error
 }
 
-// dumpAttempts bounds the re-dumps when the kernel reports that the table
-// changed during a dump.
-const dumpAttempts = 3
+// routeKey is what the kernel tells routes of one table apart by, as far as
+// a replace goes: the destination, the metric and the TOS. A route of an
+// owned destination with another metric or TOS than the routes this
+// reconciler writes is thus never desired, and is deleted.
+type routeKey struct {
+	dst      netip.Prefix
+	priority int32
+	tos      uint8
+}
 
 // RouteReconciler keeps a backend's routes in the main table equal to a
-// desired set. It works on the family of its Network (IPv4 or IPv6). It owns
-// a route when the route is in the main table, is unicast with a single
-// gateway of that family (so connected and kernel routes are never
-// touched), leaves through one of the links it was given, and its destination
-// lies strictly inside Network (never Network itself) without overlapping the
-// node's own subnet. Everything else is foreign and left alone.
+// desired set, through a Reconciler. It works on the family of its Network
+// (IPv4 or IPv6). It owns a route when the route is in the main table, is
+// unicast with a single gateway of that family (so connected and kernel
+// routes are never touched), leaves through one of the links it was given,
+// and its destination lies strictly inside Network (never Network itself)
+// without overlapping the node's own subnet. Everything else is foreign and
+// left alone.
 //
-// It keeps no memory of what it installed: each Reconcile reads the kernel
-// afresh, so the first call after a restart removes routes of leases that
-// went away while the daemon was down, and a route deleted by hand comes back
-// on the next call. Its buffers are reused between calls; use it from one
-// goroutine at a time.
+// Like every Reconciler it keeps no memory of what it installed: the first
+// call after a restart removes routes of leases that went away while the
+// daemon was down, and a route deleted by hand comes back on the next call.
+// Use it from one goroutine at a time.
 type RouteReconciler struct {
 	nl       RouteNetlink
 	network  netip.Prefix
@@ -160,36 +59,35 @@ type RouteReconciler struct {
 	links    []int
 	nexthops bool // install routes through nexthop objects
 
-	// Per-call state, kept to reuse the allocations.
-	own   netip.Prefix
-	want  map[routeKey]nextHop
-	have  map[routeKey]nextHop
-	extra []netlink.Route    // owned routes that no desired route replaces
-	nhs   map[uint32]nextHop // nexthop objects desired, by ID
-	nhBuf []nlbatch.Nexthop
-	ids   []uint32
-	seen  map[uint32]bool
-	sets  []nlbatch.Route // routes to replace
-	moves []nlbatch.Route // IPv6 routes to delete before their replacement
-	upd   []bool          // whether sets[i] replaces a different route
-	dels  []nlbatch.Route // routes to delete
-	errs  []error         // the kernel's answer to each set or delete
+	rec  *Reconciler[routeKey, nlbatch.Route]
+	own  netip.Prefix
+	want map[routeKey]nlbatch.Route
+	nhs  map[uint32]nlbatch.Nexthop // nexthop objects desired, by ID
+
+	// Reused by each call.
+	routes []nlbatch.Route
+	moves  []nlbatch.Route
+	nhBuf  []nlbatch.Nexthop
+	ids    []uint32
+	seen   map[uint32]bool
+	errs   []error
 }
 
 // NewRouteReconciler returns a reconciler for routes inside network that leave
 // through the links with the given indexes. nl is the netlink handle of the
 // namespace to program, usually an *nlbatch.Handle.
 func NewRouteReconciler(nl RouteNetlink, network netip.Prefix, links ...int) *RouteReconciler {
-	return &RouteReconciler{
+	r := &RouteReconciler{
 		nl:      nl,
 		network: network.Masked(),
 		v6:      network.Addr().Is6(),
 		links:   slices.Clone(links),
-		want:    map[routeKey]nextHop{},
-		have:    map[routeKey]nextHop{},
-		nhs:     map[uint32]nextHop{},
+		want:    map[routeKey]nlbatch.Route{},
+		nhs:     map[uint32]nlbatch.Nexthop{},
 		seen:    map[uint32]bool{},
 	}
+	r.rec = NewReconciler[routeKey, nlbatch.Route](routeTable{r}, Same[nlbatch.Route])
+	return r
 }
 
 // UseNexthops makes the reconciler install each route through a nexthop
@@ -207,14 +105,32 @@ func NewRouteReconciler(nl RouteNetlink, network netip.Prefix, links ...int) *Ro
 // and nexthop objects no route uses any more are deleted. Needs Linux 5.3.
 func (r *RouteReconciler) UseNexthops(on bool) { r.nexthops = on }
 
-// Reconcile makes the kernel's owned routes exactly desired: it reads the main
-// table with one dump, replaces each missing or different route, then deletes
-// the owned routes no longer desired. own is the node's own lease subnet, never
-// routed (its zero value excludes nothing). A desired route the reconciler
-// would not own is skipped and reported with ErrRouteNotOwned; a failing
-// kernel call does not stop the others. The error, if any, is the first
-// failure; Changes counts what was done.
-func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes, error) {
+// nexthopID is the ID of the nexthop object for routes via gw, the same on
+// every run and for every route via that gateway: an IPv4 address as a
+// number; for an IPv6 one, 0xf followed by 28 bits of its FNV-1a hash (the
+// IDs of IPv4 class E addresses, never a gateway of a flannel network). Two
+// IPv6 gateways with one ID are handled as one gateway on two links: the
+// second gets plain routes.
+func nexthopID(gw netip.Addr) uint32 {
+	if gw.Is4() {
+		return ip.Uint32(gw)
+	}
+	h := fnv.New32a()
+	a := gw.As16()
+	h.Write(a[:])
+	return 0xf0000000 | h.Sum32()&0x0fffffff
+}
+
+// Reconcile makes the kernel's owned routes exactly desired (routes via Gw
+// on LinkIndex, Onlink as given; other fields are ignored): one dump, the
+// missing or different routes replaced, then the owned routes no longer
+// desired deleted, then the nexthop objects no route uses any more. own is
+// the node's own lease subnet, never routed (its zero value excludes
+// nothing). A desired route the reconciler would not own is skipped and
+// reported with ErrRouteNotOwned; a failing kernel call does not stop the
+// others. The error, if any, is the first failure; Changes counts what was
+// done.
+func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (Changes, error) {
 	r.own = own
 	clear(r.want)
 	clear(r.nhs)
@@ -224,99 +140,52 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []Route) (Changes,
 		if !r.ownsDst(d.Dst) || !r.onLink(d.LinkIndex) || !r.family(d.Gw) {
 			bad++
 			if badErr == nil {
-				badErr = fmt.Errorf("installing route %s: %w (Network %s, own subnet %s, links %v)", d, ErrRouteNotOwned, r.network, own, r.links)
+				badErr = fmt.Errorf("installing route %s: %w (Network %s, own subnet %s, links %v)", routeString(&d), ErrRouteNotOwned, r.network, own, r.links)
 			}
 			continue
 		}
-		h := hopOf(d)
+		w := nlbatch.Route{Dst: d.Dst, Gw: d.Gw, LinkIndex: d.LinkIndex, Onlink: d.Onlink}
 		if r.nexthops {
-			h.nh = nexthopID(d.Gw)
-			if prev, taken := r.nhs[h.nh]; taken && prev != h {
-				h.nh = 0 // one gateway on two links: a plain route
-			} else {
-				r.nhs[h.nh] = h
-			}
+			nh := nlbatch.Nexthop{ID: nexthopID(d.Gw), Gw: d.Gw, LinkIndex: d.LinkIndex, Onlink: d.Onlink}
+			if prev, taken := r.nhs[nh.ID]; !taken || prev == nh {
+				r.nhs[nh.ID] = nh
+				w.NexthopID = nh.ID
+			} // else one gateway on two links: a plain route
 		}
-		r.want[keyOf(d.Dst)] = h
+		r.want[routeKey{dst: d.Dst}] = w
 	}
 
-	if err := r.dump(); err != nil {
+	if err := r.rec.Plan(r.want); err != nil {
 		return Changes{Failed: bad}, fmt.Errorf("listing routes: %w", err)
 	}
-
-	c, err := r.write()
-	clear(r.extra) // drop the references to the kernel's routes
-	if cap(r.sets)+cap(r.dels) > keepChanges {
-		// After a burst: the next calls need little of this.
-		r.sets, r.upd, r.dels, r.moves, r.errs, r.nhBuf, r.ids = nil, nil, nil, nil, nil, nil, nil
+	r.rec.Add()
+	r.rec.Remove()
+	c, err := r.rec.Result()
+	if err2 := r.collectNexthops(); err2 != nil {
+		c.Failed++
+		err = errors.Join(err, err2)
+	}
+	if cap(r.routes) > keepChanges {
+		r.routes, r.moves, r.nhBuf, r.ids, r.errs = nil, nil, nil, nil, nil
 	}
 	if bad > 0 {
 		c.Failed += bad
 		if err == nil {
-			err = badErr
+			err = failedErr(badErr, bad)
 		}
 	}
-	return c, failedErr(err, c.Failed)
+	return c, err
 }
 
-// keepChanges is the largest change list a reconciler keeps between calls.
-const keepChanges = 1024
-
-// dump fills have (and extra) from the kernel's main table. An interrupted
-// dump (the table changed meanwhile) is retried; if it keeps being
-// interrupted the last view is used, which is safe: an add is a replace, a
-// delete of a route already gone succeeds, and whatever was missed is fixed
-// by the next call.
-func (r *RouteReconciler) dump() error {
-	var err error
-	for range dumpAttempts {
-		clear(r.have)
-		clear(r.extra)
-		r.extra = r.extra[:0]
-		if r.v6 {
-			err = r.nl.ListRoutes6(r.collect)
-		} else {
-			err = r.nl.ListRoutes(r.collect)
-		}
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return err
-		}
+// FailedRoutes returns the destinations whose install failed in the last
+// Reconcile.
+func (r *RouteReconciler) FailedRoutes() []netip.Prefix {
+	keys := r.rec.FailedSets()
+	out := make([]netip.Prefix, len(keys))
+	for i, k := range keys {
+		out[i] = k.dst
 	}
-	return nil
-}
-
-// collect is the dump callback: it keeps the owned routes.
-func (r *RouteReconciler) collect(k *nlbatch.RouteEntry) bool {
-	if k.Table != unix.RT_TABLE_MAIN || k.Type != unix.RTN_UNICAST || k.Multipath || !r.onLink(k.LinkIndex) {
-		return true
-	}
-	gw, dst := k.Gw, k.Dst
-	if !r.family(gw) || gw.IsUnspecified() || !r.ownsDst(dst) {
-		return true
-	}
-	if (k.Priority != 0 && !(r.v6 && k.Priority == ip6DefaultMetric)) || k.Tos != 0 {
-		// Ours, but not a route we install: a replace of the desired
-		// route would not overwrite it.
-		r.extra = append(r.extra, netlink.Route{
-			Dst: ip.IPNet(dst), Gw: ip.IP(gw), LinkIndex: k.LinkIndex, Table: unix.RT_TABLE_MAIN,
-			Priority: k.Priority, Tos: k.Tos,
-		})
-		return true
-	}
-	key, got := keyOf(dst), nextHop{gw: gw.As16(), link: int32(k.LinkIndex), onlink: k.Flags&unix.RTNH_F_ONLINK != 0, nh: k.NexthopID}
-	prev, dup := r.have[key]
-	if !dup {
-		r.have[key] = got
-		return true
-	}
-	// Two routes for one destination (ip route append): keep the desired
-	// one, delete the other.
-	if want, ok := r.want[key]; ok && got == want {
-		r.have[key] = got
-		got = prev
-	}
-	r.extra = append(r.extra, *got.route(key).netlinkRoute())
-	return true
+	return out
 }
 
 // ip6DefaultMetric is the metric the kernel gives an IPv6 route added
@@ -342,28 +211,42 @@ func (r *RouteReconciler) onLink(index int) bool {
 	return index > 0 && slices.Contains(r.links, index)
 }
 
-// write replaces the missing or different routes in one batch, then
-// deletes the stale ones in another (adding first keeps traffic flowing
-// while a route moves), then the extra routes one by one.
-func (r *RouteReconciler) write() (Changes, error) {
-	var c Changes
-	var first error
-	fail := func(err error) {
-		c.Failed++
-		if first == nil {
-			first = err
+// routeTable is the main table's owned routes of one family as a Table.
+type routeTable struct{ r *RouteReconciler }
+
+// Dump reports the owned routes, in the form Reconcile writes them (the
+// IPv6 default metric as 0).
+func (t routeTable) Dump(add func(routeKey, nlbatch.Route)) error {
+	r := t.r
+	collect := func(k *nlbatch.Route) bool {
+		if k.Table != unix.RT_TABLE_MAIN || k.Type != unix.RTN_UNICAST || k.Multipath || !r.onLink(k.LinkIndex) ||
+			!r.family(k.Gw) || k.Gw.IsUnspecified() || !r.ownsDst(k.Dst) {
+			return true
 		}
+		pri := k.Priority
+		if r.v6 && pri == ip6DefaultMetric {
+			pri = 0
+		}
+		add(routeKey{dst: k.Dst, priority: int32(pri), tos: uint8(k.Tos)},
+			nlbatch.Route{Dst: k.Dst, Gw: k.Gw, LinkIndex: k.LinkIndex, Onlink: k.Onlink, NexthopID: k.NexthopID, Priority: pri, Tos: k.Tos})
+		return true
 	}
-	r.sets, r.upd, r.dels, r.moves = r.sets[:0], r.upd[:0], r.dels[:0], r.moves[:0]
-	for k, want := range r.want {
-		have, ok := r.have[k]
-		if ok && have == want {
-			continue
-		}
-		r.sets = append(r.sets, want.batch(k))
-		r.upd = append(r.upd, ok)
-		if ok && r.v6 && have.link != want.link {
-			r.moves = append(r.moves, have.batch(k))
+	if r.v6 {
+		return r.nl.ListRoutes6(collect)
+	}
+	return r.nl.ListRoutes(collect)
+}
+
+// Set replaces the routes in one batch, after the nexthop objects they use.
+func (t routeTable) Set(_ []routeKey, routes []nlbatch.Route, errs []error) {
+	r := t.r
+	r.moves = r.moves[:0]
+	if r.v6 {
+		have := r.rec.Have()
+		for i := range routes {
+			if h, ok := have[routeKey{dst: routes[i].Dst}]; ok && h.LinkIndex != routes[i].LinkIndex {
+				r.moves = append(r.moves, h)
+			}
 		}
 	}
 	if len(r.moves) > 0 {
@@ -374,76 +257,64 @@ func (r *RouteReconciler) write() (Changes, error) {
 		// foreign route for the whole IPv6 network through another link
 		// makes every onlink route fail the same way; the error says
 		// "invalid argument" for each.)
-		_ = r.nl.DeleteRoutes(r.moves, r.results(len(r.moves)))
+		_ = r.nl.DeleteRoutes(r.moves, Results(&r.errs, len(r.moves)))
 	}
-	for k, have := range r.have {
-		if _, ok := r.want[k]; !ok {
-			r.dels = append(r.dels, have.batch(k))
-		}
-	}
-	nhFailed := r.writeNexthops()
-	errs := r.results(len(r.sets))
-	if len(r.sets) > 0 {
-		_ = r.nl.ReplaceRoutes(r.sets, errs) // a socket failure is in errs too
-	}
-	for i := range r.sets {
-		if err, bad := nhFailed[r.sets[i].NexthopID]; bad && errs[i] != nil {
-			errs[i] = fmt.Errorf("%w (installing its nexthop object: %w)", errs[i], err)
-		}
-	}
+	nhFailed := r.writeNexthops(routes)
+	_ = r.nl.ReplaceRoutes(routes, errs) // a socket failure is in errs too
 	for i, err := range errs {
-		switch {
-		case err != nil:
-			s := &r.sets[i]
-			fail(fmt.Errorf("installing route %s: %w", Route{Dst: s.Dst, Gw: s.Gw, LinkIndex: s.LinkIndex, Onlink: s.Onlink}, err))
-		case r.upd[i]:
-			c.Updated++
-		default:
-			c.Added++
-		}
-	}
-	errs = r.results(len(r.dels))
-	if len(r.dels) > 0 {
-		_ = r.nl.DeleteRoutes(r.dels, errs)
-	}
-	for i, err := range errs {
-		if err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
-			d := &r.dels[i]
-			fail(fmt.Errorf("deleting route %s via %s dev %d: %w", d.Dst, d.Gw, d.LinkIndex, err))
+		if err == nil {
 			continue
 		}
-		c.Removed++
-	}
-	for i := range r.extra {
-		if err := r.delNetlink(&r.extra[i]); err != nil {
-			fail(err)
-			continue
+		if nhErr, bad := nhFailed[routes[i].NexthopID]; bad {
+			err = fmt.Errorf("%w (installing its nexthop object: %w)", err, nhErr)
 		}
-		c.Removed++
+		errs[i] = fmt.Errorf("installing route %s: %w", routeString(&routes[i]), err)
 	}
-	if err := r.collectNexthops(); err != nil {
-		fail(err)
+}
+
+// Delete deletes the routes in one batch, naming gateway, link, metric and
+// TOS so that only that route goes.
+func (t routeTable) Delete(_ []routeKey, routes []nlbatch.Route, errs []error) {
+	_ = t.r.nl.DeleteRoutes(routes, errs)
+	for i, err := range errs {
+		if err != nil {
+			errs[i] = fmt.Errorf("deleting route %s: %w", routeString(&routes[i]), err)
+		}
 	}
-	return c, first
+}
+
+// routeString renders a route as ip-route does, with the link index as dev.
+func routeString(r *nlbatch.Route) string {
+	s := fmt.Sprintf("%s via %s dev %d", r.Dst, r.Gw, r.LinkIndex)
+	if r.Onlink {
+		s += " onlink"
+	}
+	if r.Priority != 0 {
+		s += fmt.Sprintf(" metric %d", r.Priority)
+	}
+	if r.Tos != 0 {
+		s += fmt.Sprintf(" tos %d", r.Tos)
+	}
+	return s
 }
 
 // writeNexthops adds or replaces the nexthop objects of the routes about to
 // be set, before them, and returns the failures by ID (a route through a
 // failed nexthop object then fails too, and says why).
-func (r *RouteReconciler) writeNexthops() map[uint32]error {
+func (r *RouteReconciler) writeNexthops(routes []nlbatch.Route) map[uint32]error {
 	r.nhBuf = r.nhBuf[:0]
-	seen := r.seen
-	clear(seen)
-	for _, s := range r.sets {
-		if s.NexthopID != 0 && !seen[s.NexthopID] {
-			seen[s.NexthopID] = true
-			r.nhBuf = append(r.nhBuf, r.nhs[s.NexthopID].nexthop())
+	clear(r.seen)
+	for i := range routes {
+		id := routes[i].NexthopID
+		if id != 0 && !r.seen[id] {
+			r.seen[id] = true
+			r.nhBuf = append(r.nhBuf, r.nhs[id])
 		}
 	}
 	if len(r.nhBuf) == 0 {
 		return nil
 	}
-	errs := r.results(len(r.nhBuf))
+	errs := Results(&r.errs, len(r.nhBuf))
 	_ = r.nl.ReplaceNexthops(r.nhBuf, errs)
 	var failed map[uint32]error
 	for i, err := range errs {
@@ -463,21 +334,20 @@ func (r *RouteReconciler) writeNexthops() map[uint32]error {
 // reconciler's making (the gateway's address) are touched.
 func (r *RouteReconciler) collectNexthops() error {
 	r.ids = r.ids[:0]
-	seen := r.seen
-	clear(seen)
-	for _, h := range r.have {
-		if h.nh == 0 || h.nh != nexthopID(addr16(h.gw)) || seen[h.nh] {
+	clear(r.seen)
+	for _, h := range r.rec.Have() {
+		if h.NexthopID == 0 || h.NexthopID != nexthopID(h.Gw) || r.seen[h.NexthopID] {
 			continue
 		}
-		seen[h.nh] = true
-		if _, used := r.nhs[h.nh]; !used {
-			r.ids = append(r.ids, h.nh)
+		r.seen[h.NexthopID] = true
+		if _, used := r.nhs[h.NexthopID]; !used {
+			r.ids = append(r.ids, h.NexthopID)
 		}
 	}
 	if len(r.ids) == 0 {
 		return nil
 	}
-	errs := r.results(len(r.ids))
+	errs := Results(&r.errs, len(r.ids))
 	_ = r.nl.DeleteNexthops(r.ids, errs)
 	for i, err := range errs {
 		if err != nil && !errors.Is(err, unix.ENOENT) {
@@ -485,17 +355,4 @@ func (r *RouteReconciler) collectNexthops() error {
 		}
 	}
 	return nil
-}
-
-// results returns the reused result slice, n long.
-func (r *RouteReconciler) results(n int) []error { return Results(&r.errs, n) }
-
-// delNetlink deletes one route, naming its gateway and link so that only
-// that route goes; a route already gone counts as deleted.
-func (r *RouteReconciler) delNetlink(k *netlink.Route) error {
-	err := r.nl.RouteDel(k)
-	if err == nil || errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENOENT) {
-		return nil
-	}
-	return fmt.Errorf("deleting route %s via %s dev %d: %w", k.Dst, k.Gw, k.LinkIndex, err)
 }

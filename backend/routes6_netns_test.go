@@ -23,7 +23,7 @@ import (
 func kernelRoutes6(tb testing.TB, h *nlbatch.Handle) []string {
 	tb.Helper()
 	var lines []string
-	err := h.ListRoutes6(func(e *nlbatch.RouteEntry) bool {
+	err := h.ListRoutes6(func(e *nlbatch.Route) bool {
 		if e.Table != unix.RT_TABLE_MAIN || !e.Gw.IsValid() && e.NexthopID == 0 {
 			return true
 		}
@@ -38,7 +38,7 @@ func kernelRoutes6(tb testing.TB, h *nlbatch.Handle) []string {
 			}
 			s += " dev " + l.Attrs().Name
 		}
-		if e.Flags&unix.RTNH_F_ONLINK != 0 {
+		if e.Onlink {
 			s += " onlink"
 		}
 		if e.NexthopID != 0 {
@@ -101,7 +101,7 @@ func TestReconcileIPv6InNetns(t *testing.T) {
 			r := NewRouteReconciler(h, netip.MustParsePrefix("fc00:5::/48"), eth0, vx)
 			r.UseNexthops(nh)
 			own := netip.MustParsePrefix("fc00:5:0:1::/64")
-			check := func(step string, desired []Route, want Changes, ours ...string) {
+			check := func(step string, desired []nlbatch.Route, want Changes, ours ...string) {
 				t.Helper()
 				got, err := r.Reconcile(own, desired)
 				if err != nil {
@@ -127,27 +127,27 @@ func TestReconcileIPv6InNetns(t *testing.T) {
 			r2 := mustRoute("fc00:5:0:2::/64", "fd5e::2", eth0, false)
 			r3 := mustRoute("fc00:5:0:3::/64", "fd5e::3", eth0, false)
 			r4 := mustRoute("fc00:5:0:4::/64", "fc00:5:0:4::", vx, true)
-			check("first", []Route{r2, r3, r4}, Changes{Added: 3, Removed: 1},
+			check("first", []nlbatch.Route{r2, r3, r4}, Changes{Added: 3, Removed: 1},
 				"fc00:5:0:2::/64 via fd5e::2 dev eth0",
 				"fc00:5:0:3::/64 via fd5e::3 dev eth0",
 				"fc00:5:0:4::/64 via fc00:5:0:4:: dev flannel-v6.1 onlink")
-			check("again", []Route{r2, r3, r4}, Changes{},
+			check("again", []nlbatch.Route{r2, r3, r4}, Changes{},
 				"fc00:5:0:2::/64 via fd5e::2 dev eth0",
 				"fc00:5:0:3::/64 via fd5e::3 dev eth0",
 				"fc00:5:0:4::/64 via fc00:5:0:4:: dev flannel-v6.1 onlink")
 			r3vx := mustRoute("fc00:5:0:3::/64", "fc00:5:0:3::", vx, true)
-			check("move to another link", []Route{r2, r3vx, r4}, Changes{Updated: 1},
+			check("move to another link", []nlbatch.Route{r2, r3vx, r4}, Changes{Updated: 1},
 				"fc00:5:0:2::/64 via fd5e::2 dev eth0",
 				"fc00:5:0:3::/64 via fc00:5:0:3:: dev flannel-v6.1 onlink",
 				"fc00:5:0:4::/64 via fc00:5:0:4:: dev flannel-v6.1 onlink")
-			check("and back", []Route{r2, r3, r4}, Changes{Updated: 1},
+			check("and back", []nlbatch.Route{r2, r3, r4}, Changes{Updated: 1},
 				"fc00:5:0:2::/64 via fd5e::2 dev eth0",
 				"fc00:5:0:3::/64 via fd5e::3 dev eth0",
 				"fc00:5:0:4::/64 via fc00:5:0:4:: dev flannel-v6.1 onlink")
 			if err := h.RouteDel(&netlink.Route{Dst: ip.IPNet(r2.Dst), LinkIndex: eth0}); err != nil {
 				t.Fatal(err)
 			}
-			check("deleted by hand", []Route{r2, r3, r4}, Changes{Added: 1},
+			check("deleted by hand", []nlbatch.Route{r2, r3, r4}, Changes{Added: 1},
 				"fc00:5:0:2::/64 via fd5e::2 dev eth0",
 				"fc00:5:0:3::/64 via fd5e::3 dev eth0",
 				"fc00:5:0:4::/64 via fc00:5:0:4:: dev flannel-v6.1 onlink")

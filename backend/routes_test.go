@@ -108,17 +108,17 @@ func (f *fakeRoutes) RouteReplace(r *netlink.Route) error {
 }
 
 // ListRoutes is the dump ListRoutes makes, through RouteListFilteredIter.
-func (f *fakeRoutes) ListRoutes(fn func(*nlbatch.RouteEntry) bool) error {
+func (f *fakeRoutes) ListRoutes(fn func(*nlbatch.Route) bool) error {
 	return f.RouteListFilteredIter(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
-		e := nlbatch.RouteEntryOf(&r)
+		e := nlbatch.RouteOf(&r)
 		return fn(&e)
 	})
 }
 
 // ListRoutes6 is ListRoutes for the IPv6 routes.
-func (f *fakeRoutes) ListRoutes6(fn func(*nlbatch.RouteEntry) bool) error {
+func (f *fakeRoutes) ListRoutes6(fn func(*nlbatch.Route) bool) error {
 	return f.RouteListFilteredIter(netlink.FAMILY_V6, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
-		e := nlbatch.RouteEntryOf(&r)
+		e := nlbatch.RouteOf(&r)
 		return fn(&e)
 	})
 }
@@ -273,8 +273,8 @@ func parseFakeRoute(s string, names map[int]string) netlink.Route {
 	return r
 }
 
-func mustRoute(dst, gw string, link int, onlink bool) Route {
-	return Route{Dst: netip.MustParsePrefix(dst), Gw: netip.MustParseAddr(gw), LinkIndex: link, Onlink: onlink}
+func mustRoute(dst, gw string, link int, onlink bool) nlbatch.Route {
+	return nlbatch.Route{Dst: netip.MustParsePrefix(dst), Gw: netip.MustParseAddr(gw), LinkIndex: link, Onlink: onlink}
 }
 
 const (
@@ -320,14 +320,14 @@ func TestReconcileStates(t *testing.T) {
 	steps := []struct {
 		name      string
 		hand      func() // the admin's doing, before the step
-		desired   []Route
+		desired   []nlbatch.Route
 		wantCalls string
 		want      Changes
 		wantOurs  string // the table minus the foreign routes
 	}{
 		{
 			name: "first reconcile adds and removes stale routes",
-			desired: []Route{
+			desired: []nlbatch.Route{
 				mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false),
 				mustRoute("10.5.3.0/24", "192.168.1.3", eth0, false),
 			},
@@ -342,7 +342,7 @@ replace 10.5.3.0/24 via 192.168.1.3 dev eth0`,
 		},
 		{
 			name: "same set again changes nothing",
-			desired: []Route{
+			desired: []nlbatch.Route{
 				mustRoute("10.5.3.0/24", "192.168.1.3", eth0, false),
 				mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false),
 			},
@@ -351,7 +351,7 @@ replace 10.5.3.0/24 via 192.168.1.3 dev eth0`,
 		},
 		{
 			name: "changed gateway is replaced",
-			desired: []Route{
+			desired: []nlbatch.Route{
 				mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false),
 				mustRoute("10.5.3.0/24", "192.168.1.33", eth0, false),
 			},
@@ -362,7 +362,7 @@ replace 10.5.3.0/24 via 192.168.1.3 dev eth0`,
 		},
 		{
 			name: "route moves to another link, onlink",
-			desired: []Route{
+			desired: []nlbatch.Route{
 				mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false),
 				mustRoute("10.5.3.0/24", "10.5.3.0", flannl, true),
 			},
@@ -374,7 +374,7 @@ replace 10.5.3.0/24 via 192.168.1.3 dev eth0`,
 		{
 			name: "route deleted by hand comes back",
 			hand: func() { delete(f.routes, fakeKey{netip.MustParsePrefix("10.5.2.0/24"), unix.RT_TABLE_MAIN, 0, 0}) },
-			desired: []Route{
+			desired: []nlbatch.Route{
 				mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false),
 				mustRoute("10.5.3.0/24", "10.5.3.0", flannl, true),
 			},
@@ -386,7 +386,7 @@ replace 10.5.3.0/24 via 192.168.1.3 dev eth0`,
 		{
 			name: "route changed by hand is put back",
 			hand: func() { f.add("10.5.2.0/24 via 192.168.1.99 dev eth0") },
-			desired: []Route{
+			desired: []nlbatch.Route{
 				mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false),
 				mustRoute("10.5.3.0/24", "10.5.3.0", flannl, true),
 			},
@@ -397,7 +397,7 @@ replace 10.5.3.0/24 via 192.168.1.3 dev eth0`,
 		},
 		{
 			name:      "lease removed",
-			desired:   []Route{mustRoute("10.5.3.0/24", "10.5.3.0", flannl, true)},
+			desired:   []nlbatch.Route{mustRoute("10.5.3.0/24", "10.5.3.0", flannl, true)},
 			wantCalls: "del 10.5.2.0/24 via 192.168.1.2 dev eth0",
 			want:      Changes{Removed: 1},
 			wantOurs:  "10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink",
@@ -457,7 +457,7 @@ func oursOf(t *testing.T, f *fakeRoutes) string {
 }
 
 func TestReconcileRejectsRoutesItWouldNotOwn(t *testing.T) {
-	bad := []Route{
+	bad := []nlbatch.Route{
 		mustRoute("172.16.2.0/24", "192.168.1.2", eth0, false),       // outside Network
 		mustRoute("10.5.0.0/16", "192.168.1.2", eth0, false),         // the Network itself
 		mustRoute("10.5.1.0/24", "192.168.1.2", eth0, false),         // own subnet
@@ -487,7 +487,7 @@ func TestReconcileKeepsGoingAfterAFailure(t *testing.T) {
 	f.add("10.5.8.0/24 via 192.168.1.8 dev eth0")
 	f.failSet = map[netip.Prefix]error{netip.MustParsePrefix("10.5.2.0/24"): unix.ENETUNREACH}
 	r := NewRouteReconciler(f, testNet, eth0)
-	got, err := r.Reconcile(testOwn, []Route{
+	got, err := r.Reconcile(testOwn, []nlbatch.Route{
 		mustRoute("10.5.2.0/24", "10.9.9.9", eth0, false),
 		mustRoute("10.5.3.0/24", "192.168.1.3", eth0, false),
 	})
@@ -527,7 +527,7 @@ func TestReconcileDeleteOfVanishedRouteSucceeds(t *testing.T) {
 }
 
 func TestReconcileDumpFailures(t *testing.T) {
-	want := []Route{mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false)}
+	want := []nlbatch.Route{mustRoute("10.5.2.0/24", "192.168.1.2", eth0, false)}
 
 	t.Run("error changes nothing", func(t *testing.T) {
 		f := newFakeRoutes()
@@ -572,22 +572,22 @@ func TestReconcileDumpFailures(t *testing.T) {
 
 func TestRouteNetlinkConversion(t *testing.T) {
 	r := mustRoute("10.5.3.0/24", "10.5.3.0", 7, true)
-	nr := r.netlinkRoute()
+	nr := r.Netlink()
 	if nr.Dst.String() != "10.5.3.0/24" || len(nr.Dst.IP) != 4 || !nr.Gw.Equal(ip.IP(r.Gw)) ||
 		nr.LinkIndex != 7 || nr.Flags != int(netlink.FLAG_ONLINK) || nr.Table != unix.RT_TABLE_MAIN {
-		t.Errorf("netlinkRoute = %+v", nr)
+		t.Errorf("Netlink = %+v", nr)
 	}
-	if got, want := r.String(), "10.5.3.0/24 via 10.5.3.0 dev 7 onlink"; got != want {
+	if got, want := routeString(&r), "10.5.3.0/24 via 10.5.3.0 dev 7 onlink"; got != want {
 		t.Errorf("String = %q, want %q", got, want)
 	}
 }
 
 // leaseRoutes returns n host-gw-like routes in 10.0.0.0/8, /24 each.
-func leaseRoutes(n int) []Route {
-	rs := make([]Route, n)
+func leaseRoutes(n int) []nlbatch.Route {
+	rs := make([]nlbatch.Route, n)
 	for i := range rs {
 		dst := netip.PrefixFrom(ip.FromUint32(0x0a000000+uint32(i+1)<<8), 24)
-		rs[i] = Route{Dst: dst, Gw: ip.FromUint32(0xc0a80000 + uint32(i%250+2)), LinkIndex: eth0}
+		rs[i] = nlbatch.Route{Dst: dst, Gw: ip.FromUint32(0xc0a80000 + uint32(i%250+2)), LinkIndex: eth0}
 	}
 	return rs
 }
@@ -639,7 +639,7 @@ func BenchmarkReconcile(b *testing.B) {
 			for i := 0; i < n; i += 100 {
 				alt[i].Gw = ip.FromUint32(0xc0a801fe)
 			}
-			sets := [2][]Route{alt, desired}
+			sets := [2][]nlbatch.Route{alt, desired}
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {

@@ -47,7 +47,7 @@ func countDual(nh *nlbatch.Handle) (v4, v6 int, err error) {
 		return l.Attrs().Index
 	}
 	dev4, dev6 := index(vxlanDev), index("flannel-v6.1")
-	err = nh.ListRoutes(func(r *nlbatch.RouteEntry) bool {
+	err = nh.ListRoutes(func(r *nlbatch.Route) bool {
 		if r.Table == unix.RT_TABLE_MAIN && r.LinkIndex == dev4 && r.Gw.IsValid() && r.Dst.Bits() == 24 && benchNetwork.Contains(r.Dst.Addr()) {
 			v4++
 		}
@@ -56,7 +56,7 @@ func countDual(nh *nlbatch.Handle) (v4, v6 int, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	err = nh.ListRoutes6(func(r *nlbatch.RouteEntry) bool {
+	err = nh.ListRoutes6(func(r *nlbatch.Route) bool {
 		if r.Table == unix.RT_TABLE_MAIN && r.LinkIndex == dev6 && r.Dst.Bits() == 64 && benchNetwork6.Contains(r.Dst.Addr()) {
 			v6++
 		}

@@ -231,7 +231,7 @@ func (c *kernelCounter) count(n int) (entryCounts, error) {
 		}
 		dev = l.Attrs().Index
 	}
-	err := c.nh.ListRoutes(func(r *nlbatch.RouteEntry) bool {
+	err := c.nh.ListRoutes(func(r *nlbatch.Route) bool {
 		if r.Table == unix.RT_TABLE_MAIN && r.LinkIndex == dev && r.Gw.IsValid() && r.Dst.Bits() > benchNetwork.Bits() && benchNetwork.Contains(r.Dst.Addr()) {
 			ec.Routes++
 		}
@@ -240,7 +240,7 @@ func (c *kernelCounter) count(n int) (entryCounts, error) {
 	if err != nil || c.backend != "vxlan" || ec.Routes != n {
 		return ec, err
 	}
-	err = c.nh.ListNeighs(unix.AF_INET, dev, func(nb *nlbatch.NeighEntry) bool {
+	err = c.nh.ListNeighs(unix.AF_INET, dev, func(nb *nlbatch.Neigh) bool {
 		if nb.State == unix.NUD_PERMANENT {
 			ec.Neighs++
 		}
@@ -249,7 +249,7 @@ func (c *kernelCounter) count(n int) (entryCounts, error) {
 	if err != nil {
 		return ec, err
 	}
-	err = c.nh.ListNeighs(unix.AF_BRIDGE, dev, func(f *nlbatch.NeighEntry) bool {
+	err = c.nh.ListNeighs(unix.AF_BRIDGE, dev, func(f *nlbatch.Neigh) bool {
 		if f.Flags&netlink.NTF_SELF != 0 {
 			ec.FDB++
 		}

@@ -40,7 +40,7 @@ func nexthopRoutes(h *lab.Host) ([]nexthopRoute, error) {
 	}
 	defer nh.Close()
 	var got []nexthopRoute
-	err = nh.ListRoutes(func(e *nlbatch.RouteEntry) bool {
+	err = nh.ListRoutes(func(e *nlbatch.Route) bool {
 		if e.Gw.IsValid() && network.Contains(e.Dst.Addr()) && e.Dst.Bits() > network.Bits() {
 			got = append(got, nexthopRoute{e.Dst, e.Gw, e.NexthopID})
 		}

@@ -76,7 +76,7 @@ type hostGW struct {
 	routes, routes6 *backend.RouteReconciler
 
 	// Reused by each Apply.
-	desired, desired6 []backend.Route
+	desired, desired6 []nlbatch.Route
 	// noted holds the leases skipped by the last Apply and why, so that a
 	// lease is logged once when it starts being skipped, not on every Apply.
 	noted, skipped map[skipKey]string
@@ -158,12 +158,12 @@ func (b *hostGW) Init(ctx context.Context) (backend.Publish, error) {
 	return backend.Publish{MTU: b.ext.Iface.MTU}, nil
 }
 
-// Apply routes each remote host-gw lease via its PublicIP on the external
-// interface (and, with IPv6, its IPv6 subnet via its PublicIPv6) and removes
-// the routes of leases no longer given. A lease that cannot be routed
-// (another backend type, outside Network, a PublicIP not on a directly
-// connected network) is skipped and logged once; it does not stop the
-// others, and a failure of one family does not stop the other.
+// Apply routes each remote lease via its PublicIP on the external interface
+// (and, with IPv6, its IPv6 subnet via its PublicIPv6) and removes the
+// routes of leases no longer given. The leases are admitted by the caller;
+// one whose PublicIP is not on a network directly connected to the external
+// interface cannot be routed and is skipped and logged once. A failure of
+// one family does not stop the other.
 func (b *hostGW) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -207,17 +207,14 @@ func (b *hostGW) apply(v6 bool, own subnet.Lease, remote []subnet.Lease) (int, e
 		if v6 {
 			sn, gw = l.IPv6Subnet, l.Attrs.PublicIPv6
 		}
-		if sn.IsValid() && ownSubnet.IsValid() && sn.Overlaps(ownSubnet) {
-			continue // our own lease is routed locally, never via anyone
+		if !sn.IsValid() {
+			continue // a lease without this family (IPv6 among IPv4 nodes)
 		}
-		if reason := b.check(v6, sn, gw, connected); reason != "" {
-			if !sn.IsValid() {
-				sn = l.Subnet // name the lease by what it has
-			}
+		if reason := b.unreachable(v6, gw, connected); reason != "" {
 			b.skip(skipKey{sn, v6}, reason)
 			continue
 		}
-		*desired = append(*desired, backend.Route{Dst: sn, Gw: gw, LinkIndex: b.ext.Iface.Index})
+		*desired = append(*desired, nlbatch.Route{Dst: sn, Gw: gw, LinkIndex: b.ext.Iface.Index})
 	}
 
 	c, err := routes.Reconcile(ownSubnet, *desired)
@@ -230,28 +227,17 @@ func (b *hostGW) apply(v6 bool, own subnet.Lease, remote []subnet.Lease) (int, e
 	return len(*desired), nil
 }
 
-// check returns why a lease's subnet sn cannot be routed via gw, or "".
-func (b *hostGW) check(v6 bool, sn netip.Prefix, gw netip.Addr, connected []netip.Prefix) string {
-	n, own, pubKey, family := b.config.Network, b.ext.IfaceAddr, "PublicIP", "IPv4"
-	if v6 {
-		n, own, pubKey, family = b.config.IPv6Network, b.ext.IfaceAddrV6, "PublicIPv6", "IPv6"
-		if !sn.IsValid() {
-			return "it has no IPv6 subnet"
-		}
-	}
-	if !ip.Contains(n, sn) || sn.Bits() == n.Bits() {
-		return fmt.Sprintf("it is outside Network %s", n)
-	}
-	if !gw.IsValid() || gw.Is4() == v6 || gw.Is4In6() {
-		return fmt.Sprintf("it has no %s %s", family, pubKey)
-	}
-	if gw == own {
-		return fmt.Sprintf("its %s %s is this node's own address", pubKey, gw)
-	}
+// unreachable returns why gw, a lease's PublicIP (PublicIPv6), is no next
+// hop of the external interface, or "".
+func (b *hostGW) unreachable(v6 bool, gw netip.Addr, connected []netip.Prefix) string {
 	for _, p := range connected {
 		if p.Contains(gw) {
 			return ""
 		}
+	}
+	pubKey := "PublicIP"
+	if v6 {
+		pubKey = "PublicIPv6"
 	}
 	return fmt.Sprintf("its %s %s is not on a network directly connected to %s (%v); host-gw needs all nodes on one L2 segment, use vxlan otherwise",
 		pubKey, gw, b.ext.Iface.Name, connected)

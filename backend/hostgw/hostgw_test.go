@@ -76,17 +76,17 @@ func (f *fakeKernel) RouteReplace(r *netlink.Route) error {
 }
 
 // ListRoutes is the dump ListRoutes makes, through RouteListFilteredIter.
-func (f *fakeKernel) ListRoutes(fn func(*nlbatch.RouteEntry) bool) error {
+func (f *fakeKernel) ListRoutes(fn func(*nlbatch.Route) bool) error {
 	return f.RouteListFilteredIter(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
-		e := nlbatch.RouteEntryOf(&r)
+		e := nlbatch.RouteOf(&r)
 		return fn(&e)
 	})
 }
 
 // ListRoutes6 is ListRoutes for the IPv6 routes.
-func (f *fakeKernel) ListRoutes6(fn func(*nlbatch.RouteEntry) bool) error {
+func (f *fakeKernel) ListRoutes6(fn func(*nlbatch.Route) bool) error {
 	return f.RouteListFilteredIter(netlink.FAMILY_V6, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
-		e := nlbatch.RouteEntryOf(&r)
+		e := nlbatch.RouteOf(&r)
 		return fn(&e)
 	})
 }
@@ -274,20 +274,19 @@ func TestApplyStates(t *testing.T) {
 	}{
 		{
 			name: "first apply routes host-gw leases and removes stale routes",
+			// The caller admits the leases: none is ours, outside Network
+			// or of another type.
 			remote: []subnet.Lease{
-				own, // the manager may list our own lease too
 				lease("10.5.2.0/24", "192.168.1.2", Type),
 				lease("10.5.3.0/24", "192.168.1.3", Type),
-				lease("10.5.5.0/24", "10.9.9.5", Type),    // not on a connected network
-				lease("10.5.6.0/24", "192.168.1.1", Type), // claims our address
-				lease("10.6.0.0/24", "192.168.1.6", Type), // outside Network
+				lease("10.5.5.0/24", "10.9.9.5", Type), // not on a connected network
 			},
 			wantCalls: `replace 10.5.2.0/24 via 192.168.1.2 dev eth0
 replace 10.5.3.0/24 via 192.168.1.3 dev eth0
 del 10.5.9.0/24 via 192.168.1.9 dev eth0`,
 			wantOurs: `10.5.2.0/24 via 192.168.1.2 dev eth0
 10.5.3.0/24 via 192.168.1.3 dev eth0`,
-			wantLogs: []string{"10.5.5.0/24", "10.5.6.0/24", "10.6.0.0/24"},
+			wantLogs: []string{"10.5.5.0/24"},
 		},
 		{
 			name: "same leases again: no kernel changes, no new logs",
@@ -295,8 +294,6 @@ del 10.5.9.0/24 via 192.168.1.9 dev eth0`,
 				lease("10.5.3.0/24", "192.168.1.3", Type),
 				lease("10.5.2.0/24", "192.168.1.2", Type),
 				lease("10.5.5.0/24", "10.9.9.5", Type),
-				lease("10.5.6.0/24", "192.168.1.1", Type),
-				lease("10.6.0.0/24", "192.168.1.6", Type),
 			},
 			wantOurs: `10.5.2.0/24 via 192.168.1.2 dev eth0
 10.5.3.0/24 via 192.168.1.3 dev eth0`,

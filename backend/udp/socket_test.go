@@ -187,7 +187,7 @@ func TestSocketLoopback(t *testing.T) {
 		}},
 	} {
 		t.Run(target.name, func(t *testing.T) {
-			tb := newTable([]route{{netip.MustParsePrefix("10.5.1.0/24"), lo}}, target.port)
+			tb := newTable(map[netip.Prefix]netip.Addr{netip.MustParsePrefix("10.5.1.0/24"): lo}, target.port)
 			s := newSendBatch(snd, 64)
 			for _, p := range pkts {
 				s.add(&tb.peers[0], p)

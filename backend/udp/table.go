@@ -41,36 +41,25 @@ func mask(bits int) uint32 {
 	return ^uint32(0) << (32 - bits)
 }
 
-// route is a remote lease to add to a table.
-type route struct {
-	Subnet   netip.Prefix
-	PublicIP netip.Addr
-}
-
-// newTable builds the table for routes, sending to UDP port port. Invalid
-// entries (non-IPv4) are skipped; of two routes for the same subnet the last
-// wins.
-func newTable(routes []route, port int) *table {
+// newTable builds the table of peers (remote subnet → PublicIP), sending
+// to UDP port port. Entries that are not IPv4 are skipped.
+func newTable(peers map[netip.Prefix]netip.Addr, port int) *table {
 	t := &table{
-		bySubnet: make(map[uint64]int32, len(routes)),
-		bySender: make(map[uint32][]int32, len(routes)),
+		bySubnet: make(map[uint64]int32, len(peers)),
+		bySender: make(map[uint32][]int32, len(peers)),
+		peers:    make([]peer, 0, len(peers)),
 	}
-	for _, r := range routes {
-		if !r.Subnet.Addr().Is4() || !r.PublicIP.Is4() {
+	for sn, pub := range peers {
+		if !sn.Addr().Is4() || !pub.Is4() {
 			continue
 		}
-		s := r.Subnet.Masked()
-		p := peer{subnet: s, publicIP: ip.Uint32(r.PublicIP)}
+		s := sn.Masked()
+		p := peer{subnet: s, publicIP: ip.Uint32(pub)}
 		p.sa.Family = unix.AF_INET
-		p.sa.Addr = r.PublicIP.As4()
+		p.sa.Addr = pub.As4()
 		// sin_port is in network byte order.
 		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&p.sa.Port))[:], uint16(port))
-		k := subnetKey(ip.Uint32(s.Addr()), s.Bits())
-		if i, dup := t.bySubnet[k]; dup {
-			t.peers[i] = p
-			continue
-		}
-		t.bySubnet[k] = int32(len(t.peers))
+		t.bySubnet[subnetKey(ip.Uint32(s.Addr()), s.Bits())] = int32(len(t.peers))
 		t.peers = append(t.peers, p)
 		if !slices.Contains(t.lens, s.Bits()) {
 			t.lens = append(t.lens, s.Bits())
@@ -81,6 +70,32 @@ func newTable(routes []route, port int) *table {
 	}
 	slices.SortFunc(t.lens, func(a, b int) int { return b - a })
 	return t
+}
+
+// peerTable is the packet path's table as a backend.Table: applied is what
+// the current snapshot was built from; Set and Delete change it, and Apply
+// swaps in a new snapshot when they did.
+type peerTable struct {
+	applied map[netip.Prefix]netip.Addr
+}
+
+func (t *peerTable) Dump(add func(netip.Prefix, netip.Addr)) error {
+	for sn, pub := range t.applied {
+		add(sn, pub)
+	}
+	return nil
+}
+
+func (t *peerTable) Set(sns []netip.Prefix, pubs []netip.Addr, _ []error) {
+	for i, sn := range sns {
+		t.applied[sn] = pubs[i]
+	}
+}
+
+func (t *peerTable) Delete(sns []netip.Prefix, _ []netip.Addr, _ []error) {
+	for _, sn := range sns {
+		delete(t.applied, sn)
+	}
 }
 
 // lookup returns the index of the peer whose subnet holds dst, the longest

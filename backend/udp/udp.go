@@ -33,11 +33,10 @@ import (
 	"sync"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
-	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -63,24 +62,28 @@ func init() {
 	backend.Register(TypeName, func(o backend.Options) (backend.Backend, error) { return New(o) })
 }
 
-// netlinkHandle is the part of *netlink.Handle the backend uses.
+// netlinkHandle is the part of *nlbatch.Handle the backend uses.
 type netlinkHandle interface {
 	LinkByName(name string) (netlink.Link, error)
 	LinkSetUp(link netlink.Link) error
-	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
-	AddrReplace(link netlink.Link, addr *netlink.Addr) error
-	AddrDel(link netlink.Link, addr *netlink.Addr) error
+	PromoteSecondaries(link int) error
+	backend.AddrNetlink
 }
 
 // Backend is the udp backend. Create it with New.
 type Backend struct {
-	opts backend.Options
-	cfg  config
-	log  klog.Logger
-	nl   netlinkHandle
-	mtu  int
+	opts  backend.Options
+	cfg   config
+	log   klog.Logger
+	nl    netlinkHandle
+	owned *nlbatch.Handle // opened by New, closed by Close; nil if given
+	mtu   int
 
 	path path
+	// peers keeps the packet path's table; used by Apply only.
+	peers   *backend.Reconciler[netip.Prefix, netip.Addr]
+	applied peerTable
+	desired map[netip.Prefix]netip.Addr
 
 	mu     sync.Mutex // guards the fields below
 	dev    tunDevice
@@ -113,11 +116,18 @@ func New(o backend.Options) (*Backend, error) {
 	if o.Netlink != nil {
 		b.nl = o.Netlink
 	} else {
-		b.nl = &netlink.Handle{}
+		h, err := nlbatch.NewHandle()
+		if err != nil {
+			return nil, fmt.Errorf("udp backend: %w", err)
+		}
+		b.nl, b.owned = h, h
 	}
 	b.path.log = o.Logger
 	b.path.strict = cfg.StrictSource
 	b.path.table.Store(newTable(nil, cfg.Port))
+	b.applied.applied = map[netip.Prefix]netip.Addr{}
+	b.desired = map[netip.Prefix]netip.Addr{}
+	b.peers = backend.NewReconciler[netip.Prefix, netip.Addr](&b.applied, backend.Same[netip.Addr])
 	return b, nil
 }
 
@@ -164,8 +174,10 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 }
 
 // Apply gives flannel0 the address <own subnet IP>/<Network prefix> (so the
-// kernel routes the whole Network into it), brings it up, and swaps in the
-// lease table built from the remote udp leases.
+// kernel routes the whole Network into it), brings it up, and reconciles
+// the packet path's peer table with the remote leases (admitted by the
+// caller): when a peer was added, changed or removed, a new table built
+// from the result is swapped in.
 func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -175,50 +187,37 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 	if b.dev == nil {
 		return ErrNotInitialized
 	}
-	routes := make([]route, 0, len(remote))
-	for _, l := range remote {
-		if l.Subnet == own.Subnet {
-			continue
-		}
-		routes = append(routes, route{Subnet: l.Subnet, PublicIP: l.Attrs.PublicIP})
-	}
 	if err := b.configureDevice(own.Subnet); err != nil {
 		return err
 	}
-	b.path.table.Store(newTable(routes, b.cfg.Port))
-	return nil
+	clear(b.desired)
+	for i := range remote {
+		b.desired[remote[i].Subnet] = remote[i].Attrs.PublicIP
+	}
+	c, err := b.peers.Reconcile(b.desired)
+	if c.Any() {
+		b.path.table.Store(newTable(b.applied.applied, b.cfg.Port))
+		b.log.V(1).Info("Updated the udp peer table", "peers", len(b.applied.applied), "added", c.Added, "updated", c.Updated, "removed", c.Removed)
+	}
+	return err
 }
 
 // configureDevice makes flannel0's IPv4 addresses exactly
-// <own subnet IP>/<Network prefix> and sets it up. Stale addresses go
-// first: an address added in the same subnet would be a secondary, and
-// deleting the primary after it would take it along.
+// <own subnet IP>/<Network prefix> and sets it up. The new address is added
+// before a stale one (a previous lease's) is deleted, like every entry a
+// backend owns; as both are in one subnet, the new one is a secondary, so
+// promote_secondaries is turned on first: deleting the old primary then
+// promotes it instead of taking it along.
 func (b *Backend) configureDevice(own netip.Prefix) error {
 	link, err := b.nl.LinkByName(DeviceName)
 	if err != nil {
 		return fmt.Errorf("finding %s: %w", DeviceName, err)
 	}
-	want := netip.PrefixFrom(own.Addr(), b.opts.Config.Network.Bits())
-	addrs, err := b.nl.AddrList(link, unix.AF_INET)
-	if err != nil {
-		return fmt.Errorf("listing addresses of %s: %w", DeviceName, err)
+	if err := b.nl.PromoteSecondaries(link.Attrs().Index); err != nil {
+		return fmt.Errorf("configuring %s: %w", DeviceName, err)
 	}
-	have := false
-	for _, a := range addrs {
-		p, ok := ip.FromIP(a.IP)
-		ones, _ := a.Mask.Size()
-		if ok && p == want.Addr() && ones == want.Bits() {
-			have = true
-			continue
-		}
-		if err := b.nl.AddrDel(link, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
-			return fmt.Errorf("removing stale address %s from %s: %w", a.IPNet, DeviceName, err)
-		}
-	}
-	if !have {
-		if err := b.nl.AddrReplace(link, &netlink.Addr{IPNet: ip.HostNet(want.Addr(), want.Bits())}); err != nil {
-			return fmt.Errorf("adding address %s to %s: %w", want, DeviceName, err)
-		}
+	if _, err := backend.ReconcileAddrs(b.nl, link, netip.PrefixFrom(own.Addr(), b.opts.Config.Network.Bits())); err != nil {
+		return err
 	}
 	if err := b.nl.LinkSetUp(link); err != nil {
 		return fmt.Errorf("setting %s up: %w", DeviceName, err)
@@ -251,6 +250,9 @@ func (b *Backend) Close() error {
 		if err := b.dev.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("closing %s: %w", DeviceName, err))
 		}
+	}
+	if b.owned != nil {
+		b.owned.Close()
 	}
 	b.mu.Unlock()
 	b.wg.Wait()

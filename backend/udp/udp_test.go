@@ -134,6 +134,10 @@ func (f *fakeNetlink) LinkByName(name string) (netlink.Link, error) {
 	}
 	return &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name, Index: 7}}, nil
 }
+func (f *fakeNetlink) PromoteSecondaries(int) error {
+	f.calls = append(f.calls, "promote_secondaries")
+	return nil
+}
 func (f *fakeNetlink) LinkSetUp(netlink.Link) error {
 	f.up = true
 	f.calls = append(f.calls, "up")
@@ -182,7 +186,7 @@ func TestConfigureDeviceReconcilesAddresses(t *testing.T) {
 	if err := b.configureDevice(own); err != nil {
 		t.Fatalf("configureDevice again: %v", err)
 	}
-	if len(nl.calls) != 1 || nl.calls[0] != "up" {
-		t.Fatalf("second call made %v, want only [up]", nl.calls)
+	if strings.Join(nl.calls, " ") != "promote_secondaries up" {
+		t.Fatalf("second call made %v, want only [promote_secondaries up]", nl.calls)
 	}
 }

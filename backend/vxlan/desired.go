@@ -9,9 +9,10 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -50,23 +51,6 @@ type backendData struct {
 	VtepMAC string
 }
 
-// neighEntry is a neighbour on the VTEP device: the remote subnet's
-// first address resolves to the remote VTEP's MAC.
-type neighEntry struct {
-	IP    netip.Addr
-	MAC   hwAddr
-	State int // NUD_PERMANENT when desired
-}
-
-// fdbEntry is a forwarding entry of the VTEP device: frames to MAC are
-// encapsulated to Dst.
-type fdbEntry struct {
-	MAC   hwAddr
-	Dst   netip.Addr
-	VNI   int // 0: the device's VNI
-	State int // NUD_PERMANENT when desired
-}
-
 // skip is a remote lease the backend does not program, and why.
 type skip struct {
 	Subnet netip.Prefix
@@ -75,9 +59,9 @@ type skip struct {
 
 // desired is what the kernel should hold for a set of remote leases.
 type desired struct {
-	neighs map[netip.Addr]neighEntry // by remote subnet IP
-	fdbs   map[hwAddr]fdbEntry       // by remote VTEP MAC
-	routes []backend.Route
+	neighs map[netip.Addr]nlbatch.Neigh // by remote subnet IP
+	fdbs   map[hwAddr]nlbatch.Neigh     // by remote VTEP MAC
+	routes []nlbatch.Route
 	skips  []skip
 
 	// Scratch space reused between calls.
@@ -87,22 +71,19 @@ type desired struct {
 
 func newDesired() *desired {
 	return &desired{
-		neighs:   map[netip.Addr]neighEntry{},
-		fdbs:     map[hwAddr]fdbEntry{},
+		neighs:   map[netip.Addr]nlbatch.Neigh{},
+		fdbs:     map[hwAddr]nlbatch.Neigh{},
 		macOwner: map[hwAddr]netip.Prefix{},
 	}
 }
 
 // world is what desired computation needs to know about this node.
 type world struct {
-	v6       bool         // the IPv6 overlay: leases' IPv6Subnet, PublicIPv6, BackendV6Data
-	network  netip.Prefix // Config.Network (IPv6Network)
-	own      subnet.Lease // this node's lease
-	vtep     int          // index of flannel.<VNI> (flannel-v6.<VNI>)
-	ext      int          // index of the external interface
-	direct   bool         // DirectRouting is on
-	extNets  []netip.Prefix
-	localIPs []netip.Addr // this node's own addresses (PublicIP, IfaceAddr)
+	v6      bool // the IPv6 overlay: leases' IPv6Subnet, PublicIPv6, BackendV6Data
+	vtep    int  // index of flannel.<VNI> (flannel-v6.<VNI>)
+	ext     int  // index of the external interface
+	direct  bool // DirectRouting is on
+	extNets []netip.Prefix
 }
 
 // view is the part of a lease one overlay uses: for IPv4 its Subnet,
@@ -115,35 +96,35 @@ func (w *world) view(l *subnet.Lease) (sn netip.Prefix, pub netip.Addr, data jso
 	return l.Subnet, l.Attrs.PublicIP, l.Attrs.BackendData
 }
 
-// family names the overlay's address family in log lines.
-func (w *world) family() string {
+// neigh is the permanent neighbour gw → mac on the VTEP device.
+func (w *world) neigh(gw netip.Addr, mac hwAddr) nlbatch.Neigh {
+	family := uint8(unix.AF_INET)
 	if w.v6 {
-		return "IPv6"
+		family = unix.AF_INET6
 	}
-	return "IPv4"
+	return nlbatch.Neigh{LinkIndex: w.vtep, Family: family, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: gw, MAC: mac}
 }
 
-// is reports whether a is an address of the overlay's family.
-func (w *world) is(a netip.Addr) bool {
-	if w.v6 {
-		return a.Is6() && !a.Is4In6()
-	}
-	return a.Is4()
+// fdb is the permanent fdb entry of the VTEP device: frames to mac are
+// encapsulated to dst (in the device's VNI).
+func (w *world) fdb(mac hwAddr, dst netip.Addr) nlbatch.Neigh {
+	return nlbatch.Neigh{LinkIndex: w.vtep, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: unix.NUD_PERMANENT, IP: dst, MAC: mac}
 }
 
-// compute fills d with the entries for remote. For a lease tunnelled through
-// VXLAN that is a permanent neighbour (subnet IP → VtepMAC), an fdb entry
-// (VtepMAC → PublicIP) and an onlink route (subnet via subnet IP). With
-// DirectRouting, a lease whose PublicIP is on a network the external
-// interface is directly attached to gets only a plain route via its PublicIP
-// on that interface, as flannel does; any neighbour or fdb entry left from
-// when it was tunnelled is then removed.
+// compute fills d with the entries for remote, leases the caller admitted
+// (valid subnets of the network, not this node's, of type vxlan). For a
+// lease tunnelled through VXLAN that is a permanent neighbour (subnet IP →
+// VtepMAC), an fdb entry (VtepMAC → PublicIP) and an onlink route (subnet
+// via subnet IP). With DirectRouting, a lease whose PublicIP is on a
+// network the external interface is directly attached to gets only a plain
+// route via its PublicIP on that interface, as flannel does; any neighbour
+// or fdb entry left from when it was tunnelled is then removed.
 //
-// Leases are taken in subnet order (then PublicIP), so the outcome does not
-// depend on the order of remote; a lease that cannot be programmed (other backend type,
-// unusable BackendData, outside Network, clashing with the own subnet, a
-// duplicate subnet or VtepMAC, this node's own PublicIP) is reported in
-// d.skips and left out.
+// A lease without a subnet of the overlay's family (an IPv4-only lease on
+// the IPv6 overlay) has nothing here. Leases are taken in subnet order (then
+// PublicIP), so the outcome does not depend on the order of remote; a lease
+// whose BackendData is unusable, or whose subnet or VtepMAC an earlier lease
+// already has, is reported in d.skips and left out.
 func (d *desired) compute(w world, remote []subnet.Lease) {
 	clear(d.neighs)
 	clear(d.fdbs)
@@ -153,7 +134,9 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 	clear(d.macOwner)
 	d.order = d.order[:0]
 	for i := range remote {
-		d.order = append(d.order, i)
+		if sn, _, _ := w.view(&remote[i]); sn.IsValid() {
+			d.order = append(d.order, i)
+		}
 	}
 	slices.SortStableFunc(d.order, func(a, b int) int {
 		sa, pa, da := w.view(&remote[a])
@@ -170,92 +153,40 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		return bytes.Compare(da, db)
 	})
 
-	ownSn, _, _ := w.view(&w.own)
-	pubKey, dataKey := "PublicIP", "BackendData"
+	dataKey := "BackendData"
 	if w.v6 {
-		pubKey, dataKey = "PublicIPv6", "BackendV6Data"
+		dataKey = "BackendV6Data"
 	}
-	// Sorted by first address, a subnet overlaps an accepted one exactly when
-	// it starts at or before the furthest end accepted so far.
-	var last netip.Prefix // the accepted subnet that ends furthest
-	var lastEnd netip.Addr
+	var last netip.Prefix // the previous lease's subnet
 	for _, i := range d.order {
-		l := &remote[i]
-		sn, pub, data := w.view(l)
-		if !sn.IsValid() && w.v6 {
-			sn = l.Subnet // name the lease by what it has
-		}
-		skipf := func(format string, args ...any) {
-			d.skips = append(d.skips, skip{sn, fmt.Sprintf(format, args...)})
-		}
-		switch {
-		case w.v6 && !l.IPv6Subnet.IsValid():
-			skipf("the lease has no IPv6 subnet")
-			continue
-		case !sn.IsValid() || !w.is(sn.Addr()) || sn.Masked() != sn:
-			skipf("subnet %s is not an %s subnet", sn, w.family())
-			continue
-		case sn.Bits() <= w.network.Bits() || !w.network.Contains(sn.Addr()):
-			skipf("subnet is not inside Network %s", w.network)
-			continue
-		case ownSn.IsValid() && sn.Overlaps(ownSn):
-			skipf("subnet overlaps this node's lease %s", ownSn)
-			continue
-		case last.IsValid() && sn.Addr().Compare(lastEnd) <= 0:
-			skipf("subnet overlaps the lease %s", last)
-			continue
-		case !pub.IsValid():
-			skipf("%s is missing", pubKey)
-			continue
-		case !w.is(pub):
-			skipf("%s %s is not an %s address", pubKey, pub, w.family())
-			continue
-		case slices.Contains(w.localIPs, pub):
-			skipf("%s %s is this node's own address (a stale lease of this node?)", pubKey, pub)
+		sn, pub, data := w.view(&remote[i])
+		if sn == last {
+			// Only IPv6 subnets can repeat: the store keys leases by their
+			// IPv4 subnet.
+			d.skips = append(d.skips, skip{sn, "another lease has the same subnet"})
 			continue
 		}
+		last = sn
 		mac, err := leaseMAC(dataKey, data)
 		if err != nil {
-			skipf("%v", err)
+			d.skips = append(d.skips, skip{sn, err.Error()})
 			continue
 		}
 		if other, dup := d.macOwner[mac]; dup {
-			skipf("VtepMAC %s is already used by the lease %s", mac, other)
+			d.skips = append(d.skips, skip{sn, fmt.Sprintf("VtepMAC %s is already used by the lease %s", mac, other)})
 			continue
 		}
 		d.macOwner[mac] = sn
-		if end := lastAddr(sn); !last.IsValid() || end.Compare(lastEnd) > 0 {
-			last, lastEnd = sn, end
-		}
 
 		if w.direct && onNets(w.extNets, pub) {
-			d.routes = append(d.routes, backend.Route{Dst: sn, Gw: pub, LinkIndex: w.ext})
+			d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: w.ext})
 			continue
 		}
 		gw := sn.Addr()
-		d.neighs[gw] = neighEntry{IP: gw, MAC: mac, State: unix.NUD_PERMANENT}
-		d.fdbs[mac] = fdbEntry{MAC: mac, Dst: pub, State: unix.NUD_PERMANENT}
-		d.routes = append(d.routes, backend.Route{Dst: sn, Gw: gw, LinkIndex: w.vtep, Onlink: true})
+		d.neighs[gw] = w.neigh(gw, mac)
+		d.fdbs[mac] = w.fdb(mac, pub)
+		d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: gw, LinkIndex: w.vtep, Onlink: true})
 	}
-}
-
-// lastAddr is the last address of p.
-func lastAddr(p netip.Prefix) netip.Addr {
-	a := p.Masked().Addr().As16()
-	i := p.Bits()
-	if p.Addr().Is4() {
-		i += 96
-	}
-	for ; i < 128; i++ {
-		if i%8 == 0 {
-			for ; i < 128; i += 8 {
-				a[i/8] = 0xff
-			}
-			break
-		}
-		a[i/8] |= 1 << (7 - i%8)
-	}
-	return netip.AddrFrom16(a).Unmap()
 }
 
 // leaseMAC extracts the VtepMAC of a lease's BackendData (key names it:

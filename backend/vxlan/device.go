@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -174,44 +173,6 @@ func randomMAC() (hwAddr, error) {
 	}
 	m[0] = m[0]&^1 | 2
 	return m, nil
-}
-
-// ensureAddress gives dev exactly one address of a's family, a/32 (a/128),
-// adding it before removing any other (a previous lease's address). IPv6
-// link-local addresses are the kernel's and left alone.
-func ensureAddress(nl linkNetlink, dev netlink.Link, a netip.Addr) error {
-	name := dev.Attrs().Name
-	family, bits := netlink.FAMILY_V4, 32
-	if !a.Is4() {
-		family, bits = netlink.FAMILY_V6, 128
-	}
-	have, err := nl.AddrList(dev, family)
-	if err != nil {
-		return fmt.Errorf("listing addresses of %s: %w", name, err)
-	}
-	have = slices.DeleteFunc(have, func(h netlink.Addr) bool { return h.IPNet == nil || h.IP.IsLinkLocalUnicast() })
-	want := ip.HostNet(a, bits)
-	found := false
-	for _, h := range have {
-		if h.IPNet.String() == want.String() {
-			found = true
-		}
-	}
-	if !found {
-		if err := nl.AddrReplace(dev, &netlink.Addr{IPNet: want}); err != nil {
-			return fmt.Errorf("adding address %s to %s: %w", want, name, err)
-		}
-	}
-	for i := range have {
-		h := &have[i]
-		if h.IPNet.String() == want.String() {
-			continue
-		}
-		if err := nl.AddrDel(dev, h); err != nil && !isNotFound(err) {
-			return fmt.Errorf("removing stale address %s from %s: %w", h.IPNet, name, err)
-		}
-	}
-	return nil
 }
 
 // isNotFound reports whether a delete failed only because the thing is

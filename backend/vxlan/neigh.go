@@ -1,100 +1,47 @@
 package vxlan
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
-// neighNetlink is the part of *nlbatch.Handle the neighbour and fdb code
-// uses: dumps, batched writes for the bulk, single deletes for the rollback
-// and odd entries.
+// neighNetlink is the part of *nlbatch.Handle the neighbour and fdb tables
+// use: dumps and batched writes.
 type neighNetlink interface {
-	ListNeighs(family uint8, link int, fn func(*nlbatch.NeighEntry) bool) error
-	NeighDel(neigh *netlink.Neigh) error
+	ListNeighs(family uint8, link int, fn func(*nlbatch.Neigh) bool) error
 	SetNeighs(ns []nlbatch.Neigh, errs []error) error
 	DeleteNeighs(ns []nlbatch.Neigh, errs []error) error
 }
 
-// writeAll converts each entry with conv, writes them all with one batched
-// call (SetNeighs or DeleteNeighs) and leaves in errs[i] the result of
-// es[i], described by what (nil for success; with ignoreNotFound a missing
-// entry counts as success). buf is reused scratch space.
-func writeAll[E any](buf *[]nlbatch.Neigh, es []E, errs []error, conv func(E) nlbatch.Neigh,
-	write func([]nlbatch.Neigh, []error) error, ignoreNotFound bool, what func(E, error) error) {
-	*buf = (*buf)[:0]
-	for _, e := range es {
-		*buf = append(*buf, conv(e))
-	}
-	_ = write(*buf, errs) // a socket failure is in errs too
-	for i, err := range errs {
-		if err != nil && ignoreNotFound && isNotFound(err) {
-			err = nil
-		}
-		if err != nil {
-			err = what(es[i], err)
-		}
-		errs[i] = err
-	}
-}
-
-// dumpAttempts bounds the re-dumps when the kernel reports that a table
-// changed during a dump.
-const dumpAttempts = 3
-
-// dumpNeigh calls fn for each entry of one family on one link, reading
-// the table again (from scratch) when the kernel reports that it changed
-// during the dump. If it keeps changing, the last view is used, which is
-// safe: a set replaces, a delete of an entry already gone succeeds, and
-// whatever was missed is fixed by the next Apply. start is called before
-// each read, to reset what fn collected.
-func dumpNeigh(nl neighNetlink, family uint8, link int, start func(), fn func(*nlbatch.NeighEntry)) error {
-	var err error
-	for range dumpAttempts {
-		start()
-		err = nl.ListNeighs(family, link, func(e *nlbatch.NeighEntry) bool { fn(e); return true })
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return err
-		}
-	}
-	return nil
-}
-
 // neighTable is the neighbour table (of family: AF_INET or AF_INET6) of the
-// VTEP device, as far as the
-// backend owns it: every permanent entry (nobody but this backend adds
-// those on flannel.<VNI>), plus whatever entry the kernel holds for a
-// desired IP, so that a resolved or failed entry there is made permanent.
-// Entries the kernel manages for other IPs are left to it.
+// VTEP device as a backend.Table, as far as the backend owns it: every
+// permanent entry (nobody but this backend adds those on flannel.<VNI>),
+// plus whatever entry the kernel holds for a desired IP, so that a resolved
+// or failed entry there is made permanent. Entries the kernel manages for
+// other IPs are left to it.
 type neighTable struct {
 	nl     neighNetlink
 	link   int
 	family uint8
-	have   map[netip.Addr]neighEntry
-	buf    []nlbatch.Neigh
+	want   map[netip.Addr]nlbatch.Neigh // the desired set of the current Apply
 }
 
-// load reads the table; want is the desired set.
-func (t *neighTable) load(want map[netip.Addr]neighEntry) error {
-	err := dumpNeigh(t.nl, t.family, t.link, func() { clear(t.have) }, func(n *nlbatch.NeighEntry) {
-		a := n.IP
-		if a.Is4() != (t.family == unix.AF_INET) {
-			return
+// Dump reports the owned entries in the form compute writes them.
+func (t *neighTable) Dump(add func(netip.Addr, nlbatch.Neigh)) error {
+	err := t.nl.ListNeighs(t.family, t.link, func(n *nlbatch.Neigh) bool {
+		if n.IP.Is4() != (t.family == unix.AF_INET) {
+			return true
 		}
-		if _, desired := want[a]; !desired && n.State&unix.NUD_PERMANENT == 0 {
-			return
+		if _, desired := t.want[n.IP]; !desired && n.State&unix.NUD_PERMANENT == 0 {
+			return true
 		}
-		var m hwAddr
-		if n.HasMAC {
-			m = n.MAC
-		}
-		t.have[a] = neighEntry{IP: a, MAC: m, State: int(n.State)}
+		add(n.IP, nlbatch.Neigh{LinkIndex: t.link, Family: t.family, State: n.State, Type: unix.RTN_UNICAST, IP: n.IP, MAC: n.MAC})
+		return true
 	})
 	if err != nil {
 		return fmt.Errorf("listing neighbours: %w", err)
@@ -102,101 +49,42 @@ func (t *neighTable) load(want map[netip.Addr]neighEntry) error {
 	return nil
 }
 
-// entry is e as written to the kernel: permanent, unicast.
-func (t *neighTable) entry(e neighEntry) nlbatch.Neigh {
-	return nlbatch.Neigh{LinkIndex: t.link, Family: t.family, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: e.IP, MAC: e.MAC}
-}
-
-// setAll sets each entry; errs[i] receives the result of es[i].
-func (t *neighTable) setAll(es []neighEntry, errs []error) {
-	writeAll(&t.buf, es, errs, t.entry, t.nl.SetNeighs, false, func(e neighEntry, err error) error {
-		return fmt.Errorf("setting neighbour %s lladdr %s: %w", e.IP, e.MAC, err)
-	})
-}
-
-// delAll deletes each entry (by IP); one already gone counts as deleted.
-func (t *neighTable) delAll(es []neighEntry, errs []error) {
-	byIP := func(e neighEntry) nlbatch.Neigh {
-		return nlbatch.Neigh{LinkIndex: t.link, Family: t.family, IP: e.IP}
+func (t *neighTable) Set(_ []netip.Addr, ns []nlbatch.Neigh, errs []error) {
+	_ = t.nl.SetNeighs(ns, errs) // a socket failure is in errs too
+	for i, err := range errs {
+		if err != nil {
+			errs[i] = fmt.Errorf("setting neighbour %s lladdr %s: %w", ns[i].IP, hwAddr(ns[i].MAC), err)
+		}
 	}
-	writeAll(&t.buf, es, errs, byIP, t.nl.DeleteNeighs, true, func(e neighEntry, err error) error {
-		return fmt.Errorf("deleting neighbour %s: %w", e.IP, err)
-	})
 }
 
-func (t *neighTable) del(_ netip.Addr, e neighEntry) error {
-	err := t.nl.NeighDel(&netlink.Neigh{LinkIndex: t.link, Family: int(t.family), IP: ip.IP(e.IP)})
-	if err != nil && !isNotFound(err) {
-		return fmt.Errorf("deleting neighbour %s: %w", e.IP, err)
+func (t *neighTable) Delete(_ []netip.Addr, ns []nlbatch.Neigh, errs []error) {
+	_ = t.nl.DeleteNeighs(ns, errs)
+	for i, err := range errs {
+		if err != nil {
+			errs[i] = fmt.Errorf("deleting neighbour %s: %w", ns[i].IP, err)
+		}
 	}
-	return nil
 }
 
-// fdbTable is the forwarding database of the VTEP device; the backend owns
-// all of it (learning is off, so only configured entries exist).
+// fdbTable is the forwarding database of the VTEP device as a
+// backend.Table; the backend owns all of it (learning is off, so only
+// configured entries exist). Several remotes of one MAC (bridge fdb append)
+// are reported each, so that the Reconciler deletes all but one.
 type fdbTable struct {
 	nl   neighNetlink
 	link int
-	have map[hwAddr]fdbEntry
-	// extra holds entries no set replaces: further remotes of one MAC (only
-	// the all-zeros and multicast MACs can have several, with bridge fdb
-	// append) and entries whose MAC does not parse.
-	extra []netlink.Neigh
-	buf   []nlbatch.Neigh
 }
 
-// entry is e as written to the kernel: permanent, in the device's own table.
-func (t *fdbTable) entry(e fdbEntry) nlbatch.Neigh {
-	return nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: unix.NUD_PERMANENT,
-		IP: e.Dst, MAC: e.MAC, VNI: uint32(e.VNI)}
-}
-
-// setAll sets each entry; errs[i] receives the result of es[i].
-func (t *fdbTable) setAll(es []fdbEntry, errs []error) {
-	writeAll(&t.buf, es, errs, t.entry, t.nl.SetNeighs, false, func(e fdbEntry, err error) error {
-		return fmt.Errorf("setting fdb entry %s dst %s: %w", e.MAC, e.Dst, err)
-	})
-}
-
-// delAll deletes each entry (MAC and dst); one already gone counts as
-// deleted.
-func (t *fdbTable) delAll(es []fdbEntry, errs []error) {
-	writeAll(&t.buf, es, errs, t.entry, t.nl.DeleteNeighs, true, func(e fdbEntry, err error) error {
-		return fmt.Errorf("deleting fdb entry %s dst %s: %w", e.MAC, e.Dst, err)
-	})
-}
-
-// load reads the table; want is the desired set.
-func (t *fdbTable) load(want map[hwAddr]fdbEntry) error {
-	start := func() {
-		clear(t.have)
-		clear(t.extra)
-		t.extra = t.extra[:0]
-	}
-	err := dumpNeigh(t.nl, unix.AF_BRIDGE, t.link, start, func(n *nlbatch.NeighEntry) {
-		if n.Flags&netlink.NTF_SELF == 0 {
-			return // a bridge's entry for the device as its port; not the device's own table
+// Dump reports the device's own entries (with a remote) in the form compute
+// writes them.
+func (t *fdbTable) Dump(add func(hwAddr, nlbatch.Neigh)) error {
+	err := t.nl.ListNeighs(unix.AF_BRIDGE, t.link, func(n *nlbatch.Neigh) bool {
+		if n.Flags&netlink.NTF_SELF == 0 || !n.IP.IsValid() {
+			return true // a bridge's entry for the device as its port, or one without a remote
 		}
-		if !n.IP.IsValid() || !n.HasMAC {
-			if n.IP.IsValid() {
-				// Without a usable MAC: delete it by what it has.
-				t.extra = append(t.extra, netlink.Neigh{LinkIndex: t.link, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-					IP: n.IP.AsSlice(), VNI: int(n.VNI)})
-			}
-			return
-		}
-		got := fdbEntry{MAC: n.MAC, Dst: n.IP, VNI: int(n.VNI), State: int(n.State)}
-		prev, dup := t.have[got.MAC]
-		if !dup {
-			t.have[got.MAC] = got
-			return
-		}
-		// Several remotes for one MAC (a flood list): keep the desired one,
-		// if any, and delete the rest.
-		if got == want[got.MAC] {
-			t.have[got.MAC], got = got, prev
-		}
-		t.extra = append(t.extra, t.neigh(got))
+		add(n.MAC, nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: n.State, IP: n.IP, MAC: n.MAC, VNI: n.VNI})
+		return true
 	})
 	if err != nil {
 		return fmt.Errorf("listing fdb entries: %w", err)
@@ -204,28 +92,22 @@ func (t *fdbTable) load(want map[hwAddr]fdbEntry) error {
 	return nil
 }
 
-func (t *fdbTable) neigh(e fdbEntry) netlink.Neigh {
-	return netlink.Neigh{
-		LinkIndex:    t.link,
-		Family:       unix.AF_BRIDGE,
-		Flags:        netlink.NTF_SELF,
-		State:        unix.NUD_PERMANENT,
-		IP:           e.Dst.AsSlice(),
-		HardwareAddr: e.MAC[:],
-		VNI:          e.VNI,
+func (t *fdbTable) Set(_ []hwAddr, ns []nlbatch.Neigh, errs []error) {
+	_ = t.nl.SetNeighs(ns, errs)
+	for i, err := range errs {
+		if err != nil {
+			errs[i] = fmt.Errorf("setting fdb entry %s dst %s: %w", hwAddr(ns[i].MAC), ns[i].IP, err)
+		}
 	}
 }
 
-func (t *fdbTable) del(_ hwAddr, e fdbEntry) error {
-	n := t.neigh(e)
-	return t.delNeigh(&n)
-}
-
-// delNeigh deletes one remote of one MAC (the dst is always given, so that
-// an appended remote goes alone).
-func (t *fdbTable) delNeigh(n *netlink.Neigh) error {
-	if err := t.nl.NeighDel(n); err != nil && !isNotFound(err) {
-		return fmt.Errorf("deleting fdb entry %s dst %s: %w", n.HardwareAddr, n.IP, err)
+// Delete deletes each entry by MAC and remote, so that one remote of an
+// appended list goes alone.
+func (t *fdbTable) Delete(_ []hwAddr, ns []nlbatch.Neigh, errs []error) {
+	_ = t.nl.DeleteNeighs(ns, errs)
+	for i, err := range errs {
+		if err != nil {
+			errs[i] = fmt.Errorf("deleting fdb entry %s dst %s: %w", hwAddr(ns[i].MAC), ns[i].IP, err)
+		}
 	}
-	return nil
 }

@@ -54,15 +54,11 @@ func init() {
 // ErrClosed is returned by Init and Apply after Close.
 var ErrClosed = errors.New("vxlan backend: closed")
 
-// routeNetlink is the part of *nlbatch.Handle the shared route reconciler
-// uses.
-type routeNetlink = backend.RouteNetlink
-
 // kernel is everything the backend asks of netlink.
 type kernel interface {
 	linkNetlink
 	neighNetlink
-	routeNetlink
+	backend.RouteNetlink
 }
 
 // vxlanBackend is the vxlan backend: an IPv4 overlay (the embedded plane,
@@ -94,9 +90,6 @@ type plane struct {
 	log      klog.Logger
 	direct   bool // DirectRouting
 	nexthops bool // routes go through nexthop objects (Options.Nexthops)
-	// localIPs are this node's own addresses of the family (IfaceAddr,
-	// PublicIP): a lease that names one is a stale lease of this node.
-	localIPs []netip.Addr
 	extName  string
 
 	dev *netlink.Vxlan // the device as last ensured; nil before Init
@@ -104,21 +97,20 @@ type plane struct {
 
 	routes    *backend.RouteReconciler
 	routeLink int // the device index routes was built for
-	rec       routeRecorder
 
-	want   *desired
-	neighs neighTable
-	fdbs   fdbTable
-	ignore map[netip.Prefix]ignored // leases skipped, with the reason logged
+	want     *desired
+	neighTab neighTable
+	fdbTab   fdbTable
+	neighs   *backend.Reconciler[netip.Addr, nlbatch.Neigh]
+	fdbs     *backend.Reconciler[hwAddr, nlbatch.Neigh]
+	ignore   map[netip.Prefix]ignored // leases skipped, with the reason logged
 
 	// halfDone holds, by subnet IP, the tunnelled leases of this Apply that
 	// could not be programmed completely.
 	halfDone map[netip.Addr]struct{}
-	routeBuf []backend.Route
-	// Reused by each Apply: the entries to set and the kernel's answers.
-	setNeighs []neighEntry
-	setFDBs   []fdbEntry
-	errs      []error
+	routeBuf []nlbatch.Route
+	rollBuf  []nlbatch.Neigh
+	errs     []error
 
 	// last counts what the last Apply changed, per kind.
 	last stats
@@ -191,7 +183,6 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 			log:      o.Logger,
 			direct:   cfg.DirectRouting,
 			nexthops: o.Nexthops,
-			localIPs: []netip.Addr{o.Ext.IfaceAddr, o.Ext.PublicIP},
 			extName:  o.Ext.Iface.Name,
 			spec: deviceSpec{
 				Name:     deviceName(cfg.VNI, v6),
@@ -205,16 +196,14 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 			want:     newDesired(),
 			ignore:   map[netip.Prefix]ignored{},
 			halfDone: map[netip.Addr]struct{}{},
-			rec:      routeRecorder{routeNetlink: nl, failed: map[netip.Prefix]struct{}{}},
 		}
 		if v6 {
 			p.network = o.Config.IPv6Network.Masked()
-			p.localIPs = []netip.Addr{o.Ext.IfaceAddrV6, o.Ext.PublicIPv6}
 			p.spec.Local = o.Ext.IfaceAddrV6
 			p.spec.MTU = o.Ext.Iface.MTU - encapOverhead6
 		}
-		p.neighs.have = map[netip.Addr]neighEntry{}
-		p.fdbs.have = map[hwAddr]fdbEntry{}
+		p.neighs = backend.NewReconciler[netip.Addr, nlbatch.Neigh](&p.neighTab, backend.Same[nlbatch.Neigh])
+		p.fdbs = backend.NewReconciler[hwAddr, nlbatch.Neigh](&p.fdbTab, backend.Same[nlbatch.Neigh])
 	}
 	newPlane(&b.plane, false)
 	if v6 {
@@ -298,7 +287,7 @@ func (b *plane) ensureDevice() error {
 		// Routes leave through the device or, with DirectRouting, the
 		// external interface. Owning routes on the external interface even
 		// without DirectRouting cleans up after the option is turned off.
-		b.routes = backend.NewRouteReconciler(&b.rec, b.network, dev.Index, b.spec.ExtIndex)
+		b.routes = backend.NewRouteReconciler(b.nl, b.network, dev.Index, b.spec.ExtIndex)
 		b.routes.UseNexthops(b.nexthops)
 		b.routeLink = dev.Index
 	}
@@ -306,8 +295,8 @@ func (b *plane) ensureDevice() error {
 	if b.v6 {
 		family = unix.AF_INET6
 	}
-	b.neighs.nl, b.neighs.link, b.neighs.family = b.nl, dev.Index, family
-	b.fdbs.nl, b.fdbs.link = b.nl, dev.Index
+	b.neighTab.nl, b.neighTab.link, b.neighTab.family = b.nl, dev.Index, family
+	b.fdbTab.nl, b.fdbTab.link = b.nl, dev.Index
 	return nil
 }
 
@@ -322,13 +311,15 @@ func (b *plane) setMAC(dev *netlink.Vxlan, mac hwAddr) error {
 
 // Apply brings each device to the own lease (address <subnet IP>/32 on
 // flannel.<VNI>, <IPv6 subnet IP>/128 on flannel-v6.<VNI>, up) and makes the
-// neighbour, fdb and route entries exactly those of the vxlan leases in
-// remote, per family. It reads each table once, sets missing or different
-// entries (neighbours, then fdb entries, then routes), removes the entries
-// of leases no longer present (routes, then fdb entries, then neighbours),
-// and, for a lease whose route fails, takes its neighbour and fdb entry out
-// again. A lease that cannot be programmed is left out and logged once; it
-// never fails the call. A failure of one family does not stop the other.
+// neighbour, fdb and route entries exactly those of the leases in remote,
+// per family; the caller admitted them (valid subnets of the network, not
+// this node's, of type vxlan). Each table goes through a backend.Reconciler:
+// it reads each table once, sets missing or different entries (neighbours,
+// then fdb entries, then routes), removes the entries of leases no longer
+// present (routes, then fdb entries, then neighbours), and, for a lease
+// whose route fails, takes its neighbour and fdb entry out again. A lease
+// whose BackendData is unusable is left out and logged once; it never fails
+// the call. A failure of one family does not stop the other.
 func (b *vxlanBackend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.Lease) error {
 	if b.closed {
 		return ErrClosed
@@ -366,24 +357,15 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 	if err := b.ensureDevice(); err != nil {
 		return err
 	}
-	if err := ensureAddress(b.nl, b.dev, ownSubnet.Addr()); err != nil {
+	bits := 32
+	if b.v6 {
+		bits = 128
+	}
+	if _, err := backend.ReconcileAddrs(b.nl, b.dev, netip.PrefixFrom(ownSubnet.Addr(), bits)); err != nil {
 		return err
 	}
 
-	w := world{
-		v6:       b.v6,
-		network:  b.network,
-		own:      own,
-		vtep:     b.dev.Index,
-		ext:      b.spec.ExtIndex,
-		direct:   b.direct,
-		localIPs: b.localIPs,
-	}
-	if b.v6 {
-		w.localIPs = append(w.localIPs[:len(w.localIPs):len(w.localIPs)], own.Attrs.PublicIPv6)
-	} else {
-		w.localIPs = append(w.localIPs[:len(w.localIPs):len(w.localIPs)], own.Attrs.PublicIP)
-	}
+	w := world{v6: b.v6, vtep: b.dev.Index, ext: b.spec.ExtIndex, direct: b.direct}
 	if b.direct {
 		nets, err := b.extNets()
 		if err != nil {
@@ -401,10 +383,11 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 			errs = append(errs, fmt.Errorf("%s: %w", what, err))
 		}
 	}
-	if err := b.neighs.load(b.want.neighs); err != nil {
+	b.neighTab.want = b.want.neighs
+	if err := b.neighs.Plan(b.want.neighs); err != nil {
 		return err
 	}
-	if err := b.fdbs.load(b.want.fdbs); err != nil {
+	if err := b.fdbs.Plan(b.want.fdbs); err != nil {
 		return err
 	}
 	// Per lease, WIRE.md's order: neighbour, fdb entry, route; a lease whose
@@ -413,37 +396,14 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 	// programmed (the next Apply tries all three again). Everything is set
 	// before anything is deleted, and deletions go in the reverse order.
 	clear(b.halfDone)
-	var staleNeigh []neighEntry
-	var staleFDB []fdbEntry
-	var err error
-	b.setNeighs = b.setNeighs[:0]
-	st.Neigh, _ = backend.Diff(b.want.neighs, b.neighs.have,
-		func(_ netip.Addr, e neighEntry) error { b.setNeighs = append(b.setNeighs, e); return nil },
-		func(_ netip.Addr, e neighEntry) error { staleNeigh = append(staleNeigh, e); return nil })
-	res := b.results(len(b.setNeighs))
-	b.neighs.setAll(b.setNeighs, res)
-	for i, err := range res {
-		if err != nil {
-			e := b.setNeighs[i]
-			failedSet(&st.Neigh, b.neighs.have, e.IP)
-			b.halfDone[e.IP] = struct{}{}
-		}
+	b.neighs.Add()
+	for _, gw := range b.neighs.FailedSets() {
+		b.halfDone[gw] = struct{}{}
 	}
-	note("programming neighbours", firstFailure(res))
-	b.setFDBs = b.setFDBs[:0]
-	st.FDB, _ = backend.Diff(b.want.fdbs, b.fdbs.have,
-		func(_ hwAddr, e fdbEntry) error { b.setFDBs = append(b.setFDBs, e); return nil },
-		func(_ hwAddr, e fdbEntry) error { staleFDB = append(staleFDB, e); return nil })
-	res = b.results(len(b.setFDBs))
-	b.fdbs.setAll(b.setFDBs, res)
-	for i, err := range res {
-		if err != nil {
-			e := b.setFDBs[i]
-			failedSet(&st.FDB, b.fdbs.have, e.MAC)
-			b.halfDone[b.want.macOwner[e.MAC].Addr()] = struct{}{}
-		}
+	b.fdbs.Add()
+	for _, mac := range b.fdbs.FailedSets() {
+		b.halfDone[b.want.macOwner[mac].Addr()] = struct{}{}
 	}
-	note("programming fdb entries", firstFailure(res))
 
 	routes := b.want.routes
 	if len(b.halfDone) > 0 {
@@ -456,39 +416,27 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 		}
 		routes = b.routeBuf
 	}
-	clear(b.rec.failed)
+	var err error
 	st.Route, err = b.routes.Reconcile(ownSubnet, routes)
 	note("programming routes", err)
-	for dst := range b.rec.failed {
+	for _, dst := range b.routes.FailedRoutes() {
 		if _, tunnelled := b.want.neighs[dst.Addr()]; tunnelled {
 			b.halfDone[dst.Addr()] = struct{}{}
 		}
 	}
-	st.RolledBack = b.rollBack(&st)
+	st.RolledBack = len(b.halfDone)
+	neighFailed, fdbFailed := b.rollBack()
 
-	for i := range b.fdbs.extra {
-		st.FDB.Removed++
-		if err := b.fdbs.delNeigh(&b.fdbs.extra[i]); err != nil {
-			st.FDB.Removed--
-			st.FDB.Failed++
-			note("removing fdb entries", err)
-		}
-	}
-	clear(b.fdbs.extra)
-	res = b.results(len(staleFDB))
-	b.fdbs.delAll(staleFDB, res)
-	failedRemovals(&st.FDB, res)
-	note("removing fdb entries", firstFailure(res))
-	res = b.results(len(staleNeigh))
-	b.neighs.delAll(staleNeigh, res)
-	failedRemovals(&st.Neigh, res)
-	note("removing neighbours", firstFailure(res))
+	b.fdbs.Remove()
+	b.neighs.Remove()
+	st.FDB, err = b.fdbs.Result()
+	note("programming fdb entries", err)
+	st.Neigh, err = b.neighs.Result()
+	note("programming neighbours", err)
+	st.Neigh.Failed += neighFailed
+	st.FDB.Failed += fdbFailed
 
 	b.last = st
-	if len(b.setNeighs)+len(b.setFDBs) > 2048 {
-		// After a burst: the next calls need little of this.
-		b.setNeighs, b.setFDBs, b.errs, b.neighs.buf, b.fdbs.buf = nil, nil, nil, nil, nil
-	}
 	if st.Neigh.Any() || st.FDB.Any() || st.Route.Any() {
 		b.log.V(1).Info("Programmed vxlan leases", "device", b.spec.Name, "leases", len(remote), "routes", len(routes),
 			"neigh", st.Neigh, "fdb", st.FDB, "route", st.Route, "rolledBack", st.RolledBack)
@@ -499,68 +447,38 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 	return nil
 }
 
-// results returns the reused result slice, n long and cleared.
-func (b *plane) results(n int) []error { return backend.Results(&b.errs, n) }
-
-// failedSet turns the set of key k that Diff counted as an add or an update
-// into a failure.
-func failedSet[K comparable, V any](c *backend.Changes, have map[K]V, k K) {
-	if _, ok := have[k]; ok {
-		c.Updated--
-	} else {
-		c.Added--
-	}
-	c.Failed++
-}
-
-// failedRemovals turns each failed removal Diff counted as done into a
-// failure.
-func failedRemovals(c *backend.Changes, errs []error) {
-	for _, err := range errs {
-		if err != nil {
-			c.Removed--
-			c.Failed++
-		}
-	}
-}
-
-// firstFailure returns the first error in errs, noting how many more
-// failed, or nil.
-func firstFailure(errs []error) error {
-	var first error
-	n := 0
-	for _, err := range errs {
-		if err != nil {
-			if first == nil {
-				first = err
-			}
-			n++
-		}
-	}
-	if n > 1 {
-		return fmt.Errorf("%w (and %d more failed)", first, n-1)
-	}
-	return first
-}
-
 // rollBack removes the neighbour and fdb entry of each tunnelled lease in
-// halfDone. It returns how many leases it rolled back.
-func (b *plane) rollBack(st *stats) int {
+// halfDone: the fdb entry as desired, and as it was if the set failed to
+// change it. It returns how many deletes failed, per table.
+func (b *plane) rollBack() (neighFailed, fdbFailed int) {
+	if len(b.halfDone) == 0 {
+		return 0, 0
+	}
+	b.rollBuf = b.rollBuf[:0]
 	for gw := range b.halfDone {
-		e := b.want.neighs[gw]
-		if err := b.neighs.del(gw, e); err != nil {
-			st.Neigh.Failed++
+		b.rollBuf = append(b.rollBuf, b.want.neighs[gw])
+	}
+	n := len(b.rollBuf)
+	for gw := range b.halfDone {
+		mac := hwAddr(b.want.neighs[gw].MAC)
+		b.rollBuf = append(b.rollBuf, b.want.fdbs[mac])
+		if have, ok := b.fdbs.Have()[mac]; ok && have != b.want.fdbs[mac] {
+			b.rollBuf = append(b.rollBuf, have)
 		}
-		// The entry as desired, and as it was if the set failed to change it.
-		for _, f := range [...]fdbEntry{b.want.fdbs[e.MAC], b.fdbs.have[e.MAC]} {
-			if f.Dst.IsValid() {
-				if err := b.fdbs.del(f.MAC, f); err != nil {
-					st.FDB.Failed++
-				}
+	}
+	errs := backend.Results(&b.errs, len(b.rollBuf))
+	b.neighTab.Delete(nil, b.rollBuf[:n], errs[:n])
+	b.fdbTab.Delete(nil, b.rollBuf[n:], errs[n:])
+	for i, err := range errs {
+		if err != nil && !isNotFound(err) {
+			if i < n {
+				neighFailed++
+			} else {
+				fdbFailed++
 			}
 		}
 	}
-	return len(b.halfDone)
+	return neighFailed, fdbFailed
 }
 
 // logSkips logs each lease that cannot be programmed once per reason, not on
@@ -620,21 +538,4 @@ func (b *vxlanBackend) Close() error {
 		b.owned.Close()
 	}
 	return nil
-}
-
-// routeRecorder passes route calls through to the kernel and remembers the
-// destinations whose replace failed, for the rollback.
-type routeRecorder struct {
-	routeNetlink
-	failed map[netip.Prefix]struct{}
-}
-
-func (r *routeRecorder) ReplaceRoutes(routes []nlbatch.Route, errs []error) error {
-	err := r.routeNetlink.ReplaceRoutes(routes, errs)
-	for i, e := range errs {
-		if e != nil {
-			r.failed[routes[i].Dst] = struct{}{}
-		}
-	}
-	return err
 }

@@ -10,23 +10,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// RouteEntry is an IPv4 or IPv6 route as a dump reports it, decoded without
-// allocating: only what a route reconciler needs.
-type RouteEntry struct {
-	Dst       netip.Prefix // 0.0.0.0/0 (::/0) for a default route
-	Gw        netip.Addr   // invalid if none
-	LinkIndex int
-	Table     int
-	Protocol  int
-	Scope     int
-	Type      int
-	Flags     int // rtm_flags (RTNH_F_ONLINK ...)
-	Tos       int
-	Priority  int    // the metric
-	NexthopID uint32 // 0 unless the route uses a nexthop object
-	Multipath bool   // several next hops (RTA_MULTIPATH)
-}
-
 // dumpBuf is the receive buffer of a dump; the kernel sends at most about
 // 32 KiB per datagram.
 const dumpBuf = 64 << 10
@@ -35,17 +18,17 @@ const dumpBuf = 64 << 10
 // it returns false. If the kernel reports that the tables changed during
 // the dump, every route is still delivered and the error is
 // netlink.ErrDumpInterrupted: the view may be inconsistent.
-func (h *Handle) ListRoutes(fn func(*RouteEntry) bool) error {
+func (h *Handle) ListRoutes(fn func(*Route) bool) error {
 	return h.listRoutes(unix.AF_INET, fn)
 }
 
 // ListRoutes6 is ListRoutes for the IPv6 routes.
-func (h *Handle) ListRoutes6(fn func(*RouteEntry) bool) error {
+func (h *Handle) ListRoutes6(fn func(*Route) bool) error {
 	return h.listRoutes(unix.AF_INET6, fn)
 }
 
-func (h *Handle) listRoutes(family uint8, fn func(*RouteEntry) bool) error {
-	var e RouteEntry
+func (h *Handle) listRoutes(family uint8, fn func(*Route) bool) error {
+	var e Route
 	stop := false
 	err := h.dump(unix.RTM_GETROUTE, []byte{family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, func(typ uint16, body []byte) {
 		if typ == unix.RTM_NEWROUTE && !stop && decodeRoute(body, family, &e) {
@@ -175,7 +158,7 @@ func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_AL
 
 // decodeRoute fills e from an rtmsg and its attributes; false for anything
 // but a well-formed route of family (AF_INET or AF_INET6).
-func decodeRoute(b []byte, family uint8, e *RouteEntry) bool {
+func decodeRoute(b []byte, family uint8, e *Route) bool {
 	if len(b) < unix.SizeofRtMsg || b[0] != family {
 		return false
 	}
@@ -183,13 +166,13 @@ func decodeRoute(b []byte, family uint8, e *RouteEntry) bool {
 	if family == unix.AF_INET6 {
 		alen = 16
 	}
-	*e = RouteEntry{
+	*e = Route{
 		Tos:      int(b[3]),
 		Table:    int(b[4]),
 		Protocol: int(b[5]),
 		Scope:    int(b[6]),
 		Type:     int(b[7]),
-		Flags:    int(binary.NativeEndian.Uint32(b[8:])),
+		Onlink:   binary.NativeEndian.Uint32(b[8:])&unix.RTNH_F_ONLINK != 0,
 	}
 	dstLen := int(b[1])
 	if dstLen > 8*alen {
@@ -248,16 +231,16 @@ func addrOf(v []byte) netip.Addr {
 	return netip.AddrFrom16([16]byte(v))
 }
 
-// RouteEntryOf returns r as a dump of it would report it (vishvananda/netlink
+// RouteOf returns r as a dump of it would report it (vishvananda/netlink
 // does not model nexthop IDs; NexthopID is 0).
-func RouteEntryOf(r *netlink.Route) RouteEntry {
-	e := RouteEntry{
+func RouteOf(r *netlink.Route) Route {
+	e := Route{
 		LinkIndex: r.LinkIndex,
 		Table:     r.Table,
 		Protocol:  int(r.Protocol),
 		Scope:     int(r.Scope),
 		Type:      r.Type,
-		Flags:     r.Flags,
+		Onlink:    r.Flags&unix.RTNH_F_ONLINK != 0,
 		Tos:       r.Tos,
 		Priority:  r.Priority,
 		Multipath: len(r.MultiPath) > 0,
@@ -278,26 +261,12 @@ func RouteEntryOf(r *netlink.Route) RouteEntry {
 	return e
 }
 
-// NeighEntry is a neighbour or fdb entry as a dump reports it, decoded
-// without allocating.
-type NeighEntry struct {
-	Family    uint8
-	LinkIndex int
-	State     uint16
-	Flags     uint8
-	Type      uint8
-	IP        netip.Addr // NDA_DST: the neighbour's address, or an fdb entry's remote; invalid if none
-	MAC       [6]byte    // NDA_LLADDR, if HasMAC
-	HasMAC    bool       // NDA_LLADDR is present and 6 bytes long
-	VNI       uint32     // NDA_VNI, 0 if none
-}
-
 // ListNeighs dumps the neighbour (AF_INET) or fdb (AF_BRIDGE) entries of
 // link (all links if 0) and calls fn for each until it returns false. The
 // link filter is applied here, as not every kernel applies it. An
 // interrupted dump is reported as with ListRoutes.
-func (h *Handle) ListNeighs(family uint8, link int, fn func(*NeighEntry) bool) error {
-	var e NeighEntry
+func (h *Handle) ListNeighs(family uint8, link int, fn func(*Neigh) bool) error {
+	var e Neigh
 	stop := false
 	hdr := make([]byte, 12, 20)
 	hdr[0] = family
@@ -317,12 +286,12 @@ func (h *Handle) ListNeighs(family uint8, link int, fn func(*NeighEntry) bool) e
 }
 
 // decodeNeigh fills e from an ndmsg and its attributes; false if malformed.
-func decodeNeigh(b []byte, e *NeighEntry) bool {
+func decodeNeigh(b []byte, e *Neigh) bool {
 	const sizeofNdmsg = 12
 	if len(b) < sizeofNdmsg {
 		return false
 	}
-	*e = NeighEntry{
+	*e = Neigh{
 		Family:    b[0],
 		LinkIndex: int(int32(binary.NativeEndian.Uint32(b[4:]))),
 		State:     binary.NativeEndian.Uint16(b[8:]),
@@ -342,7 +311,7 @@ func decodeNeigh(b []byte, e *NeighEntry) bool {
 			}
 		case unix.NDA_LLADDR:
 			if len(v) == 6 {
-				e.MAC, e.HasMAC = [6]byte(v), true
+				e.MAC = [6]byte(v)
 			}
 		case unix.NDA_VNI:
 			if len(v) == 4 {

@@ -105,15 +105,26 @@ func (h *Handle) Close() {
 	h.Handle.Close()
 }
 
-// Route is a unicast IPv4 or IPv6 route (the family of Dst) in the main table, as rtnetlink takes it:
+// Route is an IPv4 or IPv6 route (the family of Dst): the one route type
+// of the backends, of the batched writes and of the dumps. Written, it is
 // Dst via Gw on link LinkIndex (with the onlink flag when Onlink), or, with
-// NexthopID set, Dst via that nexthop object (Gw and LinkIndex unused).
+// NexthopID set, Dst via that nexthop object (Gw and LinkIndex unused), in
+// Table (0: the main table) with metric Priority (0: the kernel's default)
+// and TOS Tos, as a unicast route. A dump fills every field; Type, Protocol,
+// Scope and Multipath are read only.
 type Route struct {
-	Dst       netip.Prefix
-	Gw        netip.Addr
+	Dst       netip.Prefix // 0.0.0.0/0 (::/0) for a default route
+	Gw        netip.Addr   // invalid if none
 	LinkIndex int
 	Onlink    bool
-	NexthopID uint32
+	NexthopID uint32 // 0 unless the route uses a nexthop object
+	Priority  int    // the metric
+	Tos       int
+	Table     int
+	Type      int
+	Protocol  int
+	Scope     int
+	Multipath bool // several next hops (RTA_MULTIPATH)
 }
 
 // Netlink returns r in vishvananda/netlink's form (without NexthopID,
@@ -123,12 +134,21 @@ func (r Route) Netlink() *netlink.Route {
 		LinkIndex: r.LinkIndex,
 		Dst:       &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), r.Dst.Addr().BitLen())},
 		Gw:        r.Gw.AsSlice(),
-		Table:     unix.RT_TABLE_MAIN,
+		Table:     r.table(),
+		Priority:  r.Priority,
+		Tos:       r.Tos,
 	}
 	if r.Onlink {
 		nr.Flags = int(netlink.FLAG_ONLINK)
 	}
 	return nr
+}
+
+func (r *Route) table() int {
+	if r.Table == 0 {
+		return unix.RT_TABLE_MAIN
+	}
+	return r.Table
 }
 
 // Nexthop is a nexthop object: Gw (IPv4 or IPv6) on link LinkIndex.
@@ -139,15 +159,18 @@ type Nexthop struct {
 	Onlink    bool
 }
 
-// Neigh is a neighbour (Family AF_INET or AF_INET6: IP has lladdr MAC) or an fdb entry
-// (Family AF_BRIDGE with NTF_SELF: frames to MAC go to IP, in VNI if not 0).
+// Neigh is a neighbour (Family AF_INET or AF_INET6: IP has lladdr MAC) or an
+// fdb entry (Family AF_BRIDGE with NTF_SELF: frames to MAC go to IP, in VNI
+// if not 0): the one neighbour type of the backends, of the batched writes
+// and of the dumps. A dump leaves MAC zero when the entry has no 6-byte
+// lladdr.
 type Neigh struct {
 	LinkIndex int
 	Family    uint8
 	State     uint16
 	Flags     uint8
 	Type      uint8
-	IP        netip.Addr
+	IP        netip.Addr // NDA_DST; invalid if none
 	MAC       [6]byte
 	VNI       uint32
 }
@@ -235,11 +258,18 @@ func (h *Handle) route(typ uint16, flags uint16, r *Route) {
 		// As ip route del: match any protocol and type.
 		scope, proto, rtype = unix.RT_SCOPE_NOWHERE, 0, 0
 	}
+	table := r.table()
 	// struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope,
 	// type, flags.
-	b = append(b, family(r.Dst.Addr()), uint8(r.Dst.Bits()), 0, 0, unix.RT_TABLE_MAIN, proto, scope, rtype)
+	b = append(b, family(r.Dst.Addr()), uint8(r.Dst.Bits()), 0, uint8(r.Tos), uint8(min(table, unix.RT_TABLE_COMPAT)), proto, scope, rtype)
 	b = binary.NativeEndian.AppendUint32(b, rtFlags)
+	if table >= unix.RT_TABLE_COMPAT {
+		b = attrU32(b, unix.RTA_TABLE, uint32(table))
+	}
 	b = attrAddr(b, unix.RTA_DST, r.Dst.Addr())
+	if r.Priority != 0 {
+		b = attrU32(b, unix.RTA_PRIORITY, uint32(r.Priority))
+	}
 	if r.NexthopID != 0 {
 		b = attrU32(b, rtaNHID, r.NexthopID)
 	} else {
@@ -414,4 +444,34 @@ func (h *Handle) chunk(first, last, start int, errs []error) error {
 			}
 		}
 	}
+}
+
+// ipv4DevconfPromoteSecondaries is IPV4_DEVCONF_PROMOTE_SECONDARIES of
+// linux/ip.h.
+const ipv4DevconfPromoteSecondaries = 20
+
+// PromoteSecondaries turns on net.ipv4.conf.<link>.promote_secondaries for
+// the link with index link: deleting the primary IPv4 address of a subnet
+// then makes the next address of that subnet primary instead of deleting it
+// too, so that a new address can be added before the old one goes.
+func (h *Handle) PromoteSecondaries(link int) error {
+	h.reset()
+	b := h.begin(unix.RTM_SETLINK, 0)
+	// struct ifinfomsg: family, pad, type, index, flags, change.
+	b = append(b, unix.AF_UNSPEC, 0, 0, 0)
+	b = binary.NativeEndian.AppendUint32(b, uint32(link))
+	b = append(b, 0, 0, 0, 0, 0, 0, 0, 0)
+	conf := attrU32(nil, ipv4DevconfPromoteSecondaries, 1)
+	inet := attr(nil, unix.IFLA_INET_CONF, conf)
+	spec := attr(nil, unix.AF_INET, inet)
+	b = attr(b, unix.IFLA_AF_SPEC, spec)
+	h.end(b)
+	var errs [1]error
+	if err := h.run(errs[:]); err != nil {
+		return fmt.Errorf("setting promote_secondaries on link %d: %w", link, err)
+	}
+	if errs[0] != nil {
+		return fmt.Errorf("setting promote_secondaries on link %d: %w", link, errs[0])
+	}
+	return nil
 }

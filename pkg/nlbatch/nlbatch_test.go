@@ -236,9 +236,9 @@ func TestNeighsAndFDB(t *testing.T) {
 			want[fmt.Sprint(nb.LinkIndex, ipa.Unmap(), nb.HardwareAddr, nb.State, nb.Flags, nb.VNI)] = true
 		}
 		got := map[string]bool{}
-		err = l.h.ListNeighs(fam, idx, func(e *nlbatch.NeighEntry) bool {
+		err = l.h.ListNeighs(fam, idx, func(e *nlbatch.Neigh) bool {
 			var mac net.HardwareAddr
-			if e.HasMAC {
+			if e.MAC != ([6]byte{}) {
 				mac = e.MAC[:]
 			}
 			got[fmt.Sprint(e.LinkIndex, e.IP, mac, int(e.State), int(e.Flags), int(e.VNI))] = true
@@ -377,7 +377,7 @@ func TestListRoutes(t *testing.T) {
 		if r.Gw != nil {
 			gw = r.Gw.String()
 		}
-		want[fmt.Sprint(dst, " ", r.Table)] = row{dst, gw, r.LinkIndex, r.Table, r.Flags, r.Priority, int(r.Protocol), len(r.MultiPath) > 0}
+		want[fmt.Sprint(dst, " ", r.Table)] = row{dst, gw, r.LinkIndex, r.Table, r.Flags & unix.RTNH_F_ONLINK, r.Priority, int(r.Protocol), len(r.MultiPath) > 0}
 		return true
 	})
 	if err != nil {
@@ -385,8 +385,8 @@ func TestListRoutes(t *testing.T) {
 	}
 	got := map[string]row{}
 	var nh uint32
-	err = l.h.ListRoutes(func(e *nlbatch.RouteEntry) bool {
-		got[fmt.Sprint(e.Dst, " ", e.Table)] = row{e.Dst.String(), e.Gw.String(), e.LinkIndex, e.Table, e.Flags, e.Priority, e.Protocol, e.Multipath}
+	err = l.h.ListRoutes(func(e *nlbatch.Route) bool {
+		got[fmt.Sprint(e.Dst, " ", e.Table)] = row{e.Dst.String(), e.Gw.String(), e.LinkIndex, e.Table, onlinkFlag(e), e.Priority, e.Protocol, e.Multipath}
 		if e.Dst.String() == "172.20.0.0/16" {
 			nh = e.NexthopID
 		}
@@ -410,7 +410,7 @@ func TestListRoutes(t *testing.T) {
 	// Stopping early stops the callbacks but still drains the dump: the
 	// next request on the handle works.
 	calls := 0
-	if err := l.h.ListRoutes(func(*nlbatch.RouteEntry) bool { calls++; return calls < 10 }); err != nil || calls != 10 {
+	if err := l.h.ListRoutes(func(*nlbatch.Route) bool { calls++; return calls < 10 }); err != nil || calls != 10 {
 		t.Fatalf("early stop: %d calls, %v", calls, err)
 	}
 	if err := l.h.DeleteRoutes(routes[:5], errs[:5]); err != nil || errors.Join(errs[:5]...) != nil {
@@ -433,7 +433,7 @@ func BenchmarkListRoutes(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			c := 0
-			if err := h.ListRoutes(func(*nlbatch.RouteEntry) bool { c++; return true }); err != nil || c < n {
+			if err := h.ListRoutes(func(*nlbatch.Route) bool { c++; return true }); err != nil || c < n {
 				b.Fatal(err, c)
 			}
 		}
@@ -503,7 +503,7 @@ func TestRoutes6(t *testing.T) {
 			if r.Gw != nil {
 				gw = r.Gw.String()
 			}
-			want[r.Dst.String()] = row{gw, r.LinkIndex, r.Flags, r.Priority}
+			want[r.Dst.String()] = row{gw, r.LinkIndex, r.Flags & unix.RTNH_F_ONLINK, r.Priority}
 		}
 		return true
 	})
@@ -512,12 +512,12 @@ func TestRoutes6(t *testing.T) {
 	}
 	got := map[string]row{}
 	var nh uint32
-	err = l.h.ListRoutes6(func(e *nlbatch.RouteEntry) bool {
+	err = l.h.ListRoutes6(func(e *nlbatch.Route) bool {
 		if !e.Dst.Addr().Is6() {
 			t.Errorf("ListRoutes6 reported %s", e.Dst)
 		}
 		if b := e.Dst.Addr().As16(); e.Table == unix.RT_TABLE_MAIN && (b[0] == 0xfc || b[0] == 0xfd && b[1] == 0x99) {
-			got[e.Dst.String()] = row{e.Gw.String(), e.LinkIndex, e.Flags, e.Priority}
+			got[e.Dst.String()] = row{e.Gw.String(), e.LinkIndex, onlinkFlag(e), e.Priority}
 			if e.Dst == nhRoute.Dst {
 				nh = e.NexthopID
 			}
@@ -542,7 +542,7 @@ func TestRoutes6(t *testing.T) {
 		r0.gw != sub6(0).Addr().String() || r0.flags&unix.RTNH_F_ONLINK == 0 || r0.metric != 1024 {
 		t.Errorf("routes %s %+v, %s %+v; want via fd5e::3, and onlink via the subnet address, metric 1024", sub6(1), r1, sub6(0), r0)
 	}
-	if err := l.h.ListRoutes(func(e *nlbatch.RouteEntry) bool {
+	if err := l.h.ListRoutes(func(e *nlbatch.Route) bool {
 		if !e.Dst.Addr().Is4() {
 			t.Errorf("ListRoutes reported %s", e.Dst)
 		}
@@ -551,7 +551,7 @@ func TestRoutes6(t *testing.T) {
 		t.Fatal(err)
 	}
 	var neighSeen bool
-	if err := l.h.ListNeighs(unix.AF_INET6, l.eth0, func(e *nlbatch.NeighEntry) bool {
+	if err := l.h.ListNeighs(unix.AF_INET6, l.eth0, func(e *nlbatch.Neigh) bool {
 		neighSeen = neighSeen || e.IP == neighs[0].IP && e.MAC == neighs[0].MAC && e.State == unix.NUD_PERMANENT
 		return true
 	}); err != nil || !neighSeen {
@@ -562,7 +562,7 @@ func TestRoutes6(t *testing.T) {
 		t.Fatal(err)
 	}
 	left := 0
-	if err := l.h.ListRoutes6(func(e *nlbatch.RouteEntry) bool {
+	if err := l.h.ListRoutes6(func(e *nlbatch.Route) bool {
 		if b := e.Dst.Addr().As16(); b[0] == 0xfc {
 			left++
 		}
@@ -570,4 +570,12 @@ func TestRoutes6(t *testing.T) {
 	}); err != nil || left != 0 {
 		t.Errorf("%d routes left after DeleteRoutes, %v", left, err)
 	}
+}
+
+// onlinkFlag is the rtm_flags bit a route's Onlink stands for.
+func onlinkFlag(e *nlbatch.Route) int {
+	if e.Onlink {
+		return unix.RTNH_F_ONLINK
+	}
+	return 0
 }
