@@ -167,11 +167,11 @@ func decodeRoute(b []byte, family uint8, e *Route) bool {
 		alen = 16
 	}
 	*e = Route{
-		Tos:      int(b[3]),
-		Table:    int(b[4]),
-		Protocol: int(b[5]),
-		Scope:    int(b[6]),
-		Type:     int(b[7]),
+		Tos:      b[3],
+		Table:    uint32(b[4]),
+		Protocol: b[5],
+		Scope:    b[6],
+		Type:     b[7],
 		Onlink:   binary.NativeEndian.Uint32(b[8:])&unix.RTNH_F_ONLINK != 0,
 	}
 	dstLen := int(b[1])
@@ -201,11 +201,11 @@ func decodeRoute(b []byte, family uint8, e *Route) bool {
 			}
 		case unix.RTA_PRIORITY:
 			if len(v) == 4 {
-				e.Priority = int(binary.NativeEndian.Uint32(v))
+				e.Priority = binary.NativeEndian.Uint32(v)
 			}
 		case unix.RTA_TABLE:
 			if len(v) == 4 {
-				e.Table = int(binary.NativeEndian.Uint32(v))
+				e.Table = binary.NativeEndian.Uint32(v)
 			}
 		case unix.RTA_MULTIPATH:
 			e.Multipath = true
@@ -236,13 +236,13 @@ func addrOf(v []byte) netip.Addr {
 func RouteOf(r *netlink.Route) Route {
 	e := Route{
 		LinkIndex: r.LinkIndex,
-		Table:     r.Table,
-		Protocol:  int(r.Protocol),
-		Scope:     int(r.Scope),
-		Type:      r.Type,
+		Table:     uint32(r.Table),
+		Protocol:  uint8(r.Protocol),
+		Scope:     uint8(r.Scope),
+		Type:      uint8(r.Type),
 		Onlink:    r.Flags&unix.RTNH_F_ONLINK != 0,
-		Tos:       r.Tos,
-		Priority:  r.Priority,
+		Tos:       uint8(r.Tos),
+		Priority:  uint32(r.Priority),
 		Multipath: len(r.MultiPath) > 0,
 		Dst:       netip.PrefixFrom(netip.IPv4Unspecified(), 0),
 	}

@@ -116,14 +116,14 @@ type Route struct {
 	Dst       netip.Prefix // 0.0.0.0/0 (::/0) for a default route
 	Gw        netip.Addr   // invalid if none
 	LinkIndex int
-	Onlink    bool
 	NexthopID uint32 // 0 unless the route uses a nexthop object
-	Priority  int    // the metric
-	Tos       int
-	Table     int
-	Type      int
-	Protocol  int
-	Scope     int
+	Priority  uint32 // the metric
+	Table     uint32
+	Tos       uint8
+	Type      uint8
+	Protocol  uint8
+	Scope     uint8
+	Onlink    bool
 	Multipath bool // several next hops (RTA_MULTIPATH)
 }
 
@@ -134,9 +134,9 @@ func (r Route) Netlink() *netlink.Route {
 		LinkIndex: r.LinkIndex,
 		Dst:       &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), r.Dst.Addr().BitLen())},
 		Gw:        r.Gw.AsSlice(),
-		Table:     r.table(),
-		Priority:  r.Priority,
-		Tos:       r.Tos,
+		Table:     int(r.table()),
+		Priority:  int(r.Priority),
+		Tos:       int(r.Tos),
 	}
 	if r.Onlink {
 		nr.Flags = int(netlink.FLAG_ONLINK)
@@ -144,7 +144,7 @@ func (r Route) Netlink() *netlink.Route {
 	return nr
 }
 
-func (r *Route) table() int {
+func (r *Route) table() uint32 {
 	if r.Table == 0 {
 		return unix.RT_TABLE_MAIN
 	}
@@ -261,14 +261,14 @@ func (h *Handle) route(typ uint16, flags uint16, r *Route) {
 	table := r.table()
 	// struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope,
 	// type, flags.
-	b = append(b, family(r.Dst.Addr()), uint8(r.Dst.Bits()), 0, uint8(r.Tos), uint8(min(table, unix.RT_TABLE_COMPAT)), proto, scope, rtype)
+	b = append(b, family(r.Dst.Addr()), uint8(r.Dst.Bits()), 0, r.Tos, uint8(min(table, unix.RT_TABLE_COMPAT)), proto, scope, rtype)
 	b = binary.NativeEndian.AppendUint32(b, rtFlags)
 	if table >= unix.RT_TABLE_COMPAT {
-		b = attrU32(b, unix.RTA_TABLE, uint32(table))
+		b = attrU32(b, unix.RTA_TABLE, table)
 	}
 	b = attrAddr(b, unix.RTA_DST, r.Dst.Addr())
 	if r.Priority != 0 {
-		b = attrU32(b, unix.RTA_PRIORITY, uint32(r.Priority))
+		b = attrU32(b, unix.RTA_PRIORITY, r.Priority)
 	}
 	if r.NexthopID != 0 {
 		b = attrU32(b, rtaNHID, r.NexthopID)

@@ -386,7 +386,7 @@ func TestListRoutes(t *testing.T) {
 	got := map[string]row{}
 	var nh uint32
 	err = l.h.ListRoutes(func(e *nlbatch.Route) bool {
-		got[fmt.Sprint(e.Dst, " ", e.Table)] = row{e.Dst.String(), e.Gw.String(), e.LinkIndex, e.Table, onlinkFlag(e), e.Priority, e.Protocol, e.Multipath}
+		got[fmt.Sprint(e.Dst, " ", e.Table)] = row{e.Dst.String(), e.Gw.String(), e.LinkIndex, int(e.Table), onlinkFlag(e), int(e.Priority), int(e.Protocol), e.Multipath}
 		if e.Dst.String() == "172.20.0.0/16" {
 			nh = e.NexthopID
 		}
@@ -517,7 +517,7 @@ func TestRoutes6(t *testing.T) {
 			t.Errorf("ListRoutes6 reported %s", e.Dst)
 		}
 		if b := e.Dst.Addr().As16(); e.Table == unix.RT_TABLE_MAIN && (b[0] == 0xfc || b[0] == 0xfd && b[1] == 0x99) {
-			got[e.Dst.String()] = row{e.Gw.String(), e.LinkIndex, onlinkFlag(e), e.Priority}
+			got[e.Dst.String()] = row{e.Gw.String(), e.LinkIndex, onlinkFlag(e), int(e.Priority)}
 			if e.Dst == nhRoute.Dst {
 				nh = e.NexthopID
 			}
