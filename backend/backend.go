@@ -1,5 +1,8 @@
 // Package backend holds the contract every data-path backend implements, the
-// registry backends add themselves to, and the route reconciler they share.
+// registry backends add themselves to, and the one reconcile primitive
+// (reconcile.go) every table a backend owns goes through: routes (through
+// RouteReconciler), addresses (ReconcileAddrs), and the backends' own
+// tables (vxlan's neighbours and fdb entries, udp's peers).
 package backend
 
 import (

@@ -161,8 +161,8 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 	for _, i := range d.order {
 		sn, pub, data := w.view(&remote[i])
 		if sn == last {
-			// Only IPv6 subnets can repeat: the store keys leases by their
-			// IPv4 subnet.
+			// Only the IPv6 subnets of dual-stack leases can repeat: the
+			// store keys such a lease by its IPv4 subnet.
 			d.skips = append(d.skips, skip{sn, "another lease has the same subnet"})
 			continue
 		}
