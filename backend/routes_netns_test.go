@@ -135,7 +135,8 @@ func TestReconcileInNetns(t *testing.T) {
 	// The kernel answers ESRCH for a route that is not there: a delete
 	// the Reconciler counts as done.
 	errs := make([]error, 1)
-	routeTable{r}.Delete(nil, []nlbatch.Route{mustRoute("10.5.77.0/24", "10.250.0.77", eth0, false)}, errs)
+	missing := mustRoute("10.5.77.0/24", "10.250.0.77", eth0, false)
+	routeTable{r}.Delete([]routeKey{keyOf(missing.Dst, 0, 0)}, []hop{hopOf(&missing)}, errs)
 	if !isNotFound(errs[0]) {
 		t.Errorf("deleting a missing route: %v, want not found", errs[0])
 	}
