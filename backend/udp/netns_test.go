@@ -391,3 +391,59 @@ func TestNetnsDropsInjectedDatagrams(t *testing.T) {
 		})
 	}
 }
+
+// TestNetnsOwnLeaseChangeMovesTheAddress: a new lease's address is added to
+// flannel0 before the old one goes, in the same subnet (Network's prefix);
+// with promote_secondaries the new one stays, as the only address, and the
+// Network route through flannel0 stays too. The peer table follows the
+// remote leases.
+func TestNetnsOwnLeaseChangeMovesTheAddress(t *testing.T) {
+	a, b := newLab(t)
+	be := a.startBackend(t, labConfig(t, ""))
+	ctx := context.Background()
+	peer := b.lease("10.5.2.0/24")
+	addrs := func() string {
+		link, err := a.NL.LinkByName(DeviceName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		as, err := a.NL.AddrList(link, netlink.FAMILY_V4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, x := range as {
+			out = append(out, x.IPNet.String())
+		}
+		return strings.Join(out, " ")
+	}
+	for _, own := range []string{"10.5.1.0/24", "10.5.9.0/24", "10.5.9.0/24"} {
+		if err := be.Apply(ctx, a.lease(own), []subnet.Lease{peer}); err != nil {
+			t.Fatalf("Apply with own lease %s: %v", own, err)
+		}
+		want := strings.TrimSuffix(own, "/24") + "/16"
+		if got := addrs(); got != want {
+			t.Errorf("own lease %s: flannel0 has %q, want %q", own, got, want)
+		}
+		routes, err := a.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: ip.IPNet(netip.MustParsePrefix("10.5.0.0/16"))}, netlink.RT_FILTER_DST)
+		if err != nil || len(routes) != 1 {
+			t.Errorf("own lease %s: routes to 10.5.0.0/16: %v %v, want the one through flannel0", own, routes, err)
+		}
+	}
+	if tb := be.path.table.Load(); tb.lookup(a4("10.5.2.7")) < 0 || len(tb.peers) != 1 {
+		t.Errorf("peer table %+v, want the one peer 10.5.2.0/24", tb.peers)
+	}
+	before := be.path.table.Load()
+	if err := be.Apply(ctx, a.lease("10.5.9.0/24"), []subnet.Lease{peer}); err != nil {
+		t.Fatal(err)
+	}
+	if be.path.table.Load() != before {
+		t.Error("an Apply that changed no peer swapped the peer table")
+	}
+	if err := be.Apply(ctx, a.lease("10.5.9.0/24"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if tb := be.path.table.Load(); len(tb.peers) != 0 {
+		t.Errorf("peer table %+v after the peer went, want empty", tb.peers)
+	}
+}

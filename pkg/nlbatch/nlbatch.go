@@ -165,14 +165,14 @@ type Nexthop struct {
 // and of the dumps. A dump leaves MAC zero when the entry has no 6-byte
 // lladdr.
 type Neigh struct {
+	IP        netip.Addr // NDA_DST; invalid if none
 	LinkIndex int
-	Family    uint8
+	VNI       uint32
 	State     uint16
+	MAC       [6]byte
+	Family    uint8
 	Flags     uint8
 	Type      uint8
-	IP        netip.Addr // NDA_DST; invalid if none
-	MAC       [6]byte
-	VNI       uint32
 }
 
 // ReplaceRoutes adds or replaces each route (ip route replace). errs, if not
