@@ -181,6 +181,10 @@ func TestConfigureDeviceReconcilesAddresses(t *testing.T) {
 	if len(nl.addrs) != 1 || nl.addrs[0].IPNet.String() != "10.5.1.0/16" || !nl.up {
 		t.Fatalf("addresses %v up %v; want exactly 10.5.1.0/16, up", nl.addrs, nl.up)
 	}
+	// Added before the stale ones go (in either order).
+	if got := strings.Join(nl.calls[:2], " "); got != "promote_secondaries replace 10.5.1.0/16" || len(nl.calls) != 5 || nl.calls[4] != "up" {
+		t.Errorf("calls %q, want promote_secondaries, the new address, the two deletes, up", nl.calls)
+	}
 	// Again: nothing to change but setting the link up.
 	nl.calls = nil
 	if err := b.configureDevice(own); err != nil {
