@@ -8,34 +8,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The one reconcile primitive: every table a backend owns — routes (IPv4,
-// IPv6, plain or through nexthop objects), neighbours, fdb entries, device
-// addresses, the udp peer table, WireGuard peers — is a Table, and a
-// Reconciler makes it hold exactly a desired set:
-//
-//	desired map[K]V ─┐
-//	                 ├─ Plan: one Dump (re-read if interrupted), diff ─→ sets, deletes
-//	Table.Dump ──────┘
-//	Add:    Table.Set(sets)        missing or different entries, one batch
-//	Remove: Table.Delete(deletes)  entries no longer desired, one batch
-//
-// Adding goes before deleting, so traffic keeps flowing while an entry
-// moves; Reconcile does both, a backend that orders several tables (vxlan:
-// neighbours, fdb entries and routes set, then deleted in reverse) calls
-// Plan, Add and Remove itself. Nothing is remembered between calls but
-// buffers: each Plan reads the table afresh, so an entry deleted by hand
-// comes back and the leftovers of a previous run go.
-//
-// The kernel can hold several entries under one key (ip route append,
-// bridge fdb append, a route with another metric when the key has none):
-// the Dump reports each; the one equal to the desired value (else the
-// first) is the key's entry and the others are deleted.
-//
-// A failing entry does not stop the others: it counts in Changes.Failed,
-// its key is in FailedSets (for a set), and the first error is returned
-// with how many more failed. A delete of an entry already gone (ENOENT,
-// ESRCH, ENODEV, EADDRNOTAVAIL) counts as done.
-
 // Table is a keyed table a Reconciler keeps: Dump reads it, Set and Delete
 // write many entries per call (a netlink batch, one wgctrl call); keys[i]
 // and vals[i] are one entry and errs[i] receives its result (nil for
@@ -71,8 +43,38 @@ func (c Changes) Any() bool { return c.Added+c.Updated+c.Removed+c.Failed > 0 }
 // Same is the Equal of a comparable value type.
 func Same[V comparable](want, have V) bool { return want == have }
 
-// Reconciler keeps one Table equal to a desired set. Use it from one
-// goroutine at a time; its buffers are reused between calls.
+// Reconciler is the one reconcile primitive: every table a backend owns —
+// routes (IPv4, IPv6, plain or through nexthop objects), neighbours, fdb
+// entries, device addresses, the udp peer table, WireGuard peers (key: the
+// public key; value: endpoint, allowed IPs, PSK, keepalive, with an equal
+// function as the value holds slices) — is a Table, and a Reconciler makes
+// it hold exactly a desired set:
+//
+//	desired map[K]V ─┐
+//	                 ├─ Plan: one Dump (re-read if interrupted), diff ─→ sets, deletes
+//	Table.Dump ──────┘
+//	Add:    Table.Set(sets)        missing or different entries, one batch
+//	Remove: Table.Delete(deletes)  entries no longer desired, one batch
+//
+// Adding goes before deleting, so traffic keeps flowing while an entry
+// moves; Reconcile does both, a backend that orders several tables (vxlan:
+// neighbours, fdb entries and routes set, then deleted in reverse) calls
+// Plan, Add and Remove itself. Nothing is remembered between calls but
+// buffers: each Plan reads the table afresh, so an entry deleted by hand
+// comes back and the leftovers of a previous run go.
+//
+// The kernel can hold several entries under one key (ip route append,
+// bridge fdb append, a route with another metric when the key has none):
+// the Dump reports each; the one equal to the desired value (else the
+// first) is the key's entry and the others are deleted.
+//
+// A failing entry does not stop the others: it counts in Changes.Failed,
+// its key is in FailedSets (for a set), and the first error is returned
+// with how many more failed. A delete of an entry already gone (ENOENT,
+// ESRCH, ENODEV, EADDRNOTAVAIL) counts as done.
+//
+// Use it from one goroutine at a time; its buffers are reused between
+// calls.
 type Reconciler[K comparable, V any] struct {
 	table Table[K, V]
 	equal func(want, have V) bool
