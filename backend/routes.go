@@ -40,10 +40,10 @@ type RouteNetlink interface {
 // them. Routes are nlbatch.Routes everywhere else.
 type (
 	routeKey struct {
-		dst      [16]byte // an IPv4 address in its IPv4-mapped form
-		bits     uint8
-		tos      uint8
-		priority uint32
+		dst [16]byte // an IPv4 address in its IPv4-mapped form
+		// meta is the prefix length, the TOS (<<8) and the metric (<<16),
+		// packed: a key without padding hashes and compares as memory.
+		meta uint64
 	}
 	hop struct {
 		gw     [16]byte
@@ -54,7 +54,7 @@ type (
 )
 
 func keyOf(dst netip.Prefix, priority uint32, tos uint8) routeKey {
-	return routeKey{dst: dst.Addr().As16(), bits: uint8(dst.Bits()), tos: tos, priority: priority}
+	return routeKey{dst: dst.Addr().As16(), meta: uint64(dst.Bits()) | uint64(tos)<<8 | uint64(priority)<<16}
 }
 
 func hopOf(r *nlbatch.Route) hop {
@@ -62,13 +62,13 @@ func hopOf(r *nlbatch.Route) hop {
 }
 
 func (k routeKey) prefix() netip.Prefix {
-	return netip.PrefixFrom(netip.AddrFrom16(k.dst).Unmap(), int(k.bits))
+	return netip.PrefixFrom(netip.AddrFrom16(k.dst).Unmap(), int(uint8(k.meta)))
 }
 
 // route is the route of key k via h.
 func (h hop) route(k routeKey) nlbatch.Route {
 	return nlbatch.Route{Dst: k.prefix(), Gw: netip.AddrFrom16(h.gw).Unmap(), LinkIndex: int(h.link), Onlink: h.onlink,
-		NexthopID: h.nh, Priority: k.priority, Tos: k.tos}
+		NexthopID: h.nh, Priority: uint32(k.meta >> 16), Tos: uint8(k.meta >> 8)}
 }
 
 // RouteReconciler keeps a backend's routes in the main table equal to a
