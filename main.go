@@ -25,6 +25,8 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
+	_ "github.com/flanneld-go/flanneld/backend/alloc"
+	_ "github.com/flanneld-go/flanneld/backend/extension"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	_ "github.com/flanneld-go/flanneld/backend/udp"
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
