@@ -188,27 +188,25 @@ func (e *extension) Apply(ctx context.Context, own subnet.Lease, remote []subnet
 		if prev, done := e.added[key]; done && prev == p {
 			continue
 		}
-		if err := e.runPeer(ctx, e.add, p); err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			e.log.Error(nil, "SubnetAddCommand failed; running it again at the next resync", "subnet", p.subnet, "publicIP", p.publicIP, "err", err.Error())
-			continue
+		ok, err := e.runPeer(ctx, e.add, p)
+		if err != nil {
+			return err
 		}
-		e.added[key] = p
+		if ok {
+			e.added[key] = p
+		}
 	}
 	for key, p := range e.added {
 		if want[key] {
 			continue
 		}
-		if err := e.runPeer(ctx, e.remove, p); err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			e.log.Error(nil, "SubnetRemoveCommand failed; running it again at the next resync", "subnet", p.subnet, "publicIP", p.publicIP, "err", err.Error())
-			continue
+		ok, err := e.runPeer(ctx, e.remove, p)
+		if err != nil {
+			return err
 		}
-		delete(e.added, key)
+		if ok {
+			delete(e.added, key)
+		}
 	}
 	for key := range e.badData {
 		if !inLeases(key, remote) {
@@ -247,19 +245,24 @@ func (e *extension) peerOf(l *subnet.Lease) (peer, bool) {
 	return p, true
 }
 
-// runPeer runs c (SubnetAdd or SubnetRemove) for p; an unset command
-// succeeds.
-func (e *extension) runPeer(ctx context.Context, c command, p peer) error {
+// runPeer runs c (SubnetAdd or SubnetRemove) for p and reports whether it
+// succeeded (an unset command does). A failure is logged in one line, to be
+// run again at the next Apply; only the end of ctx is returned.
+func (e *extension) runPeer(ctx context.Context, c command, p peer) (bool, error) {
 	if !c.set() {
-		return nil
+		return true, nil
 	}
 	vars := map[string]string{"SUBNET": prefixString(p.subnet), "PUBLIC_IP": addrString(p.publicIP)}
 	out, _, err := c.run(ctx, e.timeout, vars, p.data+"\n")
 	if err != nil {
-		return err
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		e.log.Error(nil, c.key+" failed; running it again at the next resync", "subnet", p.subnet, "publicIP", p.publicIP, "err", err.Error())
+		return false, nil
 	}
 	e.log.V(1).Info("Ran "+c.key, "subnet", p.subnet, "publicIP", p.publicIP, "output", head(out, logOutput))
-	return nil
+	return true, nil
 }
 
 // postStartup runs PostStartupCommand for own unless it already succeeded

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -265,7 +266,7 @@ func TestApplyReconciles(t *testing.T) {
 		for j := range lines {
 			lines[j] = strings.TrimSpace(lines[j])
 		}
-		if strings.Join(sortedCopy(lines), "\n") != strings.Join(sortedCopy(s.want), "\n") {
+		if strings.Join(slices.Sorted(slices.Values(lines)), "\n") != strings.Join(slices.Sorted(slices.Values(s.want)), "\n") {
 			t.Errorf("step %d: commands run:\n%s\nwant:\n%s", i, strings.Join(lines, "\n"), strings.Join(s.want, "\n"))
 		}
 	}
@@ -275,18 +276,6 @@ func TestApplyReconciles(t *testing.T) {
 	if l := logs.matching("SubnetRemoveCommand failed"); len(l) != 1 || !strings.Contains(l[0], "exit status 4") || !strings.Contains(l[0], "refusing") {
 		t.Errorf("failing remove logged as %q, want one line with exit status 4 and its output", l)
 	}
-}
-
-func sortedCopy(s []string) []string {
-	c := append([]string(nil), s...)
-	for i := range c {
-		for j := i + 1; j < len(c); j++ {
-			if c[j] < c[i] {
-				c[i], c[j] = c[j], c[i]
-			}
-		}
-	}
-	return c
 }
 
 // TestPostStartupFailure: a failing PostStartupCommand is returned (the
