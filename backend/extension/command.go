@@ -62,16 +62,16 @@ func (c command) argv(vars map[string]string) []string {
 type runError struct {
 	key    string
 	argv   []string
-	err    error  // exec's error (e.g. "exit status 3", "signal: killed")
-	output string // the start of the captured output
-	killed bool   // killed at the timeout
+	err    error         // exec's error (e.g. "exit status 3", "signal: killed")
+	output string        // the start of the captured output
+	killed time.Duration // the timeout it was killed at; 0 if not
 }
 
 func (e *runError) Error() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s %q ", e.key, strings.Join(e.argv, " "))
-	if e.killed {
-		b.WriteString("timed out and was killed")
+	if e.killed > 0 {
+		fmt.Fprintf(&b, "timed out after %v and was killed (%v)", e.killed, e.err)
 	} else {
 		fmt.Fprintf(&b, "failed: %v", e.err)
 	}
@@ -110,7 +110,9 @@ func (c command) run(ctx context.Context, timeout time.Duration, vars map[string
 	text := strings.TrimSpace(out.String())
 	if err != nil {
 		e := &runError{key: c.key, argv: argv, err: err, output: head(text, logOutput)}
-		e.killed = errors.Is(ctx.Err(), context.DeadlineExceeded)
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			e.killed = timeout
+		}
 		return text, out.dropped, e
 	}
 	return text, out.dropped, nil

@@ -170,7 +170,7 @@ func TestHangingCommandKilled(t *testing.T) {
 		t.Errorf("Apply took %v with a 300ms timeout", d)
 	}
 	lines := logs.matching("SubnetAddCommand failed")
-	if len(lines) != 1 || !strings.Contains(lines[0], "timed out and was killed") || !strings.Contains(lines[0], "started") {
+	if len(lines) != 1 || !strings.Contains(lines[0], "timed out after 300ms and was killed") || !strings.Contains(lines[0], "started") {
 		t.Errorf("log lines for the hung command = %q, want one saying it was killed, with its output", lines)
 	}
 	b, err := os.ReadFile(pidFile)
