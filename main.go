@@ -325,7 +325,7 @@ func run(f *flags) error {
 			if err != nil || !f.ipBlackholeRoute {
 				return k, err
 			}
-			return withBlackhole(k, set, time.Duration(f.iptablesResync)*time.Second, log.WithName("blackhole"))
+			return withBlackhole(k, set, time.Duration(f.iptablesResync)*time.Second, log.WithName("blackhole")), nil
 		},
 		OnNotReady: func(reason string) { notReady.Store(&reason) },
 		OnReady: func() {
@@ -373,23 +373,20 @@ func chooseInterface(h *netlink.Handle, f *flags) (ip.Iface, error) {
 type blackholeRules struct {
 	*network.Keeper
 	bh *network.Blackhole
-	nl *netlink.Handle
 }
 
-func withBlackhole(k *network.Keeper, set agent.RuleSet, every time.Duration, log klog.Logger) (agent.Rules, error) {
-	// Its own socket: the keeper runs beside the backend's owner loop.
-	nl, err := netlink.NewHandle()
-	if err != nil {
-		return nil, fmt.Errorf("opening netlink for the blackhole routes: %w", err)
-	}
-	return &blackholeRules{Keeper: k, nl: nl, bh: network.NewBlackhole(nl, []netip.Prefix{set.Lease, set.IPv6Lease}, every, log)}, nil
+// withBlackhole adds the blackhole routes of set's subnets to k. Their
+// checks use a socket per request (a zero netlink handle): they run beside
+// the backend's owner loop, every --iptables-resync.
+func withBlackhole(k *network.Keeper, set agent.RuleSet, every time.Duration, log klog.Logger) agent.Rules {
+	return &blackholeRules{Keeper: k, bh: network.NewBlackhole(nil, []netip.Prefix{set.Lease, set.IPv6Lease}, every, log)}
 }
 
 func (r *blackholeRules) Ensure(ctx context.Context) error {
 	return errors.Join(r.Keeper.Ensure(ctx), r.bh.Ensure(ctx))
 }
 
-// Run keeps both in place until ctx ends, then closes the netlink socket.
+// Run keeps both in place until ctx ends.
 func (r *blackholeRules) Run(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
@@ -398,7 +395,6 @@ func (r *blackholeRules) Run(ctx context.Context) error {
 	}()
 	err := r.Keeper.Run(ctx)
 	<-done
-	r.nl.Close()
 	return err
 }
 
