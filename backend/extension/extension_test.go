@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -181,10 +182,17 @@ func TestHangingCommandKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Killed with its group; give the kernel a moment to reap it (init
-	// reaps the orphan).
+	// Killed with its group: gone, or a zombie left for init to reap.
+	alive := func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return false
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		return len(f) > 0 && f[0] != "Z" && f[0] != "X"
+	}
 	deadline := time.Now().Add(10 * time.Second)
-	for syscall.Kill(pid, 0) == nil {
+	for alive() {
 		if time.Now().After(deadline) {
 			syscall.Kill(pid, syscall.SIGKILL)
 			t.Fatalf("the command's child %d still runs after the timeout", pid)
