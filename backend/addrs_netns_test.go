@@ -46,7 +46,7 @@ func TestReconcileAddrsInNetns(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		c, err := ReconcileAddrs(h, link, netip.MustParsePrefix("10.5.1.0/16"))
+		c, err := ReconcileAddrs(h, link, netip.MustParsePrefix("10.5.1.0/16"), 0)
 		if err != nil || c != (Changes{Added: 1, Removed: 1}) {
 			t.Fatalf("%s: ReconcileAddrs = %+v, %v; want one added, one removed", name, c, err)
 		}
@@ -66,7 +66,7 @@ func TestReconcileAddrsInNetns(t *testing.T) {
 		if err := ns.NL.AddrAdd(link, &netlink.Addr{IPNet: mustIPNet("10.7.0.1/24")}); err != nil {
 			t.Fatal(err)
 		}
-		c, err = ReconcileAddrs(h, link, netip.MustParsePrefix("10.5.1.0/16"))
+		c, err = ReconcileAddrs(h, link, netip.MustParsePrefix("10.5.1.0/16"), 0)
 		if err != nil || c != (Changes{Removed: 1}) {
 			t.Fatalf("again: ReconcileAddrs = %+v, %v; want one removed", c, err)
 		}

@@ -426,8 +426,8 @@ func TestNetnsOwnLeaseChangeMovesTheAddress(t *testing.T) {
 			t.Errorf("own lease %s: flannel0 has %q, want %q", own, got, want)
 		}
 		routes, err := a.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: ip.IPNet(netip.MustParsePrefix("10.5.0.0/16"))}, netlink.RT_FILTER_DST)
-		if err != nil || len(routes) != 1 {
-			t.Errorf("own lease %s: routes to 10.5.0.0/16: %v %v, want the one through flannel0", own, routes, err)
+		if err != nil || len(routes) != 1 || routes[0].Priority != RouteMetric {
+			t.Errorf("own lease %s: routes to 10.5.0.0/16: %v %v, want the one through flannel0, metric %d", own, routes, err, RouteMetric)
 		}
 	}
 	if tb := be.path.table.Load(); tb.lookup(a4("10.5.2.7")) < 0 || len(tb.peers) != 1 {

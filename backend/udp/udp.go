@@ -29,6 +29,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"sync"
 
@@ -36,6 +37,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
@@ -49,6 +51,14 @@ const DeviceName = "flannel0"
 // overhead is what the outer IPv4 and UDP headers take from the external
 // MTU.
 const overhead = 28
+
+// RouteMetric is the metric of flannel0's Network route (the prefix route
+// the kernel keeps for its address): higher than the kernel's default 0, so
+// that when this host is moved back to flannel, whose udp backend cannot
+// attach to our persistent flannel0 (it has vnet_hdr) and creates flannel1
+// with the same address, the route of flannel1 wins over ours, which stays
+// behind while flannel0 does. A restart of this daemon keeps the route.
+const RouteMetric = 100
 
 // Errors of the backend.
 var (
@@ -67,6 +77,7 @@ type netlinkHandle interface {
 	LinkByName(name string) (netlink.Link, error)
 	LinkSetUp(link netlink.Link) error
 	PromoteSecondaries(link int) error
+	RouteListFiltered(family int, filter *netlink.Route, filterMask uint64) ([]netlink.Route, error)
 	backend.AddrNetlink
 }
 
@@ -203,11 +214,13 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 }
 
 // configureDevice makes flannel0's IPv4 addresses exactly
-// <own subnet IP>/<Network prefix> and sets it up. The new address is added
-// before a stale one (a previous lease's) is deleted, like every entry a
-// backend owns; as both are in one subnet, the new one is a secondary, so
-// promote_secondaries is turned on first: deleting the old primary then
-// promotes it instead of taking it along.
+// <own subnet IP>/<Network prefix>, whose prefix route (the Network route)
+// has RouteMetric, and sets it up. The new address is added before a stale
+// one (a previous lease's) is deleted, like every entry a backend owns; as
+// both are in one subnet, the new one is a secondary, so promote_secondaries
+// is turned on first: deleting the old primary then promotes it instead of
+// taking it along. An address of an earlier version, whose route has the
+// kernel's metric 0, is given RouteMetric in place.
 func (b *Backend) configureDevice(own netip.Prefix) error {
 	link, err := b.nl.LinkByName(DeviceName)
 	if err != nil {
@@ -216,13 +229,40 @@ func (b *Backend) configureDevice(own netip.Prefix) error {
 	if err := b.nl.PromoteSecondaries(link.Attrs().Index); err != nil {
 		return fmt.Errorf("configuring %s: %w", DeviceName, err)
 	}
-	if _, err := backend.ReconcileAddrs(b.nl, link, netip.PrefixFrom(own.Addr(), b.opts.Config.Network.Bits())); err != nil {
+	want := netip.PrefixFrom(own.Addr(), b.opts.Config.Network.Bits())
+	c, err := backend.ReconcileAddrs(b.nl, link, want, RouteMetric)
+	if err != nil {
 		return err
+	}
+	if c.Added == 0 && link.Attrs().Flags&net.FlagUp != 0 {
+		// The address was there. Its route is there only while the link
+		// is up (a down link is set up below, and the kernel adds the
+		// route then): check its metric.
+		ok, err := b.routeMetricOK(link)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			if err := b.nl.ReplaceAddr(link.Attrs().Index, want, RouteMetric); err != nil {
+				return fmt.Errorf("setting the metric of %s on %s to %d: %w", want, DeviceName, RouteMetric, err)
+			}
+		}
 	}
 	if err := b.nl.LinkSetUp(link); err != nil {
 		return fmt.Errorf("setting %s up: %w", DeviceName, err)
 	}
 	return nil
+}
+
+// routeMetricOK reports whether flannel0's routes to Network are exactly
+// the prefix route with RouteMetric.
+func (b *Backend) routeMetricOK(link netlink.Link) (bool, error) {
+	rs, err := b.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ip.IPNet(b.opts.Config.Network)},
+		netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
+	if err != nil {
+		return false, fmt.Errorf("listing the routes of %s: %w", DeviceName, err)
+	}
+	return len(rs) == 1 && rs[0].Priority == RouteMetric, nil
 }
 
 // Stats returns the packet counters.
@@ -251,10 +291,10 @@ func (b *Backend) Close() error {
 			errs = append(errs, fmt.Errorf("closing %s: %w", DeviceName, err))
 		}
 	}
+	b.mu.Unlock()
+	b.wg.Wait()
 	if b.owned != nil {
 		b.owned.Close()
 	}
-	b.mu.Unlock()
-	b.wg.Wait()
 	return errors.Join(errs...)
 }

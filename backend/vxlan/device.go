@@ -32,7 +32,6 @@ type linkNetlink interface {
 	LinkSetMTU(link netlink.Link, mtu int) error
 	LinkSetHardwareAddr(link netlink.Link, hwaddr net.HardwareAddr) error
 	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
-	AddrReplace(link netlink.Link, addr *netlink.Addr) error
 	AddrDel(link netlink.Link, addr *netlink.Addr) error
 }
 
