@@ -271,7 +271,6 @@ func (t routeTable) Dump(add func(routeKey, hop)) error {
 // Set replaces the routes in one batch, after the nexthop objects they use.
 func (t routeTable) Set(keys []routeKey, hops []hop, errs []error) {
 	r := t.r
-	routes := t.routes(keys, hops)
 	r.moves = r.moves[:0]
 	if r.v6 {
 		have := r.rec.Have()
@@ -291,39 +290,51 @@ func (t routeTable) Set(keys []routeKey, hops []hop, errs []error) {
 		// "invalid argument" for each.)
 		_ = r.nl.DeleteRoutes(r.moves, Results(&r.errs, len(r.moves)))
 	}
-	nhFailed := r.writeNexthops(routes)
-	_ = r.nl.ReplaceRoutes(routes, errs) // a socket failure is in errs too
-	for i, err := range errs {
-		if err == nil {
-			continue
+	nhFailed := r.writeNexthops(hops)
+	t.chunks(keys, hops, errs, func(routes []nlbatch.Route, errs []error) {
+		_ = r.nl.ReplaceRoutes(routes, errs) // a socket failure is in errs too
+		for i, err := range errs {
+			if err == nil {
+				continue
+			}
+			if nhErr, bad := nhFailed[routes[i].NexthopID]; bad {
+				err = fmt.Errorf("%w (installing its nexthop object: %w)", err, nhErr)
+			}
+			errs[i] = fmt.Errorf("installing route %s: %w", routeString(&routes[i]), err)
 		}
-		if nhErr, bad := nhFailed[routes[i].NexthopID]; bad {
-			err = fmt.Errorf("%w (installing its nexthop object: %w)", err, nhErr)
-		}
-		errs[i] = fmt.Errorf("installing route %s: %w", routeString(&routes[i]), err)
-	}
+	})
 }
 
 // Delete deletes the routes in one batch, naming gateway, link, metric and
 // TOS so that only that route goes.
 func (t routeTable) Delete(keys []routeKey, hops []hop, errs []error) {
-	routes := t.routes(keys, hops)
-	_ = t.r.nl.DeleteRoutes(routes, errs)
-	for i, err := range errs {
-		if err != nil {
-			errs[i] = fmt.Errorf("deleting route %s: %w", routeString(&routes[i]), err)
+	t.chunks(keys, hops, errs, func(routes []nlbatch.Route, errs []error) {
+		_ = t.r.nl.DeleteRoutes(routes, errs)
+		for i, err := range errs {
+			if err != nil {
+				errs[i] = fmt.Errorf("deleting route %s: %w", routeString(&routes[i]), err)
+			}
 		}
-	}
+	})
 }
 
-// routes returns the routes of keys via hops, in a reused buffer.
-func (t routeTable) routes(keys []routeKey, hops []hop) []nlbatch.Route {
+// routeChunk is how many routes one write converts at a time: the batch
+// buffer stays small (350 KB) however many routes change.
+const routeChunk = 4096
+
+// chunks calls write with the routes of keys via hops, routeChunk at a
+// time, and the matching part of errs.
+func (t routeTable) chunks(keys []routeKey, hops []hop, errs []error, write func([]nlbatch.Route, []error)) {
 	r := t.r
-	r.routes = r.routes[:0]
-	for i, k := range keys {
-		r.routes = append(r.routes, hops[i].route(k))
+	for start := 0; start < len(keys); start += routeChunk {
+		end := min(start+routeChunk, len(keys))
+		r.routes = r.routes[:0]
+		for i := start; i < end; i++ {
+			r.routes = append(r.routes, hops[i].route(keys[i]))
+		}
+		write(r.routes, errs[start:end])
 	}
-	return r.routes
+	clear(r.routes)
 }
 
 // routeString renders a route as ip-route does, with the link index as dev.
@@ -344,11 +355,11 @@ func routeString(r *nlbatch.Route) string {
 // writeNexthops adds or replaces the nexthop objects of the routes about to
 // be set, before them, and returns the failures by ID (a route through a
 // failed nexthop object then fails too, and says why).
-func (r *RouteReconciler) writeNexthops(routes []nlbatch.Route) map[uint32]error {
+func (r *RouteReconciler) writeNexthops(hops []hop) map[uint32]error {
 	r.nhBuf = r.nhBuf[:0]
 	clear(r.seen)
-	for i := range routes {
-		id := routes[i].NexthopID
+	for i := range hops {
+		id := hops[i].nh
 		if id != 0 && !r.seen[id] {
 			r.seen[id] = true
 			r.nhBuf = append(r.nhBuf, r.nhs[id])

@@ -652,3 +652,31 @@ func BenchmarkReconcile(b *testing.B) {
 		})
 	}
 }
+
+// TestReconcileManyChunks installs more routes than one write converts at
+// a time, with failures at the chunks' edges: each is reported for its own
+// route, and every other route is installed.
+func TestReconcileManyChunks(t *testing.T) {
+	const n = 2*routeChunk + 100
+	f := newFakeRoutes()
+	f.record = false
+	desired := leaseRoutes(n)
+	f.failSet = map[netip.Prefix]error{}
+	for _, i := range []int{0, routeChunk - 1, routeChunk, n - 1} {
+		f.failSet[desired[i].Dst] = unix.EINVAL
+	}
+	r := NewRouteReconciler(f, netip.MustParsePrefix("10.0.0.0/8"), eth0)
+	c, err := r.Reconcile(netip.MustParsePrefix("10.255.255.0/24"), desired)
+	if want := (Changes{Added: n - 4, Failed: 4}); c != want || !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("changes %+v, err %v; want %+v and EINVAL", c, err, want)
+	}
+	failed := r.FailedRoutes()
+	slices.SortFunc(failed, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	want := []netip.Prefix{desired[0].Dst, desired[routeChunk-1].Dst, desired[routeChunk].Dst, desired[n-1].Dst}
+	if !slices.Equal(failed, want) {
+		t.Errorf("failed routes %v, want %v", failed, want)
+	}
+	if len(f.routes) != n-4 {
+		t.Errorf("%d routes in the table, want %d", len(f.routes), n-4)
+	}
+}
