@@ -113,7 +113,11 @@ type peerTable struct {
 // returns the leases skipped and why, by lease key.
 func (t *peerTable) desired(spec devSpec, remote []subnet.Lease, want map[wgtypes.Key]peer, skipped map[netip.Prefix]string) {
 	clear(want)
-	won := map[wgtypes.Key]time.Time{} // expiry of the lease that holds a key
+	type holder struct {
+		exp time.Time
+		key netip.Prefix
+	}
+	won := map[wgtypes.Key]holder{} // the lease that holds a public key
 	for i := range remote {
 		l := &remote[i]
 		p, key, reason := t.peer(spec, l)
@@ -124,15 +128,16 @@ func (t *peerTable) desired(spec devSpec, remote []subnet.Lease, want map[wgtype
 			skipped[l.Key()] = reason
 			continue
 		}
-		if _, dup := want[key]; dup {
+		if prev, dup := won[key]; dup {
 			// Two leases with one key (a node that moved to a new subnet
 			// while its old lease lives on): the later lease wins.
-			if !l.Expiration.After(won[key]) {
-				skipped[l.Key()] = "another lease has the same PublicKey"
+			if !l.Expiration.After(prev.exp) {
+				skipped[l.Key()] = "lease " + prev.key.String() + " has the same PublicKey"
 				continue
 			}
+			skipped[prev.key] = "lease " + l.Key().String() + " has the same PublicKey"
 		}
-		want[key], won[key] = p, l.Expiration
+		want[key], won[key] = p, holder{l.Expiration, l.Key()}
 	}
 }
 
