@@ -127,7 +127,8 @@ func checkWGDevice(h *lab.Host, dev string, mtu int, sub, network netip.Prefix) 
 			return err
 		}
 		for _, r := range routes {
-			if r.Dst != nil && r.Dst.String() == network.String() && r.Scope == netlink.SCOPE_LINK && r.Gw == nil {
+			// IPv6 routes have no scope (the kernel shows universe).
+			if r.Dst != nil && r.Dst.String() == network.String() && (r.Scope == netlink.SCOPE_LINK || fam == netlink.FAMILY_V6) && r.Gw == nil {
 				return nil
 			}
 		}
@@ -355,7 +356,8 @@ func TestWireGuardDualStack(t *testing.T) {
 				}
 			}
 			t.Logf("%s: %d/6 pairs", tc.name, pairs)
-			// The lease carries BackendV6Data with the IPv6 port.
+			// The IPv6 peers are reached at [PublicIPv6]:ListenPortV6 (separate)
+			// or PublicIP:ListenPort (ipv4 mode).
 			h := hosts[0]
 			_, _, peers, err := wgDump(ctx, h, h.Daemon().Pid(), v6dev)
 			if err != nil {
@@ -382,7 +384,7 @@ func TestWireGuardBadInput(t *testing.T) {
 		name, cfg, key string
 		want           []string
 	}{
-		{"key file", wgConfig, "not a key\n", []string{"wgkey", "holds no base64 key", "remove the file"}},
+		{"key file", wgConfig, "not a key\n", []string{"private key file", "wgkey", "holds no WireGuard private key", "remove the file"}},
 		{"Mode", `{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","Mode":"both"}}`, "", []string{`Mode "both" is not known`}},
 		{"ListenPort", `{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","ListenPort":0}}`, "", []string{"ListenPort 0 is out of range"}},
 		{"PSK", `{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","PSK":"nope"}}`, "", []string{"PSK is not a WireGuard key"}},

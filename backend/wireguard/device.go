@@ -57,12 +57,12 @@ func choosePath(name string, addErr error, existing netlink.Link) (p dataPath, w
 		case "tun", "tuntap":
 			return userspacePath, "a TUN named " + name + " exists (left by a userspace run)", nil
 		default:
-			return 0, "", fmt.Errorf("wireguard backend: a device %s of type %s exists; delete it (ip link del %s) so the backend can create its own", name, t, name)
+			return 0, "", fmt.Errorf("a device %s of type %s exists; delete it (ip link del %s) so the backend can create its own", name, t, name)
 		}
 	case errors.Is(addErr, unix.EOPNOTSUPP), errors.Is(addErr, unix.EPROTONOSUPPORT), errors.Is(addErr, unix.ENODEV):
 		return userspacePath, "the kernel has no WireGuard (creating a link of type wireguard: " + addErr.Error() + ")", nil
 	}
-	return 0, "", fmt.Errorf("wireguard backend: creating the WireGuard device %s: %w", name, addErr)
+	return 0, "", fmt.Errorf("creating the WireGuard device %s: %w", name, addErr)
 }
 
 // wgLink is one WireGuard device this backend runs: a kernel link, or a
@@ -81,18 +81,18 @@ func openKernel(nl linkHandle, name string, mtu int) (*wgLink, error) {
 		la := netlink.NewLinkAttrs()
 		la.Name, la.MTU = name, mtu
 		if err := nl.LinkAdd(&netlink.GenericLink{LinkAttrs: la, LinkType: "wireguard"}); err != nil && !errors.Is(err, unix.EEXIST) {
-			return nil, fmt.Errorf("wireguard backend: creating the WireGuard device %s: %w", name, err)
+			return nil, fmt.Errorf("creating the WireGuard device %s: %w", name, err)
 		}
 		if l, err = nl.LinkByName(name); err != nil {
-			return nil, fmt.Errorf("wireguard backend: finding %s after creating it: %w", name, err)
+			return nil, fmt.Errorf("finding %s after creating it: %w", name, err)
 		}
 	}
 	if t := l.Type(); t != "wireguard" {
-		return nil, fmt.Errorf("wireguard backend: a device %s of type %s exists; delete it (ip link del %s) so the backend can create its own", name, t, name)
+		return nil, fmt.Errorf("a device %s of type %s exists; delete it (ip link del %s) so the backend can create its own", name, t, name)
 	}
 	if l.Attrs().MTU != mtu {
 		if err := nl.LinkSetMTU(l, mtu); err != nil {
-			return nil, fmt.Errorf("wireguard backend: setting the MTU of %s to %d: %w", name, mtu, err)
+			return nil, fmt.Errorf("setting the MTU of %s to %d: %w", name, mtu, err)
 		}
 	}
 	return &wgLink{name: name}, nil
@@ -115,7 +115,7 @@ type userDevice struct {
 func openUserspace(name string, mtu int, log klog.Logger) (*wgLink, error) {
 	tdev, err := tun.CreateTUN(name, mtu)
 	if err != nil {
-		return nil, fmt.Errorf("wireguard backend: creating TUN %s for wireguard-go: %w", name, err)
+		return nil, fmt.Errorf("creating TUN %s for wireguard-go: %w", name, err)
 	}
 	wlog := log.WithValues("device", name)
 	logger := &device.Logger{
@@ -126,13 +126,13 @@ func openUserspace(name string, mtu int, log klog.Logger) (*wgLink, error) {
 	f, err := ipc.UAPIOpen(name)
 	if err != nil {
 		dev.Close()
-		return nil, fmt.Errorf("wireguard backend: opening the UAPI socket of %s in /var/run/wireguard: %w", name, err)
+		return nil, fmt.Errorf("opening the UAPI socket of %s in /var/run/wireguard: %w", name, err)
 	}
 	ln, err := ipc.UAPIListen(name, f)
 	if err != nil {
 		f.Close()
 		dev.Close()
-		return nil, fmt.Errorf("wireguard backend: listening on the UAPI socket of %s: %w", name, err)
+		return nil, fmt.Errorf("listening on the UAPI socket of %s: %w", name, err)
 	}
 	u := &userDevice{dev: dev, uapi: ln}
 	u.wg.Add(1)

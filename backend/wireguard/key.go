@@ -21,7 +21,7 @@ const KeyFileEnv = "WIREGUARD_KEY_FILE"
 // ErrBadKeyFile is returned (wrapped) for a key file that exists and does
 // not hold a private key. The file is never replaced: the key in it may be
 // the one every other node knows this node by.
-var ErrBadKeyFile = errors.New("key file does not hold a WireGuard private key")
+var ErrBadKeyFile = errors.New("it holds no WireGuard private key")
 
 // keyFile is the path of the private key file: $WIREGUARD_KEY_FILE, else
 // DefaultKeyFile.
@@ -41,19 +41,19 @@ func loadOrCreateKey(path string) (key wgtypes.Key, created bool, err error) {
 	if err == nil {
 		k, perr := wgtypes.ParseKey(strings.TrimSpace(string(data)))
 		if perr != nil {
-			return wgtypes.Key{}, false, fmt.Errorf("wireguard backend: %w: %s holds no base64 key of 32 bytes; restore the node's key there, or remove the file to have a new key made (peers then learn the new public key from the lease)", ErrBadKeyFile, path)
+			return wgtypes.Key{}, false, fmt.Errorf("private key file %s: %w (base64 of 32 bytes); restore the node's key there, or remove the file to have a new key made (peers learn the new public key from the lease)", path, ErrBadKeyFile)
 		}
 		return k, false, nil
 	}
 	if !errors.Is(err, fs.ErrNotExist) {
-		return wgtypes.Key{}, false, fmt.Errorf("wireguard backend: reading the private key file %s: %w", path, err)
+		return wgtypes.Key{}, false, fmt.Errorf("reading the private key file %s: %w", path, err)
 	}
 	k, err := wgtypes.GeneratePrivateKey()
 	if err != nil {
-		return wgtypes.Key{}, false, fmt.Errorf("wireguard backend: generating a private key: %w", err)
+		return wgtypes.Key{}, false, fmt.Errorf("generating a private key: %w", err)
 	}
 	if err := writeKey(path, k); err != nil {
-		return wgtypes.Key{}, false, fmt.Errorf("wireguard backend: writing the private key file %s: %w", path, err)
+		return wgtypes.Key{}, false, fmt.Errorf("writing the private key file %s: %w", path, err)
 	}
 	return k, true, nil
 }

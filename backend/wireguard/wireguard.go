@@ -191,9 +191,9 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 	v4, v6 := b.families()
 	switch {
 	case (v4 && b.cfg.Mode != ModeIPv6) && !ext.IfaceAddr.Is4():
-		return backend.Publish{}, fmt.Errorf("wireguard backend: interface %s has no IPv4 address; peers reach this node at it (choose another with --iface, or set Mode \"ipv6\")", ext.Iface.Name)
+		return backend.Publish{}, fmt.Errorf("interface %s has no IPv4 address; peers reach this node at it (choose another with --iface, or set Mode \"ipv6\")", ext.Iface.Name)
 	case (v6 && b.cfg.Mode == ModeSeparate || b.cfg.Mode == ModeIPv6) && !(ext.IfaceAddrV6.Is6() && !ext.IfaceAddrV6.Is4In6()):
-		return backend.Publish{}, fmt.Errorf("wireguard backend: IPv6 peers reach this node at its IPv6 address but %s", ext.MissingIPv6())
+		return backend.Publish{}, fmt.Errorf("IPv6 peers reach this node at its IPv6 address but %s", ext.MissingIPv6())
 	}
 	path := keyFile(b.getenv)
 	key, created, err := loadOrCreateKey(path)
@@ -215,7 +215,7 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 
 	client, err := wgctrl.New()
 	if err != nil {
-		return backend.Publish{}, fmt.Errorf("wireguard backend: opening wgctrl: %w", err)
+		return backend.Publish{}, fmt.Errorf("opening wgctrl: %w", err)
 	}
 	b.client, b.closer = client, client.Close
 	b.table = peerTable{
@@ -244,7 +244,7 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 		port := s.port
 		if err := b.client.ConfigureDevice(s.name, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
 			b.closeDevices()
-			return backend.Publish{}, fmt.Errorf("wireguard backend: setting the private key and listen port %d of %s: %w", port, s.name, err)
+			return backend.Publish{}, fmt.Errorf("setting the private key and listen port %d of %s: %w", port, s.name, err)
 		}
 	}
 	b.log.Info("Started the wireguard backend", "mode", string(b.cfg.Mode), "devices", len(b.devs), "mtu", b.mtu,
@@ -322,7 +322,7 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 		}
 		peers += len(d.want) - c.Failed
 		if err != nil {
-			errs = append(errs, fmt.Errorf("wireguard backend: %w", err))
+			errs = append(errs, err)
 		}
 	}
 	metrics.Programmed.WithLabelValues(Type, "peer").Set(float64(peers))
@@ -335,7 +335,7 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 	link, err := b.nl.LinkByName(s.name)
 	if err != nil {
-		return fmt.Errorf("wireguard backend: finding %s: %w", s.name, err)
+		return fmt.Errorf("finding %s: %w", s.name, err)
 	}
 	c := b.opts.Config
 	type fam struct {
@@ -357,7 +357,7 @@ func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 		}
 	}
 	if err := b.nl.LinkSetUp(link); err != nil {
-		return fmt.Errorf("wireguard backend: setting %s up: %w", s.name, err)
+		return fmt.Errorf("setting %s up: %w", s.name, err)
 	}
 	for _, f := range []fam{
 		{s.v4, own.Subnet, c.Network, netlink.FAMILY_V4, 32},
@@ -368,7 +368,7 @@ func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 		}
 		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ip.IPNet(f.network.Masked()), Scope: netlink.SCOPE_LINK}
 		if err := b.nl.RouteReplace(r); err != nil {
-			return fmt.Errorf("wireguard backend: routing %s via %s: %w", f.network, s.name, err)
+			return fmt.Errorf("routing %s via %s: %w", f.network, s.name, err)
 		}
 	}
 	return nil
@@ -380,7 +380,7 @@ func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 func (b *Backend) ensureAddr(link netlink.Link, name string, a netip.Addr, family, bits int) error {
 	addrs, err := b.nl.AddrList(link, family)
 	if err != nil {
-		return fmt.Errorf("wireguard backend: listing the addresses of %s: %w", name, err)
+		return fmt.Errorf("listing the addresses of %s: %w", name, err)
 	}
 	have := false
 	for i := range addrs {
@@ -394,7 +394,7 @@ func (b *Backend) ensureAddr(link netlink.Link, name string, a netip.Addr, famil
 			continue
 		}
 		if err := b.nl.AddrDel(link, &addrs[i]); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
-			return fmt.Errorf("wireguard backend: removing stale address %s from %s: %w", addrs[i].IPNet, name, err)
+			return fmt.Errorf("removing stale address %s from %s: %w", addrs[i].IPNet, name, err)
 		}
 	}
 	if have {
@@ -405,7 +405,7 @@ func (b *Backend) ensureAddr(link netlink.Link, name string, a netip.Addr, famil
 		na.Flags = unix.IFA_F_NODAD
 	}
 	if err := b.nl.AddrReplace(link, na); err != nil {
-		return fmt.Errorf("wireguard backend: adding address %s/%d to %s: %w", a, bits, name, err)
+		return fmt.Errorf("adding address %s/%d to %s: %w", a, bits, name, err)
 	}
 	return nil
 }
