@@ -279,6 +279,26 @@ func TestWireGuard(t *testing.T) {
 	if err != nil || v.BackendData.PublicKey != keys["host1"] {
 		t.Errorf("after the restart: lease %s (%v), want PublicKey %s", raw, err, keys["host1"])
 	}
+	// The restarted host lost its sessions with the TUN: it starts a
+	// handshake with every peer itself, before any traffic (else a peer
+	// that only sends to it would keep using the old session until
+	// WireGuard gives up on it).
+	eventually(t, "handshakes of the restarted host", func() error {
+		out, err := h1.WG(ctx, h1.Daemon().Pid(), "show", "flannel-wg", "latest-handshakes")
+		if err != nil {
+			return err
+		}
+		n := 0
+		for _, ln := range strings.Split(strings.TrimSpace(out), "\n") {
+			if f := strings.Fields(ln); len(f) == 2 && f[1] != "0" {
+				n++
+			}
+		}
+		if n != 2 {
+			return fmt.Errorf("%d of 2 peers have a handshake:\n%s", n, out)
+		}
+		return nil
+	})
 	if err := h1.SetBridgeAddr(env.Subnet); err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/ipc"
 	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 	"k8s.io/klog/v2"
 )
 
@@ -147,6 +148,29 @@ func openUserspace(name string, mtu int, log klog.Logger) (*wgLink, error) {
 		}
 	}()
 	return &wgLink{name: name, user: u}, nil
+}
+
+// up brings wireguard-go's device up now (its sockets open, peers added
+// from then on start at once) rather than when it sees the TUN's link event.
+func (l *wgLink) up() error {
+	if l.user == nil {
+		return nil
+	}
+	return l.user.dev.Up()
+}
+
+// greet makes wireguard-go send a keepalive to peer k, which starts a
+// handshake when there is no session: a restarted daemon has lost its
+// sessions, and a peer that only receives would otherwise keep sending with
+// the old ones until WireGuard gives up on them (about 15 s). The kernel's
+// devices keep their sessions across a restart: nothing to do there.
+func (l *wgLink) greet(k wgtypes.Key) {
+	if l.user == nil {
+		return
+	}
+	if p := l.user.dev.LookupPeer(device.NoisePublicKey(k)); p != nil {
+		p.SendKeepalive()
+	}
 }
 
 // close stops wireguard-go (its TUN goes with it); a kernel link stays.

@@ -244,7 +244,8 @@ type wgClient interface {
 // private key and listen port key and port: it dumps the device, then sets
 // each missing or different peer and removes the ones not wanted (one
 // wgctrl call each, so that one refused peer does not stop the others).
-func reconcilePeers(c wgClient, name string, key wgtypes.Key, port int, want map[wgtypes.Key]peer, have map[wgtypes.Key]peer) (backend.Changes, error) {
+// added, if not nil, is called with each peer that was not there before.
+func reconcilePeers(c wgClient, name string, key wgtypes.Key, port int, want map[wgtypes.Key]peer, have map[wgtypes.Key]peer, added func(wgtypes.Key)) (backend.Changes, error) {
 	dev, err := c.Device(name)
 	if err != nil {
 		return backend.Changes{}, fmt.Errorf("reading the WireGuard device %s: %w", name, err)
@@ -262,6 +263,9 @@ func reconcilePeers(c wgClient, name string, key wgtypes.Key, port int, want map
 		func(k wgtypes.Key, p peer) error {
 			if err := c.ConfigureDevice(name, wgtypes.Config{Peers: []wgtypes.PeerConfig{p.config(k)}}); err != nil {
 				return fmt.Errorf("setting peer %s (%s) on %s: %w", k, p.endpoint, name, err)
+			}
+			if _, had := have[k]; !had && added != nil {
+				added(k)
 			}
 			return nil
 		},

@@ -193,16 +193,16 @@ func TestReconcilePeers(t *testing.T) {
 		k2: {endpoint: netip.MustParseAddrPort("[2001:db8::2]:51821"), allowed: [2]netip.Prefix{netip.MustParsePrefix("10.5.2.0/24"), netip.MustParsePrefix("fc00::/64")}},
 	}
 	have := map[wgtypes.Key]peer{}
-	c, err := reconcilePeers(f, DeviceName, priv, 51820, want, have)
+	c, err := reconcilePeers(f, DeviceName, priv, 51820, want, have, nil)
 	if err != nil || c.Added != 2 || c.Removed != 1 || f.key != priv || f.port != 51820 {
 		t.Fatalf("first: %+v %v key set %v port %d", c, err, f.key == priv, f.port)
 	}
 	f.calls = 0
-	if c, err := reconcilePeers(f, DeviceName, priv, 51820, want, have); err != nil || c.Any() || f.calls != 0 {
+	if c, err := reconcilePeers(f, DeviceName, priv, 51820, want, have, nil); err != nil || c.Any() || f.calls != 0 {
 		t.Errorf("second: %+v %v, %d calls; want nothing to do", c, err, f.calls)
 	}
 	delete(f.peers, k1) // wg set flannel-wg peer k1 remove
-	if c, err := reconcilePeers(f, DeviceName, priv, 51820, want, have); err != nil || c.Added != 1 {
+	if c, err := reconcilePeers(f, DeviceName, priv, 51820, want, have, nil); err != nil || c.Added != 1 {
 		t.Errorf("after removing a peer by hand: %+v %v", c, err)
 	}
 	if _, ok := f.peers[k1]; !ok {
@@ -213,7 +213,7 @@ func TestReconcilePeers(t *testing.T) {
 	want[k2] = p
 	f.fail = map[wgtypes.Key]bool{k1: true}
 	delete(f.peers, k1)
-	c, err = reconcilePeers(f, DeviceName, priv, 51820, want, have)
+	c, err = reconcilePeers(f, DeviceName, priv, 51820, want, have, nil)
 	if err == nil || c.Failed != 1 || c.Updated != 1 || f.peers[k2].Endpoint.String() != "[2001:db8::3]:51821" {
 		t.Errorf("one refused peer: %+v %v, k2 endpoint %v", c, err, f.peers[k2].Endpoint)
 	}

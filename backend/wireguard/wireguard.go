@@ -308,6 +308,10 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 			errs = append(errs, err)
 			continue
 		}
+		if err := d.link.up(); err != nil {
+			errs = append(errs, fmt.Errorf("bringing wireguard-go's %s up: %w", d.spec.name, err))
+			continue
+		}
 		clear(d.skipped)
 		b.table.desired(d.spec, remote, d.want, d.skipped)
 		for k, why := range d.skipped {
@@ -316,7 +320,7 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 			}
 		}
 		d.noted, d.skipped = d.skipped, d.noted
-		c, err := reconcilePeers(b.client, d.spec.name, b.key, d.spec.port, d.want, d.have)
+		c, err := reconcilePeers(b.client, d.spec.name, b.key, d.spec.port, d.want, d.have, d.link.greet)
 		if c.Any() {
 			b.log.Info("Reconciled WireGuard peers", "device", d.spec.name, "peers", len(d.want), "added", c.Added, "updated", c.Updated, "removed", c.Removed, "failed", c.Failed)
 		}
