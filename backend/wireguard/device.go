@@ -118,12 +118,7 @@ func openUserspace(name string, mtu int, log klog.Logger) (*wgLink, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating TUN %s for wireguard-go: %w", name, err)
 	}
-	wlog := log.WithValues("device", name)
-	logger := &device.Logger{
-		Verbosef: func(format string, args ...any) { wlog.V(4).Info(fmt.Sprintf(format, args...)) },
-		Errorf:   func(format string, args ...any) { wlog.V(1).Info(fmt.Sprintf(format, args...)) },
-	}
-	dev := device.NewDevice(tdev, conn.NewDefaultBind(), logger)
+	dev := device.NewDevice(tdev, conn.NewDefaultBind(), wgLogger(log.WithValues("device", name)))
 	f, err := ipc.UAPIOpen(name)
 	if err != nil {
 		dev.Close()
@@ -171,6 +166,20 @@ func (l *wgLink) greet(k wgtypes.Key) {
 	if p := l.user.dev.LookupPeer(device.NoisePublicKey(k)); p != nil {
 		p.SendKeepalive()
 	}
+}
+
+// wgLogger passes wireguard-go's messages to log: its errors (a peer's
+// failed handshake, say) at verbosity 1, the rest at 4. Below those levels
+// nothing is formatted.
+func wgLogger(log klog.Logger) *device.Logger {
+	l := &device.Logger{Verbosef: device.DiscardLogf, Errorf: device.DiscardLogf}
+	if v := log.V(4); v.Enabled() {
+		l.Verbosef = func(format string, args ...any) { v.Info(fmt.Sprintf(format, args...)) }
+	}
+	if v := log.V(1); v.Enabled() {
+		l.Errorf = func(format string, args ...any) { v.Info(fmt.Sprintf(format, args...)) }
+	}
+	return l
 }
 
 // close stops wireguard-go (its TUN goes with it); a kernel link stays.
