@@ -269,7 +269,7 @@ func TestWireGuard(t *testing.T) {
 	if code := stop(t, h1.Daemon()); code != 0 {
 		t.Fatalf("exit code %d", code)
 	}
-	startDaemon(t, h1, "--route-resync", "1")
+	startDaemon(t, h1, "--route-resync", "1", "-v", "4") // -v 4: wireguard-go's messages
 	env := waitEnv(t, h1)
 	after, _ := os.ReadFile(h1.KeyFile)
 	if !bytes.Equal(before, after) {
@@ -280,10 +280,18 @@ func TestWireGuard(t *testing.T) {
 		t.Errorf("after the restart: lease %s (%v), want PublicKey %s", raw, err, keys["host1"])
 	}
 	// The restarted host lost its sessions with the TUN: it starts a
-	// handshake with every peer itself, before any traffic (else a peer
-	// that only sends to it would keep using the old session until
+	// handshake with every peer itself, before it has any traffic (else a
+	// peer that only sends to it would keep using the old session until
 	// WireGuard gives up on it).
-	eventually(t, "handshakes of the restarted host", func() error {
+	eventually(t, "handshakes started by the restarted host", func() error {
+		log := h1.Daemon().Log()
+		for _, o := range hosts[1:] {
+			k := keys[o.Name]
+			tag := "peer(" + k[:4] + "…" + k[39:43] + ") - Sending handshake initiation"
+			if !strings.Contains(log, tag) {
+				return fmt.Errorf("the log lacks %q", tag)
+			}
+		}
 		out, err := h1.WG(ctx, h1.Daemon().Pid(), "show", "flannel-wg", "latest-handshakes")
 		if err != nil {
 			return err
