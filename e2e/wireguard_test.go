@@ -140,7 +140,8 @@ func checkWGDevice(h *lab.Host, dev string, mtu int, sub, network netip.Prefix) 
 // this kernel has no WireGuard): subnet.env (MTU = eth0 - 80), the leases
 // in flannel's form, the device, its peers as wg(8) shows them, pings
 // between every pair, no plaintext on the underlay, a peer removed by hand
-// put back, and the same public key after a restart.
+// and a device deleted by hand put back, and the same public key after a
+// restart.
 func TestWireGuard(t *testing.T) {
 	needWG(t)
 	l := newLab(t, 3, wgConfig)
@@ -262,6 +263,22 @@ func TestWireGuard(t *testing.T) {
 	})
 	if err := h1.WaitPing(ctx, envs[0].Subnet.Addr(), envs[1].Subnet.Addr()); err != nil {
 		t.Error(err)
+	}
+
+	// A device deleted by hand is created again at the next resync, with
+	// its peers; traffic flows again.
+	h2 := hosts[1]
+	if _, err := h2.Exec(ctx, "ip", "link", "del", "flannel-wg"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "host2's device back", func() error {
+		return checkWGDevice(h2, "flannel-wg", envs[1].MTU, envs[1].Subnet, network)
+	})
+	if err := h1.WaitPing(ctx, envs[0].Subnet.Addr(), envs[1].Subnet.Addr()); err != nil {
+		t.Error(err)
+	}
+	if log := h2.Daemon().Log(); !strings.Contains(log, "Created the WireGuard device again") {
+		t.Errorf("host2's log does not say it created the device again:\n%s", log)
 	}
 
 	// A restart keeps the key: the same lease data, the same key file.

@@ -184,7 +184,7 @@ func wgLogger(log klog.Logger) *device.Logger {
 
 // close stops wireguard-go (its TUN goes with it); a kernel link stays.
 func (l *wgLink) close() {
-	if l.user == nil {
+	if l == nil || l.user == nil {
 		return
 	}
 	l.user.uapi.Close()

@@ -304,6 +304,10 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 	var errs []error
 	peers := 0
 	for _, d := range b.devs {
+		if err := b.ensureLink(d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		if err := b.configureLink(d.spec, own); err != nil {
 			errs = append(errs, err)
 			continue
@@ -333,6 +337,39 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 	return errors.Join(errs...)
 }
 
+// ensureLink creates the device again, on the path Init chose, when it was
+// deleted (ip link del): with its key and listen port; its peers follow in
+// the same Apply.
+func (b *Backend) ensureLink(d *wgDev) error {
+	_, err := b.nl.LinkByName(d.spec.name)
+	if err == nil {
+		return nil
+	}
+	if !errors.As(err, new(netlink.LinkNotFoundError)) {
+		return fmt.Errorf("finding %s: %w", d.spec.name, err)
+	}
+	// The old wireguard-go (if any) goes first: closing its UAPI listener
+	// removes the socket file the new one would use.
+	d.link.close()
+	var l *wgLink
+	if b.path == kernelPath {
+		l, err = openKernel(b.nl, d.spec.name, b.mtu)
+	} else {
+		l, err = openUserspace(d.spec.name, b.mtu, b.log)
+	}
+	if err != nil {
+		return fmt.Errorf("creating %s again after it was deleted: %w", d.spec.name, err)
+	}
+	d.link = l
+	clear(d.have)
+	key, port := b.key, d.spec.port
+	if err := b.client.ConfigureDevice(d.spec.name, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
+		return fmt.Errorf("setting the private key and listen port %d of %s: %w", port, d.spec.name, err)
+	}
+	b.log.Info("Created the WireGuard device again; it had been deleted", "device", d.spec.name, "path", b.path.String())
+	return nil
+}
+
 // configureLink makes the device's addresses exactly the first address of
 // each own subnet it carries (/32, /128), sets it up, and routes each
 // Network it carries through it with scope link.
@@ -340,6 +377,11 @@ func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 	link, err := b.nl.LinkByName(s.name)
 	if err != nil {
 		return fmt.Errorf("finding %s: %w", s.name, err)
+	}
+	if link.Attrs().MTU != b.mtu {
+		if err := b.nl.LinkSetMTU(link, b.mtu); err != nil {
+			return fmt.Errorf("setting the MTU of %s to %d: %w", s.name, b.mtu, err)
+		}
 	}
 	c := b.opts.Config
 	type fam struct {
