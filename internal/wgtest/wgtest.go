@@ -14,7 +14,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
+
+	"github.com/flanneld-go/flanneld/internal/buildcache"
 )
 
 // Module is wireguard-go's module path; its root package is the daemon.
@@ -24,49 +25,13 @@ const Module = "golang.zx2c4.com/wireguard"
 // the in-process data path, so that a comparison is engine against engine.
 const Version = "v0.0.0-20260522210424-ecfc5a8d5446"
 
-// cacheDir is where built binaries are kept.
-func cacheDir() (string, error) {
-	if d := os.Getenv("FLANNELD_TEST_CACHE"); d != "" {
-		return d, nil
-	}
-	home, err := os.UserHomeDir()
-	if err != nil {
-		return "", fmt.Errorf("finding the test cache directory: %w; set FLANNELD_TEST_CACHE", err)
-	}
-	return filepath.Join(home, ".cache", "flanneld-test"), nil
-}
-
 // Path returns the wireguard-go binary of version, building it first if it
 // is missing or was built from another version. Concurrent callers (several
 // test processes) build it once.
 func Path(version string) (string, error) {
-	root, err := cacheDir()
-	if err != nil {
-		return "", err
-	}
-	dir := filepath.Join(root, "wireguard-go-"+version)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("creating %s: %w", dir, err)
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", fmt.Errorf("locking %s: %w", dir, err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", fmt.Errorf("locking %s: %w", dir, err)
-	}
-	bin := filepath.Join(dir, "wireguard-go")
-	if BuiltFrom(bin) == version {
-		return bin, nil
-	}
-	if err := build(dir, bin, version); err != nil {
-		return "", err
-	}
-	if got := BuiltFrom(bin); got != version {
-		return "", fmt.Errorf("built %s but it was built from %s %q, not %s", bin, Module, got, version)
-	}
-	return bin, nil
+	return buildcache.Binary("wireguard-go-"+version, "wireguard-go",
+		func(bin string) bool { return BuiltFrom(bin) == version },
+		func(dir, bin string) error { return build(dir, bin, version) })
 }
 
 // BuiltFrom returns the version of Module the binary at bin was built from
@@ -86,7 +51,7 @@ func build(dir, bin, version string) error {
 	if err := os.RemoveAll(gobin); err != nil {
 		return err
 	}
-	cmd := exec.Command(goTool(), "install", "-trimpath", Module+"@"+version)
+	cmd := exec.Command(buildcache.GoTool(), "install", "-trimpath", Module+"@"+version)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOBIN="+gobin, "GOWORK=off", "GOFLAGS=")
 	cmd.Dir = dir
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -96,21 +61,4 @@ func build(dir, bin, version string) error {
 		return fmt.Errorf("installing wireguard-go %s: %w", version, err)
 	}
 	return os.RemoveAll(gobin)
-}
-
-// goTool is the go command: on PATH, else the toolchain that built this
-// test binary (GOROOT), else the usual install place.
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if p := filepath.Join(os.Getenv("GOROOT"), "bin", "go"); fileExists(p) {
-		return p
-	}
-	return "/usr/local/go/bin/go"
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
