@@ -24,12 +24,12 @@ import (
 	"github.com/spf13/pflag"
 	"k8s.io/klog/v2"
 
+	"github.com/flanneld-go/flanneld/agent"
 	"github.com/flanneld-go/flanneld/backend"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	_ "github.com/flanneld-go/flanneld/backend/udp"
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
 	_ "github.com/flanneld-go/flanneld/backend/wireguard"
-	"github.com/flanneld-go/flanneld/agent"
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/internal/pagetrim"
 	"github.com/flanneld-go/flanneld/network"
