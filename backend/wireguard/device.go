@@ -115,6 +115,9 @@ type userDevice struct {
 // GRO: both sides of the data path move batches.
 func openUserspace(name string, mtu int, log klog.Logger) (*wgLink, error) {
 	tdev, err := tun.CreateTUN(name, mtu)
+	if errors.Is(err, unix.EBUSY) {
+		return nil, fmt.Errorf("creating TUN %s for wireguard-go: another process has it open (is another flanneld running?): %w", name, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("creating TUN %s for wireguard-go: %w", name, err)
 	}
