@@ -484,6 +484,9 @@ func (b *Backend) Close() error {
 		return nil
 	}
 	b.closed = true
+	if b.path == userspacePath && len(b.devs) > 0 {
+		b.log.Info("Stopping wireguard-go: its devices and their routes go with it until the next start", "devices", len(b.devs))
+	}
 	b.closeDevices()
 	var err error
 	if b.closer != nil {
