@@ -218,6 +218,13 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 		return backend.Publish{}, fmt.Errorf("opening wgctrl: %w", err)
 	}
 	b.client, b.closer = client, client.Close
+	fail := func(err error) (backend.Publish, error) {
+		// Init may be called again: start from nothing then.
+		b.closeDevices()
+		client.Close()
+		b.client, b.closer = nil, nil
+		return backend.Publish{}, err
+	}
 	b.table = peerTable{
 		mode:        b.cfg.Mode,
 		ka:          b.cfg.Keepalive,
@@ -236,15 +243,13 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 			l, err = openUserspace(s.name, b.mtu, b.log)
 		}
 		if err != nil {
-			b.closeDevices()
-			return backend.Publish{}, err
+			return fail(err)
 		}
 		b.devs = append(b.devs, &wgDev{spec: s, link: l, want: map[wgtypes.Key]peer{}, have: map[wgtypes.Key]peer{},
 			skipped: map[netip.Prefix]string{}, noted: map[netip.Prefix]string{}})
 		port := s.port
 		if err := b.client.ConfigureDevice(s.name, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
-			b.closeDevices()
-			return backend.Publish{}, fmt.Errorf("setting the private key and listen port %d of %s: %w", port, s.name, err)
+			return fail(fmt.Errorf("setting the private key and listen port %d of %s: %w", port, s.name, err))
 		}
 	}
 	b.log.Info("Started the wireguard backend", "mode", string(b.cfg.Mode), "devices", len(b.devs), "mtu", b.mtu,
