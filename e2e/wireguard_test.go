@@ -328,6 +328,22 @@ func TestWireGuard(t *testing.T) {
 		t.Fatal(err)
 	}
 	pingAll(t, hosts, []lab.SubnetEnv{env, envs[1], envs[2]})
+	checkPeersSettled(t, hosts)
+}
+
+// checkPeersSettled checks that the peers read back from the devices equal
+// the ones set: with --route-resync 1 a difference in form (an address, a
+// key, a keepalive read back otherwise than set) would update every peer at
+// every resync.
+func checkPeersSettled(t *testing.T, hosts []*lab.Host) {
+	t.Helper()
+	for _, h := range hosts {
+		for _, ln := range strings.Split(h.Daemon().Log(), "\n") {
+			if strings.Contains(ln, "Reconciled WireGuard peers") && !strings.Contains(ln, "updated=0") {
+				t.Errorf("%s: a peer was updated although no lease changed: %s", h.Name, ln)
+			}
+		}
+	}
 }
 
 // TestWireGuardDualStack runs three hosts with IPv4 and IPv6 (two devices,
@@ -352,7 +368,7 @@ func TestWireGuardDualStack(t *testing.T) {
 			cfg += "}"
 			l := newLabWith(t, lab.Options{Hosts: 3, LAN6: netip.MustParsePrefix("fd5e::/64")}, cfg)
 			hosts := l.Hosts()
-			envs := startAll(t, l)
+			envs := startAll(t, l, "--route-resync", "1")
 			ctx := testCtx(t, 2*converge)
 			v6dev := "flannel-wg-v6"
 			if tc.mode != "separate" {
@@ -401,6 +417,8 @@ func TestWireGuardDualStack(t *testing.T) {
 				}
 			}
 			t.Logf("%s: %d/6 pairs", tc.name, pairs)
+			time.Sleep(1500 * time.Millisecond) // a resync or two more (--route-resync 1)
+			checkPeersSettled(t, hosts)
 			// The IPv6 peers are reached at [PublicIPv6]:ListenPortV6 (separate)
 			// or PublicIP:ListenPort (ipv4 mode).
 			h := hosts[0]
