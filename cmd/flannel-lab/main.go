@@ -303,6 +303,9 @@ func keep(ctx context.Context, l *lab.Lab) {
 		ex(fmt.Sprintf("ip netns exec %s ping -I %s %s", h1.NS, h1Addr(h1), env.Subnet.Addr()), other.Name+"'s docker0, from "+h1.Name+"'s")
 	}
 	ex(fmt.Sprintf("ip netns exec %s iptables-save", h1.NS), "the FLANNEL-* chains")
+	if d := h1.Daemon(); d != nil {
+		ex(fmt.Sprintf("nsenter -t %d -m -n wg show", d.Pid()), "WireGuard devices and peers (wireguard backend; wg is in wireguard-tools)")
+	}
 	ex(fmt.Sprintf("ip netns exec %s bash", h1.NS), "a shell on "+h1.Name)
 	ex(fmt.Sprintf("ip netns exec %s curl -s '%s/v2/keys%s/subnets?recursive=true'", h1.NS, l.EtcdEndpoint(), l.EtcdPrefix()), "the leases (needs curl)")
 	ex(fmt.Sprintf("cat %s/host*/subnet.env", l.Dir()), "what each daemon wrote")
