@@ -209,6 +209,10 @@ func TestWireGuard(t *testing.T) {
 			return nil
 		})
 	}
+	// wireguard-go's TUN carries the virtio header: segmentation offloads.
+	if out, err := hosts[0].Exec(ctx, "ip", "-d", "link", "show", "flannel-wg"); err != nil || !strings.Contains(out, "vnet_hdr on") {
+		t.Errorf("flannel-wg is not a TUN with vnet_hdr on (%v):\n%s", err, out)
+	}
 	setBridges(t, hosts, envs)
 	pingAll(t, hosts, envs)
 
