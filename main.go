@@ -32,6 +32,7 @@ import (
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	_ "github.com/flanneld-go/flanneld/backend/udp"
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
+	_ "github.com/flanneld-go/flanneld/backend/wireguard"
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/internal/pagetrim"
 	"github.com/flanneld-go/flanneld/network"

@@ -263,6 +263,7 @@ func (l *Lab) build() error {
 		}
 		h.dir = filepath.Join(l.dir, h.Name)
 		h.SubnetFile = filepath.Join(h.dir, "subnet.env")
+		h.KeyFile = filepath.Join(h.dir, "wgkey")
 		if err := os.MkdirAll(h.dir, 0o755); err != nil {
 			return fmt.Errorf("creating host directory: %w", err)
 		}
