@@ -270,12 +270,12 @@ func (m *Manager) Close() error {
 	return nil
 }
 
-// newV2Probe returns a function that reads <prefix>/config through the v2
-// keys API of the first endpoint that answers. An etcd answer (the key, or
-// error 100 "key not found") means v2 is served; a plain 404 means it is not.
 // errV2Refused is the v2 probe's error when etcd refuses the credentials.
 var errV2Refused = errors.New("etcd refused access")
 
+// newV2Probe returns a function that reads <prefix>/config through the v2
+// keys API of the first endpoint that answers. An etcd answer (the key, or
+// error 100 "key not found") means v2 is served; a plain 404 means it is not.
 func newV2Probe(opts Options) (func(ctx context.Context) (served, exists bool, err error), error) {
 	tlsCfg, err := etcdv3.ClientTLS(etcdv3.Options{CertFile: opts.CertFile, KeyFile: opts.KeyFile, CAFile: opts.CAFile})
 	if err != nil {
