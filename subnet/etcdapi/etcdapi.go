@@ -191,6 +191,7 @@ func (m *Manager) choose(ctx context.Context) (subnet.Manager, error) {
 			return m.v3, nil
 		case in2 && err3 == nil:
 			m.use(V2, m.v2, "config found in the v2 keyspace only")
+			m.dropV3()
 			return m.v2, nil
 		}
 		why := "neither keyspace holds it yet"
@@ -264,10 +265,22 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 
 // Close releases the v3 client, if any.
 func (m *Manager) Close() error {
-	if m.v3 != nil {
-		return m.v3.Close()
+	m.mu.Lock()
+	v3 := m.v3
+	m.v3 = nil
+	m.mu.Unlock()
+	if v3 != nil {
+		return v3.Close()
 	}
 	return nil
+}
+
+// dropV3 closes the v3 client once auto has chosen v2: it would keep a gRPC
+// connection to etcd, with its goroutines and buffers, for nothing.
+func (m *Manager) dropV3() {
+	if err := m.Close(); err != nil {
+		m.log.V(2).Info("Closing the unused etcd v3 client failed", "err", err)
+	}
 }
 
 // errV2Refused is the v2 probe's error when etcd refuses the credentials.
