@@ -48,6 +48,12 @@ func (s *leaseSet) put(l subnet.Lease) {
 	s.list = append(s.list, l)
 }
 
+// has reports whether the set holds a lease of p.
+func (s *leaseSet) has(p netip.Prefix) bool {
+	_, ok := s.at[keyOf(p)]
+	return ok
+}
+
 // get returns the lease of p, if any.
 func (s *leaseSet) get(p netip.Prefix) (subnet.Lease, bool) {
 	i, ok := s.at[keyOf(p)]

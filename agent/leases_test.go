@@ -6,6 +6,8 @@ import (
 	"slices"
 	"testing"
 
+	"k8s.io/klog/v2/ktesting"
+
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -69,4 +71,41 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// TestUpdateReservesOnlyNewLeases: a batch that changes every known lease
+// leaves the lease set's slice as it was; a first batch of new leases makes
+// room for about those.
+func TestUpdateReservesOnlyNewLeases(t *testing.T) {
+	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.0.0.0/8","Backend":{"Type":"host-gw"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &node{leases: newLeaseSet(), log: ktesting.NewLogger(t, ktesting.NewConfig())}
+	n.adm = newAdmission(cfg, netip.MustParseAddr("192.168.8.1"), netip.Addr{}, n.log)
+	batch := func(from, count int, pub byte) []subnet.Event {
+		evs := make([]subnet.Event, count)
+		for i := range evs {
+			j := from + i
+			evs[i].Lease = subnet.Lease{Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(j >> 8), byte(j), 0}), 24),
+				Attrs: subnet.LeaseAttrs{PublicIP: netip.AddrFrom4([4]byte{172, 16, pub, byte(j)}), BackendType: "host-gw"}}
+		}
+		return evs
+	}
+	n.update(batch(1, 3000, 1))
+	if n.leases.len() != 3000 || cap(n.leases.list) > 3100 {
+		t.Fatalf("after 3,000 new leases: %d leases, capacity %d; want 3,000 and room for about that", n.leases.len(), cap(n.leases.list))
+	}
+	c := cap(n.leases.list)
+	n.update(batch(1, 3000, 2)) // every lease changes its PublicIP
+	if l, _ := n.leases.get(netip.MustParsePrefix("10.0.1.0/24")); n.leases.len() != 3000 || l.Attrs.PublicIP != netip.MustParseAddr("172.16.2.1") {
+		t.Fatalf("after the changes: %d leases, 10.0.1.0/24 at %v; want 3,000 and the new PublicIP", n.leases.len(), l.Attrs.PublicIP)
+	}
+	if cap(n.leases.list) != c {
+		t.Errorf("3,000 changed leases grew the slice's capacity from %d to %d", c, cap(n.leases.list))
+	}
+	n.update(batch(3001, 500, 1))
+	if n.leases.len() != 3500 {
+		t.Errorf("after 500 more: %d leases, want 3,500", n.leases.len())
+	}
 }
