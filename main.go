@@ -34,7 +34,6 @@ import (
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
 	_ "github.com/flanneld-go/flanneld/backend/wireguard"
 	"github.com/flanneld-go/flanneld/internal/metrics"
-	"github.com/flanneld-go/flanneld/internal/pagetrim"
 	"github.com/flanneld-go/flanneld/network"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
@@ -333,13 +332,6 @@ func run(f *flags) error {
 			ready.Store(true)
 			if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 				log.Error(err, "Notifying systemd failed")
-			}
-			// Start-up read much of the binary; a running node needs
-			// little of it.
-			if n, err := pagetrim.Trim(); err != nil {
-				log.V(1).Info("Trimming the binary's resident pages failed", "err", err.Error())
-			} else {
-				log.V(2).Info("Trimmed the binary's resident pages", "mapped", n)
 			}
 		},
 		Logger: &log,
