@@ -13,3 +13,9 @@ func SetTiming(m *EtcdManager, configRetry, checkInterval, minBackoff, maxBackof
 		}
 	}
 }
+
+// ErrContention is errContention, for the race test.
+var ErrContention = errContention
+
+// FirstClaim is m.firstClaim, for the first-claim test.
+var FirstClaim = (*EtcdManager).firstClaim
