@@ -523,6 +523,19 @@ func TestEtcdDeadEndpointIsSkipped(t *testing.T) {
 		dead := "http://" + l.Addr().String()
 		l.Close() // nothing listens there now
 		ctx := ctxT(t)
+		// Only the dead one: the wait says why.
+		var logs []string
+		m, _ := s.manager(t, func(o *subnet.EtcdOptions) {
+			o.Endpoints, o.RequestTimeout, o.Logger = []string{dead}, 500*time.Millisecond, captureLogger(&logs)
+		})
+		short, cancel := context.WithTimeout(ctx, 3*time.Second)
+		defer cancel()
+		if _, err := m.GetNetworkConfig(short); err == nil {
+			t.Fatal("GetNetworkConfig through a dead endpoint succeeded")
+		}
+		if countLogs(&logs, "connection refused") == 0 {
+			t.Errorf("the wait does not say the endpoint refused connections: %q", logs)
+		}
 		for i := range 3 {
 			m, _ := s.manager(t, func(o *subnet.EtcdOptions) { o.Endpoints = []string{dead, s.endpoints()[0]} })
 			cfg, err := m.GetNetworkConfig(ctx)
