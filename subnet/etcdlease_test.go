@@ -123,16 +123,24 @@ func TestEtcdAcquireConcurrent(t *testing.T) {
 	})
 }
 
+// withLease writes testConfig and returns a manager of s that acquired a
+// lease for publicIP.
+func (s *store) withLease(t *testing.T, publicIP string) (*subnet.EtcdManager, *subnet.Config, *subnet.Lease) {
+	t.Helper()
+	s.put(t, "config", testConfig, 0)
+	cfg := mustConfig(t, testConfig)
+	m, _ := s.manager(t)
+	l, err := m.AcquireLease(ctxT(t), cfg, attrsFor(publicIP), subnet.Lease{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, cfg, l
+}
+
 func TestEtcdAcquireRestart(t *testing.T) {
 	stores(t, func(t *testing.T, s *store) {
-		s.put(t, "config", testConfig, 0)
-		cfg := mustConfig(t, testConfig)
 		ctx := ctxT(t)
-		m1, _ := s.manager(t)
-		l1, err := m1.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		_, cfg, l1 := s.withLease(t, "192.168.0.1")
 		// Same PublicIP, new VtepMAC: the same subnet, the new value.
 		m2, api2 := s.manager(t)
 		a := attrsFor("192.168.0.1")
@@ -296,14 +304,8 @@ func TestEtcdRenew(t *testing.T) {
 
 func TestEtcdLeaseLostAndWatchRemoved(t *testing.T) {
 	stores(t, func(t *testing.T, s *store) {
-		s.put(t, "config", testConfig, 0)
-		cfg := mustConfig(t, testConfig)
 		ctx := ctxT(t)
-		m, _ := s.manager(t)
-		l, err := m.AcquireLease(ctx, cfg, attrsFor("192.168.0.1"), subnet.Lease{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m, cfg, l := s.withLease(t, "192.168.0.1")
 		col := startCollector(t, m)
 		col.waitFor(t, map[netip.Prefix]string{l.Subnet: "192.168.0.1"})
 		s.del(t, leaseKeyOf(*l))

@@ -221,17 +221,13 @@ func (s *store) keys(t testing.TB, dir string) map[string]string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var walk func(n *client.Node)
-		walk = func(n *client.Node) {
-			for _, c := range n.Nodes {
-				if c.Dir {
-					walk(c)
-				} else {
-					out[c.Key[len(testPrefix)+1:]] = c.Value
-				}
+		for nodes := (client.Nodes{resp.Node}); len(nodes) > 0; nodes = nodes[1:] {
+			if n := nodes[0]; n.Dir {
+				nodes = append(nodes, n.Nodes...)
+			} else {
+				out[n.Key[len(testPrefix)+1:]] = n.Value
 			}
 		}
-		walk(resp.Node)
 		return out
 	}
 	resp, err := s.c.Get(ctx, testPrefix+"/"+dir+"/", clientv3.WithPrefix())

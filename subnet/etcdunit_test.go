@@ -170,7 +170,9 @@ func TestEtcdWatcherApply(t *testing.T) {
 	put := func(name, value string, rev int64) Change {
 		return Change{KV: KV{Key: unitDir + name, Value: []byte(value), Mod: rev, Expiration: time.Unix(1e9, 0)}}
 	}
-	del := func(name string, rev int64) Change { return Change{KV: KV{Key: unitDir + name, Mod: rev}, Deleted: true} }
+	del := func(name string, rev int64) Change {
+		return Change{KV: KV{Key: unitDir + name, Mod: rev}, Deleted: true}
+	}
 	steps := []struct {
 		ch   Change
 		want string

@@ -32,10 +32,10 @@ type Manager struct{ *subnet.EtcdManager }
 // etcd; the first request does.
 func New(opts Options) (*Manager, error) {
 	opts, err := opts.WithDefaults()
-	if err != nil {
-		return nil, err
+	var ks subnet.Keyspace
+	if err == nil {
+		ks, err = NewKeyspace(opts)
 	}
-	ks, err := NewKeyspace(opts)
 	if err != nil {
 		return nil, err
 	}
