@@ -282,6 +282,14 @@ func TestEtcdRenew(t *testing.T) {
 		if n := api.creates.Load(); n != 0 {
 			t.Errorf("%d creates, want 0", n)
 		}
+		if !s.v2 {
+			// No grant wasted: the two short etcd leases (left to expire:
+			// other keys may be on them) and the two of a day, the first
+			// of which the test's second put took the key off.
+			if ls, err := s.c.Leases(ctx); err != nil || len(ls.Leases) != 4 {
+				t.Errorf("etcd leases %v, %v; want 4", ls, err)
+			}
+		}
 		// Another node's value in our key: lost.
 		s.put(t, leaseKeyOf(*l), `{"PublicIP":"192.168.0.99"}`, time.Hour)
 		if err := m.RenewLease(ctx, l); !errors.Is(err, subnet.ErrLeaseLost) {
@@ -357,6 +365,9 @@ func TestEtcdTLS(t *testing.T) {
 				}
 				if strings.Contains(err.Error(), "\n") {
 					t.Errorf("error spans lines: %q", err)
+				}
+				if logs = append(logs, err.Error()); tc.name == "CA but no client certificate" && countLogs(&logs, "certificate") == 0 {
+					t.Errorf("the refusal does not say it is about the certificate: %q", logs)
 				}
 				t.Logf("refused: %v", err)
 			})

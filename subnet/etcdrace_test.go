@@ -26,11 +26,13 @@ const raceNodes = 200
 // TTL, with those values.
 func TestEtcdLeaseRace(t *testing.T) {
 	if testing.Short() {
-		t.Skip("starts 600 lease managers per store; skipped with -short")
+		t.Skip("starts 1000 lease managers per store; skipped with -short")
 	}
 	rounds := []struct{ name, config string }{
+		{"10.0.0.0/8 by /24", `{"Network":"10.0.0.0/8"}`},
 		{"10.0.0.0/16 by /26", `{"Network":"10.0.0.0/16","SubnetLen":26}`},
 		{"exactly 200 /24s", `{"Network":"10.7.0.0/16","SubnetMin":"10.7.1.0","SubnetMax":"10.7.200.0"}`},
+		{"172.16.0.0/12 by /28", `{"Network":"172.16.0.0/12","SubnetLen":28}`},
 		{"10.9.0.0/20 by /28", `{"Network":"10.9.0.0/20","SubnetLen":28}`},
 	}
 	stores(t, func(t *testing.T, s *store) {
