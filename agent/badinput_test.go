@@ -248,7 +248,7 @@ func TestRunSkipsBadLeases(t *testing.T) {
 	}
 	for k := range badParse {
 		key := "/coreos.com/network/subnets/" + k
-		if n := countLog(mgrBuf, "Skipping a key in the subnets directory", "key", key); n != 1 {
+		if n := countLog(mgrBuf, "Skipping a key under the subnets prefix", "key", key); n != 1 {
 			t.Errorf("%s: logged %d times by the watcher, want once", key, n)
 		}
 	}

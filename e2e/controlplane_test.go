@@ -705,7 +705,7 @@ func BenchmarkIdleEtcdLoad(b *testing.B) {
 		b.Fatal(err)
 	}
 	c := startEtcdCounter(b, l)
-	d := startDaemon(b, h, "--etcd-endpoints", c.url)
+	d := startDaemon(b, h, "--etcd-endpoints", c.url, "--etcd-api", "v2") // the proxy speaks HTTP/1: no v3
 	waitEnv(b, h)
 	newKernelCounter(b, h, "vxlan").waitCount(b, d, 10, nil)
 	time.Sleep(time.Second) // let the first Apply's follow-ups settle

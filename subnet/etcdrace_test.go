@@ -1,4 +1,4 @@
-package etcdv3
+package subnet_test
 
 import (
 	"context"
@@ -11,27 +11,23 @@ import (
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-
-	"github.com/flanneld-go/flanneld/internal/etcdtest"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
-// raceNodes is how many nodes start at once in each round of TestLeaseRace.
+// raceNodes is how many nodes start at once in each round of
+// TestEtcdLeaseRace.
 const raceNodes = 200
 
-// TestLeaseRace starts raceNodes lease managers at once, each with its own
-// etcd client and PublicIP, against one embedded etcd, in five rounds with
-// different configs (each under its own prefix). Every node must end up
-// with its own subnet: no duplicate, no overlap, all in range, and etcd
-// must hold exactly those keys, each on an etcd lease, with those values.
-func TestLeaseRace(t *testing.T) {
+// TestEtcdLeaseRace starts raceNodes lease managers at once, each with its
+// own client and PublicIP, in rounds with different configs (each under its
+// own prefix). Every node must end up with its own subnet: no duplicate, no
+// overlap, all in range, and etcd must hold exactly those keys, each with a
+// TTL, with those values.
+func TestEtcdLeaseRace(t *testing.T) {
 	if testing.Short() {
-		t.Skip("starts 1000 lease managers; skipped with -short")
+		t.Skip("starts 1000 lease managers per store; skipped with -short")
 	}
-	srv := etcdtest.Start(t)
-	c := v3(t, srv)
 	rounds := []struct{ name, config string }{
 		{"10.0.0.0/8 by /24", `{"Network":"10.0.0.0/8"}`},
 		{"10.0.0.0/16 by /26", `{"Network":"10.0.0.0/16","SubnetLen":26}`},
@@ -39,23 +35,23 @@ func TestLeaseRace(t *testing.T) {
 		{"172.16.0.0/12 by /28", `{"Network":"172.16.0.0/12","SubnetLen":28}`},
 		{"10.9.0.0/20 by /28", `{"Network":"10.9.0.0/20","SubnetLen":28}`},
 	}
-	for i, r := range rounds {
-		t.Run(r.name, func(t *testing.T) {
-			raceRound(t, srv, c, fmt.Sprintf("/race/%d", i), mustConfig(t, r.config))
-		})
-	}
+	stores(t, func(t *testing.T, s *store) {
+		for i, r := range rounds {
+			t.Run(r.name, func(t *testing.T) { raceRound(t, s, fmt.Sprintf("race%d", i), mustConfig(t, r.config)) })
+		}
+	})
 }
 
-func raceRound(t *testing.T, srv *etcdtest.Server, c *clientv3.Client, prefix string, cfg *subnet.Config) {
+func raceRound(t *testing.T, s *store, dir string, cfg *subnet.Config) {
 	start := time.Now()
 	publicIP := func(i int) netip.Addr {
 		return ip.FromUint32(ip.Uint32(netip.MustParseAddr("192.168.0.1")) + uint32(i))
 	}
-	opts := func(o *Options) { o.Prefix, o.RequestTimeout = prefix, time.Minute }
-	managers := make([]*Manager, raceNodes)
-	apis := make([]*countingStore, raceNodes)
+	opts := func(o *subnet.EtcdOptions) { o.Prefix, o.RequestTimeout = testPrefix+"/"+dir, time.Minute }
+	managers := make([]*subnet.EtcdManager, raceNodes)
+	apis := make([]*counter, raceNodes)
 	for i := range managers {
-		managers[i], apis[i] = newTestManager(t, srv, opts)
+		managers[i], apis[i] = s.manager(t, opts)
 	}
 	leases := make([]*subnet.Lease, raceNodes)
 	errs := make([]error, raceNodes)
@@ -74,7 +70,7 @@ func raceRound(t *testing.T, srv *etcdtest.Server, c *clientv3.Client, prefix st
 			attrs := subnet.LeaseAttrs{PublicIP: publicIP(i), BackendType: "vxlan", BackendData: []byte(fmt.Sprintf(`{"Node":%d}`, i))}
 			for range 3 {
 				leases[i], errs[i] = m.AcquireLease(ctx, cfg, attrs, subnet.Lease{})
-				if !errors.Is(errs[i], errContention) {
+				if !errors.Is(errs[i], subnet.ErrContention) {
 					break
 				}
 				contention.Add(1)
@@ -117,36 +113,26 @@ func raceRound(t *testing.T, srv *etcdtest.Server, c *clientv3.Client, prefix st
 	if len(byNode) != raceNodes {
 		t.Fatalf("%d distinct subnets, want %d", len(byNode), raceNodes)
 	}
-	dir := prefix + "/subnets/"
-	resp, err := c.Get(context.Background(), dir, clientv3.WithPrefix())
-	if err != nil {
-		t.Fatal(err)
+	keys := s.keys(t, dir+"/subnets")
+	if len(keys) != raceNodes {
+		t.Errorf("etcd holds %d keys under %s, want %d", len(keys), dir, raceNodes)
 	}
-	if n := len(resp.Kvs); n != raceNodes {
-		t.Errorf("etcd holds %d keys under %s, want %d", n, dir, raceNodes)
-	}
-	for _, kv := range resp.Kvs {
-		e, err := parseKV(dir, kv)
-		if err != nil {
-			t.Errorf("key %s = %q: %v", kv.Key, kv.Value, err)
-			continue
-		}
-		i, ok := byNode[e.subnet]
+	for key, value := range keys {
+		v4, _, err := ip.ParseLeaseKey(key[len(dir+"/subnets/"):])
+		a, aerr := subnet.ParseLeaseAttrs([]byte(value))
+		i, ok := byNode[v4]
 		switch {
-		case !ok:
-			t.Errorf("key %s holds %v, which no node was given", kv.Key, e.attrs.PublicIP)
-		case e.attrs.PublicIP != publicIP(i) || string(e.attrs.BackendData) != fmt.Sprintf(`{"Node":%d}`, i):
-			t.Errorf("key %s = %s, want node %d's value", kv.Key, kv.Value, i)
-		case kv.Lease == 0:
-			t.Errorf("key %s has no etcd lease", kv.Key)
+		case err != nil || aerr != nil || !ok:
+			t.Errorf("key %s = %q, which no node was given (%v, %v)", key, value, err, aerr)
+		case a.PublicIP != publicIP(i) || string(a.BackendData) != fmt.Sprintf(`{"Node":%d}`, i):
+			t.Errorf("key %s = %s, want node %d's value", key, value, i)
 		}
 	}
 	attempts := make([]int, raceNodes)
 	for i, a := range apis {
-		attempts[i] = int(a.txns.Load())
-		a.store.(*clientv3.Client).Close()
+		attempts[i] = int(a.creates.Load())
 	}
 	sort.Ints(attempts)
-	t.Logf("%d nodes acquired in %v; create attempts per node: median %d, max %d; calls that lost %d races in a row: %d",
-		raceNodes, elapsed.Round(time.Millisecond), attempts[raceNodes/2], attempts[raceNodes-1], maxAcquireAttempts, contention.Load())
+	t.Logf("%d nodes acquired in %v; create attempts per node: median %d, max %d; calls that lost every race: %d",
+		raceNodes, elapsed.Round(time.Millisecond), attempts[raceNodes/2], attempts[raceNodes-1], contention.Load())
 }
