@@ -1,0 +1,105 @@
+package probe
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// Path is what a node probes through: the backend, its UDP port, the MTU of
+// the overlay and the address probes leave from.
+type Path struct {
+	// Backend is the config's backend type.
+	Backend string
+	// Port is the UDP port the backend carries traffic on (0 for host-gw).
+	Port int
+	// MTU is FLANNEL_MTU: the size of the full-size probes.
+	MTU int
+	// Source is the address probes are sent from: this node's overlay
+	// address (its subnet's first address), or its public address with
+	// host-gw.
+	Source netip.Addr
+}
+
+// Overlay reports whether probes travel through the overlay's own data
+// path; with host-gw they reach the peer's public address, which proves
+// the peer's host is up and answers on the underlay, not that routed
+// overlay traffic is forwarded.
+func (p Path) Overlay() bool { return p.Backend != "host-gw" }
+
+// Remedy is what to check when a peer stops answering.
+func (p Path) Remedy() string {
+	if p.Port == 0 {
+		return "check that the hosts reach each other (ICMP and routed traffic on the LAN)"
+	}
+	return fmt.Sprintf("check that UDP %d passes between the hosts", p.Port)
+}
+
+// Default UDP ports of the backends, used when the config gives none.
+const (
+	VXLANPort     = 8472
+	UDPPort       = 8285
+	WireGuardPort = 51820
+)
+
+// PathOf is the path of a node with config cfg, overlay MTU mtu and own
+// lease own.
+func PathOf(cfg *subnet.Config, mtu int, own subnet.Lease) Path {
+	p := Path{Backend: cfg.BackendType, MTU: mtu}
+	var keys struct{ Port, ListenPort int }
+	if len(cfg.Backend) > 0 {
+		_ = json.Unmarshal(cfg.Backend, &keys) // the backend validated its keys; a bad one means the default
+	}
+	switch cfg.BackendType {
+	case "vxlan":
+		p.Port = VXLANPort
+		if keys.Port > 0 {
+			p.Port = keys.Port
+		}
+	case "udp":
+		p.Port = UDPPort
+		if keys.Port > 0 {
+			p.Port = keys.Port
+		}
+	case "wireguard":
+		p.Port = WireGuardPort
+		if keys.ListenPort > 0 {
+			p.Port = keys.ListenPort
+		}
+	}
+	if p.Overlay() {
+		p.Source = own.Subnet.Addr()
+	} else {
+		p.Source = own.Attrs.PublicIP
+	}
+	return p
+}
+
+// Peer is one peer to probe.
+type Peer struct {
+	Subnet   netip.Prefix
+	PublicIP netip.Addr
+	// Target is the address probed: the first address of the peer's
+	// subnet, which vxlan (flannel.N), udp (flannel0) and wireguard put on
+	// the peer's device, so that flannel's own nodes answer too; the public
+	// address with host-gw.
+	Target netip.Addr
+}
+
+// PeersOf is the peers of the IPv4 leases in remote, for path p.
+func PeersOf(p Path, remote []subnet.Lease) []Peer {
+	out := make([]Peer, 0, len(remote))
+	for _, l := range remote {
+		if !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() {
+			continue
+		}
+		t := l.Subnet.Addr()
+		if !p.Overlay() {
+			t = l.Attrs.PublicIP
+		}
+		out = append(out, Peer{Subnet: l.Subnet, PublicIP: l.Attrs.PublicIP, Target: t})
+	}
+	return out
+}
