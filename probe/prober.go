@@ -247,7 +247,7 @@ func (r *run) setView(v view, now time.Time) {
 	}
 	for k, p := range r.peers {
 		if _, ok := seen[k]; !ok {
-			p.gone = true
+			r.sched.remove(p)
 			r.counts[p.state]--
 			delete(r.peers, k)
 			r.notOK.dirty = true

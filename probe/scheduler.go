@@ -29,6 +29,7 @@ type scheduler struct {
 	prio       []*peer // FIFO of peers asking to be probed soon
 	lastSend   time.Time
 	sent       bool
+	live       int // peers in the ring not removed
 }
 
 func newScheduler(rate int) *scheduler {
@@ -38,7 +39,17 @@ func newScheduler(rate int) *scheduler {
 // add puts a new peer in the ring and asks for a probe of it soon.
 func (s *scheduler) add(p *peer) {
 	s.ring = append(s.ring, p)
+	s.live++
 	s.urgent(p, small)
+}
+
+// remove takes p out: it is skipped from now on and leaves the ring at the
+// start of the next round.
+func (s *scheduler) remove(p *peer) {
+	if !p.gone {
+		p.gone = true
+		s.live--
+	}
 }
 
 // urgent asks for a probe of size k of p ahead of the round-robin.
@@ -52,7 +63,7 @@ func (s *scheduler) urgent(p *peer, k kind) {
 
 // interval is the time between two rounds.
 func (s *scheduler) interval() time.Duration {
-	return max(MinRound, time.Duration(len(s.ring))*s.gap)
+	return max(MinRound, time.Duration(s.live)*s.gap)
 }
 
 // next returns the peer to probe now and the size of its probe, or nil and

@@ -117,7 +117,7 @@ func TestSchedulerUrgentFirst(t *testing.T) {
 			t.Fatalf("probe %d went to %v, want %v", i, p.subnet, ps[i].subnet)
 		}
 	}
-	ps[1].gone = true
+	s.remove(ps[1])
 	ps[2].inflight = true
 	s.urgent(ps[3], big)
 	if p, k := next(); p != ps[3] || k != big {

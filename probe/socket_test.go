@@ -1,0 +1,135 @@
+package probe
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2/ktesting"
+
+	"github.com/flanneld-go/flanneld/internal/nstest"
+)
+
+// inNS runs f on a thread inside ns (sockets made there stay there).
+func inNS(t *testing.T, ns *nstest.NS, f func()) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns.Handle); err != nil {
+			done <- err
+			return
+		}
+		f()
+		if err := netns.Set(orig); err != nil {
+			done <- err // the thread stays locked and dies with the goroutine
+			return
+		}
+		runtime.UnlockOSThread()
+		done <- nil
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func openIn(t *testing.T, ns *nstest.NS, src netip.Addr) (conn, error) {
+	var s *socket
+	var err error
+	inNS(t, ns, func() { s, err = openSocket(src) })
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// TestSocket: echo requests from a bound address are answered and matched
+// by sequence number; a full-size probe above the link's MTU is refused
+// (DF), not fragmented.
+func TestSocket(t *testing.T) {
+	a, b := nstest.New(t, "probe"), nstest.New(t, "probe")
+	a.Up(t, "lo")
+	a.Veth(t, "eth0", 1300, b, "eth0", "192.168.77.1/24")
+	b.Up(t, "eth0", "192.168.77.2/24")
+	c, err := openIn(t, a, netip.MustParseAddr("192.168.77.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	dst := netip.MustParseAddr("192.168.77.2")
+	for _, size := range []int{smallSize, 1300} {
+		if err := c.send(dst, uint16(size), size); err != nil {
+			t.Fatalf("sending %d bytes: %v", size, err)
+		}
+		rep, err := c.read(make([]byte, 1<<16), time.Now)
+		if err != nil || rep.seq != uint16(size) || rep.from != dst {
+			t.Errorf("reply to %d bytes: %+v, %v; want seq %d from %s", size, rep, err, size, dst)
+		}
+	}
+	if err := c.send(dst, 9, 1301); !errors.Is(err, unix.EMSGSIZE) {
+		t.Errorf("sending 1301 bytes over an MTU of 1300: %v, want EMSGSIZE (DF set)", err)
+	}
+	if _, err := openIn(t, a, netip.MustParseAddr("192.168.78.1")); err == nil {
+		t.Error("bound to an address the host does not have")
+	}
+}
+
+// TestRunRealSocket runs the prober on the real clock and a real socket:
+// a peer whose address answers echo (no flanneld there) is reachable, one
+// that does not exist is unreachable after LossThreshold timeouts; the
+// report and Run's end follow.
+func TestRunRealSocket(t *testing.T) {
+	a, b := nstest.New(t, "probe"), nstest.New(t, "probe")
+	a.Up(t, "lo")
+	a.Veth(t, "eth0", 0, b, "eth0", "192.168.77.1/24")
+	b.Up(t, "eth0", "192.168.77.2/24")
+	log := ktesting.NewLogger(t, ktesting.NewConfig())
+	pr := New(Options{Rate: 50, Timeout: 200 * time.Millisecond, Logger: &log})
+	pr.open = func(src netip.Addr) (conn, error) { return openIn(t, a, src) }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- pr.Run(ctx) }()
+	path := Path{Backend: "host-gw", MTU: 1500, Source: netip.MustParseAddr("192.168.77.1")}
+	pr.SetPeers(path, []Peer{
+		{Subnet: netip.MustParsePrefix("10.5.2.0/24"), PublicIP: netip.MustParseAddr("192.168.77.2"), Target: netip.MustParseAddr("192.168.77.2")},
+		{Subnet: netip.MustParsePrefix("10.5.3.0/24"), PublicIP: netip.MustParseAddr("192.168.77.3"), Target: netip.MustParseAddr("192.168.77.3")},
+	})
+	var rep Report
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		var err error
+		if rep, err = pr.Report(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if rep.Counts["reachable"] == 1 && rep.Counts["unreachable"] == 1 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if len(rep.Peers) != 2 || rep.Peers[0].State != Unreachable || rep.Peers[1].State != Reachable || rep.Peers[1].LastRTTMs <= 0 {
+		t.Errorf("report %+v: want 10.5.3.0/24 unreachable, 10.5.2.0/24 reachable with an RTT", rep)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Error(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not end")
+	}
+	if _, err := pr.Report(ctx); err == nil {
+		t.Error("Report answered after Run ended")
+	}
+}
