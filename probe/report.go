@@ -29,6 +29,8 @@ type PeerStatus struct {
 	Since time.Time `json:"since"`
 	// Detail says what the state means and what to check.
 	Detail string `json:"detail,omitempty"`
+
+	settled bool
 }
 
 // Report is the prober's view of every peer.
@@ -48,7 +50,7 @@ type Report struct {
 }
 
 func statusOf(path Path, p *peer, now time.Time) PeerStatus {
-	s := PeerStatus{Subnet: p.subnet, PublicIP: p.public, Address: p.target, Backend: path.Backend, State: p.state, Since: p.since.UTC()}
+	s := PeerStatus{Subnet: p.subnet, PublicIP: p.public, Address: p.target, Backend: path.Backend, State: p.state, Since: p.since.UTC(), settled: p.settled()}
 	if p.replied {
 		s.LastRTTMs = float64(p.rtt.Microseconds()) / 1000
 	}

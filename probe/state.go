@@ -78,6 +78,7 @@ type peer struct {
 	bigLoss   uint8 // full-size probes lost in a row, each after an answered small one
 	smallOK   bool  // the last small probe was answered
 	replied   bool  // any probe was ever answered
+	bigOK     bool  // a full-size probe was ever answered
 	want      kind  // the size of the next priority probe
 	queued    bool  // in the scheduler's priority queue
 	inflight  bool  // a probe is out
@@ -90,6 +91,12 @@ type peer struct {
 	first  time.Time     // when the peer was first seen
 }
 
+// settled reports whether the probes so far tell the peer's state for
+// both sizes (flanneld --check stops there).
+func (p *peer) settled() bool {
+	return p.state == Unreachable || p.state == MTUBlackhole || (p.state == Reachable && p.bigOK && p.bigLoss == 0)
+}
+
 // result folds the outcome of one probe into p's counters and returns the
 // state they give now. ok is whether it was answered.
 func (p *peer) result(k kind, ok bool, rtt time.Duration, now time.Time) State {
@@ -98,7 +105,7 @@ func (p *peer) result(k kind, ok bool, rtt time.Duration, now time.Time) State {
 		p.replied, p.rtt, p.lastOK = true, rtt, now
 		p.smallLoss, p.smallOK = 0, true // a full-size answer proves a small one passes
 		if k == big {
-			p.bigLoss = 0
+			p.bigLoss, p.bigOK = 0, true
 		}
 	case k == small:
 		p.smallOK = false
