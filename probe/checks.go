@@ -271,14 +271,17 @@ func checkPort(h HostConfig) Check {
 	own := socketOwners(inodes)
 	var others []string
 	for _, in := range inodes {
-		o, ok := own[in]
-		switch {
-		case ok && o.pid == os.Getpid():
-		case ok && h.Standalone && o.comm == "flanneld":
-		case ok:
+		// A socket no process holds is the kernel's: a vxlan or WireGuard
+		// device's, looked at below.
+		if o, ok := own[in]; ok && o.pid != os.Getpid() && (!h.Standalone || o.comm != "flanneld") {
 			others = append(others, fmt.Sprintf("%s (pid %d)", o.comm, o.pid))
-		default:
-			others = append(others, "a process in another PID namespace")
+		}
+	}
+	if links, err := netlink.LinkList(); err == nil {
+		for _, l := range links {
+			if v, ok := l.(*netlink.Vxlan); ok && v.Port == h.Port && !ownDevice(v.Name) {
+				others = append(others, "vxlan device "+v.Name)
+			}
 		}
 	}
 	if len(others) == 0 {

@@ -1,6 +1,7 @@
 package probe
 
 import (
+	"fmt"
 	"net/netip"
 	"time"
 )
@@ -49,6 +50,17 @@ func (s State) String() string {
 
 // MarshalText makes a State a JSON string.
 func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText reads a State's name (for clients of /peers).
+func (s *State) UnmarshalText(b []byte) error {
+	for _, st := range States {
+		if st.String() == string(b) {
+			*s = st
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown peer state %q: want one of unprobed, reachable, unreachable, mtu-blackhole", b)
+}
 
 // kind is the size of a probe: small (an echo with a few bytes) or big
 // (FLANNEL_MTU bytes with DF set).
