@@ -32,7 +32,7 @@ func Round(ctx context.Context, o Options, path Path, peers []Peer) (Report, err
 		if err != nil {
 			return rep, err
 		}
-		all := true
+		all := len(rep.Peers) == len(peers)
 		for _, p := range rep.Peers {
 			all = all && p.settled
 		}
