@@ -64,6 +64,9 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 	own := subnet.Lease{Attrs: subnet.LeaseAttrs{PublicIP: public}}
 	mtu := ext.Iface.MTU - probe.Overhead(cfg.BackendType)
 	env, envErr := subnet.ReadEnv(f.subnetFile)
+	if envErr == nil && cfg.EnableIPv6 && env.IPv6Network == cfg.IPv6Network {
+		own.IPv6Subnet = env.IPv6Subnet
+	}
 	if envErr == nil && env.Network == cfg.Network {
 		own.Subnet = env.Subnet
 		if env.MTU > 0 {
@@ -78,7 +81,7 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 	remote := agent.Admitted(cfg, public, public6, leases)
 	path := probe.PathOf(cfg, mtu, own)
 
-	hc := probe.HostConfig{Backend: cfg.BackendType, Port: path.Port, Iface: ext.Iface.Name, MTU: ext.Iface.MTU, Own: own.Subnet, Standalone: true}
+	hc := probe.HostConfig{Backend: cfg.BackendType, Port: path.Port, Iface: ext.Iface.Name, MTU: ext.Iface.MTU, Own: own.Subnet, Own6: own.IPv6Subnet, Standalone: true}
 	if cfg.EnableIPv4 {
 		hc.Network = cfg.Network
 	}

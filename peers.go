@@ -49,7 +49,7 @@ func (h *overlayHealth) onApply(cfg *subnet.Config, mtu int, own subnet.Lease, r
 	if h.prober != nil && cfg.EnableIPv4 {
 		h.prober.SetPeers(path, peers)
 	}
-	hc := probe.HostConfig{Backend: cfg.BackendType, Port: path.Port, Iface: h.iface, MTU: h.mtu, Own: own.Subnet}
+	hc := probe.HostConfig{Backend: cfg.BackendType, Port: path.Port, Iface: h.iface, MTU: h.mtu, Own: own.Subnet, Own6: own.IPv6Subnet}
 	if cfg.EnableIPv4 {
 		hc.Network = cfg.Network
 	}

@@ -7,14 +7,12 @@ import (
 	"net"
 	"net/netip"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
-
 	"github.com/flanneld-go/flanneld/e2e/lab"
+	"github.com/flanneld-go/flanneld/internal/etcdtest"
 	"github.com/flanneld-go/flanneld/probe"
 )
 
@@ -201,35 +199,12 @@ func TestPeerProbesForeignPeer(t *testing.T) {
 // (not flanneld) until the test ends.
 func holdUDP(t *testing.T, h *lab.Host, addr string, port int) {
 	t.Helper()
-	done := make(chan error, 1)
 	var c net.PacketConn
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			done <- err
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.GetFromPath(nsPath(h))
-		if err != nil {
-			done <- err
-			return
-		}
-		defer ns.Close()
-		if err := netns.Set(ns); err != nil {
-			done <- err
-			return
-		}
+	err := etcdtest.InNetNS(nsPath(h), func() (err error) {
 		c, err = net.ListenPacket("udp4", net.JoinHostPort(addr, fmt.Sprint(port)))
-		if serr := netns.Set(orig); serr != nil {
-			done <- serr // the thread stays locked and dies with the goroutine
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- err
-	}()
-	if err := <-done; err != nil {
+		return err
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })

@@ -42,9 +42,9 @@ type HostConfig struct {
 	// Iface is the external interface's name and MTU.
 	Iface string
 	MTU   int
-	// Own is this node's subnet (invalid when unknown); Peers are the
-	// other nodes' subnets: routes to them are flanneld's.
-	Own   netip.Prefix
+	// Own and Own6 are this node's subnets (invalid when unknown); Peers
+	// are the other nodes' subnets: routes to them are flanneld's.
+	Own, Own6 netip.Prefix
 	Peers []netip.Prefix
 	// Standalone is set for flanneld --check: a socket on the backend's
 	// port held by a flanneld process is then the running daemon's.
@@ -213,7 +213,7 @@ func checkOverlap(h HostConfig) Check {
 		}
 		for _, r := range routes {
 			dst, ok := ip.PrefixFromIPNet(r.Dst)
-			if !ok || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || peers[dst] {
+			if !ok || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || dst == h.Own6 || peers[dst] {
 				continue
 			}
 			found = append(found, fmt.Sprintf("route %s dev %s", dst, names[r.LinkIndex]))
@@ -224,7 +224,7 @@ func checkOverlap(h HostConfig) Check {
 		}
 		for _, a := range addrs {
 			pa, ok := netip.AddrFromSlice(a.IP)
-			if !ok || !n.Contains(pa.Unmap()) || ownDevice(names[a.LinkIndex]) || (h.Own.IsValid() && h.Own.Contains(pa.Unmap())) {
+			if !ok || !n.Contains(pa.Unmap()) || ownDevice(names[a.LinkIndex]) || h.Own.Contains(pa.Unmap()) || h.Own6.Contains(pa.Unmap()) {
 				continue
 			}
 			found = append(found, fmt.Sprintf("address %s on %s", a.IPNet, names[a.LinkIndex]))

@@ -2,9 +2,11 @@ package probe
 
 import (
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"k8s.io/klog/v2/ktesting"
 )
@@ -211,4 +213,29 @@ func TestProberBudget(t *testing.T) {
 	if len(s.r.sched.ring) != 10 {
 		t.Errorf("ring holds %d peers after a round, want 10", len(s.r.sched.ring))
 	}
+}
+
+// BenchmarkPeerMemory reports what the prober keeps per peer at 5,000
+// peers: the peer records, the table and the ring.
+func BenchmarkPeerMemory(b *testing.B) {
+	var peers []Peer
+	for i := range 5000 {
+		a := netip.AddrFrom4([4]byte{10, 6, byte(i >> 8), byte(i)})
+		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 32), PublicIP: a, Target: a})
+	}
+	var perPeer float64
+	for range b.N {
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		pr := New(Options{})
+		r := pr.newRun()
+		r.setView(view{path: vxlanPath, peers: peers}, time.Unix(0, 0))
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		perPeer = float64(after.HeapAlloc-before.HeapAlloc) / float64(len(peers))
+		runtime.KeepAlive(r)
+	}
+	b.ReportMetric(perPeer, "B/peer")
+	b.ReportMetric(float64(unsafe.Sizeof(peer{})), "B/record")
 }

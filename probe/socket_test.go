@@ -4,42 +4,20 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"runtime"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2/ktesting"
 
+	"github.com/flanneld-go/flanneld/internal/etcdtest"
 	"github.com/flanneld-go/flanneld/internal/nstest"
 )
 
 // inNS runs f on a thread inside ns (sockets made there stay there).
 func inNS(t *testing.T, ns *nstest.NS, f func()) {
 	t.Helper()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			done <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns.Handle); err != nil {
-			done <- err
-			return
-		}
-		f()
-		if err := netns.Set(orig); err != nil {
-			done <- err // the thread stays locked and dies with the goroutine
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- nil
-	}()
-	if err := <-done; err != nil {
+	if err := etcdtest.InNetNS(ns.Path, func() error { f(); return nil }); err != nil {
 		t.Fatal(err)
 	}
 }
