@@ -45,7 +45,7 @@ type HostConfig struct {
 	// Own and Own6 are this node's subnets (invalid when unknown); Peers
 	// are the other nodes' subnets: routes to them are flanneld's.
 	Own, Own6 netip.Prefix
-	Peers []netip.Prefix
+	Peers     []netip.Prefix
 	// Standalone is set for flanneld --check: a socket on the backend's
 	// port held by a flanneld process is then the running daemon's.
 	Standalone bool
