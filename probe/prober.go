@@ -159,11 +159,13 @@ func (pr *Prober) Run(ctx context.Context) error {
 		if r.sock == nil && r.path.Source.IsValid() {
 			wait = retryOpen.Sub(now)
 		}
+		if again := r.notOK.refresh(r.peers, r.path, now); again > 0 && (wait <= 0 || again < wait) {
+			wait = again
+		}
 		timer = nil
 		if wait > 0 {
 			timer = clk.After(wait)
 		}
-		r.notOK.refresh(r.peers, r.path, now)
 		select {
 		case <-ctx.Done():
 			return nil

@@ -107,9 +107,14 @@ var (
 	registerSeries sync.Once
 )
 
-func (n *notReachable) refresh(peers map[netip.Prefix]*peer, path Path, now time.Time) {
-	if !n.dirty || now.Sub(n.built) < time.Second {
-		return
+// refresh rebuilds the series if they changed and the last build is a
+// second old; it returns how long until it wants to run again (0: never).
+func (n *notReachable) refresh(peers map[netip.Prefix]*peer, path Path, now time.Time) time.Duration {
+	if !n.dirty {
+		return 0
+	}
+	if wait := n.built.Add(time.Second).Sub(now); wait > 0 {
+		return wait
 	}
 	n.dirty, n.built = false, now
 	registerSeries.Do(func() { metrics.RegisterWriter(writePeerSeries) })
@@ -126,6 +131,7 @@ func (n *notReachable) refresh(peers map[netip.Prefix]*peer, path Path, now time
 	}
 	slices.Sort(lines)
 	peerSeries.Store(&lines)
+	return 0
 }
 
 func (n *notReachable) clear() { peerSeries.Store(nil) }
