@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
@@ -193,15 +194,17 @@ func manyPeersOff(b *testing.B, n int) manyPeersResult {
 // from a firewall rule going in at host2 until host1's /peers shows the
 // change: UDP 8472 dropped (unreachable) and underlay packets above 1,200
 // bytes dropped (mtu-blackhole). It reports the median and p90 over b.N
-// rules (use -benchtime=10x); after each the rule goes and host1 is let
+// rules (use -benchtime=10x and -timeout 40m), each put in at a random
+// point of the probes' period; after each the rule goes and host1 is let
 // recover, untimed.
 func BenchmarkPeerProbeDetection(b *testing.B) {
 	for _, c := range []struct {
 		name, state string
 		rule        []string
+		phase       time.Duration // the period of the probes that detect it
 	}{
-		{"blocked-port", "unreachable", []string{"INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"}},
-		{"mtu-blackhole", "mtu-blackhole", []string{"INPUT", "-p", "udp", "--dport", "8472", "-m", "length", "--length", "1201:65535", "-j", "DROP"}},
+		{"blocked-port", "unreachable", []string{"INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"}, probe.MinRound},
+		{"mtu-blackhole", "mtu-blackhole", []string{"INPUT", "-p", "udp", "--dport", "8472", "-m", "length", "--length", "1201:65535", "-j", "DROP"}, 3 * probe.MinRound},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			l := newLab(b, 2, vxlanConfig)
@@ -212,6 +215,9 @@ func BenchmarkPeerProbeDetection(b *testing.B) {
 			var took []time.Duration
 			b.ResetTimer()
 			for range b.N {
+				// The rule goes in at a random point of the probes' period:
+				// right after a recovery the next probe is a round away.
+				time.Sleep(rand.N(c.phase))
 				netfilter(b, h2, append([]string{"-A"}, c.rule...)...)
 				took = append(took, waitState(b, h1, s2, c.state, 2*time.Minute))
 				netfilter(b, h2, append([]string{"-D"}, c.rule...)...)
