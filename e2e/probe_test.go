@@ -197,7 +197,7 @@ func TestPeerProbesForeignPeer(t *testing.T) {
 
 // holdUDP binds UDP port on addr inside h's namespace from this process
 // (not flanneld) until the test ends.
-func holdUDP(t *testing.T, h *lab.Host, addr string, port int) {
+func holdUDP(t *testing.T, h *lab.Host, addr string, port int) net.PacketConn {
 	t.Helper()
 	var c net.PacketConn
 	err := etcdtest.InNetNS(nsPath(h), func() (err error) {
@@ -208,6 +208,7 @@ func holdUDP(t *testing.T, h *lab.Host, addr string, port int) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // runCheck runs flanneld --check on h with the lab's flags and returns its
@@ -303,7 +304,7 @@ func TestCheckMode(t *testing.T) {
 	if _, err := h1.Exec(ctx, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward && ip route add 10.5.255.0/25 dev docker0"); err != nil {
 		t.Fatal(err)
 	}
-	holdUDP(t, h1, "127.0.0.1", probe.UDPPort)
+	held := holdUDP(t, h1, "127.0.0.1", probe.UDPPort)
 	eventually(t, "host1 /status shows the three failing", func() error {
 		st, err := statusOf(ctx, h1)
 		if err != nil {
@@ -318,12 +319,37 @@ func TestCheckMode(t *testing.T) {
 	})
 	time.Sleep(3 * time.Second) // a few more resyncs: still one line each
 	log := h1.Daemon().Log()
+	if n := strings.Count(log, `"Host check failed: `); n != 3 {
+		t.Errorf("host1's log has %d failed checks, want 3 (one each)", n)
+	}
 	for _, name := range []string{"forwarding", "overlap", "port"} {
-		if n := strings.Count(log, `"Host check failed: `); n < 3 || strings.Count(log, `check="`+name+`"`) != 1 {
-			t.Errorf("host1's log: %d failed checks, %d lines for %s; want one each", n, strings.Count(log, `check="`+name+`"`), name)
+		if n := strings.Count(log, `check="`+name+`"`); n != 1 {
+			t.Errorf("host1's log has %d lines for %s, want one", n, name)
 		}
 	}
 	if err := wantStatus(ctx, h1, probeHealthz+"/readyz", 200); err != nil {
 		t.Errorf("/readyz with failing host checks: %v", err)
+	}
+
+	// Fixed: each passes again, logged once.
+	if _, err := h1.Exec(ctx, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && ip route del 10.5.255.0/25 dev docker0"); err != nil {
+		t.Fatal(err)
+	}
+	held.Close()
+	eventually(t, "host1 /status shows every check passing", func() error {
+		st, err := statusOf(ctx, h1)
+		if err != nil {
+			return err
+		}
+		for name, c := range st {
+			if !c.OK {
+				return fmt.Errorf("%s fails: %+v", name, c)
+			}
+		}
+		return nil
+	})
+	time.Sleep(3 * time.Second)
+	if n := strings.Count(h1.Daemon().Log(), `"Host check passes again: `); n != 3 {
+		t.Errorf("host1's log says %d checks pass again, want 3", n)
 	}
 }
