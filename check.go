@@ -123,6 +123,8 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 	switch {
 	case f.peerProbeRate == 0:
 		fmt.Fprintln(out, "; not probed (--peer-probe-rate 0)")
+	case !path.Probed():
+		fmt.Fprintf(out, "; not probed (the %s backend carries no traffic)\n", path.Backend)
 	case !own.Subnet.IsValid():
 		fmt.Fprintf(out, "; not probed: this host has no lease (no %s and no lease with public IP %s): start flanneld first\n", f.subnetFile, public)
 	case !path.Overlay() || cfg.EnableIPv4:
@@ -134,7 +136,7 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 		}
 		what := "through the overlay"
 		if !path.Overlay() {
-			what = "at their public addresses (host-gw: this proves the hosts answer, not that routed pod traffic passes)"
+			what = fmt.Sprintf("at their public addresses (%s puts no overlay address on the peers: this proves the hosts answer, not that routed pod traffic passes)", path.Backend)
 		}
 		fmt.Fprintf(out, ", probed from %s %s with %d-byte echoes and %d-byte ones with DF set\n", path.Source, what, 84, path.MTU)
 		for _, p := range rep.Peers {

@@ -24,10 +24,21 @@ type Path struct {
 }
 
 // Overlay reports whether probes travel through the overlay's own data
-// path; with host-gw they reach the peer's public address, which proves
-// the peer's host is up and answers on the underlay, not that routed
-// overlay traffic is forwarded.
-func (p Path) Overlay() bool { return p.Backend != "host-gw" }
+// path (vxlan, udp, wireguard: the peer's device holds its subnet's first
+// address). With host-gw and extension they reach the peer's public
+// address, which proves the peer's host is up and answers on the underlay,
+// not that routed overlay traffic is forwarded.
+func (p Path) Overlay() bool {
+	switch p.Backend {
+	case "host-gw", "extension", "alloc":
+		return false
+	}
+	return true
+}
+
+// Probed reports whether the backend has a data path to probe: alloc only
+// hands out subnets.
+func (p Path) Probed() bool { return p.Backend != "alloc" }
 
 // Remedy is what to check when a peer stops answering.
 func (p Path) Remedy() string {
@@ -88,8 +99,12 @@ type Peer struct {
 	Target netip.Addr
 }
 
-// PeersOf is the peers of the IPv4 leases in remote, for path p.
+// PeersOf is the peers of the IPv4 leases in remote, for path p (none
+// when the backend has no data path).
 func PeersOf(p Path, remote []subnet.Lease) []Peer {
+	if !p.Probed() {
+		return nil
+	}
 	out := make([]Peer, 0, len(remote))
 	for _, l := range remote {
 		if !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() {

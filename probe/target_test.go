@@ -1,0 +1,45 @@
+package probe
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/flanneld-go/flanneld/subnet"
+)
+
+// TestPathOf: the port to name, the source and each peer's target per
+// backend, from configs as operators write them.
+func TestPathOf(t *testing.T) {
+	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.5.1.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("172.30.0.1")}}
+	remote := []subnet.Lease{{Subnet: netip.MustParsePrefix("10.5.3.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("172.30.0.4")}}}
+	for _, tt := range []struct {
+		config         string
+		port           int
+		source, target string // "" target: not probed
+	}{
+		{`{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}`, 8472, "10.5.1.0", "10.5.3.0"},
+		{`{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","Port":4789}}`, 4789, "10.5.1.0", "10.5.3.0"},
+		{`{"Network":"10.5.0.0/16"}`, 8285, "10.5.1.0", "10.5.3.0"},
+		{`{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Port":9000}}`, 9000, "10.5.1.0", "10.5.3.0"},
+		{`{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}`, 0, "172.30.0.1", "172.30.0.4"},
+		{`{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}`, 0, "172.30.0.1", ""},
+	} {
+		cfg, err := subnet.ParseConfig([]byte(tt.config))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := PathOf(cfg, 1450, own)
+		peers := PeersOf(p, remote)
+		target := ""
+		if len(peers) == 1 {
+			target = peers[0].Target.String()
+		}
+		if p.Port != tt.port || p.Source.String() != tt.source || target != tt.target {
+			t.Errorf("%s: port %d, source %s, target %q; want %d, %s, %q", tt.config, p.Port, p.Source, target, tt.port, tt.source, tt.target)
+		}
+	}
+	wg := Path{Backend: "wireguard", Port: WireGuardPort}
+	if got := wg.Remedy(); got != "check that UDP 51820 passes between the hosts" {
+		t.Errorf("wireguard remedy %q", got)
+	}
+}
