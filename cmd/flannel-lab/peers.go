@@ -72,7 +72,7 @@ func printPeers(ctx context.Context, l *lab.Lab, timeout time.Duration) int {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	fmt.Printf("\n== peer states: what each host's probes through the overlay say (GET %s)\n", peersURL)
+	fmt.Printf("\n== peer states: what each host's peer probes say (GET %s)\n", peersURL)
 	bad := 0
 	for i, h := range l.Hosts() {
 		for _, p := range reps[i].Peers {
