@@ -225,8 +225,15 @@ func (r *run) openSocket(ctx context.Context, wg *sync.WaitGroup, replies chan<-
 // new source address).
 func (r *run) setView(v view, now time.Time) {
 	if v.path.Source != r.path.Source && r.sock != nil {
+		// A new lease: the probes out were sent from the old address and
+		// their answers will not come; they count for nothing.
 		r.sock.close()
 		r.sock = nil
+		for _, o := range r.out {
+			o.p.inflight = false
+		}
+		clear(r.out)
+		r.order = nil
 	}
 	r.path = v.path
 	seen := make(map[netip.Prefix]struct{}, len(v.peers))

@@ -239,3 +239,27 @@ func BenchmarkPeerMemory(b *testing.B) {
 	b.ReportMetric(perPeer, "B/peer")
 	b.ReportMetric(float64(unsafe.Sizeof(peer{})), "B/record")
 }
+
+// TestProberNewSource: a new own lease (another source address) drops the
+// probes out, which are not counted as losses, and waits for a new socket.
+func TestProberNewSource(t *testing.T) {
+	s := newSim(t, DefaultRate, vxlanPath, simPeers)
+	s.c.drop = func(netip.Addr, int) bool { return true }
+	s.r.pump(s.now) // two probes out (a rate gap apart), unanswered
+	s.now = s.now.Add(time.Second / DefaultRate)
+	s.r.pump(s.now)
+	s.c.pending = s.c.pending[:0]
+	if len(s.r.out) != 2 {
+		t.Fatalf("%d probes out, want 2", len(s.r.out))
+	}
+	moved := vxlanPath
+	moved.Source = netip.MustParseAddr("10.5.9.0")
+	s.r.setView(view{path: moved, peers: simPeers}, s.now)
+	if s.r.sock != nil || len(s.r.out) != 0 || s.r.peers[simPeers[0].Subnet].inflight {
+		t.Fatalf("after a new source: socket %v, %d probes out", s.r.sock, len(s.r.out))
+	}
+	s.r.pump(s.now.Add(5 * time.Second))
+	if p := s.r.peers[simPeers[0].Subnet]; p.smallLoss != 0 {
+		t.Errorf("the dropped probes counted %d losses", p.smallLoss)
+	}
+}
