@@ -98,6 +98,23 @@ func TestPeerProbes(t *testing.T) {
 		}
 	}
 	ctx := testCtx(t, 5*time.Minute)
+	// A healthy vxlan host passes every host check (its own device holds
+	// UDP 8472, its routes are flanneld's).
+	eventually(t, "host1 /status with every check passing", func() error {
+		st, err := statusOf(ctx, h1)
+		if err != nil {
+			return err
+		}
+		if len(st) != 5 {
+			return fmt.Errorf("%d checks, want 5: %+v", len(st), st)
+		}
+		for name, c := range st {
+			if !c.OK {
+				return fmt.Errorf("%s fails: %+v", name, c)
+			}
+		}
+		return nil
+	})
 
 	rule := []string{"INPUT", "-p", "udp", "--dport", "8472", "-s", h1.Addr.String(), "-j", "DROP"}
 	netfilter(t, h2, append([]string{"-A"}, rule...)...)

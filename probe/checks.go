@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -257,8 +258,27 @@ func checkPort(h HostConfig) Check {
 		c.Detail = "the " + h.Backend + " backend uses no UDP port"
 		return c
 	}
+	// Devices first: another vxlan device on the port is reported; an up
+	// vxlan device of ours holds the port itself, so no process can, and
+	// the sockets need no look (a kernel socket has no owner to find).
+	var others []string
+	ownDev := false
+	if links, err := netlink.LinkList(); err == nil {
+		for _, l := range links {
+			if v, ok := l.(*netlink.Vxlan); ok && v.Port == h.Port {
+				if !ownDevice(v.Name) {
+					others = append(others, "vxlan device "+v.Name)
+				} else if v.Flags&net.FlagUp != 0 {
+					ownDev = true
+				}
+			}
+		}
+	}
 	var inodes []uint64
 	for _, f := range []string{"/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"} {
+		if ownDev {
+			break
+		}
 		b, err := os.ReadFile(f)
 		if err != nil {
 			if errors.Is(err, os.ErrNotExist) {
@@ -269,19 +289,10 @@ func checkPort(h HostConfig) Check {
 		inodes = append(inodes, udpInodes(b, h.Port)...)
 	}
 	own := socketOwners(inodes)
-	var others []string
 	for _, in := range inodes {
-		// A socket no process holds is the kernel's: a vxlan or WireGuard
-		// device's, looked at below.
+		// A socket no process holds is the kernel's (a device's).
 		if o, ok := own[in]; ok && o.pid != os.Getpid() && (!h.Standalone || o.comm != "flanneld") {
 			others = append(others, fmt.Sprintf("%s (pid %d)", o.comm, o.pid))
-		}
-	}
-	if links, err := netlink.LinkList(); err == nil {
-		for _, l := range links {
-			if v, ok := l.(*netlink.Vxlan); ok && v.Port == h.Port && !ownDevice(v.Name) {
-				others = append(others, "vxlan device "+v.Name)
-			}
 		}
 	}
 	if len(others) == 0 {
@@ -325,29 +336,41 @@ type owner struct {
 	comm string
 }
 
-// socketOwners finds the processes holding the socket inodes.
+// socketOwners finds the processes holding the socket inodes: this
+// process's first (the udp backend's own socket, at every resync), the
+// others' only for what is left.
 func socketOwners(inodes []uint64) map[uint64]owner {
 	out := map[uint64]owner{}
-	if len(inodes) == 0 {
-		return out
-	}
 	want := map[string]uint64{}
 	for _, in := range inodes {
 		want["socket:["+strconv.FormatUint(in, 10)+"]"] = in
 	}
+	scan := func(dir string, pid int) {
+		fds, _ := os.ReadDir(filepath.Join(dir, "fd"))
+		for _, fd := range fds {
+			link, err := os.Readlink(filepath.Join(dir, "fd", fd.Name()))
+			if in, ok := want[link]; err == nil && ok {
+				comm, _ := os.ReadFile(filepath.Join(dir, "comm"))
+				out[in] = owner{pid: pid, comm: strings.TrimSpace(string(comm))}
+				delete(want, link)
+			}
+		}
+	}
+	if len(want) > 0 {
+		scan("/proc/self", os.Getpid())
+	}
+	if len(want) == 0 {
+		return out
+	}
 	procs, _ := os.ReadDir("/proc")
 	for _, p := range procs {
 		pid, err := strconv.Atoi(p.Name())
-		if err != nil {
+		if err != nil || pid == os.Getpid() {
 			continue
 		}
-		fds, _ := os.ReadDir(filepath.Join("/proc", p.Name(), "fd"))
-		for _, fd := range fds {
-			link, err := os.Readlink(filepath.Join("/proc", p.Name(), "fd", fd.Name()))
-			if in, ok := want[link]; err == nil && ok {
-				comm, _ := os.ReadFile(filepath.Join("/proc", p.Name(), "comm"))
-				out[in] = owner{pid: pid, comm: strings.TrimSpace(string(comm))}
-			}
+		scan(filepath.Join("/proc", p.Name()), pid)
+		if len(want) == 0 {
+			break
 		}
 	}
 	return out
