@@ -77,7 +77,11 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 		if !own.Subnet.IsValid() && l.Attrs.PublicIP == public && l.Subnet.IsValid() {
 			own.Subnet = l.Subnet
 		}
+		if !own.IPv6Subnet.IsValid() && cfg.EnableIPv6 && l.Attrs.PublicIPv6 == public6 && l.IPv6Subnet.IsValid() {
+			own.IPv6Subnet = l.IPv6Subnet
+		}
 	}
+	own.Attrs.PublicIPv6 = public6
 	remote := agent.Admitted(cfg, public, public6, leases)
 	path := probe.PathOf(cfg, mtu, own)
 
@@ -125,9 +129,9 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 		fmt.Fprintln(out, "; not probed (--peer-probe-rate 0)")
 	case !path.Probed():
 		fmt.Fprintf(out, "; not probed (the %s backend carries no traffic)\n", path.Backend)
-	case !own.Subnet.IsValid():
+	case !path.Source.IsValid() && !path.Source6.IsValid():
 		fmt.Fprintf(out, "; not probed: this host has no lease (no %s and no lease with public IP %s): start flanneld first\n", f.subnetFile, public)
-	case !path.Overlay() || cfg.EnableIPv4:
+	default:
 		rep, err := probe.Round(ctx, probe.Options{Rate: f.peerProbeRate, Logger: ptr(log.V(10))}, path, peers)
 		if err != nil {
 			fmt.Fprintf(out, "; not probed: %v (is flanneld running on this host?)\n", err)
@@ -138,7 +142,14 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 		if !path.Overlay() {
 			what = fmt.Sprintf("at their public addresses (%s puts no overlay address on the peers: this proves the hosts answer, not that routed pod traffic passes)", path.Backend)
 		}
-		fmt.Fprintf(out, ", probed from %s %s with %d-byte echoes and %d-byte ones with DF set\n", path.Source, what, 84, path.MTU)
+		from := path.Source.String()
+		switch {
+		case !path.Source.IsValid():
+			from = path.Source6.String()
+		case path.Source6.IsValid():
+			from += " and " + path.Source6.String()
+		}
+		fmt.Fprintf(out, ", probed from %s %s with %d-byte echoes and %d-byte ones with DF set\n", from, what, 84, path.MTU)
 		for _, p := range rep.Peers {
 			line := fmt.Sprintf("  %-14s %-18s %-15s", p.State, p.Subnet, p.PublicIP)
 			if p.State == probe.Reachable {
@@ -151,8 +162,6 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 			}
 			fmt.Fprintln(out, strings.TrimRight(line, " "))
 		}
-	default:
-		fmt.Fprintln(out, "; not probed (IPv6-only networks are not probed yet)")
 	}
 	if envErr != nil && !errors.Is(envErr, fs.ErrNotExist) {
 		fmt.Fprintf(out, "\nnote: %s could not be read: %v\n", f.subnetFile, envErr)

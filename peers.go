@@ -46,7 +46,7 @@ func (h *overlayHealth) start(ctx context.Context) {
 func (h *overlayHealth) onApply(cfg *subnet.Config, mtu int, own subnet.Lease, remote []subnet.Lease) {
 	path := probe.PathOf(cfg, mtu, own)
 	peers := probe.PeersOf(path, remote)
-	if h.prober != nil && cfg.EnableIPv4 {
+	if h.prober != nil {
 		h.prober.SetPeers(path, peers)
 	}
 	hc := probe.HostConfig{Backend: cfg.BackendType, Port: path.Port, Iface: h.iface, MTU: h.mtu, Own: own.Subnet, Own6: own.IPv6Subnet}

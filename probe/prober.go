@@ -123,8 +123,8 @@ type run struct {
 	sched   *scheduler
 	peers   map[netip.Prefix]*peer
 	path    Path
-	sock    conn
-	sockErr string // the last error opening the socket, logged once
+	socks   [2]conn   // IPv4, IPv6 (nil: none open)
+	sockErr [2]string // the last error opening each, logged once
 	seq     uint16
 	out     map[uint16]outstanding
 	order   []uint16 // seqs of out in send order (deadlines ascending)
@@ -139,8 +139,10 @@ func (pr *Prober) Run(ctx context.Context) error {
 	replies := make(chan reply, 64)
 	var wg sync.WaitGroup
 	defer func() {
-		if r.sock != nil {
-			r.sock.close()
+		for _, s := range r.socks {
+			if s != nil {
+				s.close()
+			}
 		}
 		wg.Wait()
 		r.notOK.clear()
@@ -150,13 +152,20 @@ func (pr *Prober) Run(ctx context.Context) error {
 	var retryOpen time.Time
 	for {
 		now := clk.Now()
-		if r.sock == nil && r.path.Source.IsValid() && !now.Before(retryOpen) {
-			if err := r.openSocket(ctx, &wg, replies); err != nil {
-				retryOpen = now.Add(MinRound)
+		missing := false
+		for fam, src := range r.path.sources() {
+			if r.socks[fam] == nil && src.IsValid() {
+				if !now.Before(retryOpen) && r.openSocket(ctx, &wg, replies, fam, src) == nil {
+					continue
+				}
+				missing = true
 			}
 		}
+		if missing && !now.Before(retryOpen) {
+			retryOpen = now.Add(MinRound)
+		}
 		wait := r.pump(now)
-		if r.sock == nil && r.path.Source.IsValid() {
+		if missing && (wait <= 0 || retryOpen.Sub(now) < wait) {
 			wait = retryOpen.Sub(now)
 		}
 		if again := r.notOK.refresh(r.peers, r.path, now); again > 0 && (wait <= 0 || again < wait) {
@@ -190,17 +199,17 @@ func (pr *Prober) newRun() *run {
 	return &run{pr: pr, sched: newScheduler(pr.o.Rate), peers: map[netip.Prefix]*peer{}, out: map[uint16]outstanding{}}
 }
 
-func (r *run) openSocket(ctx context.Context, wg *sync.WaitGroup, replies chan<- reply) error {
-	s, err := r.pr.open(r.path.Source)
+func (r *run) openSocket(ctx context.Context, wg *sync.WaitGroup, replies chan<- reply, fam int, src netip.Addr) error {
+	s, err := r.pr.open(src)
 	if err != nil {
-		if msg := err.Error(); msg != r.sockErr {
-			r.sockErr = msg
-			r.pr.log.Info("Peer probes cannot start; retrying", "err", msg)
+		if msg := err.Error(); msg != r.sockErr[fam] {
+			r.sockErr[fam] = msg
+			r.pr.log.Info("Peer probes cannot start; retrying", "source", src, "err", msg)
 		}
 		return err
 	}
-	r.sockErr = ""
-	r.sock = s
+	r.sockErr[fam] = ""
+	r.socks[fam] = s
 	clk := r.pr.o.Clock
 	wg.Add(1)
 	go func() {
@@ -224,11 +233,15 @@ func (r *run) openSocket(ctx context.Context, wg *sync.WaitGroup, replies chan<-
 // setView replaces the peer set (and the path, reopening the socket on a
 // new source address).
 func (r *run) setView(v view, now time.Time) {
-	if v.path.Source != r.path.Source && r.sock != nil {
+	if v.path.sources() != r.path.sources() {
 		// A new lease: the probes out were sent from the old address and
 		// their answers will not come; they count for nothing.
-		r.sock.close()
-		r.sock = nil
+		for fam, s := range r.socks {
+			if s != nil && v.path.sources()[fam] != r.path.sources()[fam] {
+				s.close()
+				r.socks[fam] = nil
+			}
+		}
 		for _, o := range r.out {
 			o.p.inflight = false
 		}
@@ -284,7 +297,7 @@ func (r *run) pump(now time.Time) time.Duration {
 		r.order = nil
 	}
 	var wait time.Duration
-	if r.sock != nil {
+	if r.socks[0] != nil || r.socks[1] != nil {
 		for {
 			p, k, w := r.sched.next(now)
 			if p == nil {
@@ -312,7 +325,11 @@ func (r *run) send(p *peer, k kind, now time.Time) {
 	for _, taken := r.out[r.seq]; taken; _, taken = r.out[r.seq] {
 		r.seq++
 	}
-	if err := r.sock.send(p.target, r.seq, size); err != nil {
+	s := r.socks[family(p.target)]
+	if s == nil {
+		return // no socket of its family (yet): it waits for the next round
+	}
+	if err := s.send(p.target, r.seq, size); err != nil {
 		// EMSGSIZE for a full-size probe: a path MTU below FLANNEL_MTU is
 		// known already. Either way the probe is lost.
 		r.done(p, k, false, 0, now)
@@ -396,7 +413,7 @@ func describe(path Path, p *peer, was State, now time.Time) string {
 		return fmt.Sprintf("%s unreachable over %s for %d s: %s", head, path.Backend, int(now.Sub(from).Round(time.Second)/time.Second), path.Remedy())
 	case MTUBlackhole:
 		return fmt.Sprintf("%s has an MTU black hole over %s: %d-byte probes pass, %d-byte probes with DF set are lost: %s",
-			head, path.Backend, smallSize, path.MTU, mtuRemedy(path))
+			head, path.Backend, smallSize, path.MTU, mtuRemedy(path, p.public.Is6()))
 	case Reachable:
 		again := ""
 		if was == Unreachable || was == MTUBlackhole {
@@ -420,9 +437,26 @@ func Overhead(backend string) int {
 	return 0
 }
 
-func mtuRemedy(path Path) string {
-	need := path.MTU + Overhead(path.Backend)
-	if o := Overhead(path.Backend); o > 0 {
+// overhead6 is Overhead on an IPv6 underlay.
+func overhead6(backend string) int {
+	switch backend {
+	case "vxlan":
+		return 70
+	case "udp":
+		return 48
+	}
+	return Overhead(backend)
+}
+
+// mtuRemedy says what to change for a black hole; underlay6 is whether
+// the encapsulated packets travel over IPv6.
+func mtuRemedy(path Path, underlay6 bool) string {
+	o := Overhead(path.Backend)
+	if underlay6 {
+		o = overhead6(path.Backend)
+	}
+	need := path.MTU + o
+	if o > 0 {
 		return fmt.Sprintf("the underlay between the hosts drops packets of %d bytes (FLANNEL_MTU %d + %d bytes of %s encapsulation); "+
 			"set the external interface's MTU to what the path carries (FLANNEL_MTU follows it on restart) or fix the link or firewall that drops large packets",
 			need, path.MTU, o, path.Backend)

@@ -52,7 +52,7 @@ func newSim(t *testing.T, rate int, path Path, peers []Peer) *sim {
 	pr := New(Options{Rate: rate, Logger: &log})
 	s := &sim{t: t, r: pr.newRun(), c: &simConn{drop: func(netip.Addr, int) bool { return false }}, now: time.Unix(100000, 0)}
 	s.r.setView(view{path: path, peers: peers}, s.now)
-	s.r.sock = s.c // after the first view, which sets the source address
+	s.r.socks = [2]conn{s.c, s.c} // after the first view, which sets the source addresses
 	s.log = log.GetSink().(ktesting.Underlier).GetBuffer()
 	return s
 }
@@ -255,8 +255,8 @@ func TestProberNewSource(t *testing.T) {
 	moved := vxlanPath
 	moved.Source = netip.MustParseAddr("10.5.9.0")
 	s.r.setView(view{path: moved, peers: simPeers}, s.now)
-	if s.r.sock != nil || len(s.r.out) != 0 || s.r.peers[simPeers[0].Subnet].inflight {
-		t.Fatalf("after a new source: socket %v, %d probes out", s.r.sock, len(s.r.out))
+	if s.r.socks[0] != nil || len(s.r.out) != 0 || s.r.peers[simPeers[0].Subnet].inflight {
+		t.Fatalf("after a new source: socket %v, %d probes out", s.r.socks[0], len(s.r.out))
 	}
 	s.r.pump(s.now.Add(5 * time.Second))
 	if p := s.r.peers[simPeers[0].Subnet]; p.smallLoss != 0 {

@@ -36,8 +36,9 @@ type PeerStatus struct {
 // Report is the prober's view of every peer.
 type Report struct {
 	Backend string `json:"backend"`
-	// Source is the address probes leave from.
-	Source netip.Addr `json:"source"`
+	// Source and Source6 are the addresses probes leave from.
+	Source  netip.Addr `json:"source"`
+	Source6 netip.Addr `json:"source6"`
 	// Overlay is false with host-gw, whose probes reach the peers' public
 	// addresses: they prove a peer's host is up, not that routed overlay
 	// traffic is forwarded.
@@ -61,7 +62,7 @@ func statusOf(path Path, p *peer, now time.Time) PeerStatus {
 }
 
 func (r *run) report(now time.Time) Report {
-	rep := Report{Backend: r.path.Backend, Source: r.path.Source, Overlay: r.path.Overlay(), Rate: r.pr.o.Rate,
+	rep := Report{Backend: r.path.Backend, Source: r.path.Source, Source6: r.path.Source6, Overlay: r.path.Overlay(), Rate: r.pr.o.Rate,
 		Counts: map[string]int{}, Peers: make([]PeerStatus, 0, len(r.peers))}
 	for _, s := range States {
 		rep.Counts[s.String()] = r.counts[s]

@@ -14,11 +14,16 @@ func Round(ctx context.Context, o Options, path Path, peers []Peer) (Report, err
 	if len(peers) == 0 {
 		return Report{Backend: path.Backend, Source: path.Source, Overlay: path.Overlay(), Rate: pr.o.Rate, Counts: map[string]int{}}, nil
 	}
-	s, err := pr.open(path.Source)
-	if err != nil {
-		return Report{}, err
+	for _, src := range path.sources() {
+		if !src.IsValid() {
+			continue
+		}
+		s, err := pr.open(src)
+		if err != nil {
+			return Report{}, err
+		}
+		s.close()
 	}
-	s.close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := make(chan error, 1)

@@ -12,26 +12,34 @@ import (
 
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 )
 
-// headerLen is the IPv4 and ICMP echo headers: a probe of size n carries
-// n − headerLen bytes of payload.
-const headerLen = 20 + 8
+// headerLen is the IP and ICMP echo headers: a probe of size n carries n −
+// headerLen bytes of payload.
+func headerLen(v6 bool) int {
+	if v6 {
+		return 40 + 8
+	}
+	return 20 + 8
+}
 
-// smallSize is the IP length of a small probe (as ping's default).
+// smallSize is the IP length of a small probe (as ping's default over
+// IPv4).
 const smallSize = 84
 
-// socket is one ICMP socket bound to the node's overlay address, shared by
-// every probe: requests carry the socket's echo ID and a sequence number,
-// replies are matched by both. It is a raw socket (the daemon runs as
-// root), else an unprivileged ICMP datagram socket (net.ipv4.ping_group_range),
-// whose echo ID the kernel sets and checks itself. Every probe is sent with
-// DF set (IP_PMTUDISC_DO), so a full-size probe is never fragmented on the
-// way: it arrives whole or not at all.
+// socket is one ICMP (ICMPv6) socket bound to the node's overlay address,
+// shared by every probe of its family: requests carry the socket's echo
+// ID and a sequence number, replies are matched by both. It is a raw socket
+// (the daemon runs as root), else an unprivileged ICMP datagram socket
+// (net.ipv4.ping_group_range), whose echo ID the kernel sets and checks
+// itself. Every probe is sent with DF set (IP_PMTUDISC_DO; IPv6 routers
+// never fragment), so a full-size probe arrives whole or not at all.
 type socket struct {
 	pc  net.PacketConn
 	raw bool
+	v6  bool
 	id  uint16 // the echo ID (raw sockets)
 	buf []byte // the send buffer
 }
@@ -43,19 +51,23 @@ type reply struct {
 	at   time.Time
 }
 
-// openSocket opens the ICMP socket bound to src (IPv4).
+// openSocket opens the ICMP socket of src's family bound to src.
 func openSocket(src netip.Addr) (*socket, error) {
-	if !src.Is4() {
-		return nil, fmt.Errorf("probe source %v is not an IPv4 address", src)
+	if !src.IsValid() {
+		return nil, errors.New("no probe source address")
 	}
-	s := &socket{raw: true}
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+	s := &socket{raw: true, v6: src.Is6()}
+	family, proto, what := unix.AF_INET, unix.IPPROTO_ICMP, "ICMP"
+	if s.v6 {
+		family, proto, what = unix.AF_INET6, unix.IPPROTO_ICMPV6, "ICMPv6"
+	}
+	fd, err := unix.Socket(family, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
 	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
 		s.raw = false
-		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+		fd, err = unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, proto)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("opening an ICMP socket (run as root, or allow this group in net.ipv4.ping_group_range): %w", err)
+		return nil, fmt.Errorf("opening an %s socket (run as root, or allow this group in net.ipv4.ping_group_range): %w", what, err)
 	}
 	if err := setup(fd, src); err != nil {
 		unix.Close(fd)
@@ -65,7 +77,7 @@ func openSocket(src netip.Addr) (*socket, error) {
 	pc, err := net.FilePacketConn(f)
 	f.Close()
 	if err != nil {
-		return nil, fmt.Errorf("opening an ICMP socket: %w", err)
+		return nil, fmt.Errorf("opening an %s socket: %w", what, err)
 	}
 	s.pc = pc
 	if s.raw {
@@ -77,10 +89,22 @@ func openSocket(src netip.Addr) (*socket, error) {
 }
 
 func setup(fd int, src netip.Addr) error {
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO); err != nil {
+	var err error
+	if src.Is6() {
+		err = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_DO)
+	} else {
+		err = unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
+	}
+	if err != nil {
 		return fmt.Errorf("setting DF on the ICMP socket: %w", err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: src.As4()}); err != nil {
+	var sa unix.Sockaddr
+	if src.Is6() {
+		sa = &unix.SockaddrInet6{Addr: src.As16()}
+	} else {
+		sa = &unix.SockaddrInet4{Addr: src.As4()}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
 		return fmt.Errorf("binding the ICMP socket to %s (is it this node's overlay address?): %w", src, err)
 	}
 	return nil
@@ -88,13 +112,17 @@ func setup(fd int, src netip.Addr) error {
 
 // send sends an echo request of IP length size to dst.
 func (s *socket) send(dst netip.Addr, seq uint16, size int) error {
-	payload := max(size-headerLen, 8)
+	payload := max(size-headerLen(s.v6), 8)
 	if cap(s.buf) < payload {
 		s.buf = make([]byte, payload)
 	}
 	data := s.buf[:payload]
 	copy(data, "flanneld peer probe")
-	m := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: int(s.id), Seq: int(seq), Data: data}}
+	var typ icmp.Type = ipv4.ICMPTypeEcho
+	if s.v6 {
+		typ = ipv6.ICMPTypeEchoRequest // the kernel fills in the checksum
+	}
+	m := icmp.Message{Type: typ, Body: &icmp.Echo{ID: int(s.id), Seq: int(seq), Data: data}}
 	b, err := m.Marshal(nil)
 	if err != nil {
 		return err
@@ -110,14 +138,18 @@ func (s *socket) send(dst netip.Addr, seq uint16, size int) error {
 // read returns the next echo reply to this socket; other ICMP messages are
 // skipped. now stamps the arrival. It fails once the socket is closed.
 func (s *socket) read(buf []byte, now func() time.Time) (reply, error) {
+	proto, want := 1, icmp.Type(ipv4.ICMPTypeEchoReply)
+	if s.v6 {
+		proto, want = 58, ipv6.ICMPTypeEchoReply
+	}
 	for {
 		n, from, err := s.pc.ReadFrom(buf)
 		if err != nil {
 			return reply{}, err
 		}
 		at := now()
-		m, err := icmp.ParseMessage(1, buf[:n])
-		if err != nil || m.Type != ipv4.ICMPTypeEchoReply {
+		m, err := icmp.ParseMessage(proto, buf[:n])
+		if err != nil || m.Type != want {
 			continue
 		}
 		e, ok := m.Body.(*icmp.Echo)

@@ -63,6 +63,62 @@ func TestSocket(t *testing.T) {
 	}
 }
 
+// TestSocket6: the same over ICMPv6.
+func TestSocket6(t *testing.T) {
+	a, b := nstest.New(t, "probe"), nstest.New(t, "probe")
+	a.Up(t, "lo")
+	a.Veth(t, "eth0", 1300, b, "eth0", "fd77::1/64")
+	b.Up(t, "eth0", "fd77::2/64")
+	for _, ns := range []*nstest.NS{a, b} {
+		if out, err := ns.Command(context.Background(), "sh", "-c", "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.eth0.accept_dad=0").CombinedOutput(); err != nil {
+			t.Logf("turning DAD off: %v: %s", err, out)
+		}
+	}
+	var c conn
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if c, err = openIn(t, a, netip.MustParseAddr("fd77::1")); err == nil {
+			break // the address left tentative (DAD) state
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	dst := netip.MustParseAddr("fd77::2")
+	type result struct {
+		rep reply
+		err error
+	}
+	replies := make(chan result, 1)
+	go func() {
+		rep, err := c.read(make([]byte, 1<<16), time.Now)
+		replies <- result{rep, err}
+	}()
+	var rep reply
+	err = errors.New("no reply within 20 s")
+	// The first sends may fail or go unanswered while b's address is
+	// still tentative.
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); {
+		if serr := c.send(dst, 1300, 1300); serr != nil {
+			t.Logf("sending: %v", serr)
+		}
+		select {
+		case r := <-replies:
+			rep, err = r.rep, r.err
+		case <-time.After(500 * time.Millisecond):
+			continue
+		}
+		break
+	}
+	if err != nil || rep.seq != 1300 || rep.from != dst {
+		t.Errorf("reply to 1300 bytes: %+v, %v; want seq 1300 from %s", rep, err, dst)
+	}
+	if err := c.send(dst, 9, 1301); !errors.Is(err, unix.EMSGSIZE) {
+		t.Errorf("sending 1301 bytes over an MTU of 1300: %v, want EMSGSIZE", err)
+	}
+}
+
 // TestRunRealSocket runs the prober on the real clock and a real socket:
 // a peer whose address answers echo (no flanneld there) is reachable, one
 // that does not exist is unreachable after LossThreshold timeouts; the

@@ -17,10 +17,21 @@ type Path struct {
 	Port int
 	// MTU is FLANNEL_MTU: the size of the full-size probes.
 	MTU int
-	// Source is the address probes are sent from: this node's overlay
-	// address (its subnet's first address), or its public address with
-	// host-gw.
-	Source netip.Addr
+	// Source and Source6 are the addresses IPv4 and IPv6 probes are sent
+	// from: this node's overlay addresses (its subnets' first addresses),
+	// or its public addresses with host-gw; invalid without the family.
+	Source, Source6 netip.Addr
+}
+
+// sources is Source and Source6, indexed by family.
+func (p Path) sources() [2]netip.Addr { return [2]netip.Addr{p.Source, p.Source6} }
+
+// family is 0 for IPv4 addresses, 1 for IPv6.
+func family(a netip.Addr) int {
+	if a.Is6() {
+		return 1
+	}
+	return 0
 }
 
 // Overlay reports whether probes travel through the overlay's own data
@@ -80,10 +91,20 @@ func PathOf(cfg *subnet.Config, mtu int, own subnet.Lease) Path {
 			p.Port = keys.ListenPort
 		}
 	}
-	if p.Overlay() {
+	switch {
+	case !p.Overlay():
+		p.Source, p.Source6 = own.Attrs.PublicIP, own.Attrs.PublicIPv6
+	case own.Subnet.IsValid():
 		p.Source = own.Subnet.Addr()
-	} else {
-		p.Source = own.Attrs.PublicIP
+	}
+	if p.Overlay() && own.IPv6Subnet.IsValid() {
+		p.Source6 = own.IPv6Subnet.Addr()
+	}
+	if !cfg.EnableIPv4 {
+		p.Source = netip.Addr{}
+	}
+	if !cfg.EnableIPv6 {
+		p.Source6 = netip.Addr{}
 	}
 	return p
 }
@@ -99,22 +120,28 @@ type Peer struct {
 	Target netip.Addr
 }
 
-// PeersOf is the peers of the IPv4 leases in remote, for path p (none
-// when the backend has no data path).
+// PeersOf is the peers of the leases in remote, for path p: one per
+// subnet of a family p has a source for (none when the backend has no data
+// path).
 func PeersOf(p Path, remote []subnet.Lease) []Peer {
 	if !p.Probed() {
 		return nil
 	}
 	out := make([]Peer, 0, len(remote))
-	for _, l := range remote {
-		if !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() {
-			continue
-		}
-		t := l.Subnet.Addr()
+	add := func(sn netip.Prefix, public netip.Addr) {
+		t := sn.Addr()
 		if !p.Overlay() {
-			t = l.Attrs.PublicIP
+			t = public
 		}
-		out = append(out, Peer{Subnet: l.Subnet, PublicIP: l.Attrs.PublicIP, Target: t})
+		out = append(out, Peer{Subnet: sn, PublicIP: public, Target: t})
+	}
+	for _, l := range remote {
+		if p.Source.IsValid() && l.Subnet.IsValid() && l.Subnet.Addr().Is4() {
+			add(l.Subnet, l.Attrs.PublicIP)
+		}
+		if p.Source6.IsValid() && l.IPv6Subnet.IsValid() && l.Attrs.PublicIPv6.Is6() {
+			add(l.IPv6Subnet, l.Attrs.PublicIPv6)
+		}
 	}
 	return out
 }

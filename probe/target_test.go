@@ -38,6 +38,23 @@ func TestPathOf(t *testing.T) {
 			t.Errorf("%s: port %d, source %s, target %q; want %d, %s, %q", tt.config, p.Port, p.Source, target, tt.port, tt.source, tt.target)
 		}
 	}
+	// Dual stack: one peer per family, each from its own source.
+	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:5::/48","Backend":{"Type":"vxlan"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	own.IPv6Subnet = netip.MustParsePrefix("fc00:5:0:1::/64")
+	remote[0].IPv6Subnet, remote[0].Attrs.PublicIPv6 = netip.MustParsePrefix("fc00:5:0:3::/64"), netip.MustParseAddr("fd5e::4")
+	p := PathOf(cfg, 1430, own)
+	peers := PeersOf(p, remote)
+	if p.Source.String() != "10.5.1.0" || p.Source6.String() != "fc00:5:0:1::" || len(peers) != 2 ||
+		peers[1].Target.String() != "fc00:5:0:3::" || peers[1].PublicIP.String() != "fd5e::4" {
+		t.Errorf("dual stack: sources %s %s, peers %+v", p.Source, p.Source6, peers)
+	}
+	cfg.EnableIPv4 = false
+	if p := PathOf(cfg, 1430, own); p.Source.IsValid() || len(PeersOf(p, remote)) != 1 {
+		t.Errorf("IPv6 only: source %s, peers %+v", p.Source, PeersOf(p, remote))
+	}
 	wg := Path{Backend: "wireguard", Port: WireGuardPort}
 	if got := wg.Remedy(); got != "check that UDP 51820 passes between the hosts" {
 		t.Errorf("wireguard remedy %q", got)
