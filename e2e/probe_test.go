@@ -370,3 +370,29 @@ func TestCheckMode(t *testing.T) {
 		t.Errorf("host1's log says %d checks pass again, want 3", n)
 	}
 }
+
+// TestPeerProbesDualStack: on a dual-stack vxlan network each host probes
+// both subnets of the other (IPv6 from flannel-v6.1's address), and
+// dropping the IPv6 underlay's UDP 8472 at host2 makes only the IPv6 one
+// unreachable.
+func TestPeerProbesDualStack(t *testing.T) {
+	cfg := `{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:5::/48","Backend":{"Type":"vxlan"}}`
+	l := newLabWith(t, lab.Options{Hosts: 2, LAN6: netip.MustParsePrefix("fd5e::/64")}, cfg)
+	envs := startAll(t, l, probeArgs...)
+	h1, h2 := l.Host(1), l.Host(2)
+	s2, s62 := subnetOf(envs[1]), envs[1].IPv6Subnet.Masked()
+	waitState(t, h1, s2, "reachable", converge)
+	waitState(t, h1, s62, "reachable", converge)
+	waitState(t, h2, envs[0].IPv6Subnet.Masked(), "reachable", converge)
+	if _, err := h2.Exec(context.Background(), "ip6tables", "-w", "5", "-A", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, h1, s62, "unreachable", probe.MinRound+10*time.Second)
+	if s, err := stateOf(testCtx(t, time.Minute), h1, s2); err != nil || s != "reachable" {
+		t.Errorf("IPv4 subnet %s: %s (%v), want reachable", s2, s, err)
+	}
+	want := fmt.Sprintf("peer %s (%s) unreachable over vxlan for ", s62, h2.Addr6)
+	if !strings.Contains(h1.Daemon().Log(), want) {
+		t.Errorf("host1's log lacks %q", want)
+	}
+}
