@@ -396,3 +396,21 @@ func TestPeerProbesDualStack(t *testing.T) {
 		t.Errorf("host1's log lacks %q", want)
 	}
 }
+
+// TestPeerProbesWireGuard: wireguard peers answer at their subnets' first
+// addresses (on flannel-wg); UDP 51820 dropped at host2 makes it
+// unreachable, naming that port.
+func TestPeerProbesWireGuard(t *testing.T) {
+	needWG(t)
+	l := newLab(t, 2, wgConfig)
+	envs := startAll(t, l, probeArgs...)
+	h1, h2 := l.Host(1), l.Host(2)
+	s2 := subnetOf(envs[1])
+	waitState(t, h1, s2, "reachable", converge)
+	netfilter(t, h2, "-A", "INPUT", "-p", "udp", "--dport", "51820", "-j", "DROP")
+	waitState(t, h1, s2, "unreachable", probe.MinRound+10*time.Second)
+	want := fmt.Sprintf("peer %s (%s) unreachable over wireguard for ", s2, h2.Addr)
+	if log := h1.Daemon().Log(); !strings.Contains(log, want) || !strings.Contains(log, "check that UDP 51820 passes between the hosts") {
+		t.Errorf("host1's log lacks %q ... UDP 51820", want)
+	}
+}

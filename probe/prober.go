@@ -410,7 +410,7 @@ func describe(path Path, p *peer, was State, now time.Time) string {
 		if from.IsZero() {
 			from = p.first
 		}
-		return fmt.Sprintf("%s unreachable over %s for %d s: %s", head, path.Backend, int(now.Sub(from).Round(time.Second)/time.Second), path.Remedy())
+		return fmt.Sprintf("%s unreachable over %s for %d s: %s", head, path.Backend, int(now.Sub(from).Round(time.Second)/time.Second), path.Remedy(p.public.Is6()))
 	case MTUBlackhole:
 		return fmt.Sprintf("%s has an MTU black hole over %s: %d-byte probes pass, %d-byte probes with DF set are lost: %s",
 			head, path.Backend, smallSize, path.MTU, mtuRemedy(path, p.public.Is6()))

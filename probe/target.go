@@ -13,8 +13,10 @@ import (
 type Path struct {
 	// Backend is the config's backend type.
 	Backend string
-	// Port is the UDP port the backend carries traffic on (0 for host-gw).
-	Port int
+	// Port is the UDP port the backend carries traffic on (0 for host-gw);
+	// Port6 the one of IPv6 peers where it differs (wireguard's
+	// ListenPortV6), else 0.
+	Port, Port6 int
 	// MTU is FLANNEL_MTU: the size of the full-size probes.
 	MTU int
 	// Source and Source6 are the addresses IPv4 and IPv6 probes are sent
@@ -51,12 +53,17 @@ func (p Path) Overlay() bool {
 // hands out subnets.
 func (p Path) Probed() bool { return p.Backend != "alloc" }
 
-// Remedy is what to check when a peer stops answering.
-func (p Path) Remedy() string {
-	if p.Port == 0 {
+// Remedy is what to check when a peer stops answering; v6 is whether the
+// peer is an IPv6 one.
+func (p Path) Remedy(v6 bool) string {
+	port := p.Port
+	if v6 && p.Port6 != 0 {
+		port = p.Port6
+	}
+	if port == 0 {
 		return "check that the hosts reach each other (ICMP and routed traffic on the LAN)"
 	}
-	return fmt.Sprintf("check that UDP %d passes between the hosts", p.Port)
+	return fmt.Sprintf("check that UDP %d passes between the hosts", port)
 }
 
 // Default UDP ports of the backends, used when the config gives none.
@@ -64,13 +71,18 @@ const (
 	VXLANPort     = 8472
 	UDPPort       = 8285
 	WireGuardPort = 51820
+	// WireGuardPort6 is wireguard's ListenPortV6, flannel-wg-v6's port.
+	WireGuardPort6 = 51821
 )
 
 // PathOf is the path of a node with config cfg, overlay MTU mtu and own
 // lease own.
 func PathOf(cfg *subnet.Config, mtu int, own subnet.Lease) Path {
 	p := Path{Backend: cfg.BackendType, MTU: mtu}
-	var keys struct{ Port, ListenPort int }
+	var keys struct {
+		Port, ListenPort, ListenPortV6 int
+		Mode                           string
+	}
 	if len(cfg.Backend) > 0 {
 		_ = json.Unmarshal(cfg.Backend, &keys) // the backend validated its keys; a bad one means the default
 	}
@@ -89,6 +101,12 @@ func PathOf(cfg *subnet.Config, mtu int, own subnet.Lease) Path {
 		p.Port = WireGuardPort
 		if keys.ListenPort > 0 {
 			p.Port = keys.ListenPort
+		}
+		if keys.Mode == "" || keys.Mode == "separate" { // IPv6 on flannel-wg-v6
+			p.Port6 = WireGuardPort6
+			if keys.ListenPortV6 > 0 {
+				p.Port6 = keys.ListenPortV6
+			}
 		}
 	}
 	switch {

@@ -55,8 +55,9 @@ func TestPathOf(t *testing.T) {
 	if p := PathOf(cfg, 1430, own); p.Source.IsValid() || len(PeersOf(p, remote)) != 1 {
 		t.Errorf("IPv6 only: source %s, peers %+v", p.Source, PeersOf(p, remote))
 	}
-	wg := Path{Backend: "wireguard", Port: WireGuardPort}
-	if got := wg.Remedy(); got != "check that UDP 51820 passes between the hosts" {
-		t.Errorf("wireguard remedy %q", got)
+	cfg, _ = subnet.ParseConfig([]byte(`{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","ListenPortV6":5555}}`))
+	wg := PathOf(cfg, 1420, own)
+	if got, got6 := wg.Remedy(false), wg.Remedy(true); got != "check that UDP 51820 passes between the hosts" || got6 != "check that UDP 5555 passes between the hosts" {
+		t.Errorf("wireguard remedies %q, %q", got, got6)
 	}
 }
