@@ -136,7 +136,7 @@ func demo(ctx context.Context, c config) (err error) {
 	}
 	logf("%s/config = %s", l.EtcdPrefix(), cfgJSON)
 
-	var extra []string
+	extra := append([]string(nil), healthzArgs...)
 	if c.ipMasq {
 		extra = append(extra, "--ip-masq")
 	}
@@ -174,6 +174,7 @@ func demo(ctx context.Context, c config) (err error) {
 		}
 	}
 	failed := pingMatrix(ctx, l, envs, c.timeout)
+	failed += printPeers(ctx, l, c.timeout)
 	if ctx.Err() != nil {
 		return errInterrupted
 	}
