@@ -241,9 +241,10 @@ type wgClient interface {
 }
 
 // reconcilePeers makes the peers of device name exactly want, and its
-// private key and listen port key and port: it dumps the device, then sets
-// each missing or different peer and removes the ones not wanted (one
-// wgctrl call each, so that one refused peer does not stop the others).
+// private key and listen port key and port: it dumps the device, then,
+// through a backend.Reconciler, sets each missing or different peer and
+// removes the ones not wanted (one wgctrl call each, so that one refused
+// peer does not stop the others). have receives the peers as dumped.
 // added, if not nil, is called with each peer that was not there before.
 func reconcilePeers(c wgClient, name string, key wgtypes.Key, port int, want map[wgtypes.Key]peer, have map[wgtypes.Key]peer, added func(wgtypes.Key)) (backend.Changes, error) {
 	dev, err := c.Device(name)
@@ -255,24 +256,46 @@ func reconcilePeers(c wgClient, name string, key wgtypes.Key, port int, want map
 			return backend.Changes{}, fmt.Errorf("setting the private key and listen port %d of %s: %w", port, name, err)
 		}
 	}
-	clear(have)
-	for i := range dev.Peers {
-		have[dev.Peers[i].PublicKey] = peerOf(&dev.Peers[i])
+	t := &devicePeers{c: c, name: name, dev: dev, have: have, added: added}
+	return backend.NewReconciler[wgtypes.Key, peer](t, backend.Same[peer]).Reconcile(want)
+}
+
+// devicePeers is the peers of one WireGuard device as a backend.Table,
+// dumped from dev (read once per reconcile).
+type devicePeers struct {
+	c     wgClient
+	name  string
+	dev   *wgtypes.Device
+	have  map[wgtypes.Key]peer
+	added func(wgtypes.Key)
+}
+
+func (t *devicePeers) Dump(add func(wgtypes.Key, peer)) error {
+	clear(t.have)
+	for i := range t.dev.Peers {
+		k, p := t.dev.Peers[i].PublicKey, peerOf(&t.dev.Peers[i])
+		t.have[k] = p
+		add(k, p)
 	}
-	return backend.Diff(want, have,
-		func(k wgtypes.Key, p peer) error {
-			if err := c.ConfigureDevice(name, wgtypes.Config{Peers: []wgtypes.PeerConfig{p.config(k)}}); err != nil {
-				return fmt.Errorf("setting peer %s (%s) on %s: %w", k, p.endpoint, name, err)
-			}
-			if _, had := have[k]; !had && added != nil {
-				added(k)
-			}
-			return nil
-		},
-		func(k wgtypes.Key, p peer) error {
-			if err := c.ConfigureDevice(name, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: k, Remove: true}}}); err != nil {
-				return fmt.Errorf("removing peer %s from %s: %w", k, name, err)
-			}
-			return nil
-		})
+	return nil
+}
+
+func (t *devicePeers) Set(keys []wgtypes.Key, ps []peer, errs []error) {
+	for i, k := range keys {
+		if err := t.c.ConfigureDevice(t.name, wgtypes.Config{Peers: []wgtypes.PeerConfig{ps[i].config(k)}}); err != nil {
+			errs[i] = fmt.Errorf("setting peer %s (%s) on %s: %w", k, ps[i].endpoint, t.name, err)
+			continue
+		}
+		if _, had := t.have[k]; !had && t.added != nil {
+			t.added(k)
+		}
+	}
+}
+
+func (t *devicePeers) Delete(keys []wgtypes.Key, _ []peer, errs []error) {
+	for i, k := range keys {
+		if err := t.c.ConfigureDevice(t.name, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: k, Remove: true}}}); err != nil {
+			errs[i] = fmt.Errorf("removing peer %s from %s: %w", k, t.name, err)
+		}
+	}
 }
