@@ -47,6 +47,7 @@ import (
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -79,9 +80,7 @@ func init() {
 type netlinkHandle interface {
 	linkHandle
 	LinkSetUp(link netlink.Link) error
-	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
-	AddrReplace(link netlink.Link, addr *netlink.Addr) error
-	AddrDel(link netlink.Link, addr *netlink.Addr) error
+	backend.AddrNetlink
 	RouteReplace(route *netlink.Route) error
 }
 
@@ -91,7 +90,7 @@ type Backend struct {
 	cfg    config
 	log    klog.Logger
 	nl     netlinkHandle
-	owned  *netlink.Handle // opened by New, closed by Close
+	owned  *nlbatch.Handle // opened by New, closed by Close
 	mtu    int             // device MTU and FLANNEL_MTU
 	getenv func(string) string
 	path   dataPath // chosen by Init
@@ -143,7 +142,7 @@ func New(o backend.Options) (*Backend, error) {
 	if o.Netlink != nil {
 		b.nl = o.Netlink
 	} else {
-		h, err := netlink.NewHandle()
+		h, err := nlbatch.NewHandle()
 		if err != nil {
 			return nil, fmt.Errorf("wireguard backend: %w", err)
 		}
@@ -393,17 +392,16 @@ func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 		on      bool
 		sub     netip.Prefix
 		network netip.Prefix
-		family  int
 		bits    int
 	}
 	for _, f := range []fam{
-		{s.v4, own.Subnet, c.Network, netlink.FAMILY_V4, 32},
-		{s.v6, own.IPv6Subnet, c.IPv6Network, netlink.FAMILY_V6, 128},
+		{s.v4, own.Subnet, c.Network, 32},
+		{s.v6, own.IPv6Subnet, c.IPv6Network, 128},
 	} {
 		if !f.on || !f.sub.IsValid() {
 			continue
 		}
-		if err := b.ensureAddr(link, s.name, f.sub.Addr(), f.family, f.bits); err != nil {
+		if _, err := backend.ReconcileAddrs(b.nl, link, netip.PrefixFrom(f.sub.Addr(), f.bits), 0); err != nil {
 			return err
 		}
 	}
@@ -411,8 +409,8 @@ func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 		return fmt.Errorf("setting %s up: %w", s.name, err)
 	}
 	for _, f := range []fam{
-		{s.v4, own.Subnet, c.Network, netlink.FAMILY_V4, 32},
-		{s.v6, own.IPv6Subnet, c.IPv6Network, netlink.FAMILY_V6, 128},
+		{s.v4, own.Subnet, c.Network, 32},
+		{s.v6, own.IPv6Subnet, c.IPv6Network, 128},
 	} {
 		if !f.on || !f.sub.IsValid() {
 			continue
@@ -421,42 +419,6 @@ func (b *Backend) configureLink(s devSpec, own subnet.Lease) error {
 		if err := b.nl.RouteReplace(r); err != nil {
 			return fmt.Errorf("routing %s via %s: %w", f.network, s.name, err)
 		}
-	}
-	return nil
-}
-
-// ensureAddr makes a the only address of its family on the link (IPv6
-// link-local addresses aside). Stale ones go first, as an address left from
-// an old lease would otherwise stay.
-func (b *Backend) ensureAddr(link netlink.Link, name string, a netip.Addr, family, bits int) error {
-	addrs, err := b.nl.AddrList(link, family)
-	if err != nil {
-		return fmt.Errorf("listing the addresses of %s: %w", name, err)
-	}
-	have := false
-	for i := range addrs {
-		got, ok := ip.FromIP(addrs[i].IP)
-		if !ok || got.IsLinkLocalUnicast() {
-			continue
-		}
-		ones, _ := addrs[i].Mask.Size()
-		if got == a && ones == bits {
-			have = true
-			continue
-		}
-		if err := b.nl.AddrDel(link, &addrs[i]); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
-			return fmt.Errorf("removing stale address %s from %s: %w", addrs[i].IPNet, name, err)
-		}
-	}
-	if have {
-		return nil
-	}
-	na := &netlink.Addr{IPNet: ip.HostNet(a, bits)}
-	if family == netlink.FAMILY_V6 {
-		na.Flags = unix.IFA_F_NODAD
-	}
-	if err := b.nl.AddrReplace(link, na); err != nil {
-		return fmt.Errorf("adding address %s/%d to %s: %w", a, bits, name, err)
 	}
 	return nil
 }
