@@ -131,7 +131,7 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 		return backend.Publish{}, ErrClosed
 	}
 	if b.dev != nil {
-		return backend.Publish{MTU: b.mtu}, nil
+		return b.publish(), nil
 	}
 	sock, err := listen(netip.AddrPortFrom(b.opts.Ext.IfaceAddr, uint16(b.cfg.Port)), b.cfg.UDPGSO, b.cfg.UDPGRO)
 	if err != nil {
@@ -160,7 +160,13 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
 	go func() { defer b.wg.Done(); b.path.udpLoop(sock, out) }()
 	track(b, true)
-	return backend.Publish{MTU: b.mtu}, nil
+	return b.publish(), nil
+}
+
+// publish is what Init returns: the MTU, and flannel0 and the Network route
+// through it as the kernel state to repair on events.
+func (b *Backend) publish() backend.Publish {
+	return backend.Publish{MTU: b.mtu, Owned: backend.Owned{Devices: []string{DeviceName}, Prefixes: []netip.Prefix{b.opts.Config.Network.Masked()}}}
 }
 
 // Apply gives flannel0 the address <own subnet IP>/<Network prefix> (so the

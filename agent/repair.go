@@ -1,0 +1,70 @@
+package agent
+
+import (
+	"context"
+	"time"
+
+	"k8s.io/utils/clock"
+
+	"github.com/flanneld-go/flanneld/backend"
+	"github.com/flanneld-go/flanneld/backend/kwatch"
+)
+
+// repairState is the owner loop's part of the repair on kernel events: a
+// kernel event that removes owned state schedules an Apply RepairDelay
+// later (the events of that while are folded into it), and a failed Apply
+// is retried after RepairRetry, doubling up to RouteResync. The periodic
+// resync stays as the safety net.
+type repairState struct {
+	events <-chan kwatch.Cause // nil without a watcher
+	timer  <-chan time.Time    // non-nil while a repair is scheduled
+	cause  string              // the cause of the scheduled repair
+	retry  <-chan time.Time    // non-nil while a retry is scheduled
+	wait   time.Duration       // the next retry's wait; 0 after a success
+}
+
+// watchKernel starts the kernel event watcher of what the backend owns, in
+// the namespace Options.KernelEvents names. Without it, or when the
+// subscription fails, kernel state is repaired by the resync alone.
+func (n *node) watchKernel(ctx context.Context, owned backend.Owned) {
+	if n.o.KernelEvents == nil || (len(owned.Devices) == 0 && owned.ExtIndex == 0 && len(owned.Prefixes) == 0) {
+		return
+	}
+	w := kwatch.New(kwatch.Options{Owned: owned, Netns: n.o.KernelEvents, Logger: n.log.WithName("kwatch")})
+	if err := w.Start(); err != nil {
+		n.log.Error(err, "Kernel events unavailable; kernel state is repaired by the periodic resync only", "every", n.o.RouteResync)
+		return
+	}
+	n.repair.events = w.C()
+	n.goRun(func() {
+		if err := w.Run(ctx); err != nil {
+			n.log.Error(err, "Watching kernel events stopped; kernel state is repaired by the periodic resync only")
+		}
+	})
+}
+
+// schedule plans a repair for cause c unless one is already planned. While
+// Apply keeps failing, deletions wait for the retry's back-off instead:
+// a failing Apply may itself delete what it just wrote (a lease rolled
+// back), which must not turn into a loop. Link changes are never held back.
+func (r *repairState) schedule(clk clock.Clock, c kwatch.Cause, delay time.Duration) {
+	if r.timer != nil {
+		return
+	}
+	if r.wait > 0 && c != kwatch.LinkChanged && c != kwatch.ExtChanged {
+		delay = max(delay, r.wait)
+	}
+	r.timer, r.cause = clk.After(delay), string(c)
+}
+
+// applied records the result of an Apply, whatever asked for it: the plans
+// are done, and a failure schedules a retry.
+func (r *repairState) applied(clk clock.Clock, err error, first, limit time.Duration) {
+	r.timer, r.retry = nil, nil
+	if err == nil {
+		r.wait = 0
+		return
+	}
+	r.wait = min(max(2*r.wait, first), limit)
+	r.retry = clk.After(r.wait)
+}
