@@ -81,9 +81,10 @@ type Options struct {
 	// removed (netns.None() for the process's own, else the namespace of
 	// Netlink); nil watches none: repairs wait for the resync.
 	KernelEvents *netns.NsHandle
-	// RepairDelay is how long kernel events are gathered before one
-	// Apply (5 ms).
-	RepairDelay time.Duration
+	// RepairDelay is how long after a kernel event the Apply that repairs
+	// it runs, unless another event comes first (5 ms); RepairMax bounds
+	// how long a stream of events postpones it (100 ms).
+	RepairDelay, RepairMax time.Duration
 	// RepairRetry is the first wait after a failed Apply; it doubles up
 	// to RouteResync (100 ms).
 	RepairRetry time.Duration
@@ -117,6 +118,9 @@ func (o *Options) defaults() {
 	}
 	if o.RepairDelay == 0 {
 		o.RepairDelay = 5 * time.Millisecond
+	}
+	if o.RepairMax == 0 {
+		o.RepairMax = 100 * time.Millisecond
 	}
 	if o.RepairRetry == 0 {
 		o.RepairRetry = 100 * time.Millisecond

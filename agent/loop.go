@@ -55,7 +55,7 @@ func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-ch
 		case <-resync.C():
 			apply("resync")
 		case c := <-n.repair.events:
-			n.repair.schedule(clk, c, n.o.RepairDelay)
+			n.repair.schedule(clk, c, n.o.RepairDelay, n.o.RepairMax)
 		case <-n.repair.timer:
 			apply(n.repair.cause)
 		case <-n.repair.retry:

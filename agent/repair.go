@@ -12,12 +12,14 @@ import (
 
 // repairState is the owner loop's part of the repair on kernel events: a
 // kernel event that removes owned state schedules an Apply RepairDelay
-// later (the events of that while are folded into it), and a failed Apply
+// later (a burst of events is folded into one, see schedule), and a failed Apply
 // is retried after RepairRetry, doubling up to RouteResync. The periodic
 // resync stays as the safety net.
 type repairState struct {
 	events <-chan kwatch.Cause // nil without a watcher
-	timer  <-chan time.Time    // non-nil while a repair is scheduled
+	t      clock.Timer         // the scheduled repair, nil if none
+	timer  <-chan time.Time    // t's channel; nil if none
+	first  time.Time           // when the first event of the repair came
 	cause  string              // the cause of the scheduled repair
 	retry  <-chan time.Time    // non-nil while a retry is scheduled
 	wait   time.Duration       // the next retry's wait; 0 after a success
@@ -43,24 +45,38 @@ func (n *node) watchKernel(ctx context.Context, owned backend.Owned) {
 	})
 }
 
-// schedule plans a repair for cause c unless one is already planned. While
-// Apply keeps failing, deletions wait for the retry's back-off instead:
-// a failing Apply may itself delete what it just wrote (a lease rolled
-// back), which must not turn into a loop. Link changes are never held back.
-func (r *repairState) schedule(clk clock.Clock, c kwatch.Cause, delay time.Duration) {
-	if r.timer != nil {
-		return
-	}
+// schedule plans a repair for cause c: delay from now, and again delay
+// from each further event (a burst is one repair), but never later than
+// RepairMax after the first. While Apply keeps failing, deletions wait for
+// the retry's back-off instead: a failing Apply may itself delete what it
+// just wrote (a lease rolled back), which must not turn into a loop. Link
+// changes are never held back.
+func (r *repairState) schedule(clk clock.Clock, c kwatch.Cause, delay, limit time.Duration) {
 	if r.wait > 0 && c != kwatch.LinkChanged && c != kwatch.ExtChanged {
 		delay = max(delay, r.wait)
 	}
-	r.timer, r.cause = clk.After(delay), string(c)
+	now := clk.Now()
+	if r.t == nil {
+		r.first, r.cause = now, string(c)
+		r.t = clk.NewTimer(delay)
+		r.timer = r.t.C()
+		return
+	}
+	if now.Add(delay).After(r.first.Add(limit)) {
+		return
+	}
+	r.t.Stop()
+	r.t = clk.NewTimer(delay)
+	r.timer = r.t.C()
 }
 
 // applied records the result of an Apply, whatever asked for it: the plans
 // are done, and a failure schedules a retry.
 func (r *repairState) applied(clk clock.Clock, err error, first, limit time.Duration) {
-	r.timer, r.retry = nil, nil
+	if r.t != nil {
+		r.t.Stop()
+	}
+	r.t, r.timer, r.retry = nil, nil, nil
 	if err == nil {
 		r.wait = 0
 		return

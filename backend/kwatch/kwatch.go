@@ -11,8 +11,8 @@
 //     or MTU changed; an address of it deleted;
 //   - the external interface going down or up (IFF_UP or IFF_LOWER_UP
 //     changing: the kernel drops the IPv4 routes through a link that goes
-//     down without telling anyone), deleted, or an address of it added or
-//     deleted;
+//     down without telling anyone), deleted, or an address of it (but an
+//     IPv6 link-local one) added or deleted;
 //   - events lost (the socket's buffer overflowed, or a subscription
 //     failed): the watcher subscribes again and asks for a reconcile, since
 //     anything may have changed meanwhile.
@@ -385,8 +385,8 @@ func (f *filter) link(u netlink.LinkUpdate) Cause {
 func (f *filter) addr(u netlink.AddrUpdate) Cause {
 	if f.ext > 0 && u.LinkIndex == f.ext {
 		p, ok := addrKey(&u.LinkAddress)
-		if !ok {
-			return ""
+		if !ok || p.Addr().IsLinkLocalUnicast() {
+			return "" // no route of a backend depends on a link-local address
 		}
 		_, known := f.extAddrs[p]
 		if u.NewAddr {

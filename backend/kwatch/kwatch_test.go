@@ -67,6 +67,7 @@ func TestFilter(t *testing.T) {
 		{"address of eth0 added", f.addr(netlink.AddrUpdate{LinkIndex: 2, LinkAddress: *ipnet("10.250.0.1/24"), NewAddr: true}), ExtChanged},
 		{"address of eth0 announced again", f.addr(netlink.AddrUpdate{LinkIndex: 2, LinkAddress: *ipnet("10.250.0.1/24"), NewAddr: true}), ""},
 		{"address of eth0 deleted", f.addr(netlink.AddrUpdate{LinkIndex: 2, LinkAddress: *ipnet("10.250.0.1/24")}), ExtChanged},
+		{"link-local address of eth0 added", f.addr(netlink.AddrUpdate{LinkIndex: 2, LinkAddress: *ipnet("fe80::1/64"), NewAddr: true}), ""},
 		{"address of another link deleted", f.addr(netlink.AddrUpdate{LinkIndex: 9, LinkAddress: *ipnet("10.5.9.1/24")}), ""},
 		{"flannel.1 deleted", f.link(dev(unix.RTM_DELLINK, 7, 0, "flannel.1", 1400, false)), LinkChanged},
 		{"neighbour of the deleted index deleted", f.neigh(netlink.NeighUpdate{Type: unix.RTM_DELNEIGH, Neigh: netlink.Neigh{LinkIndex: 7}}), ""},

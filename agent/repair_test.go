@@ -1,0 +1,145 @@
+package agent
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/flanneld-go/flanneld/backend"
+	_ "github.com/flanneld-go/flanneld/backend/hostgw"
+	"github.com/flanneld-go/flanneld/backend/kwatch"
+	"github.com/flanneld-go/flanneld/internal/metrics"
+	"github.com/flanneld-go/flanneld/internal/nstest"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
+)
+
+// reconcileCauses are the labels of metrics.Reconciles.
+func reconcileCauses() []string {
+	cs := []string{"start", "leases", "lease", "resync", "retry"}
+	for _, c := range kwatch.Causes {
+		cs = append(cs, string(c))
+	}
+	return cs
+}
+
+// reconcileCounts reads metrics.Reconciles by cause.
+func reconcileCounts() map[string]uint64 {
+	m := map[string]uint64{}
+	for _, c := range reconcileCauses() {
+		m[c] = metrics.Reconciles.WithLabelValues(c).Get()
+	}
+	return m
+}
+
+// since is what grew from before to now, by cause.
+func since(before map[string]uint64) map[string]uint64 {
+	d := map[string]uint64{}
+	for c, n := range reconcileCounts() {
+		if n > before[c] {
+			d[c] = n - before[c]
+		}
+	}
+	return d
+}
+
+// TestRepairOnKernelEvents runs the real host-gw backend in a network
+// namespace with kernel events watched and the resync an hour away: a
+// deleted route and the routes eth0 loses when it goes down and up come
+// back at once; 10,000 routes into Network deleted at once cost a few
+// reconciles; and the daemon left alone reconciles nothing, before and
+// after (its own writes do not call for more).
+func TestRepairOnKernelEvents(t *testing.T) {
+	ns := nstest.New(t, "fldrp")
+	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24")
+	other := ns.Veth(t, "other", 0, nil, "otherp", "192.168.99.1/24")
+	l := newLab(t)
+	l.set("config", `{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}`, 0)
+	l.set("subnets/10.5.77.0-24", `{"PublicIP":"10.250.0.2","BackendType":"host-gw"}`, time.Hour)
+	a := eth0.Attrs()
+	addr := netip.MustParseAddr("10.250.0.1")
+	// The daemon's handle; the test writes with its own.
+	nl, err := nlbatch.NewHandleAt(ns.Handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	r := l.start(Options{Netlink: nl, KernelEvents: &ns.Handle, RouteResync: time.Hour,
+		Ext: backend.ExternalInterface{Iface: &net.Interface{Index: a.Index, MTU: a.MTU, Name: a.Name, HardwareAddr: a.HardwareAddr},
+			IfaceAddr: addr, PublicIP: addr}})
+	r.waitReady(t)
+	dst := &net.IPNet{IP: net.IPv4(10, 5, 77, 0).To4(), Mask: net.CIDRMask(24, 32)}
+	routed := func() bool {
+		rs, err := ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: dst}, netlink.RT_FILTER_DST)
+		return err == nil && len(rs) == 1 && rs[0].Gw.Equal(net.IPv4(10, 250, 0, 2))
+	}
+	eventually(t, "the route to the remote lease", routed)
+
+	idle := func(what string) {
+		t.Helper()
+		time.Sleep(200 * time.Millisecond) // what is still due
+		before := reconcileCounts()
+		time.Sleep(3 * time.Second)
+		if d := since(before); len(d) > 0 {
+			t.Errorf("%s: idle for 3 s, the daemon reconciled %v, want nothing", what, d)
+		}
+	}
+	idle("after the start")
+
+	// by checks that what makes route come back is a reconcile of cause.
+	by := func(what, cause string, edit func() error) {
+		t.Helper()
+		before := reconcileCounts()
+		if err := edit(); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		eventually(t, "the route back after "+what, routed)
+		eventually(t, fmt.Sprintf("a reconcile of cause %s after %s", cause, what), func() bool { return since(before)[cause] > 0 })
+	}
+	by("deleting the route", string(kwatch.RouteDeleted), func() error {
+		return ns.NL.RouteDel(&netlink.Route{Dst: dst, LinkIndex: a.Index})
+	})
+	by("eth0 down and up", string(kwatch.ExtChanged), func() error {
+		if err := ns.NL.LinkSetDown(eth0); err != nil {
+			return err
+		}
+		if routed() {
+			return fmt.Errorf("the route is still there with eth0 down")
+		}
+		return ns.NL.LinkSetUp(eth0)
+	})
+	idle("after the repairs")
+
+	// A storm: 10,000 routes into Network (not the backend's: through
+	// another link) deleted at once.
+	storm := make([]nlbatch.Route, 10000)
+	for i := range storm {
+		storm[i] = nlbatch.Route{Dst: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 5, 100 + byte(i>>8), byte(i)}), 32),
+			Gw: netip.MustParseAddr("192.168.99.2"), LinkIndex: other.Attrs().Index}
+	}
+	if err := ns.NL.ReplaceRoutes(storm, nil); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	before := reconcileCounts()
+	if err := ns.NL.DeleteRoutes(storm, nil); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	d := since(before)
+	total := uint64(0)
+	for _, n := range d {
+		total += n
+	}
+	t.Logf("10,000 routes deleted at once: %d reconciles %v", total, d)
+	if total < 1 || total > 50 {
+		t.Errorf("10,000 routes deleted at once: %d reconciles %v, want a few (at least one, not thousands)", total, d)
+	}
+	if !routed() {
+		t.Error("the route to the remote lease is gone after the storm")
+	}
+	idle("after the storm")
+}
