@@ -154,11 +154,11 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 		sock.Close()
 		return backend.Publish{}, fmt.Errorf("getting the file of TUN %s: %w", DeviceName, err)
 	}
-	out := newTUNWriter(rc, vnet)
+	b.path.out.Store(newTUNWriter(rc, vnet))
 	b.dev, b.sock = dev, sock
 	b.wg.Add(2)
 	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
-	go func() { defer b.wg.Done(); b.path.udpLoop(sock, out) }()
+	go func() { defer b.wg.Done(); b.path.udpLoop(sock) }()
 	track(b, true)
 	return b.publish(), nil
 }
@@ -201,6 +201,11 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 // deleting the primary after it would take it along.
 func (b *Backend) configureDevice(own netip.Prefix) error {
 	link, err := b.nl.LinkByName(DeviceName)
+	if errors.As(err, new(netlink.LinkNotFoundError)) {
+		if err = b.reattach(); err == nil {
+			link, err = b.nl.LinkByName(DeviceName)
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("finding %s: %w", DeviceName, err)
 	}
@@ -229,6 +234,31 @@ func (b *Backend) configureDevice(own netip.Prefix) error {
 	if err := b.nl.LinkSetUp(link); err != nil {
 		return fmt.Errorf("setting %s up: %w", DeviceName, err)
 	}
+	return nil
+}
+
+// reattach creates flannel0 again after it was deleted (ip link del): the
+// TUN the process holds then belongs to no device, and its reads and writes
+// fail. The new TUN gets the packet loop of the old one, which is closed;
+// the caller gives it its address. Called with b.mu held.
+func (b *Backend) reattach() error {
+	dev, vnet, err := createTUN(DeviceName, b.mtu, b.cfg.TUNOffload)
+	if err != nil {
+		return fmt.Errorf("creating TUN %s again after it was deleted: %w", DeviceName, err)
+	}
+	rc, err := dev.File().SyscallConn()
+	if err != nil {
+		dev.Close()
+		return fmt.Errorf("getting the file of TUN %s: %w", DeviceName, err)
+	}
+	old := b.dev
+	b.dev = dev
+	b.path.out.Store(newTUNWriter(rc, vnet))
+	old.Close() // its loop ends
+	sock := b.sock
+	b.wg.Add(1)
+	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
+	b.log.Info("Created the TUN again after it was deleted", "device", DeviceName, "tunOffload", vnet)
 	return nil
 }
 
