@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flanneld-go/flanneld/e2e/lab"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
 // BenchmarkRepair measures how long the daemon takes to undo an edit of
@@ -32,7 +34,11 @@ import (
 //     address, neighbour, fdb entry, route; read after the ping, so this
 //     includes one read of the state);
 //   - host-gw-eth0: host-gw, eth0 set down (the kernel drops the routes
-//     through it) and up: from the up until the route to host2 is back.
+//     through it) and up: from the up until the route to host2 is back;
+//   - storm: host-gw, 10,000 routes into Network (through docker0, not
+//     the daemon's) deleted at once: the reconciles that cost, per storm
+//     (median and max, counted in /metrics once the count stays put for
+//     300 ms).
 func BenchmarkRepair(b *testing.B) {
 	needRoot(b)
 	b.Run("route", func(b *testing.B) {
@@ -121,6 +127,77 @@ func BenchmarkRepair(b *testing.B) {
 			start := time.Now()
 			return start, nh.LinkSetUp(eth0)
 		}, routed)
+	})
+	b.Run("storm", func(b *testing.B) {
+		l := newLab(b, 2, hostGWConfig)
+		hosts := l.Hosts()
+		envs := startAll(b, l, repairArgs...)
+		waitRoutes(b, hosts, envs)
+		h := hosts[0]
+		if err := h.SetBridgeAddr(envs[0].Subnet); err != nil {
+			b.Fatal(err)
+		}
+		nh, err := nlbatch.NewHandleAt(hostNS(b, h))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer nh.Close()
+		bridge, err := nh.LinkByName("docker0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		gw := envs[0].Subnet.Addr().Next()
+		storm := make([]nlbatch.Route, 10000)
+		for i := range storm {
+			storm[i] = nlbatch.Route{Dst: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 5, 200 + byte(i>>8), byte(i)}), 32),
+				Gw: gw, LinkIndex: bridge.Attrs().Index}
+		}
+		ctx := testCtx(b, 10*time.Minute)
+		// quiet waits until h's reconcile count stays the same for 300 ms
+		// and returns it.
+		quiet := func() float64 {
+			last, same := -1.0, 0
+			for same < 3 {
+				m, err := reconciles(ctx, h)
+				if err != nil {
+					b.Fatal(err)
+				}
+				n := 0.0
+				for _, v := range m {
+					n += v
+				}
+				if n == last {
+					same++
+				} else {
+					last, same = n, 0
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			return last
+		}
+		var counts []time.Duration // reconciles, as durations for report
+		for b.Loop() {
+			b.StopTimer()
+			if err := nh.ReplaceRoutes(storm, nil); err != nil {
+				b.Fatal(err)
+			}
+			before := quiet()
+			b.StartTimer()
+			if err := nh.DeleteRoutes(storm, nil); err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			n := quiet() - before
+			if n < 1 {
+				b.Fatalf("10,000 routes into Network deleted: %v reconciles, want at least one", n)
+			}
+			counts = append(counts, time.Duration(n)*time.Millisecond)
+			b.StartTimer()
+		}
+		slices.Sort(counts)
+		b.ReportMetric(ms(counts[len(counts)/2]), "reconciles-median")
+		b.ReportMetric(ms(counts[len(counts)-1]), "reconciles-max")
+		b.ReportMetric(float64(len(counts)), "runs")
 	})
 }
 
