@@ -83,7 +83,8 @@ type Options struct {
 	KernelEvents *netns.NsHandle
 	// RepairDelay is how long after a kernel event the Apply that repairs
 	// it runs, unless another event comes first (5 ms); RepairMax bounds
-	// how long a stream of events postpones it (100 ms).
+	// how long a stream of events postpones it (250 ms: deleting 10,000
+	// routes takes the kernel about that long).
 	RepairDelay, RepairMax time.Duration
 	// RepairRetry is the first wait after a failed Apply; it doubles up
 	// to RouteResync (100 ms).
@@ -120,7 +121,7 @@ func (o *Options) defaults() {
 		o.RepairDelay = 5 * time.Millisecond
 	}
 	if o.RepairMax == 0 {
-		o.RepairMax = 100 * time.Millisecond
+		o.RepairMax = 250 * time.Millisecond
 	}
 	if o.RepairRetry == 0 {
 		o.RepairRetry = 100 * time.Millisecond

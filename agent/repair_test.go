@@ -128,8 +128,17 @@ func TestRepairOnKernelEvents(t *testing.T) {
 	if err := ns.NL.DeleteRoutes(storm, nil); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(2 * time.Second)
-	d := since(before)
+	// Until the count stays put for a second: the daemon reads the
+	// notifications at its own pace (slowly under the race detector).
+	d, deadline := since(before), time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		time.Sleep(time.Second)
+		now := since(before)
+		if fmt.Sprint(now) == fmt.Sprint(d) {
+			break
+		}
+		d = now
+	}
 	total := uint64(0)
 	for _, n := range d {
 		total += n
