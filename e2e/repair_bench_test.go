@@ -32,7 +32,8 @@ import (
 //     bridge to host2's is answered through it (one echo every 2 ms) and
 //     host1's vxlan state is complete again (device with its MAC and
 //     address, neighbour, fdb entry, route; read after the ping, so this
-//     includes one read of the state);
+//     includes one read of the state); linkdel- is the deletion call
+//     alone, which returns only after the kernel's RCU grace periods;
 //   - host-gw-eth0: host-gw, eth0 set down (the kernel drops the routes
 //     through it) and up: from the up until the route to host2 is back;
 //   - storm: host-gw, 10,000 routes into Network (through docker0, not
@@ -44,7 +45,7 @@ func BenchmarkRepair(b *testing.B) {
 	b.Run("route", func(b *testing.B) {
 		w, ns := repairVXLANLab(b)
 		peer := w.envs[1].Subnet.Masked()
-		benchRepair(b, ns, func(nh *netlink.Handle) (time.Time, error) {
+		benchRepair(b, w.hosts[0], ns, func(nh *netlink.Handle) (time.Time, error) {
 			start := time.Now()
 			return start, nh.RouteDel(&netlink.Route{Dst: ipNet(peer)})
 		}, func(ev any) bool {
@@ -55,7 +56,7 @@ func BenchmarkRepair(b *testing.B) {
 	b.Run("fdb", func(b *testing.B) {
 		w, ns := repairVXLANLab(b)
 		peerAddr := net.IP(w.hosts[1].Addr.AsSlice())
-		benchRepair(b, ns, func(nh *netlink.Handle) (start time.Time, err error) {
+		benchRepair(b, w.hosts[0], ns, func(nh *netlink.Handle) (start time.Time, err error) {
 			return start, delNeighs(nh, vxlanDev, unix.AF_BRIDGE, func(n netlink.Neigh) bool {
 				start = time.Now()
 				return n.IP.Equal(peerAddr)
@@ -71,7 +72,7 @@ func BenchmarkRepair(b *testing.B) {
 		if err := p.wait(10 * time.Second); err != nil {
 			b.Fatalf("ping before the edits: %v", err)
 		}
-		var times []time.Duration
+		var times, dels []time.Duration
 		for b.Loop() {
 			var start time.Time
 			if err := withNetlink(w.hosts[0], func(nh *netlink.Handle) error {
@@ -80,7 +81,9 @@ func BenchmarkRepair(b *testing.B) {
 					return err
 				}
 				start = time.Now()
-				return nh.LinkDel(link)
+				err = nh.LinkDel(link)
+				dels = append(dels, time.Since(start))
+				return err
 			}); err != nil {
 				b.Fatal(err)
 			}
@@ -98,6 +101,7 @@ func BenchmarkRepair(b *testing.B) {
 			settle()
 		}
 		report(b, times, "")
+		report(b, dels, "linkdel-") // the kernel's deletion call alone
 		b.ReportMetric(float64(len(times)), "runs")
 	})
 	b.Run("host-gw-eth0", func(b *testing.B) {
@@ -118,7 +122,7 @@ func BenchmarkRepair(b *testing.B) {
 		}); err != nil {
 			b.Fatal(err)
 		}
-		benchRepair(b, ns, func(nh *netlink.Handle) (time.Time, error) {
+		benchRepair(b, hosts[0], ns, func(nh *netlink.Handle) (time.Time, error) {
 			if err := nh.LinkSetDown(eth0); err != nil {
 				return time.Time{}, err
 			}
@@ -238,7 +242,7 @@ func hostNS(b *testing.B, h *lab.Host) netns.NsHandle {
 
 // benchRepair runs edit in ns once per iteration and measures the time
 // from the start it returns until an event of ns matches back.
-func benchRepair(b *testing.B, ns netns.NsHandle, edit func(nh *netlink.Handle) (time.Time, error), back func(ev any) bool) {
+func benchRepair(b *testing.B, h *lab.Host, ns netns.NsHandle, edit func(nh *netlink.Handle) (time.Time, error), back func(ev any) bool) {
 	b.Helper()
 	nh, err := netlink.NewHandleAt(ns)
 	if err != nil {
@@ -284,7 +288,7 @@ func benchRepair(b *testing.B, ns netns.NsHandle, edit func(nh *netlink.Handle) 
 		}
 		start, err := edit(nh)
 		if err != nil {
-			b.Fatal(err)
+			b.Fatalf("run %d: %v; %s log: %s", len(times)+1, err, h.Name, logSummary(h.Daemon().Log()))
 		}
 		timeout := time.After(10 * time.Second)
 	wait:
@@ -296,13 +300,14 @@ func benchRepair(b *testing.B, ns netns.NsHandle, edit func(nh *netlink.Handle) 
 					break wait
 				}
 			case <-timeout:
-				b.Fatal("not repaired within 10 s")
+				b.Fatalf("run %d: not repaired within 10 s; %s log: %s", len(times)+1, h.Name, logSummary(h.Daemon().Log()))
 			}
 		}
 		settle()
 	}
 	report(b, times, "")
 	b.ReportMetric(float64(len(times)), "runs")
+	b.Logf("%s log: %s", h.Name, logSummary(h.Daemon().Log()))
 }
 
 // nsPinger sends ICMP echo requests from src to dst through a raw socket
