@@ -17,6 +17,40 @@ import (
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
+// hostGWNode is a host-gw node's world: a namespace with eth0
+// (10.250.0.1/24, its external interface), and etcd with the network
+// config and a remote lease 10.5.77.0/24 via 10.250.0.2.
+type hostGWNode struct {
+	ns   *nstest.NS
+	eth0 netlink.Link
+	l    *lab
+	dst  *net.IPNet // the remote lease's subnet
+}
+
+func newHostGWNode(t *testing.T, prefix string) *hostGWNode {
+	ns := nstest.New(t, prefix)
+	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24")
+	l := newLab(t)
+	l.set("config", `{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}`, 0)
+	l.set("subnets/10.5.77.0-24", `{"PublicIP":"10.250.0.2","BackendType":"host-gw"}`, time.Hour)
+	return &hostGWNode{ns: ns, eth0: eth0, l: l, dst: &net.IPNet{IP: net.IPv4(10, 5, 77, 0).To4(), Mask: net.CIDRMask(24, 32)}}
+}
+
+// ext is eth0 as the external interface, its address published.
+func (n *hostGWNode) ext() backend.ExternalInterface {
+	a := n.eth0.Attrs()
+	addr := netip.MustParseAddr("10.250.0.1")
+	return backend.ExternalInterface{Iface: &net.Interface{Index: a.Index, MTU: a.MTU, Name: a.Name, HardwareAddr: a.HardwareAddr},
+		IfaceAddr: addr, PublicIP: addr}
+}
+
+// routed reports whether the namespace routes the remote lease via its
+// PublicIP.
+func (n *hostGWNode) routed() bool {
+	rs, err := n.ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: n.dst}, netlink.RT_FILTER_DST)
+	return err == nil && len(rs) == 1 && rs[0].Gw.Equal(net.IPv4(10, 250, 0, 2))
+}
+
 // reconcileCauses are the labels of metrics.Reconciles.
 func reconcileCauses() []string {
 	cs := []string{"start", "leases", "lease", "resync", "retry"}
@@ -53,29 +87,18 @@ func since(before map[string]uint64) map[string]uint64 {
 // reconciles; and the daemon left alone reconciles nothing, before and
 // after (its own writes do not call for more).
 func TestRepairOnKernelEvents(t *testing.T) {
-	ns := nstest.New(t, "fldrp")
-	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24")
+	n := newHostGWNode(t, "fldrp")
+	ns, eth0, a, routed := n.ns, n.eth0, n.eth0.Attrs(), n.routed
 	other := ns.Veth(t, "other", 0, nil, "otherp", "192.168.99.1/24")
-	l := newLab(t)
-	l.set("config", `{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}`, 0)
-	l.set("subnets/10.5.77.0-24", `{"PublicIP":"10.250.0.2","BackendType":"host-gw"}`, time.Hour)
-	a := eth0.Attrs()
-	addr := netip.MustParseAddr("10.250.0.1")
 	// The daemon's handle; the test writes with its own.
 	nl, err := nlbatch.NewHandleAt(ns.Handle)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nl.Close()
-	r := l.start(Options{Netlink: nl, KernelEvents: &ns.Handle, RouteResync: time.Hour,
-		Ext: backend.ExternalInterface{Iface: &net.Interface{Index: a.Index, MTU: a.MTU, Name: a.Name, HardwareAddr: a.HardwareAddr},
-			IfaceAddr: addr, PublicIP: addr}})
+	r := n.l.start(Options{Netlink: nl, KernelEvents: &ns.Handle, RouteResync: time.Hour, Ext: n.ext()})
 	r.waitReady(t)
-	dst := &net.IPNet{IP: net.IPv4(10, 5, 77, 0).To4(), Mask: net.CIDRMask(24, 32)}
-	routed := func() bool {
-		rs, err := ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: dst}, netlink.RT_FILTER_DST)
-		return err == nil && len(rs) == 1 && rs[0].Gw.Equal(net.IPv4(10, 250, 0, 2))
-	}
+	dst := n.dst
 	eventually(t, "the route to the remote lease", routed)
 
 	idle := func(what string) {
