@@ -180,6 +180,27 @@ func TestRepairVXLAN(t *testing.T) {
 	wantCauses(t, h1)
 }
 
+// TestRepairVXLANDirectRouting takes eth0 down and up under vxlan
+// daemons with DirectRouting whose resync is an hour away: the kernel
+// drops the routes via the peer's eth0 address, and they come back on the
+// kernel's events.
+func TestRepairVXLANDirectRouting(t *testing.T) {
+	t.Parallel()
+	l := newLab(t, 2, vxlanDirectConfig)
+	w := vxlanStart(t, l, repairArgs...)
+	w.direct = true
+	w.wait(t)
+	setBridges(t, w.hosts, w.envs)
+	pingAll(t, w.hosts, w.envs)
+	h1 := l.Host(1)
+	if err := withNetlink(h1, flapEth0(t, h1)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "host1's routes back after the eth0 flap", func() error { return w.check(0) })
+	pingAll(t, w.hosts, w.envs)
+	wantCauses(t, h1, "ext-changed")
+}
+
 // TestRepairVXLANIPv6 deletes flannel-v6.1 on a dual-stack host under
 // daemons whose resync is an hour away: it comes back at once with its
 // MAC (the one published in the lease) and its address, and ping -6
