@@ -355,6 +355,7 @@ func TestIdleReconciles(t *testing.T) {
 	}
 	const idle = time.Minute
 	time.Sleep(idle)
+	ctx = testCtx(t, converge)
 	for i, h := range w.hosts {
 		m, err := reconciles(ctx, h)
 		if err != nil {
