@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/flanneld-go/flanneld/backend"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
@@ -174,4 +176,78 @@ func TestRepairOnKernelEvents(t *testing.T) {
 		t.Error("the route to the remote lease is gone after the storm")
 	}
 	idle("after the storm")
+}
+
+// TestRepairSchedule steps the repair plan on a fake clock: an event plans
+// a repair 5 ms later, each further one postpones it by 5 ms but never past
+// 250 ms after the first; after a failed Apply a retry follows (100 ms,
+// doubling up to the limit) and deletions wait at least that long, link
+// changes not; a success ends it.
+func TestRepairSchedule(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	const delay, limit, first, resync = 5 * time.Millisecond, 250 * time.Millisecond, 100 * time.Millisecond, time.Second
+	var r repairState
+	fired := func(c <-chan time.Time) bool {
+		select {
+		case <-c:
+			return true
+		default:
+			return false
+		}
+	}
+	// due steps the clock by d and reports whether the planned repair is due.
+	due := func(d time.Duration) bool {
+		clk.Step(d)
+		return fired(r.timer)
+	}
+
+	r.schedule(clk, kwatch.RouteDeleted, delay, limit)
+	if due(4*time.Millisecond) || !due(time.Millisecond) || r.cause != string(kwatch.RouteDeleted) {
+		t.Fatalf("one event: not due 5 ms later (cause %q)", r.cause)
+	}
+	r.applied(clk, nil, first, resync)
+
+	// A stream of events every 4 ms: postponed, but due 250 ms after the first.
+	r.schedule(clk, kwatch.NeighDeleted, delay, limit)
+	elapsed := time.Duration(0)
+	for ; elapsed < time.Second; elapsed += 4 * time.Millisecond {
+		if due(4 * time.Millisecond) {
+			break
+		}
+		r.schedule(clk, kwatch.RouteDeleted, delay, limit)
+	}
+	if elapsed+4*time.Millisecond > limit+delay || elapsed < limit-2*delay || r.cause != string(kwatch.NeighDeleted) {
+		t.Errorf("a stream of events: due after %v (cause %q), want about %v, cause the first event's", elapsed+4*time.Millisecond, r.cause, limit)
+	}
+
+	// Failures: retries after 100, 200, 400 ms, ... at most a second.
+	for _, want := range []time.Duration{100, 200, 400, 800, 1000, 1000} {
+		r.applied(clk, errors.New("failed"), first, resync)
+		clk.Step(want*time.Millisecond - time.Millisecond)
+		if fired(r.retry) {
+			t.Fatalf("retry before %v ms", want)
+		}
+		clk.Step(time.Millisecond)
+		if !fired(r.retry) {
+			t.Fatalf("no retry after %v ms", want)
+		}
+	}
+	// Meanwhile a deletion waits for the back-off, a link change does not.
+	r.schedule(clk, kwatch.NeighDeleted, delay, limit)
+	if due(delay) {
+		t.Error("a deletion while Apply fails: due after 5 ms, want the back-off")
+	}
+	r.applied(clk, errors.New("failed"), first, resync)
+	r.schedule(clk, kwatch.LinkChanged, delay, limit)
+	if !due(delay) {
+		t.Error("a link change while Apply fails: not due after 5 ms")
+	}
+	r.applied(clk, nil, first, resync)
+	if r.retry != nil || r.timer != nil || r.wait != 0 {
+		t.Errorf("after a success: retry %v, timer %v, wait %v; want nothing planned", r.retry, r.timer, r.wait)
+	}
+	r.schedule(clk, kwatch.NeighDeleted, delay, limit)
+	if !due(delay) {
+		t.Error("a deletion after a success: not due after 5 ms")
+	}
 }

@@ -79,6 +79,8 @@ type Watcher struct {
 	o Options
 	c chan Cause
 	s *subs // the current subscriptions, once Start succeeded
+	// noForce is set once a receive buffer past rmem_max was refused.
+	noForce bool
 	// counts are the events passed on, by cause (as in Causes).
 	counts [6]atomic.Uint64
 	// f decides about each event; only Run's goroutine uses it.
@@ -139,22 +141,28 @@ func (w *Watcher) subscribe() (*subs, error) {
 		neighs: make(chan netlink.NeighUpdate, 1024),
 	}
 	errf := func(err error) { w.o.Logger.V(1).Info("Kernel event subscription error", "err", err.Error()) }
-	ns, buf := w.o.Netns, w.o.RecvBuffer
-	err := netlink.LinkSubscribeWithOptions(s.links, s.done, netlink.LinkSubscribeOptions{Namespace: ns, ErrorCallback: errf, ListExisting: true, ReceiveBufferSize: buf, ReceiveBufferForceSize: true})
+	ns, buf, force := w.o.Netns, w.o.RecvBuffer, !w.noForce
+	err := netlink.LinkSubscribeWithOptions(s.links, s.done, netlink.LinkSubscribeOptions{Namespace: ns, ErrorCallback: errf, ListExisting: true, ReceiveBufferSize: buf, ReceiveBufferForceSize: force})
 	if err == nil {
-		err = netlink.AddrSubscribeWithOptions(s.addrs, s.done, netlink.AddrSubscribeOptions{Namespace: ns, ErrorCallback: errf, ReceiveBufferSize: buf, ReceiveBufferForceSize: true})
+		err = netlink.AddrSubscribeWithOptions(s.addrs, s.done, netlink.AddrSubscribeOptions{Namespace: ns, ErrorCallback: errf, ReceiveBufferSize: buf, ReceiveBufferForceSize: force})
 	}
 	if err == nil {
-		err = netlink.RouteSubscribeWithOptions(s.routes, s.done, netlink.RouteSubscribeOptions{Namespace: ns, ErrorCallback: errf, ReceiveBufferSize: buf, ReceiveBufferForceSize: true})
+		err = netlink.RouteSubscribeWithOptions(s.routes, s.done, netlink.RouteSubscribeOptions{Namespace: ns, ErrorCallback: errf, ReceiveBufferSize: buf, ReceiveBufferForceSize: force})
 	}
 	if err == nil {
-		err = netlink.NeighSubscribeWithOptions(s.neighs, s.done, netlink.NeighSubscribeOptions{Namespace: ns, ErrorCallback: errf, ReceiveBufferSize: buf, ReceiveBufferForceSize: true})
+		err = netlink.NeighSubscribeWithOptions(s.neighs, s.done, netlink.NeighSubscribeOptions{Namespace: ns, ErrorCallback: errf, ReceiveBufferSize: buf, ReceiveBufferForceSize: force})
 	}
 	if err == nil && w.o.Owned.ExtIndex > 0 {
 		err = w.seedExtAddrs()
 	}
 	if err != nil {
 		s.stop()
+		if force {
+			// Past rmem_max needs CAP_NET_ADMIN; without it, what
+			// rmem_max allows (an overflow is caught as EventsLost).
+			w.noForce = true
+			return w.subscribe()
+		}
 		return nil, fmt.Errorf("subscribing to kernel events: %w", err)
 	}
 	return s, nil
