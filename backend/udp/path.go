@@ -178,7 +178,10 @@ func (p *path) tunLoop(dev tunDevice, c *sockConn, mtu int) {
 		n, err := dev.Read(bufs, sizes, tunOffset)
 		if err != nil {
 			if isFatalTUN(err) {
-				if !errors.Is(err, os.ErrClosed) {
+				switch {
+				case errors.Is(err, unix.EBADFD):
+					p.log.Info("The TUN's device was deleted; the next reconcile creates it again", "device", DeviceName)
+				case !errors.Is(err, os.ErrClosed):
 					p.log.Error(err, "Stopped reading the TUN; packets to other nodes are no longer forwarded", "device", DeviceName)
 				}
 				return
