@@ -20,6 +20,9 @@ type kubeFlags struct {
 	kubeconfig       string
 	netConfigPath    string
 	annotationPrefix string
+	// setNodeNetworkUnavailable sets the node's NetworkUnavailable
+	// condition False (flannel v0.28's default).
+	setNodeNetworkUnavailable bool
 }
 
 func addKubeFlags(fs *pflag.FlagSet, k *kubeFlags) {
@@ -28,6 +31,7 @@ func addKubeFlags(fs *pflag.FlagSet, k *kubeFlags) {
 	fs.StringVar(&k.kubeconfig, "kubeconfig-file", "", "kubeconfig file location")
 	fs.StringVar(&k.netConfigPath, "net-config-path", kube.DefaultNetConfigPath, "path to the network configuration file (with --kube-subnet-mgr)")
 	fs.StringVar(&k.annotationPrefix, "kube-annotation-prefix", kube.DefaultAnnotationPrefix, "prefix of the node annotations (with --kube-subnet-mgr)")
+	fs.BoolVar(&k.setNodeNetworkUnavailable, "set-node-network-unavailable", true, "set the node's NetworkUnavailable condition to False once the lease is published (with --kube-subnet-mgr); false leaves it alone")
 }
 
 // validate checks the flags that need no API server.
@@ -59,5 +63,7 @@ func newKubeManager(ctx context.Context, k *kubeFlags, log klog.Logger) (subnet.
 		NetConfigPath:    k.netConfigPath,
 		AnnotationPrefix: k.annotationPrefix,
 		Logger:           &kl,
+
+		KeepNetworkUnavailable: !k.setNodeNetworkUnavailable,
 	})
 }

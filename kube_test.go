@@ -10,7 +10,7 @@ func TestKubeFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.kube != (kubeFlags{netConfigPath: "/etc/kube-flannel/net-conf.json", annotationPrefix: "flannel.alpha.coreos.com"}) {
+	if f.kube != (kubeFlags{netConfigPath: "/etc/kube-flannel/net-conf.json", annotationPrefix: "flannel.alpha.coreos.com", setNodeNetworkUnavailable: true}) {
 		t.Errorf("defaults = %+v", f.kube)
 	}
 	f, err = parseFlags([]string{"--kube-api-url=https://10.0.0.1:6443"}, env(map[string]string{
@@ -24,7 +24,7 @@ func TestKubeFlags(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := kubeFlags{subnetMgr: true, apiURL: "https://10.0.0.1:6443", kubeconfig: "/etc/kubeconfig",
-		netConfigPath: "/etc/net.json", annotationPrefix: "example.com"}
+		netConfigPath: "/etc/net.json", annotationPrefix: "example.com", setNodeNetworkUnavailable: true}
 	if f.kube != want {
 		t.Errorf("flags = %+v, want %+v", f.kube, want)
 	}

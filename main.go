@@ -22,14 +22,17 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/spf13/pflag"
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"k8s.io/klog/v2"
 
+	"github.com/flanneld-go/flanneld/agent"
 	"github.com/flanneld-go/flanneld/backend"
+	_ "github.com/flanneld-go/flanneld/backend/alloc"
+	_ "github.com/flanneld-go/flanneld/backend/extension"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	_ "github.com/flanneld-go/flanneld/backend/udp"
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
-	"github.com/flanneld-go/flanneld/agent"
 	"github.com/flanneld-go/flanneld/internal/metrics"
 	"github.com/flanneld-go/flanneld/internal/pagetrim"
 	"github.com/flanneld-go/flanneld/network"
@@ -65,6 +68,12 @@ type flags struct {
 	nexthops       bool
 	version        bool
 	kube           kubeFlags
+
+	// flannel v0.28's interface, rule and route flags.
+	ifaceCanReach            string
+	ipMasqFullyRandomDisable bool
+	iptablesForwardRules     bool
+	ipBlackholeRoute         bool
 }
 
 func newFlagSet(f *flags) *pflag.FlagSet {
@@ -80,11 +89,15 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.StringVar(&f.etcdAPI, "etcd-api", "auto", "etcd API holding the network: v2, v3, or auto (the config in v3 first, then in v2)")
 	fs.StringArrayVar(&f.iface, "iface", nil, "interface to use (IP or name) for inter-host communication; may be repeated, tried in order")
 	fs.StringArrayVar(&f.ifaceRegex, "iface-regex", nil, "regex matched against IPv4 addresses, then IPv6 addresses, then names to pick the interface; may be repeated")
+	fs.StringVar(&f.ifaceCanReach, "iface-can-reach", "", "when --iface and --iface-regex find nothing (or are not given), use the interface and source address of the route to this IP address")
 	fs.StringVar(&f.subnetFile, "subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
 	fs.StringVar(&f.publicIP, "public-ip", "", "IP accessible by other nodes for inter-host communication (default: the interface's address)")
 	fs.StringVar(&f.publicIPv6, "public-ipv6", "", "IPv6 address accessible by other nodes for inter-host communication, with EnableIPv6 (default: the interface's IPv6 address)")
 	fs.IntVar(&f.renewMargin, "subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1..1439)")
 	fs.BoolVar(&f.ipMasq, "ip-masq", false, "setup IP masquerade rule for traffic destined outside of overlay network")
+	fs.BoolVar(&f.ipMasqFullyRandomDisable, "ip-masq-fully-random-disable", false, "masquerade without --random-fully (nftables: fully-random), which is used by default where iptables has it")
+	fs.BoolVar(&f.iptablesForwardRules, "iptables-forward-rules", true, "accept forwarded traffic of the network (FLANNEL-FWD chain; nftables: forward chain); false leaves the FORWARD chain to others")
+	fs.BoolVar(&f.ipBlackholeRoute, "ip-blackhole-route", false, "keep a blackhole route for the own subnet, so traffic to its unused addresses is dropped instead of following the default route")
 	fs.StringVar(&f.healthzIP, "healthz-ip", "0.0.0.0", "the IP address for healthz server to listen")
 	fs.IntVar(&f.healthzPort, "healthz-port", 0, "the port for healthz server to listen (0 to disable)")
 	fs.IntVar(&f.iptablesResync, "iptables-resync", 5, "resync period for iptables rules, in seconds")
@@ -154,6 +167,11 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 	if f.publicIP != "" {
 		if _, err := ip.ParseAddr(f.publicIP); err != nil {
 			return nil, fmt.Errorf("--public-ip %q is not an IPv4 address", f.publicIP)
+		}
+	}
+	if f.ifaceCanReach != "" {
+		if _, err := netip.ParseAddr(f.ifaceCanReach); err != nil {
+			return nil, fmt.Errorf("--iface-can-reach %q is not an IP address", f.ifaceCanReach)
 		}
 	}
 	if f.publicIPv6 != "" {
@@ -266,7 +284,7 @@ func run(f *flags) error {
 
 	nexthops := useNexthops(f.nexthops, nl.CheckNexthops, log)
 
-	ext, err := ip.ChooseInterface(nl.Handle, f.iface, f.ifaceRegex)
+	ext, err := chooseInterface(nl.Handle, f)
 	if err != nil {
 		return err
 	}
@@ -302,9 +320,14 @@ func run(f *flags) error {
 		RouteResync: time.Duration(f.routeResync) * time.Second,
 		Nexthops:    nexthops,
 		Rules: func(set agent.RuleSet) (agent.Rules, error) {
-			return network.New(network.Options{Network: set.Network, Lease: set.Lease, IPv6Network: set.IPv6Network, IPv6Lease: set.IPv6Lease,
+			k, err := network.New(network.Options{Network: set.Network, Lease: set.Lease, IPv6Network: set.IPv6Network, IPv6Lease: set.IPv6Lease,
 				IPMasq: set.IPMasq, NFTables: set.NFTables, CleanupInRun: true,
+				MasqRandomFully: !f.ipMasqFullyRandomDisable, NoForwardRules: !f.iptablesForwardRules,
 				ResyncInterval: time.Duration(f.iptablesResync) * time.Second, Logger: log.WithName("rules")})
+			if err != nil || !f.ipBlackholeRoute {
+				return k, err
+			}
+			return withBlackhole(k, set, time.Duration(f.iptablesResync)*time.Second, log.WithName("blackhole")), nil
 		},
 		OnNotReady: func(reason string) { notReady.Store(&reason) },
 		OnReady: func() {
@@ -324,6 +347,59 @@ func run(f *flags) error {
 		// Kernel events of the process's namespace, where nl programs.
 		KernelEvents: &ownNS,
 	})
+}
+
+// chooseInterface picks the external interface: --iface, then
+// --iface-regex, then --iface-can-reach; with none of them, the default
+// route's interface (flannel v0.28's order).
+func chooseInterface(h *netlink.Handle, f *flags) (ip.Iface, error) {
+	if f.ifaceCanReach == "" {
+		return ip.ChooseInterface(h, f.iface, f.ifaceRegex)
+	}
+	dst, _ := netip.ParseAddr(f.ifaceCanReach)
+	if len(f.iface) == 0 && len(f.ifaceRegex) == 0 {
+		return ip.InterfaceToReach(h, dst)
+	}
+	ext, err := ip.ChooseInterface(h, f.iface, f.ifaceRegex)
+	if err == nil {
+		return ext, nil
+	}
+	ext, rerr := ip.InterfaceToReach(h, dst)
+	if rerr != nil {
+		return ip.Iface{}, fmt.Errorf("%w; %s", err, strings.TrimPrefix(rerr.Error(), ip.ErrNoInterface.Error()+": "))
+	}
+	return ext, nil
+}
+
+// blackholeRules keeps the forward and masquerade rules and the blackhole
+// routes of the own subnets (--ip-blackhole-route), checked at the same
+// interval.
+type blackholeRules struct {
+	*network.Keeper
+	bh *network.Blackhole
+}
+
+// withBlackhole adds the blackhole routes of set's subnets to k. Their
+// checks use a socket per request (a zero netlink handle): they run beside
+// the backend's owner loop, every --iptables-resync.
+func withBlackhole(k *network.Keeper, set agent.RuleSet, every time.Duration, log klog.Logger) agent.Rules {
+	return &blackholeRules{Keeper: k, bh: network.NewBlackhole(nil, []netip.Prefix{set.Lease, set.IPv6Lease}, every, log)}
+}
+
+func (r *blackholeRules) Ensure(ctx context.Context) error {
+	return errors.Join(r.Keeper.Ensure(ctx), r.bh.Ensure(ctx))
+}
+
+// Run keeps both in place until ctx ends.
+func (r *blackholeRules) Run(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r.bh.Run(ctx)
+	}()
+	err := r.Keeper.Run(ctx)
+	<-done
+	return err
 }
 
 // useNexthops reports whether routes go through nexthop objects: when

@@ -119,3 +119,40 @@ func TestUseNexthops(t *testing.T) {
 		}
 	}
 }
+
+// TestV028Flags: flannel v0.28's interface, rule and route flags, their
+// defaults and FLANNELD_* variables.
+func TestV028Flags(t *testing.T) {
+	f, err := parseFlags(nil, env(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.ifaceCanReach != "" || f.ipMasqFullyRandomDisable || !f.iptablesForwardRules || f.ipBlackholeRoute || !f.kube.setNodeNetworkUnavailable {
+		t.Errorf("defaults: can-reach %q, fully-random-disable %v, forward-rules %v, blackhole %v, set-node-network-unavailable %v; want \"\", false, true, false, true",
+			f.ifaceCanReach, f.ipMasqFullyRandomDisable, f.iptablesForwardRules, f.ipBlackholeRoute, f.kube.setNodeNetworkUnavailable)
+	}
+	f, err = parseFlags(nil, env(map[string]string{
+		"FLANNELD_IFACE_CAN_REACH":              "10.0.0.1",
+		"FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE": "true",
+		"FLANNELD_IPTABLES_FORWARD_RULES":       "false",
+		"FLANNELD_IP_BLACKHOLE_ROUTE":           "true",
+		"FLANNELD_SET_NODE_NETWORK_UNAVAILABLE": "false",
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.ifaceCanReach != "10.0.0.1" || !f.ipMasqFullyRandomDisable || f.iptablesForwardRules || !f.ipBlackholeRoute || f.kube.setNodeNetworkUnavailable {
+		t.Errorf("from the environment: %+v", f)
+	}
+	for _, tt := range []struct{ args []string }{
+		{[]string{"--iface-can-reach=eth0"}},
+		{[]string{"--iptables-forward-rules=maybe"}},
+	} {
+		if _, err := parseFlags(tt.args, env(nil)); err == nil {
+			t.Errorf("parseFlags(%q) accepted", tt.args)
+		}
+	}
+	if _, err := parseFlags([]string{"--iface-can-reach=nope"}, env(nil)); err == nil || !strings.Contains(err.Error(), `--iface-can-reach "nope" is not an IP address`) {
+		t.Errorf("bad --iface-can-reach: %v", err)
+	}
+}

@@ -70,7 +70,7 @@ func TestAdmission(t *testing.T) {
 }
 
 func TestWireBackendType(t *testing.T) {
-	for typ, want := range map[string]string{"udp": "", "vxlan": "vxlan", "host-gw": "host-gw"} {
+	for typ, want := range map[string]string{"udp": "", "alloc": "", "vxlan": "vxlan", "host-gw": "host-gw", "extension": "extension"} {
 		if got := subnet.WireBackendType(typ); got != want {
 			t.Errorf("WireBackendType(%q) = %q, want %q", typ, got, want)
 		}

@@ -502,7 +502,8 @@ func iptablesRules(ctx context.Context, h *lab.Host, table, chain string, anyCom
 var commentRE = regexp.MustCompile(`\s*-m comment --comment ("[^"]*"|\S+)\s*`)
 
 // flannelRules is the expected content of FLANNEL-FWD and FLANNEL-POSTRTG
-// (WIRE.md), in order, for network n and own lease s.
+// (WIRE.md), in order, for network n and own lease s; the MASQUERADE rules
+// carry --random-fully, flannel v0.28's default (the lab's iptables has it).
 func flannelRules(n, s netip.Prefix) (fwd, masq []string) {
 	N, S := n.Masked().String(), s.Masked().String()
 	fwd = []string{
@@ -511,9 +512,9 @@ func flannelRules(n, s netip.Prefix) (fwd, masq []string) {
 	}
 	masq = []string{
 		"-s " + N + " -d " + N + " -j RETURN",
-		"-s " + N + " ! -d 224.0.0.0/4 -j MASQUERADE",
+		"-s " + N + " ! -d 224.0.0.0/4 -j MASQUERADE --random-fully",
 		"! -s " + N + " -d " + S + " -j RETURN",
-		"! -s " + N + " -d " + N + " -j MASQUERADE",
+		"! -s " + N + " -d " + N + " -j MASQUERADE --random-fully",
 	}
 	return fwd, masq
 }

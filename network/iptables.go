@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -67,6 +68,53 @@ func (e *execIPTables) Restore(ctx context.Context, script []byte) error {
 		return execError(e.restore, err, stderr.String())
 	}
 	return nil
+}
+
+// RandomFully reports whether this iptables has MASQUERADE --random-fully:
+// version 1.6.2 or later, as `iptables-save --version` prints it
+// ("iptables-save v1.8.9 (nf_tables)").
+func (e *execIPTables) RandomFully(ctx context.Context) (bool, error) {
+	out, err := exec.CommandContext(ctx, e.save, "--version").Output()
+	if err != nil {
+		return false, execError(e.save, err, "")
+	}
+	return versionAtLeast(string(out), 1, 6, 2)
+}
+
+// versionAtLeast finds the first "vX.Y.Z" in s and compares it with
+// major.minor.patch.
+func versionAtLeast(s string, major, minor, patch int) (bool, error) {
+	for _, f := range strings.Fields(s) {
+		v, ok := strings.CutPrefix(f, "v")
+		if !ok {
+			continue
+		}
+		var got [3]int
+		parts := strings.SplitN(v, ".", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		bad := false
+		for i, p := range parts {
+			n, err := strconv.Atoi(p)
+			if err != nil {
+				bad = true
+				break
+			}
+			got[i] = n
+		}
+		if bad {
+			continue
+		}
+		want := [3]int{major, minor, patch}
+		for i := range got {
+			if got[i] != want[i] {
+				return got[i] > want[i], nil
+			}
+		}
+		return true, nil
+	}
+	return false, fmt.Errorf("no version (vX.Y.Z) in %q", strings.TrimSpace(s))
 }
 
 // runNiced runs cmd childNice nicer than the daemon (at most 19). A child

@@ -34,18 +34,52 @@ type iptKeeper struct {
 	prog     string // "iptables" or "ip6tables", for messages
 	log      klog.Logger
 	network  netip.Prefix
-	ipMasq   bool
+	set      Set
 	restores *atomic.Uint64 // the Keeper's count
+	// probed is set once the iptables binary was asked whether it has
+	// --random-fully (when set.RandomFully asks for it).
+	probed bool
 
 	rendered map[string]rendering // by setKey: what our last restore read back
 }
 
-func newIPTKeeper(ipt iptablesAPI, ipv6 bool, log klog.Logger, network netip.Prefix, ipMasq bool, restores *atomic.Uint64) *iptKeeper {
+func newIPTKeeper(ipt iptablesAPI, ipv6 bool, log klog.Logger, network netip.Prefix, set Set, restores *atomic.Uint64) *iptKeeper {
 	prog := "iptables"
 	if ipv6 {
 		prog = "ip6tables"
 	}
-	return &iptKeeper{ipt: ipt, prog: prog, log: log, network: network, ipMasq: ipMasq, restores: restores, rendered: make(map[string]rendering)}
+	return &iptKeeper{ipt: ipt, prog: prog, log: log, network: network, set: set, restores: restores, rendered: make(map[string]rendering)}
+}
+
+// randomFullyProber is an iptablesAPI that can tell whether its iptables
+// has MASQUERADE --random-fully (iptables 1.6.2 and later). One that cannot
+// tell is taken to have it.
+type randomFullyProber interface {
+	RandomFully(ctx context.Context) (bool, error)
+}
+
+// probeRandomFully turns set.RandomFully off, with one log line, when the
+// iptables binary lacks --random-fully, as flannel does. A failed probe is
+// tried again at the next ensure.
+func (c *iptKeeper) probeRandomFully(ctx context.Context) {
+	if c.probed || !c.set.RandomFully || !c.set.IPMasq {
+		return
+	}
+	p, ok := c.ipt.(randomFullyProber)
+	if !ok {
+		c.probed = true
+		return
+	}
+	has, err := p.RandomFully(ctx)
+	if err != nil {
+		c.log.V(1).Info("Could not tell whether iptables has --random-fully; asking again at the next check", "program", c.prog, "err", err.Error())
+		return
+	}
+	c.probed = true
+	if !has {
+		c.set.RandomFully = false
+		c.log.Info("This iptables lacks MASQUERADE --random-fully (iptables 1.6.2 or later); masquerading without it", "program", c.prog)
+	}
 }
 
 // ensure makes the kernel's rules match Rules for lease. It reads every
@@ -187,13 +221,18 @@ func (c *iptKeeper) plan(ctx context.Context, lease netip.Prefix) (plan, error) 
 		return nil, fmt.Errorf("reading %s rules: %w", c.prog, err)
 	}
 	tables := parseSave(dump)
+	c.probeRandomFully(ctx)
 
 	var p plan
-	if tc := c.planSet(tables, forwardSet(c.network)); tc != nil {
+	if !c.set.NoForward {
+		if tc := c.planSet(tables, forwardSet(c.network)); tc != nil {
+			p = append(p, tc)
+		}
+	} else if tc := planRemove(tables[TableFilter], TableFilter, chainFilterForward, ChainForward); tc != nil {
 		p = append(p, tc)
 	}
-	if c.ipMasq {
-		if tc := c.planSet(tables, masqSet(c.network, lease)); tc != nil {
+	if c.set.IPMasq {
+		if tc := c.planSet(tables, masqSet(c.network, lease, c.set.RandomFully)); tc != nil {
 			p = append(p, tc)
 		}
 	} else if tc := planRemove(tables[TableNAT], TableNAT, chainNATPostrouting, ChainMasquerade); tc != nil {

@@ -40,6 +40,14 @@ type Options struct {
 	// IPMasq installs the masquerade rules (--ip-masq). When false, a
 	// masquerade chain and jumps to it left by an earlier run are removed.
 	IPMasq bool
+	// MasqRandomFully gives the MASQUERADE rules --random-fully (nftables:
+	// masquerade fully-random), flannel v0.28's default, where iptables
+	// has it (1.6.2 and later).
+	MasqRandomFully bool
+	// NoForwardRules leaves out the forward chain and its jump
+	// (--iptables-forward-rules=false); ones left by an earlier run are
+	// removed.
+	NoForwardRules bool
 	// NFTables keeps the rules in the nftables tables "ip flannel-ipv4" and
 	// "ip6 flannel-ipv6" (the config's EnableNFTables) instead of
 	// iptables/ip6tables chains. Either way, the first Ensure removes what
@@ -96,7 +104,7 @@ type Keeper struct {
 	interval time.Duration
 	network  netip.Prefix // IPv4 network; zero without IPv4
 	network6 netip.Prefix // IPv6 network; zero without IPv6
-	ipMasq   bool
+	set      Set
 
 	keepers [2]familyKeeper // by family; nil for a family not configured
 	cleanup []cleanupStep   // the other mode's leftovers, removed once
@@ -136,7 +144,7 @@ func New(opts Options) (*Keeper, error) {
 	k := &Keeper{
 		network:  opts.Network.Masked(),
 		network6: opts.IPv6Network.Masked(),
-		ipMasq:   opts.IPMasq,
+		set:      Set{NoForward: opts.NoForwardRules, IPMasq: opts.IPMasq, RandomFully: opts.MasqRandomFully},
 		wake:     make(chan struct{}, 1),
 
 		deferCleanup: opts.CleanupInRun,
@@ -179,20 +187,20 @@ func New(opts Options) (*Keeper, error) {
 			if !t.nftFound {
 				return nil, fmt.Errorf("setting up nftables: nft not found; install the nftables package (nft 1.0.1 or later) or turn EnableNFTables off")
 			}
-			k.keepers[f] = newNFTKeeper(connect, f == ipv6, k.log, network, k.ipMasq, &k.restores)
+			k.keepers[f] = newNFTKeeper(connect, f == ipv6, k.log, network, k.set, &k.restores)
 		case network.IsValid():
 			ipt := t.ipt[f]
 			if ipt == nil {
 				return nil, fmt.Errorf("setting up %s: %s not found; install the iptables package (it provides %[2]s-save and %[2]s-restore)", f, progIPT(f))
 			}
-			k.keepers[f] = newIPTKeeper(ipt, f == ipv6, k.log, network, k.ipMasq, &k.restores)
+			k.keepers[f] = newIPTKeeper(ipt, f == ipv6, k.log, network, k.set, &k.restores)
 		}
 		// Leftovers: iptables chains unless we keep them, our nftables
 		// table unless we keep it. Without the tool there is nothing to
 		// remove them with.
 		if !network.IsValid() || opts.NFTables {
 			if ipt := t.ipt[f]; ipt != nil {
-				c := newIPTKeeper(ipt, f == ipv6, k.log, network, false, &k.restores)
+				c := newIPTKeeper(ipt, f == ipv6, k.log, network, Set{}, &k.restores)
 				k.cleanup = append(k.cleanup, cleanupStep{what: progIPT(f) + " chains", remove: c.removeAll})
 			}
 		}

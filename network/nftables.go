@@ -58,27 +58,42 @@ type NFTChain struct {
 // when ipMasq is set, the masquerade chain. The rules are those of Rules, in
 // the same order. Prefixes are masked to their network address.
 func NFTRules(network, lease netip.Prefix, ipMasq bool) []NFTChain {
+	return NFTRuleSet(network, lease, Set{IPMasq: ipMasq})
+}
+
+// NFTRuleSet returns the chains of set s: without the forward chain with
+// s.NoForward; with s.RandomFully the masquerade statements are
+// "masquerade fully-random" and their comments say so, so that a switch
+// is seen by the comments the keeper compares.
+func NFTRuleSet(network, lease netip.Prefix, set Set) []NFTChain {
 	ip := "ip"
 	if network.Addr().Is6() {
 		ip = "ip6"
 	}
 	n := network.Masked().String()
 	s := lease.Masked().String()
-	chains := []NFTChain{{
-		Name: NFTChainForward, Type: knftables.FilterType, Hook: knftables.ForwardHook, Priority: knftables.FilterPriority,
-		Rules: []NFTRule{
-			{ip + " saddr " + n + " accept", "flanneld forward from " + n},
-			{ip + " daddr " + n + " accept", "flanneld forward to " + n},
-		},
-	}}
-	if ipMasq {
+	var chains []NFTChain
+	if !set.NoForward {
+		chains = append(chains, NFTChain{
+			Name: NFTChainForward, Type: knftables.FilterType, Hook: knftables.ForwardHook, Priority: knftables.FilterPriority,
+			Rules: []NFTRule{
+				{ip + " saddr " + n + " accept", "flanneld forward from " + n},
+				{ip + " daddr " + n + " accept", "flanneld forward to " + n},
+			},
+		})
+	}
+	masq, fully := "masquerade", ""
+	if set.RandomFully {
+		masq, fully = "masquerade fully-random", " fully-random"
+	}
+	if set.IPMasq {
 		chains = append(chains, NFTChain{
 			Name: NFTChainMasquerade, Type: knftables.NATType, Hook: knftables.PostroutingHook, Priority: knftables.SNATPriority,
 			Rules: []NFTRule{
 				{ip + " saddr " + n + " " + ip + " daddr " + n + " return", "flanneld no masq within " + n},
-				{ip + " saddr " + n + " " + ip + " daddr != " + multicast(network) + " masquerade", "flanneld masq leaving " + n},
+				{ip + " saddr " + n + " " + ip + " daddr != " + multicast(network) + " " + masq, "flanneld masq leaving " + n + fully},
 				{ip + " saddr != " + n + " " + ip + " daddr " + s + " return", "flanneld no masq to own subnet " + s},
-				{ip + " saddr != " + n + " " + ip + " daddr " + n + " masquerade", "flanneld masq entering " + n},
+				{ip + " saddr != " + n + " " + ip + " daddr " + n + " " + masq, "flanneld masq entering " + n + fully},
 			},
 		})
 	}
@@ -103,16 +118,16 @@ type nftKeeper struct {
 	table    string
 	log      klog.Logger
 	network  netip.Prefix
-	ipMasq   bool
+	set      Set
 	restores *atomic.Uint64 // the Keeper's count
 
 	written string           // key of the chains our last transaction wrote
 	handles map[string][]int // their rules' handles read back, by chain
 }
 
-func newNFTKeeper(connect func() (knftables.Interface, error), ipv6 bool, log klog.Logger, network netip.Prefix, ipMasq bool, restores *atomic.Uint64) *nftKeeper {
+func newNFTKeeper(connect func() (knftables.Interface, error), ipv6 bool, log klog.Logger, network netip.Prefix, set Set, restores *atomic.Uint64) *nftKeeper {
 	family, table := nftTable(ipv6)
-	return &nftKeeper{connect: connect, family: family, table: table, log: log, network: network, ipMasq: ipMasq, restores: restores}
+	return &nftKeeper{connect: connect, family: family, table: table, log: log, network: network, set: set, restores: restores}
 }
 
 func (n *nftKeeper) name() string { return string(n.family) + " " + n.table }
@@ -126,7 +141,7 @@ func (n *nftKeeper) ensure(ctx context.Context, lease netip.Prefix) error {
 		}
 		n.nft = nft
 	}
-	want := NFTRules(n.network, lease, n.ipMasq)
+	want := NFTRuleSet(n.network, lease, n.set)
 	listed, err := n.list(ctx)
 	if err != nil {
 		return err

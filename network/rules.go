@@ -5,7 +5,7 @@
 // wholly to flanneld, each reached by one jump from a built-in chain (the
 // same names in iptables and ip6tables):
 //
-//	filter FORWARD     -j FLANNEL-FWD      (always)
+//	filter FORWARD     -j FLANNEL-FWD      (unless --iptables-forward-rules=false)
 //	nat    POSTROUTING -j FLANNEL-POSTRTG  (only with --ip-masq)
 //
 // Rules returns the desired rules as data; a Keeper installs them and puts
@@ -88,18 +88,39 @@ type chainSet struct {
 	rules  [][]string
 }
 
+// Set says which of flanneld's rules a node keeps. The zero value is the
+// forward rules only.
+type Set struct {
+	// NoForward leaves out the forward chain and its jump
+	// (--iptables-forward-rules=false).
+	NoForward bool
+	// IPMasq adds the masquerade chain and its jump (--ip-masq).
+	IPMasq bool
+	// RandomFully gives the two MASQUERADE rules --random-fully (nftables:
+	// masquerade fully-random), as flannel v0.28 does unless
+	// --ip-masq-fully-random-disable.
+	RandomFully bool
+}
+
 // Rules returns the rules flanneld keeps for the flannel network and this
 // node's lease subnet (both IPv4 for iptables, both IPv6 for ip6tables): the filter FORWARD jump and the FLANNEL-FWD rules, then,
 // when ipMasq is set, the nat POSTROUTING jump and the FLANNEL-POSTRTG rules.
 // Each jump comes before the rules of its chain; the rules of a chain are in
 // evaluation order. Prefixes are masked to their network address. Masquerade
-// does not use --random-fully (flannel v0.10 semantics): the rules then need
-// no probing of iptables or kernel features and read back identically from
-// the legacy and nf_tables back-ends.
+// does not use --random-fully here (flannel v0.10 semantics); RuleSet says
+// which rules, with which options.
 func Rules(network, lease netip.Prefix, ipMasq bool) []Rule {
-	sets := []chainSet{forwardSet(network)}
-	if ipMasq {
-		sets = append(sets, masqSet(network, lease))
+	return RuleSet(network, lease, Set{IPMasq: ipMasq})
+}
+
+// RuleSet returns the rules of set s, in the order of Rules.
+func RuleSet(network, lease netip.Prefix, s Set) []Rule {
+	var sets []chainSet
+	if !s.NoForward {
+		sets = append(sets, forwardSet(network))
+	}
+	if s.IPMasq {
+		sets = append(sets, masqSet(network, lease, s.RandomFully))
 	}
 	var out []Rule
 	for _, s := range sets {
@@ -139,9 +160,13 @@ func forwardSet(network netip.Prefix) chainSet {
 	}
 }
 
-func masqSet(network, lease netip.Prefix) chainSet {
+func masqSet(network, lease netip.Prefix, randomFully bool) chainSet {
 	n := network.Masked().String()
 	s := lease.Masked().String()
+	masq := []string{"-j", "MASQUERADE"}
+	if randomFully {
+		masq = append(masq, "--random-fully")
+	}
 	return chainSet{
 		table:  TableNAT,
 		parent: chainNATPostrouting,
@@ -151,11 +176,11 @@ func masqSet(network, lease netip.Prefix) chainSet {
 			// Traffic within the network keeps its addresses.
 			spec([]string{"-s", n, "-d", n}, comment("no masq within network"), []string{"-j", "RETURN"}),
 			// Traffic from the network to the outside (not multicast) is masqueraded.
-			spec([]string{"-s", n, "!", "-d", multicast(network)}, comment("masq leaving network"), []string{"-j", "MASQUERADE"}),
+			spec([]string{"-s", n, "!", "-d", multicast(network)}, comment("masq leaving network"), masq),
 			// Traffic from outside to our own subnet keeps its addresses.
 			spec([]string{"!", "-s", n, "-d", s}, comment("no masq to own subnet"), []string{"-j", "RETURN"}),
 			// Traffic from outside (e.g. this host) to other subnets is masqueraded.
-			spec([]string{"!", "-s", n, "-d", n}, comment("masq entering network"), []string{"-j", "MASQUERADE"}),
+			spec([]string{"!", "-s", n, "-d", n}, comment("masq entering network"), masq),
 		},
 	}
 }

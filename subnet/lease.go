@@ -198,10 +198,15 @@ func SameBackend(leaseType, backendType string) bool {
 	return leaseType == backendType
 }
 
+// allocType is the alloc backend's name; flannel's alloc backend writes its
+// lease with no BackendType either.
+const allocType = "alloc"
+
 // WireBackendType is the BackendType a node of backendType writes in its
-// lease: the name, except for udp, whose leases carry none (as flannel's).
+// lease: the name, except for udp and alloc, whose leases carry none (as
+// flannel's).
 func WireBackendType(backendType string) string {
-	if backendType == udpType {
+	if backendType == udpType || backendType == allocType {
 		return ""
 	}
 	return backendType

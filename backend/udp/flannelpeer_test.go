@@ -23,6 +23,7 @@ import (
 // at a time from the TUN and sends it as one datagram. It checks that every
 // datagram it gets is exactly one IPv4 packet of at most the MTU.
 type flannelPeer struct {
+	name       string // the TUN's name
 	mtu        int
 	datagrams  atomic.Int64
 	violations atomic.Int64
@@ -31,6 +32,14 @@ type flannelPeer struct {
 }
 
 func startFlannelPeer(t *testing.T, x *labHost, own netip.Prefix, remote netip.AddrPort) *flannelPeer {
+	t.Helper()
+	return startFlannelPeerNamed(t, x, DeviceName, own, remote)
+}
+
+// startFlannelPeerNamed is startFlannelPeer with the TUN's name (or a
+// template such as flannel%d, flannel's, for which the kernel picks the
+// first free number) given.
+func startFlannelPeerNamed(t *testing.T, x *labHost, name string, own netip.Prefix, remote netip.AddrPort) *flannelPeer {
 	t.Helper()
 	fp := &flannelPeer{mtu: x.ext.MTU - 28}
 	var (
@@ -45,7 +54,7 @@ func startFlannelPeer(t *testing.T, x *labHost, own netip.Prefix, remote netip.A
 			return
 		}
 		var ifr *unix.Ifreq
-		if ifr, err = unix.NewIfreq(DeviceName); err != nil {
+		if ifr, err = unix.NewIfreq(name); err != nil {
 			unix.Close(fd)
 			return
 		}
@@ -54,6 +63,7 @@ func startFlannelPeer(t *testing.T, x *labHost, own netip.Prefix, remote netip.A
 			unix.Close(fd)
 			return
 		}
+		fp.name = ifr.Name()
 		if err = unix.SetNonblock(fd, true); err != nil {
 			unix.Close(fd)
 			return
@@ -67,7 +77,7 @@ func startFlannelPeer(t *testing.T, x *labHost, own netip.Prefix, remote netip.A
 		}
 		t.Fatalf("starting the flannel-style peer in %s: %v", x.Name, err)
 	}
-	l, err := x.NL.LinkByName(DeviceName)
+	l, err := x.NL.LinkByName(fp.name)
 	if err == nil {
 		err = x.NL.LinkSetMTU(l, fp.mtu)
 	}

@@ -29,6 +29,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"sync"
 
@@ -38,6 +39,7 @@ import (
 
 	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -50,6 +52,14 @@ const DeviceName = "flannel0"
 // overhead is what the outer IPv4 and UDP headers take from the external
 // MTU.
 const overhead = 28
+
+// RouteMetric is the metric of flannel0's Network route (the prefix route
+// the kernel keeps for its address): higher than the kernel's default 0, so
+// that when this host is moved back to flannel, whose udp backend cannot
+// attach to our persistent flannel0 (it has vnet_hdr) and creates flannel1
+// with the same address, the route of flannel1 wins over ours, which stays
+// behind while flannel0 does. A restart of this daemon keeps the route.
+const RouteMetric = 100
 
 // Errors of the backend.
 var (
@@ -68,8 +78,11 @@ type netlinkHandle interface {
 	LinkByName(name string) (netlink.Link, error)
 	LinkSetUp(link netlink.Link) error
 	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
-	AddrReplace(link netlink.Link, addr *netlink.Addr) error
 	AddrDel(link netlink.Link, addr *netlink.Addr) error
+	RouteListFiltered(family int, filter *netlink.Route, filterMask uint64) ([]netlink.Route, error)
+	// ReplaceAddr sets an address with the metric of its prefix route
+	// (see nlbatch.Handle.ReplaceAddr).
+	ReplaceAddr(link int, p netip.Prefix, metric uint32) error
 }
 
 // Backend is the udp backend. Create it with New.
@@ -81,6 +94,9 @@ type Backend struct {
 	mtu  int
 
 	path path
+	// owned is the netlink handle New opened (Options.Netlink nil), closed
+	// by Close.
+	owned *nlbatch.Handle
 
 	mu     sync.Mutex // guards the fields below
 	dev    tunDevice
@@ -113,7 +129,11 @@ func New(o backend.Options) (*Backend, error) {
 	if o.Netlink != nil {
 		b.nl = o.Netlink
 	} else {
-		b.nl = &netlink.Handle{}
+		h, err := nlbatch.NewHandle()
+		if err != nil {
+			return nil, fmt.Errorf("udp backend: %w", err)
+		}
+		b.nl, b.owned = h, h
 	}
 	b.path.log = o.Logger
 	b.path.strict = cfg.StrictSource
@@ -196,9 +216,11 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 }
 
 // configureDevice makes flannel0's IPv4 addresses exactly
-// <own subnet IP>/<Network prefix> and sets it up. Stale addresses go
-// first: an address added in the same subnet would be a secondary, and
-// deleting the primary after it would take it along.
+// <own subnet IP>/<Network prefix>, whose prefix route (the Network route)
+// has RouteMetric, and sets it up. Stale addresses go first: an address
+// added in the same subnet would be a secondary, and deleting the primary
+// after it would take it along. An address of an earlier version, whose
+// route has the kernel's metric 0, is given RouteMetric in place.
 func (b *Backend) configureDevice(own netip.Prefix) error {
 	link, err := b.nl.LinkByName(DeviceName)
 	if errors.As(err, new(netlink.LinkNotFoundError)) {
@@ -226,9 +248,18 @@ func (b *Backend) configureDevice(own netip.Prefix) error {
 			return fmt.Errorf("removing stale address %s from %s: %w", a.IPNet, DeviceName, err)
 		}
 	}
+	if have {
+		// The route is there only while the link is up; a down link
+		// is set up below, and the kernel adds the route then.
+		ok, err := b.routeMetricOK(link)
+		if err != nil {
+			return err
+		}
+		have = ok || link.Attrs().Flags&net.FlagUp == 0
+	}
 	if !have {
-		if err := b.nl.AddrReplace(link, &netlink.Addr{IPNet: ip.HostNet(want.Addr(), want.Bits())}); err != nil {
-			return fmt.Errorf("adding address %s to %s: %w", want, DeviceName, err)
+		if err := b.nl.ReplaceAddr(link.Attrs().Index, want, RouteMetric); err != nil {
+			return fmt.Errorf("adding address %s to %s (metric %d): %w", want, DeviceName, RouteMetric, err)
 		}
 	}
 	if err := b.nl.LinkSetUp(link); err != nil {
@@ -262,6 +293,17 @@ func (b *Backend) reattach() error {
 	return nil
 }
 
+// routeMetricOK reports whether flannel0's routes to Network are exactly
+// the prefix route with RouteMetric.
+func (b *Backend) routeMetricOK(link netlink.Link) (bool, error) {
+	rs, err := b.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ip.IPNet(b.opts.Config.Network)},
+		netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
+	if err != nil {
+		return false, fmt.Errorf("listing the routes of %s: %w", DeviceName, err)
+	}
+	return len(rs) == 1 && rs[0].Priority == RouteMetric, nil
+}
+
 // Stats returns the packet counters.
 func (b *Backend) Stats() Stats { return b.path.ctr.snapshot() }
 
@@ -290,5 +332,8 @@ func (b *Backend) Close() error {
 	}
 	b.mu.Unlock()
 	b.wg.Wait()
+	if b.owned != nil {
+		b.owned.Close()
+	}
 	return errors.Join(errs...)
 }

@@ -3,6 +3,7 @@ package udp
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"runtime"
@@ -142,10 +143,22 @@ func (f *fakeNetlink) LinkSetUp(netlink.Link) error {
 func (f *fakeNetlink) AddrList(netlink.Link, int) ([]netlink.Addr, error) {
 	return append([]netlink.Addr(nil), f.addrs...), nil
 }
-func (f *fakeNetlink) AddrReplace(_ netlink.Link, a *netlink.Addr) error {
-	f.calls = append(f.calls, "replace "+a.IPNet.String())
-	f.addrs = append(f.addrs, *a)
+func (f *fakeNetlink) ReplaceAddr(_ int, p netip.Prefix, metric uint32) error {
+	f.calls = append(f.calls, fmt.Sprintf("replace %s metric %d", p, metric))
+	f.addrs = append(f.addrs, netlink.Addr{IPNet: ip.HostNet(p.Addr(), p.Bits())})
 	return nil
+}
+
+// RouteListFiltered: the prefix route of each address, with RouteMetric,
+// while the link is up.
+func (f *fakeNetlink) RouteListFiltered(int, *netlink.Route, uint64) ([]netlink.Route, error) {
+	var rs []netlink.Route
+	for _, a := range f.addrs {
+		if f.up {
+			rs = append(rs, netlink.Route{Dst: a.IPNet, Priority: RouteMetric})
+		}
+	}
+	return rs, nil
 }
 func (f *fakeNetlink) AddrDel(_ netlink.Link, a *netlink.Addr) error {
 	f.calls = append(f.calls, "del "+a.IPNet.String())
@@ -165,6 +178,7 @@ func TestConfigureDeviceReconcilesAddresses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer b.Close()
 	nl := &fakeNetlink{addrs: []netlink.Addr{
 		{IPNet: ip.HostNet(netip.MustParseAddr("10.5.9.0"), 16)}, // a previous lease
 		{IPNet: ip.HostNet(netip.MustParseAddr("10.5.1.0"), 24)}, // the right address, wrong length

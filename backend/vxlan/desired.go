@@ -45,8 +45,11 @@ func parseVtepMAC(s string) (hwAddr, error) {
 	return m, nil
 }
 
-// backendData is the BackendData a vxlan node publishes.
+// backendData is the BackendData a vxlan node publishes, in flannel
+// v0.28's form {"VNI":1,"VtepMAC":"..."}; flannel v0.10 reads it too (it
+// ignores VNI).
 type backendData struct {
+	VNI     int
 	VtepMAC string
 }
 
@@ -264,14 +267,11 @@ func leaseMAC(key string, data json.RawMessage) (hwAddr, error) {
 	if isNull(data) {
 		return hwAddr{}, fmt.Errorf("%s is missing; a vxlan lease carries {\"VtepMAC\":\"xx:xx:xx:xx:xx:xx\"}", key)
 	}
-	// The form every node writes, without encoding/json: this runs for
-	// every lease on every Apply.
-	if s, ok := bytes.CutPrefix(data, []byte(`{"VtepMAC":"`)); ok {
-		if s, ok := bytes.CutSuffix(s, []byte(`"}`)); ok {
-			if m, ok := colonMAC(s); ok && m.usable() {
-				return m, nil
-			}
-		}
+	// The forms nodes write ({"VNI":N,"VtepMAC":"..."} from flannel v0.28
+	// and this daemon, {"VtepMAC":"..."} from older ones), without
+	// encoding/json: this runs for every lease on every Apply.
+	if m, ok := fastMAC(data); ok {
+		return m, nil
 	}
 	var bd struct{ VtepMAC *string }
 	if err := json.Unmarshal(data, &bd); err != nil {
@@ -285,6 +285,37 @@ func leaseMAC(key string, data json.RawMessage) (hwAddr, error) {
 		return hwAddr{}, fmt.Errorf("VtepMAC %q is unusable: %v", *bd.VtepMAC, err)
 	}
 	return m, nil
+}
+
+// fastMAC reads the VtepMAC of exactly {"VtepMAC":"xx:..."} or
+// {"VNI":<digits>,"VtepMAC":"xx:..."}; false for anything else.
+func fastMAC(data []byte) (hwAddr, bool) {
+	s, ok := bytes.CutPrefix(data, []byte(`{"`))
+	if !ok {
+		return hwAddr{}, false
+	}
+	if rest, ok := bytes.CutPrefix(s, []byte(`VNI":`)); ok {
+		i := bytes.IndexByte(rest, ',')
+		if i <= 0 {
+			return hwAddr{}, false
+		}
+		for _, c := range rest[:i] {
+			if c < '0' || c > '9' {
+				return hwAddr{}, false
+			}
+		}
+		if s, ok = bytes.CutPrefix(rest[i+1:], []byte(`"`)); !ok {
+			return hwAddr{}, false
+		}
+	}
+	if s, ok = bytes.CutPrefix(s, []byte(`VtepMAC":"`)); !ok {
+		return hwAddr{}, false
+	}
+	if s, ok = bytes.CutSuffix(s, []byte(`"}`)); !ok {
+		return hwAddr{}, false
+	}
+	m, ok := colonMAC(s)
+	return m, ok && m.usable()
 }
 
 // colonMAC parses "xx:xx:xx:xx:xx:xx" (hex digits of either case), the

@@ -320,7 +320,7 @@ func TestDualStackTunnel(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := `{"VtepMAC":"` + l.Attrs().HardwareAddr.String() + `"}`; string(data) != want {
+		if want := `{"VNI":1,"VtepMAC":"` + l.Attrs().HardwareAddr.String() + `"}`; string(data) != want {
 			t.Errorf("%s: published %s, want %s", dev, data, want)
 		}
 	}

@@ -237,7 +237,7 @@ func (b *vxlanBackend) planes() []*plane {
 }
 
 // Init creates flannel.<VNI> (and flannel-v6.<VNI> with IPv6) or adopts
-// matching ones, and returns their MACs as BackendData {"VtepMAC":"..."}
+// matching ones, and returns their MACs as BackendData {"VNI":1,"VtepMAC":"..."}
 // (and BackendV6Data) with MTU = external MTU − 50 (− 70 over IPv6; the
 // smaller one when both).
 func (b *vxlanBackend) Init(ctx context.Context) (backend.Publish, error) {
@@ -252,7 +252,7 @@ func (b *vxlanBackend) Init(ctx context.Context) (backend.Publish, error) {
 		if err := p.ensureDevice(); err != nil {
 			return backend.Publish{}, err
 		}
-		data, err := json.Marshal(backendData{VtepMAC: p.mac.String()})
+		data, err := json.Marshal(backendData{VNI: b.cfg.VNI, VtepMAC: p.mac.String()})
 		if err != nil {
 			return backend.Publish{}, fmt.Errorf("encoding BackendData: %w", err)
 		}

@@ -85,7 +85,7 @@ func TestTunnelBetweenTwoNodes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := `{"VtepMAC":"` + dev.Attrs().HardwareAddr.String() + `"}`; string(x.own.Attrs.BackendData) != want {
+		if want := `{"VNI":1,"VtepMAC":"` + dev.Attrs().HardwareAddr.String() + `"}`; string(x.own.Attrs.BackendData) != want {
 			t.Errorf("%s published BackendData %s, want %s", x.h.name, x.own.Attrs.BackendData, want)
 		}
 		if dev.Attrs().HardwareAddr[0]&3 != 2 {

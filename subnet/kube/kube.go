@@ -49,6 +49,10 @@ type Options struct {
 	// Now is the clock of the NetworkUnavailable condition; time.Now when
 	// nil.
 	Now func() time.Time
+	// KeepNetworkUnavailable leaves the node's NetworkUnavailable condition
+	// alone (--set-node-network-unavailable=false); by default the status
+	// patch sets it False, as flannel v0.28 does.
+	KeepNetworkUnavailable bool
 	// Logger receives the manager's logs; klog's default when nil.
 	Logger *klog.Logger
 }
@@ -63,6 +67,8 @@ type Manager struct {
 	cfgEvery time.Duration
 	now      func() time.Time
 	log      klog.Logger
+	// noCondition is Options.KeepNetworkUnavailable.
+	noCondition bool
 }
 
 var _ subnet.Manager = (*Manager)(nil)
@@ -90,7 +96,7 @@ func New(o Options) (*Manager, error) {
 		return nil, err
 	}
 	m := &Manager{client: c, node: o.NodeName, path: o.NetConfigPath, keys: keys,
-		poll: o.PollInterval, cfgEvery: o.ConfigInterval, now: o.Now}
+		poll: o.PollInterval, cfgEvery: o.ConfigInterval, now: o.Now, noCondition: o.KeepNetworkUnavailable}
 	if m.poll <= 0 {
 		m.poll = time.Second
 	}

@@ -772,3 +772,55 @@ func (f *fixture) ownAnnotations(node string) map[string]string {
 	}
 	return got
 }
+
+// TestKeepNetworkUnavailable (--set-node-network-unavailable=false): the
+// status patch publishes the annotations and leaves a NetworkUnavailable
+// condition another component set (here True, as a cloud route controller
+// leaves it) as it was, on acquire and on a renewal that republishes.
+func TestKeepNetworkUnavailable(t *testing.T) {
+	f := newFixture(t)
+	f.createNode("keep-node", "10.5.11.0/24", nil)
+	set := metav1.NewTime(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
+	theirs := v1.NodeCondition{Type: v1.NodeNetworkUnavailable, Status: v1.ConditionTrue, Reason: "NoRouteCreated",
+		Message: "set by someone else", LastTransitionTime: set, LastHeartbeatTime: set}
+	n := f.getNode("keep-node")
+	n.Status.Conditions = []v1.NodeCondition{theirs}
+	if _, err := f.admin.CoreV1().Nodes().UpdateStatus(context.Background(), n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Options{Config: f.cfg, NodeName: "keep-node", NetConfigPath: f.path, AnnotationPrefix: f.prefix,
+		PollInterval: 50 * time.Millisecond, Logger: f.logs.logger(), KeepNetworkUnavailable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		n := f.getNode("keep-node")
+		if n.Annotations[f.key("public-ip")] != "192.168.8.11" {
+			t.Errorf("%s: annotations not published: %v", when, n.Annotations)
+		}
+		if len(n.Status.Conditions) != 1 || !n.Status.Conditions[0].LastTransitionTime.Equal(&set) ||
+			n.Status.Conditions[0].Status != v1.ConditionTrue || n.Status.Conditions[0].Reason != "NoRouteCreated" {
+			t.Errorf("%s: conditions = %+v, want only the one set before, untouched", when, n.Status.Conditions)
+		}
+	}
+	l, err := m.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.11"), subnet.Lease{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("after AcquireLease")
+	f.updateNode("keep-node", func(n *v1.Node) { delete(n.Annotations, f.key("public-ip")) })
+	if err := m.RenewLease(context.Background(), l); err != nil {
+		t.Fatal(err)
+	}
+	check("after RenewLease republished")
+
+	// The default sets it False, over the same condition.
+	m2 := f.manager(f.cfg, "keep-node")
+	if _, err := m2.AcquireLease(context.Background(), mustConfig(t), vxlanAttrs("192.168.8.11"), subnet.Lease{}); err != nil {
+		t.Fatal(err)
+	}
+	if c := f.getNode("keep-node").Status.Conditions; len(c) != 1 || c[0].Status != v1.ConditionFalse || c[0].Reason != "FlannelIsUp" {
+		t.Errorf("default manager: conditions = %+v, want NetworkUnavailable False/FlannelIsUp", c)
+	}
+}

@@ -202,31 +202,34 @@ func (m *Manager) wantAnnotations(lease *subnet.Lease) map[string]string {
 }
 
 // statusPatch is the strategic-merge patch of nodes/status: conditions
-// merge by type, so only NetworkUnavailable is touched.
+// merge by type, so only NetworkUnavailable is touched (and none when the
+// list is left out).
 type statusPatch struct {
 	Metadata struct {
 		Annotations map[string]string `json:"annotations"`
 	} `json:"metadata"`
 	Status struct {
-		Conditions []v1.NodeCondition `json:"conditions"`
+		Conditions []v1.NodeCondition `json:"conditions,omitempty"`
 	} `json:"status"`
 }
 
 // publish patches the node's status with the annotations of lease and the
-// NetworkUnavailable=False condition. The status subresource is what
-// flannel's RBAC (nodes/status patch) allows.
+// NetworkUnavailable=False condition (unless KeepNetworkUnavailable). The
+// status subresource is what flannel's RBAC (nodes/status patch) allows.
 func (m *Manager) publish(ctx context.Context, lease *subnet.Lease) error {
 	var p statusPatch
 	p.Metadata.Annotations = m.wantAnnotations(lease)
-	now := metav1.NewTime(m.now())
-	p.Status.Conditions = []v1.NodeCondition{{
-		Type:               v1.NodeNetworkUnavailable,
-		Status:             v1.ConditionFalse,
-		Reason:             conditionReason,
-		Message:            conditionMessage,
-		LastTransitionTime: now,
-		LastHeartbeatTime:  now,
-	}}
+	if !m.noCondition {
+		now := metav1.NewTime(m.now())
+		p.Status.Conditions = []v1.NodeCondition{{
+			Type:               v1.NodeNetworkUnavailable,
+			Status:             v1.ConditionFalse,
+			Reason:             conditionReason,
+			Message:            conditionMessage,
+			LastTransitionTime: now,
+			LastHeartbeatTime:  now,
+		}}
+	}
 	body, err := json.Marshal(p)
 	if err != nil {
 		return fmt.Errorf("encoding node status patch: %w", err)
