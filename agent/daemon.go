@@ -306,7 +306,9 @@ func (n *node) maybeReady() {
 func (n *node) apply(ctx context.Context, cause string) error {
 	metrics.Reconciles.WithLabelValues(cause).Inc()
 	start := time.Now()
+	n.repair.writing(true)
 	err := n.be.Apply(ctx, n.lease, n.remotes())
+	n.repair.writing(false)
 	metrics.ReconcileDuration.Observe(time.Since(start).Seconds())
 	metrics.Leases.Set(float64(n.leases.len()))
 	if err != nil {

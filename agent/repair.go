@@ -16,6 +16,7 @@ import (
 // is retried after RepairRetry, doubling up to RouteResync. The periodic
 // resync stays as the safety net.
 type repairState struct {
+	w      *kwatch.Watcher     // nil without a watcher
 	events <-chan kwatch.Cause // nil without a watcher
 	t      clock.Timer         // the scheduled repair, nil if none
 	timer  <-chan time.Time    // t's channel; nil if none
@@ -37,12 +38,20 @@ func (n *node) watchKernel(ctx context.Context, owned backend.Owned) {
 		n.log.Error(err, "Kernel events unavailable; kernel state is repaired by the periodic resync only", "every", n.o.RouteResync)
 		return
 	}
-	n.repair.events = w.C()
+	n.repair.w, n.repair.events = w, w.C()
 	n.goRun(func() {
 		if err := w.Run(ctx); err != nil {
 			n.log.Error(err, "Watching kernel events stopped; kernel state is repaired by the periodic resync only")
 		}
 	})
+}
+
+// writing marks the backend's own writes, whose echo (additions and
+// replacements) is not a cause (see kwatch.Watcher.Writing).
+func (r *repairState) writing(on bool) {
+	if r.w != nil {
+		r.w.Writing(on)
+	}
 }
 
 // schedule plans a repair for cause c: delay from now, and again delay

@@ -85,8 +85,8 @@ func since(before map[string]uint64) map[string]uint64 {
 // TestRepairOnKernelEvents runs the real host-gw backend in a network
 // namespace with kernel events watched and the resync an hour away: a
 // deleted route and the routes eth0 loses when it goes down and up come
-// back at once; 10,000 routes into Network deleted at once cost a few
-// reconciles; and the daemon left alone reconciles nothing, before and
+// back at once, and so does the route pointed at another gateway; 10,000
+// routes into Network deleted at once cost a few reconciles; and the daemon left alone reconciles nothing, before and
 // after (its own writes do not call for more).
 func TestRepairOnKernelEvents(t *testing.T) {
 	n := newHostGWNode(t, "fldrp")
@@ -127,6 +127,10 @@ func TestRepairOnKernelEvents(t *testing.T) {
 	by("deleting the route", string(kwatch.RouteDeleted), func() error {
 		return ns.NL.RouteDel(&netlink.Route{Dst: dst, LinkIndex: a.Index})
 	})
+	by("pointing the route at another gateway", string(kwatch.RouteChanged), func() error {
+		time.Sleep(2 * kwatch.EchoWindow) // an edit right after the daemon's own writes passes for their echo
+		return ns.NL.ReplaceRoutes([]nlbatch.Route{{Dst: netip.MustParsePrefix("10.5.77.0/24"), Gw: netip.MustParseAddr("10.250.0.99"), LinkIndex: a.Index}}, nil)
+	})
 	by("eth0 down and up", string(kwatch.ExtChanged), func() error {
 		if err := ns.NL.LinkSetDown(eth0); err != nil {
 			return err
@@ -145,25 +149,31 @@ func TestRepairOnKernelEvents(t *testing.T) {
 		storm[i] = nlbatch.Route{Dst: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 5, 100 + byte(i>>8), byte(i)}), 32),
 			Gw: netip.MustParseAddr("192.168.99.2"), LinkIndex: other.Attrs().Index}
 	}
+	// settled waits until the reconcile count stays put for a second (the
+	// daemon reads the notifications at its own pace, slowly under the
+	// race detector) and returns what grew since before.
+	settled := func(before map[string]uint64) map[string]uint64 {
+		d, deadline := since(before), time.Now().Add(time.Minute)
+		for time.Now().Before(deadline) {
+			time.Sleep(time.Second)
+			now := since(before)
+			if fmt.Sprint(now) == fmt.Sprint(d) {
+				break
+			}
+			d = now
+		}
+		return d
+	}
+	before := reconcileCounts()
 	if err := ns.NL.ReplaceRoutes(storm, nil); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(200 * time.Millisecond)
-	before := reconcileCounts()
+	t.Logf("10,000 routes added at once (by someone else): reconciles %v", settled(before))
+	before = reconcileCounts()
 	if err := ns.NL.DeleteRoutes(storm, nil); err != nil {
 		t.Fatal(err)
 	}
-	// Until the count stays put for a second: the daemon reads the
-	// notifications at its own pace (slowly under the race detector).
-	d, deadline := since(before), time.Now().Add(time.Minute)
-	for time.Now().Before(deadline) {
-		time.Sleep(time.Second)
-		now := since(before)
-		if fmt.Sprint(now) == fmt.Sprint(d) {
-			break
-		}
-		d = now
-	}
+	d := settled(before)
 	total := uint64(0)
 	for _, n := range d {
 		total += n

@@ -119,6 +119,28 @@ func vxlanEdits(w vxlanWorld) []vxlanEdit {
 		{"deleting host2's neighbour", "neigh-deleted", func(nh *netlink.Handle) error {
 			return delNeighs(nh, vxlanDev, netlink.FAMILY_V4, func(n netlink.Neigh) bool { return n.IP.Equal(peer.Addr().AsSlice()) })
 		}},
+		{"pointing host2's neighbour at another MAC", "neigh-changed", func(nh *netlink.Handle) error {
+			time.Sleep(2 * kwatch.EchoWindow) // not right after the daemon's own writes
+			link, err := nh.LinkByName(vxlanDev)
+			if err != nil {
+				return err
+			}
+			return nh.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: unix.AF_INET, State: unix.NUD_PERMANENT,
+				IP: peer.Addr().AsSlice(), HardwareAddr: net.HardwareAddr{2, 0, 0, 0, 0, 0x99}})
+		}},
+		{"pointing host2's fdb entry at another host", "neigh-changed", func(nh *netlink.Handle) error {
+			time.Sleep(2 * kwatch.EchoWindow) // not right after the daemon's own writes
+			link, err := nh.LinkByName(vxlanDev)
+			if err != nil {
+				return err
+			}
+			mac, err := net.ParseMAC(w.macs[1])
+			if err != nil {
+				return err
+			}
+			return nh.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+				State: unix.NUD_PERMANENT, IP: w.hosts[1].Addr.Next().AsSlice(), HardwareAddr: mac})
+		}},
 		{"removing the address of " + vxlanDev, "", func(nh *netlink.Handle) error {
 			link, err := nh.LinkByName(vxlanDev)
 			if err != nil {
@@ -145,7 +167,7 @@ func vxlanEdits(w vxlanWorld) []vxlanEdit {
 
 // TestRepairVXLAN edits host1's vxlan state under daemons whose resync is
 // an hour away: a route, an fdb entry and a neighbour deleted, the
-// address of flannel.1 removed, flannel.1 set down, flannel.1 deleted (it
+// neighbour given another MAC, the fdb entry another host, the address of flannel.1 removed, flannel.1 set down, flannel.1 deleted (it
 // comes back with the same MAC and all its entries), eth0 taken down and
 // up. Each is undone on the kernel's events and traffic flows again; the
 // metrics name the causes.
@@ -273,9 +295,10 @@ func TestRepairVXLANIPv6(t *testing.T) {
 	wantCauses(t, h1)
 }
 
-// TestRepairHostGW deletes a route and takes eth0 down and up (the kernel
-// drops the routes through it) under host-gw daemons whose resync is an
-// hour away: the routes come back on the kernel's events.
+// TestRepairHostGW deletes a route, points it at another gateway and takes
+// eth0 down and up (the kernel drops the routes through it) under host-gw
+// daemons whose resync is an hour away: the routes come back on the
+// kernel's events.
 func TestRepairHostGW(t *testing.T) {
 	t.Parallel()
 	l := newLab(t, 2, hostGWConfig)
@@ -292,12 +315,17 @@ func TestRepairHostGW(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "host1's route back after its deletion", func() error { return routesAre(h1, want) })
+	time.Sleep(2 * kwatch.EchoWindow) // not right after the daemon's own writes
+	if out, err := h1.Exec(testCtx(t, converge), "ip", "route", "replace", envs[1].Subnet.Masked().String(), "via", "10.250.0.99", "dev", lab.ExternalIface); err != nil {
+		t.Fatalf("pointing the route at another gateway: %v\n%s", err, out)
+	}
+	eventually(t, "host1's route corrected after pointing it at another gateway", func() error { return routesAre(h1, want) })
 	if err := withNetlink(h1, flapEth0(t, h1)); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "host1's routes back after the eth0 flap", func() error { return routesAre(h1, want) })
 	pingAll(t, hosts, envs)
-	wantCauses(t, h1, "route-deleted", "ext-changed")
+	wantCauses(t, h1, "route-deleted", "route-changed", "ext-changed")
 }
 
 // TestRepairUDP deletes flannel0, sets it down and removes its address

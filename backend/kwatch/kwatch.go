@@ -1,8 +1,9 @@
 // Package kwatch watches the kernel for changes to the state a backend owns
 // (backend.Owned) and says when a reconcile is due: it subscribes to the
 // rtnetlink link, address, route and neighbour notifications and passes on
-// a Cause for each one that removes or disables owned state, so that the
-// daemon repairs it within milliseconds instead of at the next resync.
+// a Cause for each one that removes, disables or alters owned state, so
+// that the daemon repairs it within milliseconds instead of at the next
+// resync.
 //
 // What calls for a reconcile:
 //   - a main-table route into an owned prefix deleted;
@@ -13,16 +14,20 @@
 //     changing: the kernel drops the IPv4 routes through a link that goes
 //     down without telling anyone), deleted, or an address of it (but an
 //     IPv6 link-local one) added or deleted;
+//   - a main-table route into an owned prefix, or a permanent neighbour or
+//     fdb entry of an owned device, added or replaced (another gateway,
+//     another MAC) by someone else;
 //   - events lost (the socket's buffer overflowed, or a subscription
 //     failed): the watcher subscribes again and asks for a reconcile, since
 //     anything may have changed meanwhile.
 //
-// Additions and in-place replacements of routes and neighbours are not
-// watched: the daemon's own writes are exactly those, and the watcher
-// cannot tell them from anyone else's, so a foreign route replaced in
-// place (another gateway) or a neighbour's MAC changed waits for the
-// periodic resync. Deletions the daemon makes itself (stale entries) cause
-// at most one more reconcile, which finds nothing to do and writes nothing.
+// The daemon's own writes are additions and replacements too, which the
+// watcher cannot tell from anyone else's: the daemon marks the time it
+// writes (Writing), and additions seen then or up to EchoWindow after are
+// taken for its own. One that is read later (a slow reader) or a foreign
+// one within the window costs at most one reconcile too many or waits for
+// the resync; deletions the daemon makes itself (stale entries) cause at
+// most one more reconcile, which finds nothing to do and writes nothing.
 package kwatch
 
 import (
@@ -54,10 +59,18 @@ const (
 	AddrDeleted  Cause = "addr-deleted"  // an address of an owned device
 	ExtChanged   Cause = "ext-changed"   // the external interface up/down, deleted, an address added or deleted
 	EventsLost   Cause = "events-lost"   // a subscription overflowed or failed
+	RouteChanged Cause = "route-changed" // a route into an owned prefix added or replaced by someone else
+	NeighChanged Cause = "neigh-changed" // a permanent neighbour or fdb entry of an owned device added or replaced by someone else
 )
 
+// EchoWindow is how long after the daemon's writes end additions and
+// replacements are still taken for their echo. The kernel has queued the
+// notifications of a write when the write returns; the window only covers
+// reading them.
+const EchoWindow = 20 * time.Millisecond
+
 // Causes lists every Cause.
-var Causes = []Cause{RouteDeleted, NeighDeleted, LinkChanged, AddrDeleted, ExtChanged, EventsLost}
+var Causes = []Cause{RouteDeleted, NeighDeleted, LinkChanged, AddrDeleted, ExtChanged, EventsLost, RouteChanged, NeighChanged}
 
 // Options configures a Watcher.
 type Options struct {
@@ -82,7 +95,11 @@ type Watcher struct {
 	// noForce is set once a receive buffer past rmem_max was refused.
 	noForce bool
 	// counts are the events passed on, by cause (as in Causes).
-	counts [6]atomic.Uint64
+	counts [8]atomic.Uint64
+	// writing is the number of Writing(true) not yet ended; echoUntil
+	// (Unix nanoseconds) is when the last one ended plus EchoWindow.
+	writing   atomic.Int32
+	echoUntil atomic.Int64
 	// f decides about each event; only Run's goroutine uses it.
 	f filter
 }
@@ -100,6 +117,23 @@ func New(o Options) *Watcher {
 // covers them), so a storm of events costs one receive.
 func (w *Watcher) C() <-chan Cause { return w.c }
 
+// Writing marks the daemon's own writes to the kernel: call it with true
+// before and false after; additions and replacements seen in between and
+// up to EchoWindow after are its echo, not a cause. Safe for concurrent use.
+func (w *Watcher) Writing(on bool) {
+	if on {
+		w.writing.Add(1)
+		return
+	}
+	w.echoUntil.Store(time.Now().Add(EchoWindow).UnixNano())
+	w.writing.Add(-1)
+}
+
+// echo reports whether an addition seen now is the daemon's own.
+func (w *Watcher) echo() bool {
+	return w.writing.Load() > 0 || time.Now().UnixNano() < w.echoUntil.Load()
+}
+
 // Counts returns how many events called for a reconcile since the start,
 // by cause (including those folded into one already waiting in C).
 func (w *Watcher) Counts() map[Cause]uint64 {
@@ -110,13 +144,17 @@ func (w *Watcher) Counts() map[Cause]uint64 {
 	return m
 }
 
-func (w *Watcher) signal(c Cause) {
+// signal counts c and passes it on unless one is waiting; it reports
+// whether it did.
+func (w *Watcher) signal(c Cause) bool {
 	if i := slices.Index(Causes, c); i >= 0 {
 		w.counts[i].Add(1)
 	}
 	select {
 	case w.c <- c:
+		return true
 	default:
+		return false
 	}
 }
 
@@ -292,9 +330,11 @@ func (w *Watcher) follow(ctx context.Context, s *subs) (lost bool) {
 			}
 			c = w.f.neigh(u)
 		}
-		if c != "" {
+		if (c == RouteChanged || c == NeighChanged) && w.echo() {
+			c = ""
+		}
+		if c != "" && w.signal(c) {
 			w.o.Logger.V(2).Info("Kernel event calls for a reconcile", "cause", c)
-			w.signal(c)
 		}
 	}
 }
@@ -414,34 +454,37 @@ func (f *filter) addr(u netlink.AddrUpdate) Cause {
 }
 
 // route decides about a route event: a main-table route into an owned
-// prefix deleted.
+// prefix deleted, added or replaced.
 func (f *filter) route(u netlink.RouteUpdate) Cause {
-	if u.Type != unix.RTM_DELROUTE || u.Dst == nil {
+	if (u.Type != unix.RTM_DELROUTE && u.Type != unix.RTM_NEWROUTE) || u.Dst == nil {
 		return ""
 	}
 	if u.Table != 0 && u.Table != unix.RT_TABLE_MAIN {
 		return ""
 	}
 	p, ok := ip.PrefixFromIPNet(u.Dst)
-	if !ok {
-		return ""
-	}
-	if slices.ContainsFunc(f.prefixes, func(o netip.Prefix) bool {
+	if !ok || !slices.ContainsFunc(f.prefixes, func(o netip.Prefix) bool {
 		return o.Addr().Is4() == p.Addr().Is4() && o.Bits() <= p.Bits() && o.Contains(p.Addr())
 	}) {
-		return RouteDeleted
+		return ""
 	}
-	return ""
+	if u.Type == unix.RTM_NEWROUTE {
+		return RouteChanged
+	}
+	return RouteDeleted
 }
 
 // neigh decides about a neighbour event: an entry of an owned device
-// deleted.
+// deleted, or a permanent one (the daemon's kind) added or replaced.
 func (f *filter) neigh(u netlink.NeighUpdate) Cause {
-	if u.Type != unix.RTM_DELNEIGH {
+	if _, ok := f.devs[u.LinkIndex]; !ok {
 		return ""
 	}
-	if _, ok := f.devs[u.LinkIndex]; ok {
+	switch {
+	case u.Type == unix.RTM_DELNEIGH:
 		return NeighDeleted
+	case u.Type == unix.RTM_NEWNEIGH && u.State&unix.NUD_PERMANENT != 0:
+		return NeighChanged
 	}
 	return ""
 }

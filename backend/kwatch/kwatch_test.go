@@ -54,13 +54,16 @@ func TestFilter(t *testing.T) {
 		{"eth0 up", f.link(dev(unix.RTM_NEWLINK, 2, up, "eth0", 1500, false)), ExtChanged},
 		{"route into Network deleted", f.route(netlink.RouteUpdate{Type: unix.RTM_DELROUTE, Route: netlink.Route{Dst: ipnet("10.5.7.0/24"), Table: unix.RT_TABLE_MAIN}}), RouteDeleted},
 		{"IPv6 route into IPv6Network deleted", f.route(netlink.RouteUpdate{Type: unix.RTM_DELROUTE, Route: netlink.Route{Dst: ipnet("fd00:5:0:7::/64"), Table: unix.RT_TABLE_MAIN}}), RouteDeleted},
-		{"route into Network added", f.route(netlink.RouteUpdate{Type: unix.RTM_NEWROUTE, Route: netlink.Route{Dst: ipnet("10.5.7.0/24"), Table: unix.RT_TABLE_MAIN}}), ""},
+		{"route into Network added", f.route(netlink.RouteUpdate{Type: unix.RTM_NEWROUTE, Route: netlink.Route{Dst: ipnet("10.5.7.0/24"), Table: unix.RT_TABLE_MAIN}}), RouteChanged},
+		{"route elsewhere added", f.route(netlink.RouteUpdate{Type: unix.RTM_NEWROUTE, Route: netlink.Route{Dst: ipnet("10.6.7.0/24"), Table: unix.RT_TABLE_MAIN}}), ""},
 		{"route elsewhere deleted", f.route(netlink.RouteUpdate{Type: unix.RTM_DELROUTE, Route: netlink.Route{Dst: ipnet("10.6.7.0/24"), Table: unix.RT_TABLE_MAIN}}), ""},
 		{"route larger than Network deleted", f.route(netlink.RouteUpdate{Type: unix.RTM_DELROUTE, Route: netlink.Route{Dst: ipnet("10.0.0.0/8"), Table: unix.RT_TABLE_MAIN}}), ""},
 		{"route of another table deleted", f.route(netlink.RouteUpdate{Type: unix.RTM_DELROUTE, Route: netlink.Route{Dst: ipnet("10.5.7.0/24"), Table: 100}}), ""},
 		{"default route deleted", f.route(netlink.RouteUpdate{Type: unix.RTM_DELROUTE, Route: netlink.Route{Table: unix.RT_TABLE_MAIN}}), ""},
 		{"neighbour of flannel.1 deleted", f.neigh(netlink.NeighUpdate{Type: unix.RTM_DELNEIGH, Neigh: netlink.Neigh{LinkIndex: 7}}), NeighDeleted},
-		{"neighbour of flannel.1 added", f.neigh(netlink.NeighUpdate{Type: unix.RTM_NEWNEIGH, Neigh: netlink.Neigh{LinkIndex: 7}}), ""},
+		{"resolved neighbour of flannel.1 added", f.neigh(netlink.NeighUpdate{Type: unix.RTM_NEWNEIGH, Neigh: netlink.Neigh{LinkIndex: 7, State: unix.NUD_REACHABLE}}), ""},
+		{"permanent neighbour of flannel.1 added", f.neigh(netlink.NeighUpdate{Type: unix.RTM_NEWNEIGH, Neigh: netlink.Neigh{LinkIndex: 7, State: unix.NUD_PERMANENT}}), NeighChanged},
+		{"permanent neighbour of eth0 added", f.neigh(netlink.NeighUpdate{Type: unix.RTM_NEWNEIGH, Neigh: netlink.Neigh{LinkIndex: 2, State: unix.NUD_PERMANENT}}), ""},
 		{"neighbour of eth0 deleted", f.neigh(netlink.NeighUpdate{Type: unix.RTM_DELNEIGH, Neigh: netlink.Neigh{LinkIndex: 2}}), ""},
 		{"address of flannel.1 deleted", f.addr(netlink.AddrUpdate{LinkIndex: 7, LinkAddress: *ipnet("10.5.1.0/32")}), AddrDeleted},
 		{"address of flannel.1 added", f.addr(netlink.AddrUpdate{LinkIndex: 7, LinkAddress: *ipnet("10.5.1.0/32"), NewAddr: true}), ""},
@@ -171,11 +174,38 @@ func TestWatcherKernelEvents(t *testing.T) {
 	mac := [6]byte{2, 0, 0, 0, 0, 2}
 	neigh := nlbatch.Neigh{LinkIndex: vi, Family: unix.AF_INET, State: unix.NUD_PERMANENT, IP: netip.MustParseAddr("10.5.2.0"), MAC: mac}
 	fdb := nlbatch.Neigh{LinkIndex: vi, Family: unix.AF_BRIDGE, State: unix.NUD_PERMANENT, Flags: unix.NTF_SELF, IP: netip.MustParseAddr("10.250.0.2"), MAC: mac}
-	k.want(t, "routes, a neighbour and an fdb entry added or replaced", "", func() error {
+	k.want(t, "the daemon's writes: routes, a neighbour and an fdb entry added or replaced", "", func() error {
+		k.w.Writing(true)
+		defer k.w.Writing(false)
 		return errors.Join(nl.SetNeighs([]nlbatch.Neigh{neigh, fdb}, nil),
 			nl.ReplaceRoutes([]nlbatch.Route{routeVtep, routeExt, routeElse}, nil),
 			nl.ReplaceRoutes([]nlbatch.Route{routeVtep, routeExt}, nil))
 	})
+	time.Sleep(EchoWindow)
+	k.want(t, "someone else's route outside Network added", "", func() error {
+		return nl.ReplaceRoutes([]nlbatch.Route{routeElse}, nil)
+	})
+	k.want(t, "someone else pointing a route at another gateway", RouteChanged, func() error {
+		wrong := routeExt
+		wrong.Gw = netip.MustParseAddr("10.250.0.99")
+		return nl.ReplaceRoutes([]nlbatch.Route{wrong}, nil)
+	})
+	k.want(t, "someone else giving a neighbour another MAC", NeighChanged, func() error {
+		wrong := neigh
+		wrong.MAC = [6]byte{2, 0, 0, 0, 0, 0x99}
+		return nl.SetNeighs([]nlbatch.Neigh{wrong}, nil)
+	})
+	k.want(t, "someone else pointing an fdb entry at another host", NeighChanged, func() error {
+		wrong := fdb
+		wrong.IP = netip.MustParseAddr("10.250.0.99")
+		return nl.SetNeighs([]nlbatch.Neigh{wrong}, nil)
+	})
+	k.want(t, "the daemon's writes putting them back", "", func() error {
+		k.w.Writing(true)
+		defer k.w.Writing(false)
+		return errors.Join(nl.SetNeighs([]nlbatch.Neigh{neigh, fdb}, nil), nl.ReplaceRoutes([]nlbatch.Route{routeExt}, nil))
+	})
+	time.Sleep(EchoWindow)
 	k.want(t, "a route outside Network deleted", "", func() error { return nl.DeleteRoutes([]nlbatch.Route{routeElse}, nil) })
 	k.want(t, "a route through eth0 deleted", RouteDeleted, func() error { return nl.DeleteRoutes([]nlbatch.Route{routeExt}, nil) })
 	k.want(t, "a route through flannel.1 deleted", RouteDeleted, func() error { return nl.DeleteRoutes([]nlbatch.Route{routeVtep}, nil) })
