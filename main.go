@@ -33,11 +33,12 @@ import (
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	_ "github.com/flanneld-go/flanneld/backend/udp"
 	_ "github.com/flanneld-go/flanneld/backend/vxlan"
+	_ "github.com/flanneld-go/flanneld/backend/wireguard"
 	"github.com/flanneld-go/flanneld/internal/metrics"
-	"github.com/flanneld-go/flanneld/internal/pagetrim"
 	"github.com/flanneld-go/flanneld/network"
 	"github.com/flanneld-go/flanneld/pkg/ip"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
+	"github.com/flanneld-go/flanneld/probe"
 	"github.com/flanneld-go/flanneld/subnet"
 	"github.com/flanneld-go/flanneld/subnet/etcdapi"
 )
@@ -66,6 +67,8 @@ type flags struct {
 	iptablesResync int
 	routeResync    int
 	nexthops       bool
+	peerProbeRate  int
+	check          bool
 	version        bool
 	kube           kubeFlags
 
@@ -103,6 +106,8 @@ func newFlagSet(f *flags) *pflag.FlagSet {
 	fs.IntVar(&f.iptablesResync, "iptables-resync", 5, "resync period for iptables rules, in seconds")
 	fs.IntVar(&f.routeResync, "route-resync", 10, "how often routes and other kernel entries are re-checked, in seconds")
 	fs.BoolVar(&f.nexthops, "nexthop-objects", true, "install routes through kernel nexthop objects (ip route shows nhid): linear instead of quadratic in the number of hosts; plain routes when the kernel lacks them (before Linux 5.3) or with --nexthop-objects=false")
+	fs.IntVar(&f.peerProbeRate, "peer-probe-rate", probe.DefaultRate, "most peer probes (ICMP echo through the overlay) sent per second; 0 turns probing off")
+	fs.BoolVar(&f.check, "check", false, "check this host and probe the peers the store knows, print a report and exit 0 (all pass) or 1; takes no lease and changes nothing")
 	fs.BoolVar(&f.version, "version", false, "print version and exit")
 	addKubeFlags(fs, &f.kube)
 	gofs := goflag.NewFlagSet("klog", goflag.ContinueOnError)
@@ -155,6 +160,9 @@ func parseFlags(args []string, getenv func(string) string) (*flags, error) {
 	}
 	if f.routeResync < 1 {
 		return nil, fmt.Errorf("--route-resync %d must be at least 1 second", f.routeResync)
+	}
+	if f.peerProbeRate < 0 || f.peerProbeRate > 10000 {
+		return nil, fmt.Errorf("--peer-probe-rate %d is out of range: use 0..10000 probes per second (0 turns probing off)", f.peerProbeRate)
 	}
 	if f.healthzPort < 0 || f.healthzPort > 65535 {
 		return nil, fmt.Errorf("--healthz-port %d is out of range: use 0..65535 (0 turns it off)", f.healthzPort)
@@ -247,6 +255,17 @@ func main() {
 		fmt.Println(version)
 		return
 	}
+	if f.check {
+		ok, err := runCheck(f, os.Stdout)
+		klog.Flush()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "flanneld --check:", err)
+		}
+		if !ok || err != nil {
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(f); err != nil {
 		klog.Flush()
 		fmt.Fprintln(os.Stderr, "flanneld:", err)
@@ -303,11 +322,13 @@ func run(f *flags) error {
 
 	var ready atomic.Bool
 	var notReady atomic.Pointer[string] // why not ready, once known
+	health := newOverlayHealth(f, ext.Iface.Name, ext.Iface.MTU, log)
 	if f.healthzPort != 0 {
-		if err := serveHealthz(ctx, net.JoinHostPort(f.healthzIP, strconv.Itoa(f.healthzPort)), &ready, &notReady); err != nil {
+		if err := serveHealthz(ctx, net.JoinHostPort(f.healthzIP, strconv.Itoa(f.healthzPort)), &ready, &notReady, health.routes); err != nil {
 			return err
 		}
 	}
+	health.start(ctx)
 
 	ownNS := netns.None()
 	return agent.Run(ctx, agent.Options{
@@ -330,17 +351,11 @@ func run(f *flags) error {
 			return withBlackhole(k, set, time.Duration(f.iptablesResync)*time.Second, log.WithName("blackhole")), nil
 		},
 		OnNotReady: func(reason string) { notReady.Store(&reason) },
+		OnApply:    health.onApply,
 		OnReady: func() {
 			ready.Store(true)
 			if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 				log.Error(err, "Notifying systemd failed")
-			}
-			// Start-up read much of the binary; a running node needs
-			// little of it.
-			if n, err := pagetrim.Trim(); err != nil {
-				log.V(1).Info("Trimming the binary's resident pages failed", "err", err.Error())
-			} else {
-				log.V(2).Info("Trimmed the binary's resident pages", "mapped", n)
 			}
 		},
 		Logger: &log,
@@ -472,9 +487,9 @@ func (e *earlyConfig) GetNetworkConfig(ctx context.Context) (*subnet.Config, err
 
 // serveHealthz serves /healthz (200 while running), /readyz (503 until
 // subnet.env is written and the rules are installed, naming what failed
-// last while the rules are retried) and /metrics
-// (Prometheus text format) until ctx ends.
-func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool, notReady *atomic.Pointer[string]) error {
+// last while the rules are retried), /metrics
+// (Prometheus text format) and what routes adds until ctx ends.
+func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool, notReady *atomic.Pointer[string], routes func(*http.ServeMux)) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listening for healthz on %s: %w", addr, err)
@@ -484,6 +499,9 @@ func serveHealthz(ctx context.Context, addr string, ready *atomic.Bool, notReady
 		fmt.Fprintln(w, "ok")
 	})
 	mux.Handle("/metrics", metrics.Handler())
+	if routes != nil {
+		routes(mux)
+	}
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready.Load() {
 			reason := "lease, subnet file or rules not in place yet"

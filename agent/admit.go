@@ -12,8 +12,8 @@ import (
 
 // admission is the one place that decides which leases of the store reach
 // the backend: a lease is admitted when its subnet is a valid subnet of the
-// network config, its PublicIP an IPv4 address other than this node's, and
-// its backend type this node's (no BackendType counts as udp, as flannel's
+// network config, its PublicIP a usable unicast IPv4 address other than this
+// node's (PublicIPv6 likewise, with IPv6), and its backend type this node's (no BackendType counts as udp, as flannel's
 // udp backend writes it). Backends then check only what is their own (a
 // VtepMAC, a reachable gateway).
 //
@@ -66,6 +66,8 @@ func (a *admission) reason(l subnet.Lease) string {
 			return fmt.Sprintf("it does not fit the network config (Network %s, SubnetLen %d)", c.Network, c.SubnetLen)
 		case !l.Attrs.PublicIP.Is4():
 			return "its PublicIP is not an IPv4 address"
+		case unusable(l.Attrs.PublicIP) != "":
+			return fmt.Sprintf("its PublicIP %s is not a usable unicast address (%s)", l.Attrs.PublicIP, unusable(l.Attrs.PublicIP))
 		case l.Attrs.PublicIP == a.publicIP:
 			return fmt.Sprintf("its PublicIP %s is this node's own (a stale lease of this node?)", a.publicIP)
 		}
@@ -79,6 +81,8 @@ func (a *admission) reason(l subnet.Lease) string {
 			return fmt.Sprintf("its IPv6 subnet does not fit the network config (IPv6Network %s, IPv6SubnetLen %d)", c.IPv6Network, c.IPv6SubnetLen)
 		case !l.Attrs.PublicIPv6.Is6():
 			return "it has an IPv6 subnet but no IPv6 PublicIPv6"
+		case unusable(l.Attrs.PublicIPv6) != "":
+			return fmt.Sprintf("its PublicIPv6 %s is not a usable unicast address (%s)", l.Attrs.PublicIPv6, unusable(l.Attrs.PublicIPv6))
 		case a.publicIPv6.IsValid() && l.Attrs.PublicIPv6 == a.publicIPv6:
 			return fmt.Sprintf("its PublicIPv6 %s is this node's own (a stale lease of this node?)", a.publicIPv6)
 		}
@@ -92,6 +96,27 @@ func (a *admission) reason(l subnet.Lease) string {
 			have = "none (udp)"
 		}
 		return fmt.Sprintf("its backend type is %s, not %q", have, c.BackendType)
+	}
+	return ""
+}
+
+// broadcast is the IPv4 limited broadcast address.
+var broadcast = netip.AddrFrom4([4]byte{255, 255, 255, 255})
+
+// unusable says why a cannot be a node's tunnel endpoint (what kind of
+// address it is), or "" when it is a usable unicast address.
+func unusable(a netip.Addr) string {
+	switch {
+	case a.IsUnspecified():
+		return "unspecified"
+	case a.IsLoopback():
+		return "loopback"
+	case a.IsMulticast():
+		return "multicast"
+	case a == broadcast:
+		return "broadcast"
+	case a.IsLinkLocalUnicast():
+		return "link-local"
 	}
 	return ""
 }

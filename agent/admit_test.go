@@ -36,6 +36,21 @@ func TestAdmission(t *testing.T) {
 		{"host-gw", "10.6.3.0/24", `{"PublicIP":"172.30.0.4","BackendType":"host-gw"}`, "does not fit the network config"},
 		{"host-gw", "10.5.3.0/25", `{"PublicIP":"172.30.0.4","BackendType":"host-gw"}`, "does not fit the network config"},
 		{"host-gw", "10.5.3.0/24", `{"PublicIP":"192.168.8.1","BackendType":"host-gw"}`, "this node's own"},
+		// A PublicIP that no node can have: every node would route the
+		// subnet to itself, to a group or nowhere.
+		{"host-gw", "10.5.3.0/24", `{"PublicIP":"127.0.0.1","BackendType":"host-gw"}`, "PublicIP 127.0.0.1 is not a usable unicast address (loopback)"},
+		{"vxlan", "10.5.3.0/24", `{"PublicIP":"127.8.9.10","BackendType":"vxlan","BackendData":{"VtepMAC":"82:4b:b6:2f:54:4e"}}`, "(loopback)"},
+		{"vxlan", "10.5.3.0/24", `{"PublicIP":"224.0.0.1","BackendType":"vxlan","BackendData":{"VtepMAC":"82:4b:b6:2f:54:4e"}}`, "PublicIP 224.0.0.1 is not a usable unicast address (multicast)"},
+		{"udp", "10.5.3.0/24", `{"PublicIP":"239.1.2.3"}`, "(multicast)"},
+		{"udp", "10.5.3.0/24", `{"PublicIP":"0.0.0.0"}`, "PublicIP 0.0.0.0 is not a usable unicast address (unspecified)"},
+		{"host-gw", "10.5.3.0/24", `{"PublicIP":"255.255.255.255","BackendType":"host-gw"}`, "(broadcast)"},
+		{"host-gw", "10.5.3.0/24", `{"PublicIP":"169.254.3.4","BackendType":"host-gw"}`, "PublicIP 169.254.3.4 is not a usable unicast address (link-local)"},
+		// Usable: private, public, a subnet's broadcast or network address
+		// (a /31 or /32 host address may end in 255 or 0).
+		{"host-gw", "10.5.3.0/24", `{"PublicIP":"8.8.4.4","BackendType":"host-gw"}`, ""},
+		{"host-gw", "10.5.3.0/24", `{"PublicIP":"192.168.1.255","BackendType":"host-gw"}`, ""},
+		{"host-gw", "10.5.3.0/24", `{"PublicIP":"172.30.0.0","BackendType":"host-gw"}`, ""},
+		{"host-gw", "10.5.3.0/24", `{"PublicIP":"169.255.0.1","BackendType":"host-gw"}`, ""},
 	}
 	for _, tt := range tests {
 		cfg := &subnet.Config{Network: netip.MustParsePrefix("10.5.0.0/16"), SubnetLen: 24, BackendType: tt.backend}
@@ -118,6 +133,15 @@ func TestAdmissionDualStack(t *testing.T) {
 		{"IPv6-only lease, IPv6 node", v6only, lease("", "fc00:0:0:3::/64", "0.0.0.0", "fd5e::4"), ""},
 		{"IPv6-only lease, IPv4 node", v4only, lease("", "fc00:0:0:3::/64", "0.0.0.0", "fd5e::4"), "no subnet of a family"},
 		{"IPv4 lease, IPv6-only node", v6only, lease("10.5.3.0/24", "", "172.30.0.4", ""), "EnableIPv4 false"},
+		{"loopback PublicIPv6", dual, lease("10.5.3.0/24", "fc00:0:0:3::/64", "172.30.0.4", "::1"), "PublicIPv6 ::1 is not a usable unicast address (loopback)"},
+		{"unspecified PublicIPv6", dual, lease("10.5.3.0/24", "fc00:0:0:3::/64", "172.30.0.4", "::"), "(unspecified)"},
+		{"multicast PublicIPv6", dual, lease("10.5.3.0/24", "fc00:0:0:3::/64", "172.30.0.4", "ff02::1"), "PublicIPv6 ff02::1 is not a usable unicast address (multicast)"},
+		{"link-local PublicIPv6", dual, lease("10.5.3.0/24", "fc00:0:0:3::/64", "172.30.0.4", "fe80::1"), "PublicIPv6 fe80::1 is not a usable unicast address (link-local)"},
+		{"link-local PublicIPv6, IPv6-only node", v6only, lease("", "fc00:0:0:3::/64", "0.0.0.0", "fe80::4"), "(link-local)"},
+		{"loopback PublicIP, dual node", dual, lease("10.5.3.0/24", "fc00:0:0:3::/64", "127.0.0.1", "fd5e::4"), "(loopback)"},
+		{"global PublicIPv6", dual, lease("10.5.3.0/24", "fc00:0:0:3::/64", "172.30.0.4", "2001:db8::4"), ""},
+		// A node without IPv6 ignores the IPv6 part, however bad.
+		{"loopback PublicIPv6, IPv4 node", v4only, lease("10.5.3.0/24", "fd00:0:0:3::/64", "172.30.0.4", "::1"), ""},
 	}
 	for _, tt := range tests {
 		a := newAdmission(tt.cfg, netip.MustParseAddr("192.168.8.1"), netip.MustParseAddr("fd5e::1"), ktesting.NewLogger(t, ktesting.NewConfig()))

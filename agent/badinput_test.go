@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -103,8 +104,10 @@ func (l *lab) startLogged(o Options) (*running, ktesting.Buffer) {
 	if o.Manager == nil {
 		o.Manager = l.mgr
 	}
-	o.Ext = backend.ExternalInterface{Iface: &net.Interface{Name: "eth0", Index: 2, MTU: 1500},
-		IfaceAddr: netip.MustParseAddr("192.168.8.1"), PublicIP: netip.MustParseAddr("192.168.8.1")}
+	if o.Ext.Iface == nil {
+		o.Ext = backend.ExternalInterface{Iface: &net.Interface{Name: "eth0", Index: 2, MTU: 1500},
+			IfaceAddr: netip.MustParseAddr("192.168.8.1"), PublicIP: netip.MustParseAddr("192.168.8.1")}
+	}
 	if o.SubnetFile == "" {
 		o.SubnetFile = filepath.Join(l.dir, "subnet.env")
 	}
@@ -245,13 +248,96 @@ func TestRunSkipsBadLeases(t *testing.T) {
 	}
 	for k := range badParse {
 		key := "/coreos.com/network/subnets/" + k
-		if n := countLog(mgrBuf, "Skipping a key in the subnets directory", "key", key); n != 1 {
+		if n := countLog(mgrBuf, "Skipping a key under the subnets prefix", "key", key); n != 1 {
 			t.Errorf("%s: logged %d times by the watcher, want once", key, n)
 		}
 	}
 	resp, err := l.keys.Get(context.Background(), "/coreos.com/network/subnets/"+strings.Replace(own.Subnet.String(), "/", "-", 1), nil)
 	if err != nil || !strings.Contains(resp.Node.Value, `"PublicIP":"192.168.8.1"`) {
 		t.Errorf("own lease key: %v, %v", resp, err)
+	}
+}
+
+// TestRunSkipsUnusablePublicIPs runs a dual-stack node among leases that
+// another etcd client wrote with a PublicIP or PublicIPv6 no node can have
+// (unspecified, loopback, multicast, broadcast, link-local), present at
+// start and written while it runs: none reaches the backend, each is logged
+// once naming the address, and the good leases around them are applied.
+func TestRunSkipsUnusablePublicIPs(t *testing.T) {
+	l := newLab(t)
+	l.set("config", `{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"fake-recording","Test":"`+t.Name()+`"}}`, 0)
+	// key: dual-stack keys name the IPv4 and the IPv6 subnet.
+	key := func(i int) string { return fmt.Sprintf("subnets/10.5.%d.0-24&fc00:0:0:%x::-64", i, i) }
+	value := func(pub, pub6 string) string {
+		return fmt.Sprintf(`{"PublicIP":%q,"PublicIPv6":%q,"BackendType":"fake-recording"}`, pub, pub6)
+	}
+	type lease struct{ pub, pub6, why string } // why: the skip line's reason
+	bad := map[int]lease{                      // by third octet
+		20: {"127.0.0.1", "fd5e::20", "its PublicIP 127.0.0.1 is not a usable unicast address (loopback)"},
+		21: {"224.0.0.1", "fd5e::21", "its PublicIP 224.0.0.1 is not a usable unicast address (multicast)"},
+		22: {"0.0.0.0", "fd5e::22", "its PublicIP 0.0.0.0 is not a usable unicast address (unspecified)"},
+		23: {"255.255.255.255", "fd5e::23", "its PublicIP 255.255.255.255 is not a usable unicast address (broadcast)"},
+		24: {"169.254.3.4", "fd5e::24", "its PublicIP 169.254.3.4 is not a usable unicast address (link-local)"},
+		25: {"172.30.0.25", "::1", "its PublicIPv6 ::1 is not a usable unicast address (loopback)"},
+		26: {"172.30.0.26", "ff02::1", "its PublicIPv6 ff02::1 is not a usable unicast address (multicast)"},
+		27: {"172.30.0.27", "fe80::1", "its PublicIPv6 fe80::1 is not a usable unicast address (link-local)"},
+		28: {"172.30.0.28", "::", "its PublicIPv6 :: is not a usable unicast address (unspecified)"},
+	}
+	later := map[int]lease{
+		29: {"127.0.0.53", "fd5e::29", "its PublicIP 127.0.0.53 is not a usable unicast address (loopback)"},
+		30: {"172.30.0.30", "ff05::2", "its PublicIPv6 ff05::2 is not a usable unicast address (multicast)"},
+	}
+	for i, a := range bad {
+		l.set(key(i), value(a.pub, a.pub6), time.Hour)
+	}
+	l.set(key(5), value("172.30.0.5", "fd5e::5"), time.Hour)
+
+	ext := backend.ExternalInterface{Iface: &net.Interface{Name: "eth0", Index: 2, MTU: 1500},
+		IfaceAddr: netip.MustParseAddr("192.168.8.1"), PublicIP: netip.MustParseAddr("192.168.8.1"),
+		IfaceAddrV6: netip.MustParseAddr("fd5e::1"), PublicIPv6: netip.MustParseAddr("fd5e::1")}
+	r, log := l.startLogged(Options{Ext: ext, RouteResync: 20 * time.Millisecond})
+	r.waitReady(t)
+	fb := fakeFor(t)
+	own, remote, _ := fb.state()
+	if remote != "10.5.5.0/24" {
+		t.Errorf("first Apply remote = %q, want only 10.5.5.0/24", remote)
+	}
+	// The leases written while it runs, on subnets other than its own.
+	free := func(i int) int {
+		if own.Subnet == netip.MustParsePrefix(fmt.Sprintf("10.5.%d.0/24", i)) {
+			return i + 100
+		}
+		return i
+	}
+	for i, a := range later {
+		bad[free(i)] = a
+		l.set(key(free(i)), value(a.pub, a.pub6), time.Hour)
+	}
+	good := fmt.Sprintf("10.5.%d.0/24", free(8))
+	l.set(key(free(8)), value("172.30.0.8", "fd5e::8"), time.Hour)
+	want := []string{"10.5.5.0/24", good}
+	sort.Strings(want) // as fakeBackend lists them
+	eventually(t, "the good lease applied", func() bool { _, r, _ := fb.state(); return r == strings.Join(want, " ") })
+	_, _, applies := fb.state()
+	eventually(t, "ten resyncs", func() bool { _, _, n := fb.state(); return n >= applies+10 })
+
+	_, remotes := recorderFor(t).seen()
+	for _, p := range remotes {
+		if s := p.String(); s != "10.5.5.0/24" && s != good {
+			t.Errorf("%v was handed to the backend", p)
+		}
+	}
+	for i, a := range bad {
+		sub := fmt.Sprintf("10.5.%d.0/24", i)
+		if n := countLog(log, skipMsg, "subnet", sub); n != 1 {
+			t.Errorf("%s: logged %d times, want once", sub, n)
+		}
+		if n := countLog(log, skipMsg, "reason", a.why); n != 1 {
+			t.Errorf("%s: %d skip lines with the reason %q, want one:\n%s", sub, n, a.why, log.String())
+		}
+	}
+	if n := countLog(log, skipMsg, "", ""); n != len(bad) {
+		t.Errorf("%d skip lines, want %d", n, len(bad))
 	}
 }
 

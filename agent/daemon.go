@@ -98,6 +98,10 @@ type Options struct {
 	// OnLease is called with each lease this node holds (the first and any
 	// re-acquired one). Optional.
 	OnLease func(subnet.Lease)
+	// OnApply is called after each Apply with the config, the overlay MTU,
+	// the own lease and the admitted remote leases (a view: copy what is
+	// kept). It must not block. Optional.
+	OnApply func(cfg *subnet.Config, mtu int, own subnet.Lease, remote []subnet.Lease)
 	// Logger receives the daemon's logs (klog.Background()).
 	Logger *klog.Logger
 	// Clock is the time every timer of the daemon runs on (the real clock).
@@ -306,10 +310,14 @@ func (n *node) maybeReady() {
 func (n *node) apply(ctx context.Context, cause string) error {
 	metrics.Reconciles.WithLabelValues(cause).Inc()
 	start := time.Now()
+	remote := n.remotes()
 	n.repair.writing(true)
-	err := n.be.Apply(ctx, n.lease, n.remotes())
+	err := n.be.Apply(ctx, n.lease, remote)
 	n.repair.writing(false)
 	metrics.ReconcileDuration.Observe(time.Since(start).Seconds())
+	if n.o.OnApply != nil {
+		n.o.OnApply(n.cfg, n.mtu, n.lease, remote)
+	}
 	metrics.Leases.Set(float64(n.leases.len()))
 	if err != nil {
 		metrics.ReconcileErrors.Inc()

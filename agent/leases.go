@@ -9,14 +9,27 @@ import (
 
 // leaseSet is the cluster's leases by subnet, kept as a slice (handed to
 // the backend's Apply as is, without a copy per Apply) and an index into
-// it. With 10,000 leases that is about 2 MB, where a map of leases plus a
-// slice built for each Apply took 5.
+// it. With 10,000 leases that is about 2 MB of leases and 0.4 MB of index,
+// where a map of leases plus a slice built for each Apply took 5.
 type leaseSet struct {
-	at   map[netip.Prefix]int
+	at   map[setKey]int32
 	list []subnet.Lease
 }
 
-func newLeaseSet() *leaseSet { return &leaseSet{at: map[netip.Prefix]int{}} }
+// setKey is a lease key as plain bytes: 24 bytes an index entry with its
+// position, where a netip.Prefix key (which holds a pointer) takes 40, and
+// an index the garbage collector need not scan.
+type setKey struct {
+	addr [16]byte
+	bits int16
+	is4  bool // addr holds an IPv4 address (never equal to an IPv4-mapped one)
+}
+
+func keyOf(p netip.Prefix) setKey {
+	return setKey{addr: p.Addr().As16(), bits: int16(p.Bits()), is4: p.Addr().Is4()}
+}
+
+func newLeaseSet() *leaseSet { return &leaseSet{at: map[setKey]int32{}} }
 
 func (s *leaseSet) len() int { return len(s.list) }
 
@@ -26,17 +39,24 @@ func (s *leaseSet) reserve(n int) { s.list = slices.Grow(s.list, n) }
 
 // put adds or replaces the lease of l.Key().
 func (s *leaseSet) put(l subnet.Lease) {
-	if i, ok := s.at[l.Key()]; ok {
+	k := keyOf(l.Key())
+	if i, ok := s.at[k]; ok {
 		s.list[i] = l
 		return
 	}
-	s.at[l.Key()] = len(s.list)
+	s.at[k] = int32(len(s.list))
 	s.list = append(s.list, l)
+}
+
+// has reports whether the set holds a lease of p.
+func (s *leaseSet) has(p netip.Prefix) bool {
+	_, ok := s.at[keyOf(p)]
+	return ok
 }
 
 // get returns the lease of p, if any.
 func (s *leaseSet) get(p netip.Prefix) (subnet.Lease, bool) {
-	i, ok := s.at[p]
+	i, ok := s.at[keyOf(p)]
 	if !ok {
 		return subnet.Lease{}, false
 	}
@@ -45,26 +65,27 @@ func (s *leaseSet) get(p netip.Prefix) (subnet.Lease, bool) {
 
 // remove drops the lease of p, if any.
 func (s *leaseSet) remove(p netip.Prefix) {
-	i, ok := s.at[p]
+	k := keyOf(p)
+	i, ok := s.at[k]
 	if !ok {
 		return
 	}
 	last := len(s.list) - 1
-	s.swap(i, last)
+	s.swap(int(i), last)
 	s.list[last] = subnet.Lease{} // drop its BackendData
 	s.list = s.list[:last]
-	delete(s.at, p)
+	delete(s.at, k)
 }
 
 // except returns every lease but the one of p. The result is a view of the
 // set, valid until its next change; its order is arbitrary.
 func (s *leaseSet) except(p netip.Prefix) []subnet.Lease {
-	i, ok := s.at[p]
+	i, ok := s.at[keyOf(p)]
 	if !ok {
 		return s.list
 	}
 	last := len(s.list) - 1
-	s.swap(i, last)
+	s.swap(int(i), last)
 	return s.list[:last]
 }
 
@@ -73,5 +94,5 @@ func (s *leaseSet) swap(i, j int) {
 		return
 	}
 	s.list[i], s.list[j] = s.list[j], s.list[i]
-	s.at[s.list[i].Key()], s.at[s.list[j].Key()] = i, j
+	s.at[keyOf(s.list[i].Key())], s.at[keyOf(s.list[j].Key())] = int32(i), int32(j)
 }

@@ -88,7 +88,15 @@ func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-ch
 // update folds a batch of events into the lease set. It reports whether our
 // own lease was removed or taken by another node.
 func (n *node) update(batch []subnet.Event) (lost bool) {
-	n.leases.reserve(len(batch))
+	// Room for the new keys only: a burst of changes to known leases must
+	// not grow the set's slice.
+	adds := 0
+	for i := range batch {
+		if batch[i].Type == subnet.EventAdded && !n.leases.has(batch[i].Lease.Key()) {
+			adds++
+		}
+	}
+	n.leases.reserve(adds)
 	for _, ev := range batch {
 		l := ev.Lease
 		key := l.Key()

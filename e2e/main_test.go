@@ -458,7 +458,7 @@ func readLeases(ctx context.Context, l *lab.Lab) (map[netip.Prefix]lease, error)
 	return out, nil
 }
 
-// leaseOf returns the leases held by the host's address.
+// leasesOf returns the leases held by the host's address.
 func leasesOf(all map[netip.Prefix]lease, h *lab.Host) []lease {
 	var out []lease
 	for _, l := range all {

@@ -266,7 +266,7 @@ func commentsMatch(l *nftListing, want []NFTChain) bool {
 // chainsKey identifies a set of chains.
 func chainsKey(chains []NFTChain) string { return fmt.Sprintf("%q", chains) }
 
-// removeTable deletes the table if it exists: the rules of an earlier run
+// removeNFTTable deletes the table if it exists: the rules of an earlier run
 // in iptables mode, or for a family no longer configured. It reports
 // whether there was one.
 func removeNFTTable(ctx context.Context, nft knftables.Interface, family knftables.Family, table string) (bool, error) {

@@ -92,31 +92,23 @@ func ClaimedPrefixes(name string) (v4, v6 netip.Prefix) {
 
 // ChooseSubnet6 is ChooseSubnet for the IPv6 subnet of a lease.
 func ChooseSubnet6(cfg *Config, taken *Taken, prev netip.Prefix, intn func(int) int) (netip.Prefix, bool) {
-	if prev.IsValid() && cfg.InRange6(prev) && taken.Free(prev) {
-		return prev, true
-	}
-	cands := make([]netip.Prefix, 0, FreeCandidates)
-	cfg.Subnets6(func(p netip.Prefix) bool {
-		if taken.Free(p) {
-			cands = append(cands, p)
-		}
-		return len(cands) < FreeCandidates
-	})
-	if len(cands) == 0 {
-		return netip.Prefix{}, false
-	}
-	return cands[intn(len(cands))], true
+	return choose(prev, cfg.InRange6, cfg.Subnets6, taken, intn)
 }
 
 // ChooseSubnet returns prev when it fits cfg and taken does not claim it,
 // else a subnet picked with intn among the first FreeCandidates free ones.
 // ok is false when the range is full.
 func ChooseSubnet(cfg *Config, taken *Taken, prev netip.Prefix, intn func(int) int) (netip.Prefix, bool) {
-	if prev.IsValid() && cfg.InRange(prev) && taken.Free(prev) {
+	return choose(prev, cfg.InRange, cfg.Subnets, taken, intn)
+}
+
+// choose is ChooseSubnet over the subnets each yields, in order.
+func choose(prev netip.Prefix, inRange func(netip.Prefix) bool, each func(func(netip.Prefix) bool), taken *Taken, intn func(int) int) (netip.Prefix, bool) {
+	if prev.IsValid() && inRange(prev) && taken.Free(prev) {
 		return prev, true
 	}
 	cands := make([]netip.Prefix, 0, FreeCandidates)
-	cfg.Subnets(func(p netip.Prefix) bool {
+	each(func(p netip.Prefix) bool {
 		if taken.Free(p) {
 			cands = append(cands, p)
 		}

@@ -3,30 +3,53 @@ package subnet
 import (
 	"net/netip"
 	"testing"
+	"time"
 )
 
 func TestDiffLeases(t *testing.T) {
-	l := func(p, pub, data string) Lease {
-		return Lease{Subnet: mustPrefix(p), Attrs: LeaseAttrs{PublicIP: netip.MustParseAddr(pub), BackendType: "vxlan", BackendData: []byte(data)}}
+	lease := func(s, publicIP, data string) Lease {
+		l := Lease{Subnet: mustPrefix(s), Attrs: LeaseAttrs{PublicIP: netip.MustParseAddr(publicIP), BackendType: "vxlan"}}
+		if data != "" {
+			l.Attrs.BackendData = []byte(data)
+		}
+		return l
 	}
-	before := map[netip.Prefix]LeaseSummary{}
-	for _, x := range []Lease{l("10.5.1.0/24", "192.168.0.1", `{"VtepMAC":"a"}`), l("10.5.2.0/24", "192.168.0.2", ""), l("10.5.3.0/24", "192.168.0.3", "")} {
-		before[x.Subnet] = Summarize(x.Attrs)
+	leaseMap := func(ls ...Lease) map[netip.Prefix]Lease {
+		m := map[netip.Prefix]Lease{}
+		for _, l := range ls {
+			m[l.Subnet] = l
+		}
+		return m
 	}
-	current := map[netip.Prefix]Lease{}
-	for _, x := range []Lease{l("10.5.1.0/24", "192.168.0.1", `{"VtepMAC":"b"}`), l("10.5.3.0/24", "192.168.0.3", ""), l("10.5.4.0/24", "192.168.0.4", "")} {
-		current[x.Subnet] = x
-	}
-	evs := DiffLeases(before, current)
-	var got string
-	for _, e := range evs {
-		got += e.Type.String() + " " + e.Lease.Subnet.String() + "@" + e.Lease.Attrs.PublicIP.String() + "; "
-	}
-	want := "added 10.5.1.0/24@192.168.0.1; added 10.5.4.0/24@192.168.0.4; removed 10.5.2.0/24@192.168.0.2; "
-	if got != want {
-		t.Errorf("DiffLeases = %s\nwant          %s", got, want)
-	}
-	if len(DiffLeases(before, map[netip.Prefix]Lease{})) != 3 {
-		t.Errorf("diff against an empty set must remove all three")
+	a := lease("10.5.1.0/24", "192.168.0.1", "")
+	b := lease("10.5.2.0/24", "192.168.0.2", `{"VtepMAC":"aa"}`)
+	b2 := lease("10.5.2.0/24", "192.168.0.2", `{"VtepMAC":"bb"}`)
+	c := lease("10.5.3.0/24", "192.168.0.3", "")
+	cRenewed := c
+	cRenewed.Expiration = time.Unix(1e9, 0)
+	aUDP := a
+	aUDP.Attrs.BackendType = "udp"
+	for _, tc := range []struct {
+		name           string
+		known, current map[netip.Prefix]Lease
+		want           string
+	}{
+		{"both empty", leaseMap(), leaseMap(), ""},
+		{"initial", leaseMap(), leaseMap(c, a, b), `+10.5.1.0/24@192.168.0.1 +10.5.2.0/24@192.168.0.2{"VtepMAC":"aa"} +10.5.3.0/24@192.168.0.3`},
+		{"all gone", leaseMap(a, b), leaseMap(), "-10.5.1.0/24@192.168.0.1 -10.5.2.0/24@192.168.0.2"},
+		{"changed value is added", leaseMap(a, b), leaseMap(a, b2), `+10.5.2.0/24@192.168.0.2{"VtepMAC":"bb"}`},
+		{"renewal is no event", leaseMap(a, c), leaseMap(a, cRenewed), ""},
+		{"changed type is added", leaseMap(a, c), leaseMap(aUDP, c), "+10.5.1.0/24@192.168.0.1"},
+		{"mixed, adds first", leaseMap(a, b), leaseMap(b2, c), `+10.5.2.0/24@192.168.0.2{"VtepMAC":"bb"} +10.5.3.0/24@192.168.0.3 -10.5.1.0/24@192.168.0.1`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := map[netip.Prefix]LeaseSummary{}
+			for p, l := range tc.known {
+				before[p] = Summarize(l.Attrs)
+			}
+			if got := evString(DiffLeases(before, tc.current)); got != tc.want {
+				t.Errorf("diff = %q\nwant   %q", got, tc.want)
+			}
+		})
 	}
 }

@@ -66,7 +66,7 @@ func parseCanonical(data []byte) (a LeaseAttrs, ok bool) {
 		if i < 0 || !plainASCII(r[:i]) {
 			return a, false
 		}
-		a.BackendType, rest = string(r[:i]), r[i+1:]
+		a.BackendType, rest = backendTypeName(r[:i]), r[i+1:]
 	}
 	if r, ok := bytes.CutPrefix(rest, []byte(bd)); ok {
 		v, ok := bytes.CutSuffix(r, []byte("}"))
@@ -80,6 +80,30 @@ func parseCanonical(data []byte) (a LeaseAttrs, ok bool) {
 		return a, true
 	}
 	return a, string(rest) == "}"
+}
+
+// backendTypeName is string(b), without a copy of its own for the names
+// flannel's backends write (each of a cluster's leases names one).
+func backendTypeName(b []byte) string {
+	switch string(b) { // compiled to comparisons, no conversion
+	case "vxlan":
+		return "vxlan"
+	case "host-gw":
+		return "host-gw"
+	case "udp":
+		return "udp"
+	case "wireguard":
+		return "wireguard"
+	case "extension":
+		return "extension"
+	case "alloc":
+		return "alloc"
+	case "ipip":
+		return "ipip"
+	case "ipsec":
+		return "ipsec"
+	}
+	return string(b)
 }
 
 // plainASCII reports whether s is printable ASCII without quotes or

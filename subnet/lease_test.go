@@ -91,3 +91,22 @@ func TestLeaseAttrsDualStack(t *testing.T) {
 		t.Errorf("an IPv4 PublicIPv6 was accepted: %v", err)
 	}
 }
+
+// TestParseLeaseAttrsSharesBackendType: in a lease value of the canonical
+// form a known BackendType costs no allocation of its own, and the name
+// parsed is the one written, known or not.
+func TestParseLeaseAttrsSharesBackendType(t *testing.T) {
+	for _, typ := range []string{"vxlan", "host-gw", "udp", "wireguard", "extension", "alloc", "ipip", "ipsec", "gce", "vxlan2"} {
+		v := []byte(`{"PublicIP":"172.30.0.4","BackendType":"` + typ + `"}`)
+		a, err := ParseLeaseAttrs(v)
+		if err != nil || a.BackendType != typ {
+			t.Errorf("ParseLeaseAttrs(%s) = %+v, %v; want BackendType %q", v, a, err, typ)
+		}
+	}
+	known, other := []byte(`{"PublicIP":"172.30.0.4","BackendType":"host-gw"}`), []byte(`{"PublicIP":"172.30.0.4","BackendType":"host-gx"}`)
+	nKnown := testing.AllocsPerRun(100, func() { ParseLeaseAttrs(known) })
+	nOther := testing.AllocsPerRun(100, func() { ParseLeaseAttrs(other) })
+	if nKnown != nOther-1 {
+		t.Errorf("parsing a host-gw lease value allocates %v times, another name %v; want one fewer", nKnown, nOther)
+	}
+}

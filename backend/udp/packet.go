@@ -108,8 +108,8 @@ func decTTL(pkt []byte) bool {
 	return true
 }
 
-// icmpErrorTypes are the ICMP types that report errors; no ICMP error is
-// sent about them (RFC 1122 3.2.2).
+// isICMPError reports whether t is an ICMP type that reports an error; no
+// ICMP error is sent about those (RFC 1122 3.2.2).
 func isICMPError(t byte) bool {
 	switch t {
 	case 3, 4, 5, 11, 12:

@@ -59,7 +59,7 @@ func run(args []string) int {
 	var c config
 	fs := flag.NewFlagSet("flannel-lab", flag.ContinueOnError)
 	fs.StringVar(&c.flanneld, "flanneld", "bin/flanneld", "path of the flanneld binary to run in each host namespace (make build)")
-	fs.StringVar(&c.backend, "backend", "host-gw", "backend type written to the network config: host-gw, vxlan or udp")
+	fs.StringVar(&c.backend, "backend", "host-gw", "backend type written to the network config: host-gw, vxlan, udp or wireguard (each host daemon gets its own key file and /run/wireguard)")
 	fs.StringVar(&c.network, "network", "10.5.0.0/16", "overlay network written to the network config")
 	fs.IntVar(&c.hosts, "hosts", 3, "number of host namespaces")
 	fs.BoolVar(&c.keep, "keep", false, "leave the lab up until Ctrl-C and print how to explore it")
@@ -90,9 +90,9 @@ func run(args []string) int {
 		return 2
 	}
 	switch c.backend {
-	case "host-gw", "vxlan", "udp":
+	case "host-gw", "vxlan", "udp", "wireguard":
 	default:
-		fmt.Fprintf(os.Stderr, "flannel-lab: unknown -backend %q: use host-gw, vxlan or udp\n", c.backend)
+		fmt.Fprintf(os.Stderr, "flannel-lab: unknown -backend %q: use host-gw, vxlan, udp or wireguard\n", c.backend)
 		return 2
 	}
 	if _, err := os.Stat(c.flanneld); err != nil {
@@ -136,7 +136,7 @@ func demo(ctx context.Context, c config) (err error) {
 	}
 	logf("%s/config = %s", l.EtcdPrefix(), cfgJSON)
 
-	var extra []string
+	extra := append([]string(nil), healthzArgs...)
 	if c.ipMasq {
 		extra = append(extra, "--ip-masq")
 	}
@@ -174,6 +174,7 @@ func demo(ctx context.Context, c config) (err error) {
 		}
 	}
 	failed := pingMatrix(ctx, l, envs, c.timeout)
+	failed += printPeers(ctx, l, c.timeout)
 	if ctx.Err() != nil {
 		return errInterrupted
 	}
@@ -303,6 +304,9 @@ func keep(ctx context.Context, l *lab.Lab) {
 		ex(fmt.Sprintf("ip netns exec %s ping -I %s %s", h1.NS, h1Addr(h1), env.Subnet.Addr()), other.Name+"'s docker0, from "+h1.Name+"'s")
 	}
 	ex(fmt.Sprintf("ip netns exec %s iptables-save", h1.NS), "the FLANNEL-* chains")
+	if d := h1.Daemon(); d != nil {
+		ex(fmt.Sprintf("nsenter -t %d -m -n wg show", d.Pid()), "WireGuard devices and peers (wireguard backend; wg is in wireguard-tools)")
+	}
 	ex(fmt.Sprintf("ip netns exec %s bash", h1.NS), "a shell on "+h1.Name)
 	ex(fmt.Sprintf("ip netns exec %s curl -s '%s/v2/keys%s/subnets?recursive=true'", h1.NS, l.EtcdEndpoint(), l.EtcdPrefix()), "the leases (needs curl)")
 	ex(fmt.Sprintf("cat %s/host*/subnet.env", l.Dir()), "what each daemon wrote")

@@ -38,6 +38,19 @@ func TestDemoHostGW(t *testing.T) {
 	}
 }
 
+// TestDemoWireGuard runs `make demo BACKEND=wireguard`: each host's daemon
+// has its own key file and /run/wireguard, and every host reaches every
+// other.
+func TestDemoWireGuard(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the demo needs root (it creates network namespaces)")
+	}
+	bin := lab.BuildDaemon(t)
+	if code := run([]string{"-flanneld", bin, "-backend", "wireguard", "-timeout", "90s"}); code != 0 {
+		t.Fatalf("demo exit code %d, want 0 (see the output above)", code)
+	}
+}
+
 // TestDemoWithoutIptables runs the demo on a PATH without iptables-save,
 // iptables-restore and apt-get (as on a machine that is not Debian, or
 // not root): it stops before creating anything, with one line naming the

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"testing"
 )
 
 // The daemon is built once per test binary.
@@ -22,7 +21,7 @@ var build struct {
 // returns the binary's path; later calls return the same path. The test
 // fails if the build fails. Call Main from TestMain to remove the binary
 // when the tests end.
-func BuildDaemon(t testing.TB) string {
+func BuildDaemon(t TB) string {
 	t.Helper()
 	build.Lock()
 	defer build.Unlock()
@@ -37,7 +36,7 @@ func BuildDaemon(t testing.TB) string {
 
 // Main runs the tests, then removes the binary BuildDaemon made, and exits.
 // Use it as: func TestMain(m *testing.M) { lab.Main(m) }.
-func Main(m *testing.M) {
+func Main(m interface{ Run() int }) {
 	code := m.Run()
 	build.Lock()
 	if build.dir != "" {

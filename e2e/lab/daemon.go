@@ -10,6 +10,16 @@ import (
 	"time"
 )
 
+// WireGuardRunDir is where wireguard-go and wg(8) keep the UAPI sockets
+// (/var/run/wireguard). Every process the lab starts in a host gets an
+// empty one of its own (a tmpfs in its own mount namespace), so that the
+// hosts' devices, all named flannel-wg, do not share one socket.
+const WireGuardRunDir = "/run/wireguard"
+
+// privateRunDir is the sh script that mounts the private WireGuardRunDir and
+// execs its arguments.
+const privateRunDir = `mount -t tmpfs -o mode=0755 flannel-lab ` + WireGuardRunDir + ` && exec "$0" "$@"`
+
 // stopTimeout is how long Stop waits after the signal before SIGKILL.
 const stopTimeout = 30 * time.Second
 
@@ -34,7 +44,8 @@ type Daemon struct {
 //	--subnet-file <host dir>/subnet.env --etcd-prefix <prefix>
 //
 // followed by extraArgs (a repeated single-valued flag overrides the earlier
-// one). Its stdout and stderr go to a new log file per start. FLANNELD_*
+// one), with WIREGUARD_KEY_FILE=<host dir>/wgkey and a /run/wireguard of
+// its own (see WireGuardRunDir). Its stdout and stderr go to a new log file per start. FLANNELD_*
 // variables of the caller's environment are not passed on; h.DaemonEnv is. The process dies
 // with the lab's process, and Lab.Close stops it.
 func (h *Host) StartDaemon(extraArgs ...string) (*Daemon, error) {
@@ -63,11 +74,18 @@ func (h *Host) StartDaemon(extraArgs ...string) (*Daemon, error) {
 	}
 	defer logFile.Close()
 
-	// ip netns exec execs the daemon in place, so the pid is the daemon's.
-	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS, l.opts.DaemonPath}, args...)...)
+	// ip netns exec runs the daemon in a mount namespace of its own, where
+	// a tmpfs on /run/wireguard gives it a WireGuard socket directory of
+	// its own (as on a host of its own); sh execs the daemon in place, so
+	// the pid is the daemon's.
+	if err := os.MkdirAll(WireGuardRunDir, 0o755); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", WireGuardRunDir, err)
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS, "sh", "-c", privateRunDir, l.opts.DaemonPath}, args...)...)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
-	cmd.Env = append(daemonEnv(os.Environ()), h.DaemonEnv...)
+	cmd.Env = append(daemonEnv(os.Environ()), "WIREGUARD_KEY_FILE="+h.KeyFile)
+	cmd.Env = append(cmd.Env, h.DaemonEnv...)
 	// Own process group: a terminal's Ctrl-C reaches the lab, which then
 	// stops the daemons in order. Pdeathsig: never outlive the lab process.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

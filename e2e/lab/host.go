@@ -7,8 +7,10 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -19,6 +21,7 @@ type Host struct {
 	Addr       netip.Addr // eth0 address on the LAN (the daemon's public IP)
 	Addr6      netip.Addr // eth0 IPv6 address on the LAN (Options.LAN6); invalid without
 	SubnetFile string     // the daemon's --subnet-file
+	KeyFile    string     // the daemon's $WIREGUARD_KEY_FILE
 	// DaemonEnv is added to the environment of the daemons StartDaemon
 	// runs from then on, e.g. NODE_NAME=host1 for --kube-subnet-mgr.
 	DaemonEnv []string
@@ -40,6 +43,38 @@ func (h *Host) Exec(ctx context.Context, argv ...string) (string, error) {
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("running %q on %s: %w: %s", strings.Join(argv, " "), h.Name, err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+// ExecPrivate runs argv inside the host namespace in a mount namespace of
+// its own with an empty WireGuardRunDir, as StartDaemon runs the daemon
+// (e.g. a stock wireguard-go), and returns the started command; its
+// stdout and stderr go to out. The process dies with the lab's.
+func (h *Host) ExecPrivate(out *os.File, argv ...string) (*exec.Cmd, error) {
+	if len(argv) == 0 {
+		return nil, errors.New("lab: ExecPrivate needs a command")
+	}
+	if err := os.MkdirAll(WireGuardRunDir, 0o755); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", WireGuardRunDir, err)
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS, "sh", "-c", privateRunDir}, argv...)...)
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting %s on %s: %w", argv[0], h.Name, err)
+	}
+	return cmd, nil
+}
+
+// WG runs wg(8) (wireguard-tools) with args in the host namespace and the
+// mount namespace of process pid (a daemon's, or one ExecPrivate started),
+// where its WireGuard sockets are, and returns the combined output.
+func (h *Host) WG(ctx context.Context, pid int, args ...string) (string, error) {
+	argv := append([]string{"-t", strconv.Itoa(pid), "-m", "-n", "wg"}, args...)
+	out, err := exec.CommandContext(ctx, "nsenter", argv...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("running wg %s on %s: %w: %s", strings.Join(args, " "), h.Name, err, strings.TrimSpace(string(out)))
 	}
 	return string(out), nil
 }

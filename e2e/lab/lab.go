@@ -25,7 +25,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"testing"
 	"time"
 
 	"go.etcd.io/etcd/client/v2"
@@ -110,9 +109,24 @@ type Lab struct {
 
 var labCounter atomic.Int64
 
+// TB is the part of testing.TB that Start and BuildDaemon use: a *testing.T
+// or *testing.B. The package names the methods instead of importing testing,
+// so that cmd/flannel-lab, a shipped program built on New, does not link the
+// testing package.
+type TB interface {
+	Helper()
+	Skip(args ...any)
+	TempDir() string
+	Logf(format string, args ...any)
+	Errorf(format string, args ...any)
+	Fatalf(format string, args ...any)
+	Failed() bool
+	Cleanup(func())
+}
+
 // Start builds a lab for the test and closes it when the test ends, logging
 // the daemons' logs if the test failed. It skips the test when not root.
-func Start(t testing.TB, opts Options) *Lab {
+func Start(t TB, opts Options) *Lab {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("the namespaced lab needs root (it creates network namespaces)")
@@ -263,6 +277,7 @@ func (l *Lab) build() error {
 		}
 		h.dir = filepath.Join(l.dir, h.Name)
 		h.SubnetFile = filepath.Join(h.dir, "subnet.env")
+		h.KeyFile = filepath.Join(h.dir, "wgkey")
 		if err := os.MkdirAll(h.dir, 0o755); err != nil {
 			return fmt.Errorf("creating host directory: %w", err)
 		}

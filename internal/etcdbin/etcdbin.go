@@ -12,56 +12,21 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
+
+	"github.com/flanneld-go/flanneld/internal/buildcache"
 )
 
 // Version is the etcd release the tests run: the newest 3.6 the module proxy
 // serves (3.6 has no v2 API at all).
 const Version = "v3.6.16"
 
-// cacheDir is where built binaries are kept.
-func cacheDir() (string, error) {
-	if d := os.Getenv("FLANNELD_TEST_CACHE"); d != "" {
-		return d, nil
-	}
-	home, err := os.UserHomeDir()
-	if err != nil {
-		return "", fmt.Errorf("finding the test cache directory: %w; set FLANNELD_TEST_CACHE", err)
-	}
-	return filepath.Join(home, ".cache", "flanneld-test"), nil
-}
-
 // Path returns the etcd binary of version, building it first if it is
 // missing or reports another version. Concurrent callers (several test
 // processes) build it once.
 func Path(version string) (string, error) {
-	root, err := cacheDir()
-	if err != nil {
-		return "", err
-	}
-	dir := filepath.Join(root, "etcd-"+version)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("creating %s: %w", dir, err)
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", fmt.Errorf("locking %s: %w", dir, err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", fmt.Errorf("locking %s: %w", dir, err)
-	}
-	bin := filepath.Join(dir, "etcd")
-	if hasVersion(bin, version) {
-		return bin, nil
-	}
-	if err := build(dir, bin, version); err != nil {
-		return "", err
-	}
-	if !hasVersion(bin, version) {
-		return "", fmt.Errorf("built %s but it does not report etcd %s", bin, version)
-	}
-	return bin, nil
+	return buildcache.Binary("etcd-"+version, "etcd",
+		func(bin string) bool { return hasVersion(bin, version) },
+		func(dir, bin string) error { return build(dir, bin, version) })
 }
 
 // hasVersion reports whether bin runs and says it is etcd version.
@@ -90,7 +55,7 @@ func build(dir, bin, version string) error {
 		}
 	}
 	env := append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod", "GOWORK=off")
-	goBin := goTool()
+	goBin := buildcache.GoTool()
 	for _, args := range [][]string{
 		{"mod", "tidy"},
 		{"build", "-trimpath", "-o", bin + ".tmp", "."},
@@ -105,21 +70,4 @@ func build(dir, bin, version string) error {
 		return fmt.Errorf("installing etcd %s: %w", version, err)
 	}
 	return os.RemoveAll(src)
-}
-
-// goTool is the go command: on PATH, else the toolchain that built this
-// test binary (GOROOT), else the usual install place.
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if p := filepath.Join(os.Getenv("GOROOT"), "bin", "go"); fileExists(p) {
-		return p
-	}
-	return "/usr/local/go/bin/go"
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }

@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"go.etcd.io/etcd/client/v2"
@@ -32,7 +31,7 @@ type Cluster struct {
 
 // StartCluster starts a cluster of n members for the test and closes it
 // when the test ends. It fails the test if the cluster does not start.
-func StartCluster(t testing.TB, n int, opts ...Option) *Cluster {
+func StartCluster(t TB, n int, opts ...Option) *Cluster {
 	t.Helper()
 	c, err := NewCluster(n, opts...)
 	if err != nil {

@@ -20,7 +20,6 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	"go.etcd.io/etcd/client/v2"
@@ -105,9 +104,20 @@ type Server struct {
 	closed bool
 }
 
+// TB is the part of testing.TB that Start and StartCluster use: a
+// *testing.T or *testing.B. The package names the methods instead of
+// importing testing, so that programs built on New (cmd/flannel-lab, through
+// e2e/lab) do not link the testing package.
+type TB interface {
+	Helper()
+	Errorf(format string, args ...any)
+	Fatalf(format string, args ...any)
+	Cleanup(func())
+}
+
 // Start starts a server for the test and stops it (removing its data) when
 // the test ends. It fails the test if the server does not start.
-func Start(t testing.TB, opts ...Option) *Server {
+func Start(t TB, opts ...Option) *Server {
 	t.Helper()
 	s, err := New(opts...)
 	if err != nil {

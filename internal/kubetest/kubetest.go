@@ -204,12 +204,23 @@ func (s *Server) stop() {
 // address, data and credentials, as after a crash: clients see their
 // connections and watches cut, then refused until it is back.
 func (s *Server) Restart() error {
+	s.Stop()
+	return s.Start()
+}
+
+// Stop kills the API server process, as a crash or a control-plane upgrade
+// does: clients see their connections and watches cut, then refused until
+// Start. Its data (in etcd) stays.
+func (s *Server) Stop() {
 	if s.cmd != nil && s.cmd.Process != nil {
 		s.cmd.Process.Kill()
 		<-s.done
 	}
-	return s.start()
 }
+
+// Start starts the stopped API server again on the same address, data and
+// credentials, and returns when it is ready.
+func (s *Server) Start() error { return s.start() }
 
 // writeFiles writes the token file and the service account key.
 func (s *Server) writeFiles() error {

@@ -208,3 +208,14 @@ func Handler() http.Handler {
 		vm.WriteProcessMetrics(w)
 	})
 }
+
+// Peer probes (package probe).
+var (
+	// Peers is the number of peers in each probe state (unprobed,
+	// reachable, unreachable, mtu-blackhole).
+	Peers = GaugeVec{name: ns + "peers", labels: []string{"state"}}
+	// PeerProbes counts peer probes sent, by size (small, full).
+	PeerProbes = CounterVec{name: ns + "peer_probes_total", labels: []string{"size"}}
+	// PeerProbeRTT is the round-trip time of answered peer probes.
+	PeerProbeRTT = newHistogram(ns+"peer_probe_rtt_seconds", 0.0001, 4, 9)
+)

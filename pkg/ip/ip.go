@@ -83,17 +83,6 @@ func FromUint32(v uint32) netip.Addr {
 	return netip.AddrFrom4(b)
 }
 
-// Next returns the subnet of the same length that follows p, and false when p
-// is the last one of the IPv4 space.
-func Next(p netip.Prefix) (netip.Prefix, bool) {
-	size := uint64(1) << (32 - p.Bits())
-	v := uint64(Uint32(p.Masked().Addr())) + size
-	if v > 0xffffffff {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(FromUint32(uint32(v)), p.Bits()), true
-}
-
 // Contains reports whether inner lies entirely inside outer.
 func Contains(outer, inner netip.Prefix) bool {
 	return outer.Bits() <= inner.Bits() && outer.Contains(inner.Addr())

@@ -45,25 +45,6 @@ func TestKeyCodec(t *testing.T) {
 	}
 }
 
-func TestNext(t *testing.T) {
-	tests := []struct {
-		in, want string
-		ok       bool
-	}{
-		{"10.5.34.0/24", "10.5.35.0/24", true},
-		{"10.5.255.0/24", "10.6.0.0/24", true},
-		{"10.5.0.4/30", "10.5.0.8/30", true},
-		{"255.255.255.0/24", "", false},
-		{"0.0.0.0/0", "", false},
-	}
-	for _, tt := range tests {
-		got, ok := Next(netip.MustParsePrefix(tt.in))
-		if ok != tt.ok || (ok && got.String() != tt.want) {
-			t.Errorf("Next(%s) = %v, %v; want %s, %v", tt.in, got, ok, tt.want, tt.ok)
-		}
-	}
-}
-
 func TestContains(t *testing.T) {
 	n := netip.MustParsePrefix("10.5.0.0/16")
 	if !Contains(n, netip.MustParsePrefix("10.5.34.0/24")) {

@@ -191,6 +191,7 @@ func (m *Manager) choose(ctx context.Context) (subnet.Manager, error) {
 			return m.v3, nil
 		case in2 && err3 == nil:
 			m.use(V2, m.v2, "config found in the v2 keyspace only")
+			m.dropV3()
 			return m.v2, nil
 		}
 		why := "neither keyspace holds it yet"
@@ -264,18 +265,30 @@ func (m *Manager) WatchConfig(ctx context.Context, updates chan<- subnet.ConfigU
 
 // Close releases the v3 client, if any.
 func (m *Manager) Close() error {
-	if m.v3 != nil {
-		return m.v3.Close()
+	m.mu.Lock()
+	v3 := m.v3
+	m.v3 = nil
+	m.mu.Unlock()
+	if v3 != nil {
+		return v3.Close()
 	}
 	return nil
 }
 
-// newV2Probe returns a function that reads <prefix>/config through the v2
-// keys API of the first endpoint that answers. An etcd answer (the key, or
-// error 100 "key not found") means v2 is served; a plain 404 means it is not.
+// dropV3 closes the v3 client once auto has chosen v2: it would keep a gRPC
+// connection to etcd, with its goroutines and buffers, for nothing.
+func (m *Manager) dropV3() {
+	if err := m.Close(); err != nil {
+		m.log.V(2).Info("Closing the unused etcd v3 client failed", "err", err)
+	}
+}
+
 // errV2Refused is the v2 probe's error when etcd refuses the credentials.
 var errV2Refused = errors.New("etcd refused access")
 
+// newV2Probe returns a function that reads <prefix>/config through the v2
+// keys API of the first endpoint that answers. An etcd answer (the key, or
+// error 100 "key not found") means v2 is served; a plain 404 means it is not.
 func newV2Probe(opts Options) (func(ctx context.Context) (served, exists bool, err error), error) {
 	tlsCfg, err := etcdv3.ClientTLS(etcdv3.Options{CertFile: opts.CertFile, KeyFile: opts.KeyFile, CAFile: opts.CAFile})
 	if err != nil {

@@ -118,6 +118,7 @@ func TestAuto(t *testing.T) {
 				putV2(t, srv, "/coreos.com/network/config", config2)
 			}
 			m, l := newAuto(t, srv, Auto)
+			v3 := m.v3
 			cfg := getConfig(t, m)
 			if m.API() != tc.wantAPI || cfg.Network != netip.MustParsePrefix(tc.wantNet) {
 				t.Fatalf("chose %s with Network %v; want %s and %s", m.API(), cfg.Network, tc.wantAPI, tc.wantNet)
@@ -135,6 +136,13 @@ func TestAuto(t *testing.T) {
 			}
 			if metrics.EtcdAPI.WithLabelValues(tc.wantAPI).Get() != 1 {
 				t.Errorf("etcd_api{api=%q} is not 1", tc.wantAPI)
+			}
+			// Having chosen v2, the node closed its v3 client (and its
+			// connection to etcd); having chosen v3, it uses it.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if _, err := v3.ConfigExists(ctx); (err != nil) != (tc.wantAPI == V2) {
+				t.Errorf("chose %s, then a read through the v3 client: %v", tc.wantAPI, err)
 			}
 		})
 	}

@@ -1,6 +1,7 @@
 // Package etcdv2 keeps the network config and the node leases in etcd's v2
 // keys API, in the layout flannel's etcd-v2 era daemons use, so that nodes of
-// both can share one keyspace.
+// both can share one keyspace. It is an adapter: subnet.Keyspace on the v2
+// client; the lease manager is subnet.EtcdManager.
 package etcdv2
 
 import (
@@ -9,79 +10,44 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"time"
 
 	client "go.etcd.io/etcd/client/v2"
-	"k8s.io/klog/v2"
-
-	"github.com/flanneld-go/flanneld/internal/metrics"
 
 	"github.com/flanneld-go/flanneld/internal/etcdtls"
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
-// Defaults of Options.
-const (
-	DefaultPrefix         = "/coreos.com/network"
-	DefaultRequestTimeout = 5 * time.Second
-)
+// Options configure New. With v2, a request that fails on one member is
+// tried on the next; the endpoints are used as given (the client does not
+// replace them with the cluster's advertised URLs). Username and Password
+// are sent as HTTP basic auth.
+type Options = subnet.EtcdOptions
 
-// DefaultEndpoints are the client URLs used when Options.Endpoints is empty,
-// the same as flannel's.
-var DefaultEndpoints = []string{"http://127.0.0.1:4001", "http://127.0.0.1:2379"}
+// Manager is the etcd v2 lease store: subnet.EtcdManager on the v2 keys API.
+type Manager struct{ *subnet.EtcdManager }
 
-// Options configure New.
-type Options struct {
-	// Endpoints are the client URLs of the etcd members, for example
-	// "https://10.0.0.1:2379". A request that fails on one member is tried
-	// on the next, so the daemon keeps working while a member is down. The
-	// list is used as given (the client does not replace it with the
-	// cluster's advertised URLs). Empty means DefaultEndpoints.
-	Endpoints []string
-	// CertFile and KeyFile are the PEM client certificate and key for TLS
-	// client authentication; both or neither.
-	CertFile string
-	KeyFile  string
-	// CAFile is the PEM bundle that verifies the members' certificates;
-	// empty means the system roots.
-	CAFile string
-	// Username and Password are sent as HTTP basic auth when Username is
-	// set. They are never logged.
-	Username string
-	Password string
-	// Prefix is the key directory holding config and subnets/; empty means
-	// DefaultPrefix.
-	Prefix string
-	// RequestTimeout bounds one request to one member (connect, TLS,
-	// response header); watches are long polls and are not bound by it.
-	// Zero means DefaultRequestTimeout.
-	RequestTimeout time.Duration
-	// Logger receives the manager's logs; the zero Logger means
-	// klog.Background().
-	Logger klog.Logger
-}
-
-// keysAPI is the part of the etcd v2 KeysAPI the manager uses; tests wrap it
-// to count or break calls.
-type keysAPI interface {
-	Get(ctx context.Context, key string, opts *client.GetOptions) (*client.Response, error)
-	Set(ctx context.Context, key, value string, opts *client.SetOptions) (*client.Response, error)
-	Delete(ctx context.Context, key string, opts *client.DeleteOptions) (*client.Response, error)
-	Watcher(key string, opts *client.WatcherOptions) client.Watcher
-}
-
-// newKeysAPI builds the v2 client for opts (already defaulted).
-func newKeysAPI(opts *Options) (keysAPI, error) {
-	tlsCfg, err := etcdtls.Config(opts.CertFile, opts.KeyFile, opts.CAFile)
+// New returns a Manager for the etcd cluster of opts. It does not contact
+// etcd; the first request does.
+func New(opts Options) (*Manager, error) {
+	opts, err := opts.WithDefaults()
+	var ks subnet.Keyspace
+	if err == nil {
+		ks, err = NewKeyspace(opts)
+	}
 	if err != nil {
 		return nil, err
 	}
-	for _, ep := range opts.Endpoints {
-		u, err := url.Parse(ep)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return nil, fmt.Errorf("invalid etcd endpoint %q: write it like http://127.0.0.1:2379 or https://etcd1:2379", ep)
-		}
+	return &Manager{subnet.NewEtcdManager(ks, opts)}, nil
+}
+
+// NewKeyspace returns the v2 keys API of opts (defaults applied) as a
+// subnet.Keyspace.
+func NewKeyspace(opts Options) (subnet.Keyspace, error) {
+	tlsCfg, err := etcdtls.Config(opts.CertFile, opts.KeyFile, opts.CAFile)
+	if err != nil {
+		return nil, err
 	}
 	dialer := &net.Dialer{Timeout: opts.RequestTimeout, KeepAlive: 30 * time.Second}
 	tr := &http.Transport{
@@ -101,61 +67,37 @@ func newKeysAPI(opts *Options) (keysAPI, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd client: %w", err)
 	}
-	return countingKeys{client.NewKeysAPI(c)}, nil
+	// One call may try every member in turn.
+	return &keyspace{api: client.NewKeysAPI(c), timeout: opts.RequestTimeout * time.Duration(len(opts.Endpoints)+1)}, nil
 }
 
-// countingKeys counts failed requests in metrics.EtcdErrors. Expected
-// answers (key not found, compare failed, key exists, index cleared) and
-// cancelled requests are not failures.
-type countingKeys struct{ keysAPI }
+// clusterError is client.ClusterError on one line, keeping the member
+// errors reachable by errors.Is and errors.As.
+type clusterError struct{ errs []error }
 
-func (k countingKeys) Get(ctx context.Context, key string, opts *client.GetOptions) (*client.Response, error) {
-	r, err := k.keysAPI.Get(ctx, key, opts)
-	countError(ctx, "get", err)
-	return r, err
+func (e *clusterError) Error() string {
+	var b strings.Builder
+	b.WriteString("no etcd member answered")
+	for _, err := range e.errs {
+		b.WriteString("; ")
+		b.WriteString(strings.TrimSpace(err.Error()))
+	}
+	return b.String()
 }
 
-func (k countingKeys) Set(ctx context.Context, key, value string, opts *client.SetOptions) (*client.Response, error) {
-	r, err := k.keysAPI.Set(ctx, key, value, opts)
-	countError(ctx, "set", err)
-	return r, err
-}
+func (e *clusterError) Unwrap() []error { return e.errs }
 
-func countError(ctx context.Context, op string, err error) {
-	if err == nil || ctx.Err() != nil {
-		return
+// flatError makes a multi-member failure one line and an authorization
+// failure subnet.ErrAccessDenied.
+func flatError(err error) error {
+	var ce *client.ClusterError
+	switch {
+	case errors.As(err, &ce):
+		return &clusterError{errs: ce.Errors}
+	case etcdCode(err) == client.ErrorCodeUnauthorized:
+		return subnet.Denied(err)
 	}
-	switch etcdCode(err) {
-	case client.ErrorCodeKeyNotFound, client.ErrorCodeTestFailed, client.ErrorCodeNodeExist, client.ErrorCodeEventIndexCleared:
-		return
-	}
-	metrics.EtcdErrors.WithLabelValues(op).Inc()
-}
-
-// withDefaults returns a copy of opts with the defaults filled in and the
-// prefix normalised ("/a/b/" → "/a/b").
-func (opts Options) withDefaults() (Options, error) {
-	if len(opts.Endpoints) == 0 {
-		opts.Endpoints = DefaultEndpoints
-	}
-	opts.Endpoints = append([]string(nil), opts.Endpoints...)
-	if opts.Prefix == "" {
-		opts.Prefix = DefaultPrefix
-	}
-	if !strings.HasPrefix(opts.Prefix, "/") {
-		return opts, fmt.Errorf("invalid etcd prefix %q: it must start with /, like %s", opts.Prefix, DefaultPrefix)
-	}
-	opts.Prefix = strings.TrimRight(opts.Prefix, "/")
-	if opts.Prefix == "" {
-		return opts, fmt.Errorf("invalid etcd prefix \"/\": use a directory such as %s", DefaultPrefix)
-	}
-	if opts.RequestTimeout <= 0 {
-		opts.RequestTimeout = DefaultRequestTimeout
-	}
-	if opts.Logger.GetSink() == nil {
-		opts.Logger = klog.Background()
-	}
-	return opts, nil
+	return err
 }
 
 // etcdCode returns the etcd error code of err, or 0 when err is not an
@@ -166,4 +108,11 @@ func etcdCode(err error) int {
 		return e.Code
 	}
 	return 0
+}
+
+// call runs fn bounded by the keyspace's timeout.
+func call(ctx context.Context, timeout time.Duration, fn func(ctx context.Context) (*client.Response, error)) (*client.Response, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return fn(ctx)
 }

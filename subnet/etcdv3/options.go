@@ -2,92 +2,67 @@
 // keyspace, in the layout of flannel v0.15 and later (one key per lease,
 // attached to an etcd lease), so that nodes of both can share one cluster,
 // and so that the daemon runs against etcd 3.6 and later, which have no v2
-// API.
+// API. It is an adapter: subnet.Keyspace on the v3 client; the lease
+// manager is subnet.EtcdManager.
 package etcdv3
 
 import (
 	"crypto/tls"
-	"fmt"
-	"net/url"
-	"strings"
-	"time"
-
-	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/internal/etcdtls"
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // Defaults of Options.
 const (
-	DefaultPrefix         = "/coreos.com/network"
-	DefaultRequestTimeout = 5 * time.Second
+	DefaultPrefix         = subnet.DefaultEtcdPrefix
+	DefaultRequestTimeout = subnet.DefaultEtcdRequestTimeout
 )
 
-// DefaultEndpoints are the client URLs used when Options.Endpoints is empty,
-// the same as flannel's.
-var DefaultEndpoints = []string{"http://127.0.0.1:4001", "http://127.0.0.1:2379"}
+// DefaultEndpoints are the client URLs used when Options.Endpoints is empty.
+var DefaultEndpoints = subnet.DefaultEtcdEndpoints
 
-// Options configure New.
-type Options struct {
-	// Endpoints are the client URLs of the etcd members, for example
-	// "https://10.0.0.1:2379". The client balances over them and moves to
-	// another member when one fails. Empty means DefaultEndpoints.
-	Endpoints []string
-	// CertFile and KeyFile are the PEM client certificate and key for TLS
-	// client authentication; both or neither.
-	CertFile string
-	KeyFile  string
-	// CAFile is the PEM bundle that verifies the members' certificates;
-	// empty means the system roots.
-	CAFile string
-	// Username and Password authenticate to etcd when Username is set. They
-	// are never logged.
-	Username string
-	Password string
-	// Prefix is the key prefix holding config and subnets/; empty means
-	// DefaultPrefix.
-	Prefix string
-	// RequestTimeout bounds one request (and the connection plus
-	// authentication that precede the first one); watches are not bound by
-	// it. Zero means DefaultRequestTimeout.
-	RequestTimeout time.Duration
-	// Logger receives the manager's logs; the zero Logger means
-	// klog.Background().
-	Logger klog.Logger
+// Options configure New. With v3 the client balances over the endpoints
+// and moves to another member when one fails.
+type Options = subnet.EtcdOptions
+
+// Manager is the etcd v3 lease store: subnet.EtcdManager on the v3 client.
+type Manager struct {
+	*subnet.EtcdManager
+	conn *connector
 }
 
-// withDefaults returns a copy of opts with the defaults filled in, the
-// prefix normalised ("/a/b/" → "/a/b") and the endpoints checked.
-func (opts Options) withDefaults() (Options, error) {
-	if len(opts.Endpoints) == 0 {
-		opts.Endpoints = DefaultEndpoints
+// New returns a Manager for the etcd cluster of opts. It does not contact
+// etcd; the first request does. Close releases the client.
+func New(opts Options) (*Manager, error) {
+	opts, err := opts.WithDefaults()
+	if err != nil {
+		return nil, err
 	}
-	opts.Endpoints = append([]string(nil), opts.Endpoints...)
-	for _, ep := range opts.Endpoints {
-		u, err := url.Parse(ep)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return opts, fmt.Errorf("invalid etcd endpoint %q: write it like http://127.0.0.1:2379 or https://etcd1:2379", ep)
-		}
+	ks, err := newKeyspace(opts)
+	if err != nil {
+		return nil, err
 	}
-	if opts.Prefix == "" {
-		opts.Prefix = DefaultPrefix
-	}
-	if !strings.HasPrefix(opts.Prefix, "/") {
-		return opts, fmt.Errorf("invalid etcd prefix %q: it must start with /, like %s", opts.Prefix, DefaultPrefix)
-	}
-	opts.Prefix = strings.TrimRight(opts.Prefix, "/")
-	if opts.Prefix == "" {
-		return opts, fmt.Errorf("invalid etcd prefix \"/\": use a directory such as %s", DefaultPrefix)
-	}
-	if opts.RequestTimeout <= 0 {
-		opts.RequestTimeout = DefaultRequestTimeout
-	}
-	if opts.Logger.GetSink() == nil {
-		opts.Logger = klog.Background()
-	}
-	return opts, nil
+	opts.Logger.V(1).Info("etcd v3 client configured", "endpoints", opts.Endpoints, "prefix", opts.Prefix, "username", opts.Username, "tls", opts.CertFile != "" || opts.CAFile != "")
+	return &Manager{subnet.NewEtcdManager(ks, opts), ks.conn}, nil
 }
 
-func tlsConfig(opts *Options) (*tls.Config, error) {
+// NewKeyspace returns the v3 client of opts (defaults applied) as a
+// subnet.Keyspace, and the function that closes it.
+func NewKeyspace(opts Options) (subnet.Keyspace, func() error, error) {
+	ks, err := newKeyspace(opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	return ks, ks.conn.shutdown, nil
+}
+
+// Close ends the connection to etcd; watches end with an error. It is
+// idempotent.
+func (m *Manager) Close() error { return m.conn.shutdown() }
+
+// ClientTLS is the TLS config the manager would use for opts: nil when no
+// TLS file is given.
+func ClientTLS(opts Options) (*tls.Config, error) {
 	return etcdtls.Config(opts.CertFile, opts.KeyFile, opts.CAFile)
 }

@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
 
-	"github.com/flanneld-go/flanneld/internal/metrics"
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // store is the part of the etcd v3 client the manager uses; tests wrap it to
@@ -79,7 +79,7 @@ func (c *connector) shutdown() error {
 // newConnector returns the connector of opts (already defaulted), or the
 // error of a bad TLS option.
 func newConnector(opts *Options) (*connector, error) {
-	tlsCfg, err := tlsConfig(opts)
+	tlsCfg, err := ClientTLS(*opts)
 	if err != nil {
 		return nil, err
 	}
@@ -123,16 +123,6 @@ func dialer(opts *Options, tlsCfg *tls.Config) func(ctx context.Context) (store,
 	}
 }
 
-// countError counts a failed request in metrics.EtcdErrors. Expected answers
-// (a compacted revision, a lease already gone) and cancelled requests are
-// not failures.
-func countError(ctx context.Context, op string, err error) {
-	if err == nil || ctx.Err() != nil || errors.Is(err, rpctypes.ErrCompacted) || errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		return
-	}
-	metrics.EtcdErrors.WithLabelValues(op).Inc()
-}
-
 // authError reports whether err is etcd refusing the client's identity or
 // rights, which retrying does not fix.
 func authError(err error) bool {
@@ -147,4 +137,4 @@ func authError(err error) bool {
 // IsAccessDenied reports whether err is etcd refusing the client's identity
 // or rights (wrong password, missing permission), which retrying does not
 // fix.
-func IsAccessDenied(err error) bool { return authError(err) }
+func IsAccessDenied(err error) bool { return errors.Is(err, subnet.ErrAccessDenied) || authError(err) }

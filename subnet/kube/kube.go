@@ -115,17 +115,10 @@ func New(o Options) (*Manager, error) {
 	return m, nil
 }
 
-// NodeName returns the node this manager leases for.
-func (m *Manager) NodeName() string { return m.node }
-
 // sleep waits d or until ctx ends.
 func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
+	if !subnet.Sleep(ctx, d) {
 		return ctx.Err()
-	case <-t.C:
-		return nil
 	}
+	return nil
 }

@@ -4,14 +4,17 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/flanneld-go/flanneld/subnet"
@@ -30,7 +33,15 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 	defer cancel()
 	w := &watcher{m: m, dirty: map[string]struct{}{}, kick: make(chan struct{}, 1),
 		reported: map[string]subnet.Lease{}, bad: map[string]string{}}
-	lw := &cache.ListWatch{ListWithContextFunc: m.listSlim, WatchFuncWithContext: m.client.watchNodes}
+	var o outage
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+			return untilAnswered(ctx, m, &o, func() (runtime.Object, error) { return m.listSlim(ctx, opts) })
+		},
+		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			return untilAnswered(ctx, m, &o, func() (watch.Interface, error) { return m.client.watchNodes(ctx, opts) })
+		},
+	}
 	store, ctrl := cache.NewInformerWithOptions(cache.InformerOptions{
 		ListerWatcher: lw,
 		ObjectType:    &v1.Node{},
@@ -81,11 +92,40 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []subnet.Event)
 }
 
 func send(ctx context.Context, events chan<- []subnet.Event, batch []subnet.Event) error {
-	select {
-	case events <- batch:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	return subnet.SendEvents(ctx, events, batch)
+}
+
+// outage is the state of the informer's list and watch requests while the
+// API server does not answer.
+type outage struct {
+	bo       subnet.Backoff
+	failures int
+}
+
+// untilAnswered calls fn until the API server answers (a result or an API
+// error, which the informer handles) or ctx ends, waiting the stores'
+// back-off, at most a second, between tries. client-go's reflector would
+// back off by itself, for up to 30 s and more with jitter, and so come back
+// that late after a short outage of the API server (issue 17 §3b).
+func untilAnswered[T any](ctx context.Context, m *Manager, o *outage, fn func() (T, error)) (T, error) {
+	o.bo.Min, o.bo.Max = 100*time.Millisecond, time.Second
+	for {
+		v, err := fn()
+		var status apierrors.APIStatus
+		if err == nil || errors.As(err, &status) || ctx.Err() != nil {
+			if o.failures > 0 && ctx.Err() == nil {
+				m.log.Info("The Kubernetes API server answers again; watching nodes", "failedAttempts", o.failures)
+			}
+			o.failures = 0
+			o.bo.Reset()
+			return v, err
+		}
+		if o.failures++; o.failures == 1 {
+			m.log.Error(err, "The Kubernetes API server does not answer; retrying every second at most")
+		}
+		if !subnet.Sleep(ctx, o.bo.Next()) {
+			return v, err
+		}
 	}
 }
 
@@ -221,10 +261,10 @@ func (w *watcher) collect(keys []string) []subnet.Event {
 	return batch
 }
 
+// sameLease reports whether b is a as the stores' watchers compare leases:
+// the same subnets and the same summary.
 func sameLease(a, b subnet.Lease) bool {
-	return a.Subnet == b.Subnet && a.IPv6Subnet == b.IPv6Subnet && a.Attrs.PublicIP == b.Attrs.PublicIP &&
-		a.Attrs.PublicIPv6 == b.Attrs.PublicIPv6 && a.Attrs.BackendType == b.Attrs.BackendType &&
-		bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData) && bytes.Equal(a.Attrs.BackendV6Data, b.Attrs.BackendV6Data)
+	return a.Subnet == b.Subnet && a.IPv6Subnet == b.IPv6Subnet && subnet.SummarizeLease(a) == subnet.SummarizeLease(b)
 }
 
 // lease reads a node's lease. A node that is not a lease (no
