@@ -23,6 +23,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/spf13/pflag"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"k8s.io/klog/v2"
 
 	"github.com/flanneld-go/flanneld/agent"
@@ -329,6 +330,7 @@ func run(f *flags) error {
 	}
 	health.start(ctx)
 
+	ownNS := netns.None()
 	return agent.Run(ctx, agent.Options{
 		Manager:     mgr,
 		Ext:         backend.ExternalInterface{Iface: ext.Iface, IfaceAddr: ext.Addr, PublicIP: public, IfaceAddrV6: ext.Addr6, PublicIPv6: public6, NoIPv6: ext.NoAddr6},
@@ -357,6 +359,8 @@ func run(f *flags) error {
 			}
 		},
 		Logger: &log,
+		// Kernel events of the process's namespace, where nl programs.
+		KernelEvents: &ownNS,
 	})
 }
 

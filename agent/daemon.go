@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/clock"
 
@@ -75,6 +76,19 @@ type Options struct {
 	Nexthops bool
 	// Coalesce is how long lease events are gathered before one Apply (20 ms).
 	Coalesce time.Duration
+	// KernelEvents is the network namespace whose kernel events are
+	// watched, so that what the backend owns is repaired as soon as it is
+	// removed (netns.None() for the process's own, else the namespace of
+	// Netlink); nil watches none: repairs wait for the resync.
+	KernelEvents *netns.NsHandle
+	// RepairDelay is how long after a kernel event the Apply that repairs
+	// it runs, unless another event comes first (5 ms); RepairMax bounds
+	// how long a stream of events postpones it (250 ms: deleting 10,000
+	// routes takes the kernel about that long).
+	RepairDelay, RepairMax time.Duration
+	// RepairRetry is the first wait after a failed Apply; it doubles up
+	// to RouteResync (100 ms).
+	RepairRetry time.Duration
 	// OnReady is called once, after subnet.env is written and the rules are
 	// installed. Optional.
 	OnReady func()
@@ -106,6 +120,15 @@ func (o *Options) defaults() {
 	}
 	if o.Coalesce == 0 {
 		o.Coalesce = 20 * time.Millisecond
+	}
+	if o.RepairDelay == 0 {
+		o.RepairDelay = 5 * time.Millisecond
+	}
+	if o.RepairMax == 0 {
+		o.RepairMax = 250 * time.Millisecond
+	}
+	if o.RepairRetry == 0 {
+		o.RepairRetry = 100 * time.Millisecond
 	}
 	if o.Logger == nil {
 		l := klog.Background()
@@ -139,8 +162,9 @@ type node struct {
 	leases *leaseSet // every admitted lease, own included
 	adm    *admission
 
-	store storeState
-	rules rulesState
+	store  storeState
+	rules  rulesState
+	repair repairState
 
 	envWritten bool
 	ready      bool   // OnReady was called
@@ -198,6 +222,7 @@ func Run(ctx context.Context, o Options) error {
 		n.attrs.PublicIP, n.attrs.BackendData = netip.IPv4Unspecified(), nil // as flannel writes an IPv6-only lease
 	}
 	n.adm = newAdmission(cfg, n.attrs.PublicIP, n.attrs.PublicIPv6, n.log)
+	n.watchKernel(ctx, pub.Owned)
 
 	lease, err := n.acquire(ctx, n.previousSubnet())
 	if err != nil {
@@ -232,7 +257,7 @@ func Run(ctx context.Context, o Options) error {
 			n.store.lost = true
 		}
 	}
-	if err := n.apply(ctx); err != nil {
+	if err := n.apply(ctx, "start"); err != nil {
 		return ctxOr(ctx, fmt.Errorf("programming %s backend: %w", cfg.BackendType, err))
 	}
 	if err := n.writeEnv(); err != nil {
@@ -280,11 +305,15 @@ func (n *node) maybeReady() {
 	n.log.Info("Ready", "subnet", n.lease.Subnet, "ipv6Subnet", n.lease.IPv6Subnet, "publicIP", n.o.Ext.PublicIP, "leases", n.leases.len())
 }
 
-// apply hands the current lease set to the backend.
-func (n *node) apply(ctx context.Context) error {
+// apply hands the current lease set to the backend; cause says what asked
+// for it (a label of metrics.Reconciles).
+func (n *node) apply(ctx context.Context, cause string) error {
+	metrics.Reconciles.WithLabelValues(cause).Inc()
 	start := time.Now()
 	remote := n.remotes()
+	n.repair.writing(true)
 	err := n.be.Apply(ctx, n.lease, remote)
+	n.repair.writing(false)
 	metrics.ReconcileDuration.Observe(time.Since(start).Seconds())
 	if n.o.OnApply != nil {
 		n.o.OnApply(n.cfg, n.mtu, n.lease, remote)

@@ -21,11 +21,13 @@ func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-ch
 	defer resync.Stop()
 	var coalesce <-chan time.Time // non-nil while an Apply is pending
 	pending := 0                  // lease events since the last Apply
-	apply := func() {
+	apply := func(cause string) {
 		coalesce = nil
-		if err := n.apply(ctx); err != nil && ctx.Err() == nil {
-			n.log.Error(err, "Programming the backend failed; retrying at the next resync")
+		err := n.apply(ctx, cause)
+		if err != nil && ctx.Err() == nil {
+			n.log.Error(err, "Programming the backend failed; retrying", "cause", cause)
 		}
+		n.repair.applied(clk, err, n.o.RepairRetry, n.o.RouteResync)
 		if pending >= burstEvents {
 			debug.FreeOSMemory()
 		}
@@ -49,9 +51,15 @@ func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-ch
 				coalesce = clk.After(n.o.Coalesce)
 			}
 		case <-coalesce:
-			apply()
+			apply("leases")
 		case <-resync.C():
-			apply()
+			apply("resync")
+		case c := <-n.repair.events:
+			n.repair.schedule(clk, c, n.o.RepairDelay, n.o.RepairMax)
+		case <-n.repair.timer:
+			apply(n.repair.cause)
+		case <-n.repair.retry:
+			apply("retry")
 		case <-renew.C():
 			n.store.renew = true
 			n.kick(ctx)
@@ -60,7 +68,7 @@ func (n *node) loop(ctx context.Context, events <-chan []subnet.Event, werr <-ch
 			n.kick(ctx)
 		case r := <-n.store.results:
 			if n.stored(ctx, r) {
-				apply()
+				apply("lease")
 			}
 			switch {
 			case r.op == opRenew && r.err != nil && !n.store.lost:

@@ -16,7 +16,6 @@ import (
 	"github.com/flanneld-go/flanneld/backend"
 	_ "github.com/flanneld-go/flanneld/backend/hostgw"
 	"github.com/flanneld-go/flanneld/internal/metrics"
-	"github.com/flanneld-go/flanneld/internal/nstest"
 	"github.com/flanneld-go/flanneld/subnet"
 	"github.com/flanneld-go/flanneld/subnet/etcdv2"
 )
@@ -193,29 +192,17 @@ func TestLoopRunsWhileStoreHangs(t *testing.T) {
 // and a route is deleted by hand: the next route resync on the daemon's
 // clock puts it back while the renewal still waits for etcd.
 func TestRouteRepairWhileStoreHangs(t *testing.T) {
-	ns := nstest.New(t, "fldmn")
-	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24")
-	l := newLab(t)
-	l.set("config", `{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}`, 0)
-	l.set("subnets/10.5.77.0-24", `{"PublicIP":"10.250.0.2","BackendType":"host-gw"}`, time.Hour)
+	n := newHostGWNode(t, "fldmn")
+	ns, l, a, dst, routed := n.ns, n.l, n.eth0.Attrs(), n.dst, n.routed
 	mgr, err := etcdv2.New(etcdv2.Options{Endpoints: l.etcd.Endpoints(), RequestTimeout: time.Minute,
 		Logger: ktesting.NewLogger(t, ktesting.NewConfig())})
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := eth0.Attrs()
-	addr := netip.MustParseAddr("10.250.0.1")
 	clk := clocktesting.NewFakeClock(time.Now())
 	r := l.start(Options{Manager: mgr, Clock: clk, Netlink: ns.NL, RouteResync: 10 * time.Second,
-		RenewMargin: 24*time.Hour - 30*time.Second,
-		Ext: backend.ExternalInterface{Iface: &net.Interface{Index: a.Index, MTU: a.MTU, Name: a.Name, HardwareAddr: a.HardwareAddr},
-			IfaceAddr: addr, PublicIP: addr}})
+		RenewMargin: 24*time.Hour - 30*time.Second, Ext: n.ext()})
 	r.waitReady(t)
-	dst := &net.IPNet{IP: net.IPv4(10, 5, 77, 0).To4(), Mask: net.CIDRMask(24, 32)}
-	routed := func() bool {
-		rs, err := ns.NL.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: dst}, netlink.RT_FILTER_DST)
-		return err == nil && len(rs) == 1 && rs[0].Gw.Equal(net.IPv4(10, 250, 0, 2))
-	}
 	eventually(t, "the route to the remote lease", routed)
 	renewals := metrics.LeaseRenewals.WithLabelValues("ok").Get()
 

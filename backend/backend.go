@@ -85,6 +85,26 @@ type Publish struct {
 	BackendV6Data json.RawMessage
 	// MTU is FLANNEL_MTU.
 	MTU int
+	// Owned is the kernel state the backend programs, so that the daemon
+	// repairs it as soon as a kernel event removes or alters it (see
+	// backend/kwatch); zero means no kernel events are watched.
+	Owned Owned
+}
+
+// Owned names what a backend owns in the kernel, declaratively: the
+// daemon's kernel event watcher ignores events about anything else.
+type Owned struct {
+	// Devices are the links the backend creates and keeps (flannel.1,
+	// flannel-v6.1, flannel0): deleted, set down, re-created by someone
+	// else, their MAC or MTU changed, their addresses, neighbours or fdb
+	// entries removed.
+	Devices []string
+	// ExtIndex is the external interface (0: none): going down or up, or
+	// losing or regaining an address, drops or allows the routes through it.
+	ExtIndex int
+	// Prefixes are the networks (Network, IPv6Network) whose main-table
+	// routes the backend owns: one of them deleted.
+	Prefixes []netip.Prefix
 }
 
 // Backend is a data path. Apply is declarative: it may be called again with

@@ -544,7 +544,9 @@ func TestVXLANEntriesRestored(t *testing.T) {
 			t.Fatalf("%s on host1: %v", e.what, err)
 		}
 		if err := w.check(0); err == nil {
-			t.Fatalf("%s on host1 changed nothing the test can see", e.what)
+			// A deletion is repaired on the kernel's event, maybe before
+			// this look; the edit itself failed if it deleted nothing.
+			t.Logf("%s on host1: already restored", e.what)
 		}
 		eventually(t, "host1 restored after "+e.what, func() error { return w.check(0) })
 	}

@@ -155,7 +155,14 @@ func (b *hostGW) Init(ctx context.Context) (backend.Publish, error) {
 	if b.ext.Iface.MTU <= 0 {
 		return backend.Publish{}, fmt.Errorf("interface %s reports MTU %d; host-gw publishes the interface MTU, so it must be positive", name, b.ext.Iface.MTU)
 	}
-	return backend.Publish{MTU: b.ext.Iface.MTU}, nil
+	owned := backend.Owned{ExtIndex: b.ext.Iface.Index}
+	if b.routes != nil {
+		owned.Prefixes = append(owned.Prefixes, b.config.Network.Masked())
+	}
+	if b.routes6 != nil {
+		owned.Prefixes = append(owned.Prefixes, b.config.IPv6Network.Masked())
+	}
+	return backend.Publish{MTU: b.ext.Iface.MTU, Owned: owned}, nil
 }
 
 // Apply routes each remote lease via its PublicIP on the external interface

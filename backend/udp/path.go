@@ -29,6 +29,7 @@ type path struct {
 	log    klog.Logger
 	strict bool
 	table  atomic.Pointer[table]
+	out    atomic.Pointer[tunWriter] // the TUN's writer, used by udpLoop only
 	ctr    counters
 }
 
@@ -131,12 +132,14 @@ func (p *path) flushTUN(out *tunWriter) {
 	}
 }
 
-// udpLoop moves datagrams from the socket into the TUN until the socket is
+// udpLoop moves datagrams from the socket into the TUN (through p.out,
+// read once per batch: the TUN may be replaced) until the socket is
 // closed.
-func (p *path) udpLoop(c *sockConn, out *tunWriter) {
+func (p *path) udpLoop(c *sockConn) {
 	rx := newRecvBatch(c, recvMessages, maxPacket)
 	for {
 		n, err := rx.read()
+		out := p.out.Load()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -175,7 +178,10 @@ func (p *path) tunLoop(dev tunDevice, c *sockConn, mtu int) {
 		n, err := dev.Read(bufs, sizes, tunOffset)
 		if err != nil {
 			if isFatalTUN(err) {
-				if !errors.Is(err, os.ErrClosed) {
+				switch {
+				case errors.Is(err, unix.EBADFD):
+					p.log.Info("The TUN's device was deleted; the next reconcile creates it again", "device", DeviceName)
+				case !errors.Is(err, os.ErrClosed):
 					p.log.Error(err, "Stopped reading the TUN; packets to other nodes are no longer forwarded", "device", DeviceName)
 				}
 				return

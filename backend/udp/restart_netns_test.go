@@ -134,3 +134,48 @@ func createTUNIn(t *testing.T, x *labHost, name string) (ok, vnet bool, err erro
 	})
 	return ok, vnet, err
 }
+
+// TestNetnsDeviceDeleted deletes A's flannel0 (ip link del) under the
+// running backend: the next Apply creates it again, with its address, the
+// Network route and the packet loop on the new TUN, and traffic flows both
+// ways; setting it down or removing its address is likewise undone.
+func TestNetnsDeviceDeleted(t *testing.T) {
+	needRoot(t)
+	needPing(t)
+	a, b, ba, _ := labPair(t, `{"Type":"udp"}`)
+	ctx := context.Background()
+	la, lb := a.lease("10.5.1.0/24"), b.lease("10.5.2.0/24")
+	// ip -o prefixes the addresses with the index, which a new device changes.
+	addrs := func(s flannel0State) string { _, a, _ := strings.Cut(s.addrs, ": "); return a }
+	before := a.flannel0(t)
+	for _, edit := range [][]string{
+		{"ip", "link", "del", DeviceName},
+		{"ip", "link", "set", DeviceName, "down"},
+		{"ip", "addr", "flush", "dev", DeviceName},
+	} {
+		what := strings.Join(edit, " ")
+		if out, err := a.run(ctx, edit...); err != nil {
+			t.Fatalf("%s: %v\n%s", what, err, out)
+		}
+		if ok, _ := a.ping(t, "10.5.1.0", "10.5.2.0"); ok {
+			t.Fatalf("after %s: ping A->B still answered", what)
+		}
+		// Apply runs in the daemon's thread, in its namespace.
+		var err error
+		inNS(t, a.Handle, func() { err = ba.Apply(ctx, la, []subnet.Lease{lb}) })
+		if err != nil {
+			t.Fatalf("Apply after %s: %v", what, err)
+		}
+		after := a.flannel0(t)
+		if addrs(after) != addrs(before) || after.routes != before.routes {
+			t.Errorf("after %s and Apply: flannel0 has addresses %q and routes %q, want %q and %q",
+				what, addrs(after), after.routes, addrs(before), before.routes)
+		}
+		if ok, out := a.ping(t, "10.5.1.0", "10.5.2.0"); !ok {
+			t.Errorf("after %s and Apply: ping A->B failed:\n%s", what, out)
+		}
+		if ok, out := b.ping(t, "10.5.2.0", "10.5.1.0"); !ok {
+			t.Errorf("after %s and Apply: ping B->A failed:\n%s", what, out)
+		}
+	}
+}

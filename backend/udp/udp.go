@@ -152,7 +152,7 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 		return backend.Publish{}, ErrClosed
 	}
 	if b.dev != nil {
-		return backend.Publish{MTU: b.mtu}, nil
+		return b.publish(), nil
 	}
 	sock, err := listen(netip.AddrPortFrom(b.opts.Ext.IfaceAddr, uint16(b.cfg.Port)), b.cfg.UDPGSO, b.cfg.UDPGRO)
 	if err != nil {
@@ -175,13 +175,19 @@ func (b *Backend) Init(ctx context.Context) (backend.Publish, error) {
 		sock.Close()
 		return backend.Publish{}, fmt.Errorf("getting the file of TUN %s: %w", DeviceName, err)
 	}
-	out := newTUNWriter(rc, vnet)
+	b.path.out.Store(newTUNWriter(rc, vnet))
 	b.dev, b.sock = dev, sock
 	b.wg.Add(2)
 	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
-	go func() { defer b.wg.Done(); b.path.udpLoop(sock, out) }()
+	go func() { defer b.wg.Done(); b.path.udpLoop(sock) }()
 	track(b, true)
-	return backend.Publish{MTU: b.mtu}, nil
+	return b.publish(), nil
+}
+
+// publish is what Init returns: the MTU, and flannel0 and the Network route
+// through it as the kernel state to repair on events.
+func (b *Backend) publish() backend.Publish {
+	return backend.Publish{MTU: b.mtu, Owned: backend.Owned{Devices: []string{DeviceName}, Prefixes: []netip.Prefix{b.opts.Config.Network.Masked()}}}
 }
 
 // Apply gives flannel0 the address <own subnet IP>/<Network prefix> (so the
@@ -223,6 +229,11 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 // kernel's metric 0, is given RouteMetric in place.
 func (b *Backend) configureDevice(own netip.Prefix) error {
 	link, err := b.nl.LinkByName(DeviceName)
+	if errors.As(err, new(netlink.LinkNotFoundError)) {
+		if err = b.reattach(); err == nil {
+			link, err = b.nl.LinkByName(DeviceName)
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("finding %s: %w", DeviceName, err)
 	}
@@ -251,6 +262,31 @@ func (b *Backend) configureDevice(own netip.Prefix) error {
 	if err := b.nl.LinkSetUp(link); err != nil {
 		return fmt.Errorf("setting %s up: %w", DeviceName, err)
 	}
+	return nil
+}
+
+// reattach creates flannel0 again after it was deleted (ip link del): the
+// TUN the process holds then belongs to no device, and its reads and writes
+// fail. The new TUN gets the packet loop of the old one, which is closed;
+// the caller gives it its address. Called with b.mu held.
+func (b *Backend) reattach() error {
+	dev, vnet, err := createTUN(DeviceName, b.mtu, b.cfg.TUNOffload)
+	if err != nil {
+		return fmt.Errorf("creating TUN %s again after it was deleted: %w", DeviceName, err)
+	}
+	rc, err := dev.File().SyscallConn()
+	if err != nil {
+		dev.Close()
+		return fmt.Errorf("getting the file of TUN %s: %w", DeviceName, err)
+	}
+	old := b.dev
+	b.dev = dev
+	b.path.out.Store(newTUNWriter(rc, vnet))
+	old.Close() // its loop ends
+	sock := b.sock
+	b.wg.Add(1)
+	go func() { defer b.wg.Done(); b.path.tunLoop(dev, sock, b.mtu) }()
+	b.log.Info("Created the TUN again after it was deleted", "device", DeviceName, "tunOffload", vnet)
 	return nil
 }
 

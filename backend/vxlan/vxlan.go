@@ -254,6 +254,9 @@ func (b *vxlanBackend) Init(ctx context.Context) (backend.Publish, error) {
 		if pub.MTU == 0 || p.spec.MTU < pub.MTU {
 			pub.MTU = p.spec.MTU
 		}
+		pub.Owned.Devices = append(pub.Owned.Devices, p.spec.Name)
+		pub.Owned.Prefixes = append(pub.Owned.Prefixes, p.network)
+		pub.Owned.ExtIndex = p.spec.ExtIndex
 		b.log.Info("VXLAN device ready", "device", p.spec.Name, "vni", p.spec.VNI, "vtepMAC", p.mac.String(),
 			"local", p.spec.Local, "dstport", p.spec.Port, "mtu", p.spec.MTU, "directRouting", b.cfg.DirectRouting)
 	}

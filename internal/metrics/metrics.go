@@ -49,6 +49,12 @@ var (
 	Programmed = GaugeVec{name: ns + "programmed_entries", labels: []string{"backend", "kind"}}
 	// ReconcileDuration is how long one backend Apply takes.
 	ReconcileDuration = newHistogram(ns+"reconcile_duration_seconds", 0.0005, 4, 9)
+	// Reconciles counts backend reconciles by what asked for them: start,
+	// leases, lease (own lease acquired or renewed), resync, retry (after
+	// a failed one), or a kernel event (route-deleted, route-changed,
+	// neigh-deleted, neigh-changed, link-changed, addr-deleted,
+	// ext-changed, events-lost).
+	Reconciles = CounterVec{name: ns + "reconciles_total", labels: []string{"cause"}}
 	// ReconcileErrors counts failed backend reconciles.
 	ReconcileErrors = set.NewCounter(ns + "reconcile_errors_total")
 	// EtcdAPI is 1 for the etcd API the lease manager uses (api "v2" or
