@@ -473,7 +473,9 @@ func TestDefaultFile(t *testing.T) {
 	known := map[string]bool{"FLANNELD_OPTS": true}
 	for f := range flags {
 		known[varName(f)] = true
-		if f == "version" || f == "help" || klogFlags.Lookup(f) != nil {
+		// --version, --help and --check are one-shot commands, not settings
+		// of the service.
+		if f == "version" || f == "help" || f == "check" || klogFlags.Lookup(f) != nil {
 			continue
 		}
 		if _, ok := examples[varName(f)]; !ok {
