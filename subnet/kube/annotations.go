@@ -57,10 +57,3 @@ func CheckAnnotationPrefix(prefix string) error {
 	_, err := newAnnotations(prefix)
 	return err
 }
-
-// watched reports whether key is one of the annotations the lease watch
-// keeps in memory.
-func (a annotations) watched(key string) bool {
-	return key == a.backendType || key == a.backendData || key == a.publicIP || key == a.subnetManager ||
-		key == a.backendV6Data || key == a.publicIPv6
-}

@@ -93,13 +93,23 @@ func (m *Manager) overwrite(node *v1.Node, key string, addr netip.Addr, ipv6 boo
 	return a, nil
 }
 
-// podCIDRs returns the node's IPv4 and IPv6 podCIDRs (spec.podCIDRs, else
-// spec.podCIDR), each invalid when absent.
+// podCIDRs returns the node's IPv4 and IPv6 podCIDRs, each invalid when
+// absent.
 func podCIDRs(n *v1.Node) (v4, v6 netip.Prefix, err error) {
-	cidrs := n.Spec.PodCIDRs
-	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
-		cidrs = []string{n.Spec.PodCIDR}
+	return parsePodCIDRs(specPodCIDRs(n))
+}
+
+// specPodCIDRs is the node's spec.podCIDRs, else its spec.podCIDR.
+func specPodCIDRs(n *v1.Node) []string {
+	if len(n.Spec.PodCIDRs) == 0 && n.Spec.PodCIDR != "" {
+		return []string{n.Spec.PodCIDR}
 	}
+	return n.Spec.PodCIDRs
+}
+
+// parsePodCIDRs returns the first IPv4 and the first IPv6 of cidrs, each
+// invalid when absent.
+func parsePodCIDRs(cidrs []string) (v4, v6 netip.Prefix, err error) {
 	for _, s := range cidrs {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {

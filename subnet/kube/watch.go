@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
 
@@ -132,14 +134,14 @@ func untilAnswered[T any](ctx context.Context, m *Manager, o *outage, fn func() 
 // listPage is the number of Nodes one list request returns.
 const listPage = 500
 
-// listSlim lists the Nodes page by page and keeps only the slim form of
+// listSlim lists the Nodes page by page and keeps only the watchedNode of
 // each, so that a list of thousands of nodes is never decoded whole (an API
 // server that streams the initial state to the informer, WatchList, does
 // not call it). It reads the latest state (ResourceVersion ""), which
 // paging requires; the informer watches on from the list's version.
 func (m *Manager) listSlim(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
 	opts.ResourceVersion, opts.ResourceVersionMatch, opts.Limit = "", "", listPage
-	out := &v1.NodeList{}
+	out := &watchedNodeList{}
 	for {
 		page, err := m.client.listNodes(ctx, opts)
 		if err != nil {
@@ -150,11 +152,10 @@ func (m *Manager) listSlim(ctx context.Context, opts metav1.ListOptions) (runtim
 			if rest := page.RemainingItemCount; rest != nil && *rest > 0 {
 				n += int(*rest)
 			}
-			out.Items = make([]v1.Node, 0, n)
+			out.Items = make([]*watchedNode, 0, n)
 		}
 		for i := range page.Items {
-			slim, _ := m.slimNode(&page.Items[i])
-			out.Items = append(out.Items, *slim.(*v1.Node))
+			out.Items = append(out.Items, m.watchedNode(&page.Items[i]))
 		}
 		out.ResourceVersion = page.ResourceVersion
 		if page.Continue == "" {
@@ -164,27 +165,78 @@ func (m *Manager) listSlim(ctx context.Context, opts metav1.ListOptions) (runtim
 	}
 }
 
-// slimNode is the informer's transform: a Node reduced to what a lease
-// needs, so memory does not grow with the size of node status (images,
+// slimNode is the informer's transform: a Node becomes its watchedNode, so
+// that memory does not grow with the size of node status (images,
 // conditions, addresses) or of other annotations.
 func (m *Manager) slimNode(obj any) (any, error) {
-	n, ok := obj.(*v1.Node)
-	if !ok {
-		return obj, nil // a tombstone; its object was slimmed when stored
+	if n, ok := obj.(*v1.Node); ok {
+		return m.watchedNode(n), nil
 	}
-	slim := &v1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: n.Name, ResourceVersion: n.ResourceVersion},
-		Spec:       v1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+	// A watchedNode already (listed by listSlim, or passed again when the
+	// informer replaces its store), or a tombstone of one.
+	return obj, nil
+}
+
+// watchedNode is what the informer keeps of a Node: its name and, when it
+// is marked as a lease and has a podCIDR, the podCIDRs and the values of
+// the lease annotations. It embeds ObjectMeta, with only Name set, so that
+// client-go's queue and store key it as the Node it stands for.
+type watchedNode struct {
+	metav1.ObjectMeta
+	podCIDRs []string // spec.podCIDRs, else spec.podCIDR; none when not a lease
+
+	backendType, backendData, backendV6Data string
+	publicIP, publicIPv6                    string
+	hasPublicIP, hasPublicIPv6              bool // the annotation is present (perhaps "")
+}
+
+func (m *Manager) watchedNode(n *v1.Node) *watchedNode {
+	w := &watchedNode{ObjectMeta: metav1.ObjectMeta{Name: n.Name}}
+	a, k := n.Annotations, m.keys
+	if a[k.subnetManager] != "true" {
+		return w
 	}
-	for k, v := range n.Annotations {
-		if m.keys.watched(k) {
-			if slim.Annotations == nil {
-				slim.Annotations = make(map[string]string, 4)
-			}
-			slim.Annotations[k] = v
-		}
+	w.podCIDRs = specPodCIDRs(n)
+	if len(w.podCIDRs) == 0 {
+		return w
 	}
-	return slim, nil
+	w.backendType, w.backendData, w.backendV6Data = a[k.backendType], a[k.backendData], a[k.backendV6Data]
+	w.publicIP, w.hasPublicIP = a[k.publicIP]
+	w.publicIPv6, w.hasPublicIPv6 = a[k.publicIPv6]
+	return w
+}
+
+// isLease reports whether the node is marked as a lease
+// (<prefix>/kube-subnet-manager "true") and has a podCIDR.
+func (w *watchedNode) isLease() bool { return len(w.podCIDRs) > 0 }
+
+// GetObjectKind is a watchedNode's kind: none (it never goes on the wire).
+func (w *watchedNode) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+// DeepCopyObject makes watchedNode a runtime.Object, as the items of a
+// list given to the informer are.
+func (w *watchedNode) DeepCopyObject() runtime.Object {
+	c := *w
+	w.ObjectMeta.DeepCopyInto(&c.ObjectMeta)
+	c.podCIDRs = slices.Clone(w.podCIDRs)
+	return &c
+}
+
+// watchedNodeList is the list listSlim gives the informer.
+type watchedNodeList struct {
+	metav1.ListMeta
+	Items []*watchedNode
+}
+
+func (l *watchedNodeList) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+func (l *watchedNodeList) DeepCopyObject() runtime.Object {
+	c := &watchedNodeList{Items: make([]*watchedNode, len(l.Items))}
+	l.ListMeta.DeepCopyInto(&c.ListMeta)
+	for i, n := range l.Items {
+		c.Items[i] = n.DeepCopyObject().(*watchedNode)
+	}
+	return c
 }
 
 // watcher turns informer notifications into lease events. The informer's
@@ -240,7 +292,7 @@ func (w *watcher) collect(keys []string) []subnet.Event {
 			ok    bool
 		)
 		if obj, exists, _ := w.store.GetByKey(key); exists {
-			lease, ok = w.lease(obj.(*v1.Node))
+			lease, ok = w.lease(obj.(*watchedNode))
 		} else {
 			delete(w.bad, key)
 		}
@@ -270,13 +322,12 @@ func sameLease(a, b subnet.Lease) bool {
 // lease reads a node's lease. A node that is not a lease (no
 // kube-subnet-manager "true" or no podCIDR) is not ok, silently; one whose
 // podCIDR or annotations do not parse is not ok and logged once.
-func (w *watcher) lease(n *v1.Node) (subnet.Lease, bool) {
-	keys := w.m.keys
-	if n.Annotations[keys.subnetManager] != "true" || (n.Spec.PodCIDR == "" && len(n.Spec.PodCIDRs) == 0) {
+func (w *watcher) lease(n *watchedNode) (subnet.Lease, bool) {
+	if !n.isLease() {
 		delete(w.bad, n.Name)
 		return subnet.Lease{}, false
 	}
-	l, err := parseNodeLease(keys, n)
+	l, err := parseNodeLease(w.m.keys, n)
 	if err != nil {
 		if w.bad[n.Name] != err.Error() {
 			w.bad[n.Name] = err.Error()
@@ -291,29 +342,30 @@ func (w *watcher) lease(n *v1.Node) (subnet.Lease, bool) {
 // parseNodeLease reads the lease of a node that is marked as one: its IPv4
 // part when it has an IPv4 podCIDR and a public-ip, its IPv6 part when it
 // has an IPv6 podCIDR and a public-ipv6 (as a node publishes the families
-// its config enables). A node with neither is an error.
-func parseNodeLease(keys annotations, n *v1.Node) (subnet.Lease, error) {
-	v4, v6, err := podCIDRs(n)
+// its config enables). A node with neither is an error. keys name the
+// annotations in errors.
+func parseNodeLease(keys annotations, n *watchedNode) (subnet.Lease, error) {
+	v4, v6, err := parsePodCIDRs(n.podCIDRs)
 	if err != nil {
 		return subnet.Lease{}, err
 	}
-	l := subnet.Lease{Attrs: subnet.LeaseAttrs{BackendType: n.Annotations[keys.backendType]}}
-	if s, ok := n.Annotations[keys.publicIP]; v4.IsValid() && ok {
+	l := subnet.Lease{Attrs: subnet.LeaseAttrs{BackendType: n.backendType}}
+	if s := n.publicIP; v4.IsValid() && n.hasPublicIP {
 		ip, err := netip.ParseAddr(s)
 		if err != nil || !ip.Is4() {
 			return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not an IPv4 address", keys.publicIP, s)
 		}
-		if l.Attrs.BackendData, err = backendData(keys.backendData, n.Annotations[keys.backendData]); err != nil {
+		if l.Attrs.BackendData, err = backendData(keys.backendData, n.backendData); err != nil {
 			return subnet.Lease{}, err
 		}
 		l.Subnet, l.Attrs.PublicIP = v4, ip
 	}
-	if s, ok := n.Annotations[keys.publicIPv6]; v6.IsValid() && ok {
+	if s := n.publicIPv6; v6.IsValid() && n.hasPublicIPv6 {
 		ip, err := netip.ParseAddr(s)
 		if err != nil || !ip.Is6() || ip.Is4In6() {
 			return subnet.Lease{}, fmt.Errorf("annotation %s=%q is not an IPv6 address", keys.publicIPv6, s)
 		}
-		if l.Attrs.BackendV6Data, err = backendData(keys.backendV6Data, n.Annotations[keys.backendV6Data]); err != nil {
+		if l.Attrs.BackendV6Data, err = backendData(keys.backendV6Data, n.backendV6Data); err != nil {
 			return subnet.Lease{}, err
 		}
 		l.IPv6Subnet, l.Attrs.PublicIPv6 = v6, ip
