@@ -60,25 +60,17 @@ type skip struct {
 	Reason string
 }
 
-// desired is what the kernel should hold for a set of remote leases.
+// desired is what the kernel should hold for a set of remote leases. An
+// Apply computes it afresh and drops it when done: between Applies the
+// backend holds no entry.
 type desired struct {
 	neighs map[netip.Addr]nlbatch.Neigh // by remote subnet IP
 	fdbs   map[hwAddr]nlbatch.Neigh     // by remote VTEP MAC
 	routes []nlbatch.Route
 	skips  []skip
-
-	// Scratch space reused between calls.
-	order    []int
-	macOwner map[hwAddr]netip.Prefix
 }
 
-func newDesired() *desired {
-	return &desired{
-		neighs:   map[netip.Addr]nlbatch.Neigh{},
-		fdbs:     map[hwAddr]nlbatch.Neigh{},
-		macOwner: map[hwAddr]netip.Prefix{},
-	}
-}
+func newDesired() *desired { return &desired{} }
 
 // world is what desired computation needs to know about this node.
 type world struct {
@@ -129,19 +121,18 @@ func (w *world) fdb(mac hwAddr, dst netip.Addr) nlbatch.Neigh {
 // whose BackendData is unusable, or whose subnet or VtepMAC an earlier lease
 // already has, is reported in d.skips and left out.
 func (d *desired) compute(w world, remote []subnet.Lease) {
-	clear(d.neighs)
-	clear(d.fdbs)
-	d.routes = d.routes[:0]
 	d.skips = d.skips[:0]
-
-	clear(d.macOwner)
-	d.order = d.order[:0]
+	order := make([]int, 0, len(remote))
 	for i := range remote {
 		if sn, _, _ := w.view(&remote[i]); sn.IsValid() {
-			d.order = append(d.order, i)
+			order = append(order, i)
 		}
 	}
-	slices.SortStableFunc(d.order, func(a, b int) int {
+	d.neighs = make(map[netip.Addr]nlbatch.Neigh, len(order))
+	d.fdbs = make(map[hwAddr]nlbatch.Neigh, len(order))
+	d.routes = make([]nlbatch.Route, 0, len(order))
+	macOwner := make(map[hwAddr]netip.Prefix, len(order))
+	slices.SortStableFunc(order, func(a, b int) int {
 		sa, pa, da := w.view(&remote[a])
 		sb, pb, db := w.view(&remote[b])
 		if c := sa.Addr().Compare(sb.Addr()); c != 0 {
@@ -161,7 +152,7 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		dataKey = "BackendV6Data"
 	}
 	var last netip.Prefix // the previous lease's subnet
-	for _, i := range d.order {
+	for _, i := range order {
 		sn, pub, data := w.view(&remote[i])
 		if sn == last {
 			// Only the IPv6 subnets of dual-stack leases can repeat: the
@@ -175,11 +166,11 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 			d.skips = append(d.skips, skip{sn, err.Error()})
 			continue
 		}
-		if other, dup := d.macOwner[mac]; dup {
+		if other, dup := macOwner[mac]; dup {
 			d.skips = append(d.skips, skip{sn, fmt.Sprintf("VtepMAC %s is already used by the lease %s", mac, other)})
 			continue
 		}
-		d.macOwner[mac] = sn
+		macOwner[mac] = sn
 
 		if w.direct && onNets(w.extNets, pub) {
 			d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: w.ext})
