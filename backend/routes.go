@@ -93,8 +93,9 @@ type RouteReconciler struct {
 
 	rec *Reconciler[routeKey, hop]
 	own netip.Prefix
-	// nhs holds the nexthop objects desired, by ID, during a call.
-	nhs map[uint32]nlbatch.Nexthop
+	// nhs holds the nexthop objects desired during a call: by ID, the hop
+	// of the first route through it.
+	nhs map[uint32]hop
 	// unused holds, during a call, the IDs of this reconciler's making of
 	// the nexthop objects dumped routes use and no desired route does.
 	unused map[uint32]bool
@@ -166,7 +167,7 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (
 	// The desired set lives for this call only: between calls the
 	// reconciler holds no route.
 	want := make(map[routeKey]hop, len(desired))
-	r.nhs = map[uint32]nlbatch.Nexthop{}
+	r.nhs = map[uint32]hop{}
 	r.unused = map[uint32]bool{}
 	defer func() { r.nhs, r.unused = nil, nil }()
 	var bad int
@@ -179,15 +180,16 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (
 			}
 			continue
 		}
-		w := nlbatch.Route{Dst: d.Dst, Gw: d.Gw, LinkIndex: d.LinkIndex, Onlink: d.Onlink}
+		h := hop{gw: d.Gw.As16(), link: int32(d.LinkIndex), onlink: d.Onlink}
 		if r.nexthops {
-			nh := nlbatch.Nexthop{ID: nexthopID(d.Gw), Gw: d.Gw, LinkIndex: d.LinkIndex, Onlink: d.Onlink}
-			if prev, taken := r.nhs[nh.ID]; !taken || prev == nh {
-				r.nhs[nh.ID] = nh
-				w.NexthopID = nh.ID
+			via := h
+			via.nh = nexthopID(d.Gw)
+			if prev, taken := r.nhs[via.nh]; !taken || prev == via {
+				r.nhs[via.nh] = via
+				h = via
 			} // else one gateway on two links: a plain route
 		}
-		want[keyOf(d.Dst, 0, 0)] = hopOf(&w)
+		want[keyOf(d.Dst, 0, 0)] = h
 	}
 
 	if err := r.rec.Plan(want); err != nil {
@@ -375,7 +377,8 @@ func (r *RouteReconciler) writeNexthops(hops []hop) map[uint32]error {
 			seen = map[uint32]bool{}
 		}
 		seen[id] = true
-		r.nhBuf = append(r.nhBuf, r.nhs[id])
+		h := &hops[i]
+		r.nhBuf = append(r.nhBuf, nlbatch.Nexthop{ID: id, Gw: netip.AddrFrom16(h.gw).Unmap(), LinkIndex: int(h.link), Onlink: h.onlink})
 	}
 	if len(r.nhBuf) == 0 {
 		return nil
