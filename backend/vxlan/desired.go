@@ -131,7 +131,11 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 	d.neighs = make(map[netip.Addr]nlbatch.Neigh, len(order))
 	d.fdbs = make(map[hwAddr]nlbatch.Neigh, len(order))
 	d.routes = make([]nlbatch.Route, 0, len(order))
-	macOwner := make(map[hwAddr]netip.Prefix, len(order))
+	// A MAC is taken when a tunnelled lease has it (it is a key of fdbs)
+	// or a directly routed one does (directMACs). The owner named in a
+	// skip is looked up once all leases are placed (dups).
+	var directMACs map[hwAddr]netip.Prefix
+	var dups []dupMAC
 	slices.SortStableFunc(order, func(a, b int) int {
 		sa, pa, da := w.view(&remote[a])
 		sb, pb, db := w.view(&remote[b])
@@ -166,13 +170,18 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 			d.skips = append(d.skips, skip{sn, err.Error()})
 			continue
 		}
-		if other, dup := macOwner[mac]; dup {
-			d.skips = append(d.skips, skip{sn, fmt.Sprintf("VtepMAC %s is already used by the lease %s", mac, other)})
+		_, tunnelled := d.fdbs[mac]
+		if _, direct := directMACs[mac]; tunnelled || direct {
+			dups = append(dups, dupMAC{len(d.skips), mac})
+			d.skips = append(d.skips, skip{Subnet: sn})
 			continue
 		}
-		macOwner[mac] = sn
 
 		if w.direct && onNets(w.extNets, pub) {
+			if directMACs == nil {
+				directMACs = map[hwAddr]netip.Prefix{}
+			}
+			directMACs[mac] = sn
 			d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: w.ext})
 			continue
 		}
@@ -180,6 +189,37 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		d.neighs[gw] = w.neigh(gw, mac)
 		d.fdbs[mac] = w.fdb(mac, pub)
 		d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: gw, LinkIndex: w.vtep, Onlink: true})
+	}
+	d.nameOwners(w, dups, directMACs)
+}
+
+// dupMAC is a lease skipped because an earlier one has its VtepMAC: the
+// index of its skip and the MAC.
+type dupMAC struct {
+	skip int
+	mac  hwAddr
+}
+
+// nameOwners writes the reason of each skip in dups, naming the lease that
+// has the MAC: from directMACs, or the tunnelled route whose neighbour has
+// it (one pass over the routes, and only when there are dups).
+func (d *desired) nameOwners(w world, dups []dupMAC, directMACs map[hwAddr]netip.Prefix) {
+	if len(dups) == 0 {
+		return
+	}
+	owners := make(map[hwAddr]netip.Prefix, len(dups))
+	for _, dm := range dups {
+		owners[dm.mac] = directMACs[dm.mac]
+	}
+	for _, r := range d.routes {
+		if n, ok := d.neighs[r.Gw]; ok && r.LinkIndex == w.vtep {
+			if _, dup := owners[n.MAC]; dup {
+				owners[n.MAC] = r.Dst
+			}
+		}
+	}
+	for _, dm := range dups {
+		d.skips[dm.skip].Reason = fmt.Sprintf("VtepMAC %s is already used by the lease %s", dm.mac, owners[dm.mac])
 	}
 }
 
