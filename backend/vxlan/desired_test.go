@@ -154,7 +154,7 @@ neigh 10.5.2.0 lladdr 0e:00:00:00:00:02 nud permanent
 route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink`,
 		},
 	}
-	d := newDesired() // reused across cases, as Apply does
+	d := newDesired() // reused across cases, as a plane does
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			d.compute(tt.w, tt.remote)

@@ -502,6 +502,9 @@ func (b *plane) rollBack() (neighFailed, fdbFailed int) {
 func (b *plane) release() {
 	b.want.neighs, b.want.fdbs, b.want.routes = nil, nil, nil
 	b.neighTab.want = nil
+	if len(b.halfDone) > keepBuf {
+		b.halfDone = map[netip.Addr]struct{}{}
+	}
 	clear(b.halfDone)
 	if cap(b.routeBuf) > keepBuf {
 		b.routeBuf = nil
