@@ -60,8 +60,9 @@ func Same[V comparable](want, have V) bool { return want == have }
 // moves; Reconcile does both, a backend that orders several tables (vxlan:
 // neighbours, fdb entries and routes set, then deleted in reverse) calls
 // Plan, Add and Remove itself. Nothing is remembered between calls but
-// buffers: each Plan reads the table afresh, so an entry deleted by hand
-// comes back and the leftovers of a previous run go.
+// small buffers: each Plan reads the table afresh, comparing each dumped
+// entry with the desired one as it arrives (the dump is not kept), so an
+// entry deleted by hand comes back and the leftovers of a previous run go.
 //
 // The kernel can hold several entries under one key (ip route append,
 // bridge fdb append, a route with another metric when the key has none):
@@ -79,9 +80,13 @@ type Reconciler[K comparable, V any] struct {
 	table Table[K, V]
 	equal func(want, have V) bool
 
-	have    map[K]V
+	// seen maps each desired key the dump reported to the index in setK
+	// of its pending replace, or -1 when its entry is the desired one. It
+	// lives from Plan to the end of Plan.
+	seen    map[K]int32
 	setK    []K
 	setV    []V
+	old     []V    // for a replace (upd), the entry as dumped
 	upd     []bool // whether setV[i] replaces an entry
 	delK    []K
 	delV    []V
@@ -103,7 +108,7 @@ const keepChanges = 1024
 // NewReconciler returns a Reconciler of t; equal reports whether an
 // entry as dumped (have) is the desired one (want), e.g. Same.
 func NewReconciler[K comparable, V any](t Table[K, V], equal func(want, have V) bool) *Reconciler[K, V] {
-	return &Reconciler[K, V]{table: t, equal: equal, have: map[K]V{}}
+	return &Reconciler[K, V]{table: t, equal: equal}
 }
 
 // Reconcile makes the table hold exactly desired: Plan, Add, Remove. The
@@ -123,10 +128,15 @@ func (r *Reconciler[K, V]) Plan(desired map[K]V) error {
 	r.desired = desired
 	r.c, r.first = Changes{}, nil
 	r.failed = r.failed[:0]
+	r.seen = make(map[K]int32, len(desired))
+	defer func() { r.seen = nil }()
 	var err error
 	for range dumpAttempts {
-		clear(r.have)
+		clear(r.seen)
+		clear(r.setV)
+		clear(r.old)
 		clear(r.delV)
+		r.setK, r.setV, r.old, r.upd = r.setK[:0], r.setV[:0], r.old[:0], r.upd[:0]
 		r.delK, r.delV = r.delK[:0], r.delV[:0]
 		err = r.table.Dump(r.collect)
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
@@ -135,37 +145,67 @@ func (r *Reconciler[K, V]) Plan(desired map[K]V) error {
 		err = nil
 	}
 	if err != nil {
+		r.trim()
 		return err
 	}
-	clear(r.setV)
-	r.setK, r.setV, r.upd = r.setK[:0], r.setV[:0], r.upd[:0]
-	for k, want := range desired {
-		have, ok := r.have[k]
-		if ok && r.equal(want, have) {
+	// Drop the replaces a later, desired entry of the same key cancelled.
+	n := 0
+	for i, k := range r.setK {
+		if r.seen[k] != int32(i) {
 			continue
 		}
-		r.setK, r.setV, r.upd = append(r.setK, k), append(r.setV, want), append(r.upd, ok)
+		r.setK[n], r.setV[n], r.old[n], r.upd[n] = k, r.setV[i], r.old[i], true
+		n++
 	}
-	for k, have := range r.have {
-		if _, ok := desired[k]; !ok {
-			r.delK, r.delV = append(r.delK, k), append(r.delV, have)
+	clear(r.setV[n:])
+	clear(r.old[n:])
+	r.setK, r.setV, r.old, r.upd = r.setK[:n], r.setV[:n], r.old[:n], r.upd[:n]
+	if len(r.seen) < len(desired) {
+		var zero V
+		for k, want := range desired {
+			if _, ok := r.seen[k]; !ok {
+				r.setK, r.setV, r.old, r.upd = append(r.setK, k), append(r.setV, want), append(r.old, zero), append(r.upd, false)
+			}
 		}
 	}
 	return nil
 }
 
-// collect is the dump callback: the first entry of a key stays (or the
-// desired one, when a later entry is it); the others are to delete.
+// collect is the dump callback. An entry of a key not desired is to
+// delete. The first entry of a desired key stays (replaced if it differs),
+// unless a later one is the desired entry: then that one stays; the others
+// are to delete.
 func (r *Reconciler[K, V]) collect(k K, v V) {
-	prev, dup := r.have[k]
-	if !dup {
-		r.have[k] = v
+	want, ok := r.desired[k]
+	if !ok {
+		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
 		return
 	}
-	if want, ok := r.desired[k]; ok && r.equal(want, v) {
-		r.have[k], v = v, prev
+	i, dup := r.seen[k]
+	switch {
+	case !dup && r.equal(want, v):
+		r.seen[k] = -1
+	case !dup:
+		r.seen[k] = int32(len(r.setK))
+		r.setK, r.setV, r.old, r.upd = append(r.setK, k), append(r.setV, want), append(r.old, v), append(r.upd, true)
+	case i >= 0 && r.equal(want, v):
+		// The entry kept so far was to be replaced; this one is desired.
+		r.seen[k] = -1
+		r.delK, r.delV = append(r.delK, k), append(r.delV, r.old[i])
+	default:
+		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
 	}
-	r.delK, r.delV = append(r.delK, k), append(r.delV, v)
+}
+
+// Replacing calls fn for each set Plan found that replaces a dumped entry:
+// its key, the desired value and the entry as dumped. It is valid from
+// Plan until Remove returns (a Table's Set may use it).
+func (r *Reconciler[K, V]) Replacing(fn func(k K, want, have V)) {
+	for i, u := range r.upd {
+		if u {
+			fn(r.setK[i], r.setV[i], r.old[i])
+		}
+	}
 }
 
 // Add writes the sets Plan found: one Table.Set.
@@ -209,9 +249,11 @@ func (r *Reconciler[K, V]) Remove() {
 // after a burst, the big buffers.
 func (r *Reconciler[K, V]) trim() {
 	r.desired = nil
-	clear(r.delV) // references to dumped values
+	clear(r.setV) // references to desired and dumped values
+	clear(r.old)
+	clear(r.delV)
 	if cap(r.setV)+cap(r.delV) > keepChanges {
-		r.setK, r.setV, r.upd, r.delK, r.delV, r.errs = nil, nil, nil, nil, nil, nil
+		r.setK, r.setV, r.old, r.upd, r.delK, r.delV, r.errs = nil, nil, nil, nil, nil, nil, nil
 	}
 }
 
@@ -225,10 +267,6 @@ func (r *Reconciler[K, V]) fail(err error) {
 // Result returns what the writes since Plan did and the first failure,
 // noting how many more failed.
 func (r *Reconciler[K, V]) Result() (Changes, error) { return r.c, failedErr(r.first, r.c.Failed) }
-
-// Have is the table as the last Plan read it, one entry per key. The map
-// is the Reconciler's; read it only.
-func (r *Reconciler[K, V]) Have() map[K]V { return r.have }
 
 // FailedSets returns the keys whose set failed since the last Plan. The
 // slice is the Reconciler's; read it only.

@@ -313,3 +313,27 @@ func TestReconcileUncomparableValues(t *testing.T) {
 		t.Error("Changes.Any is wrong")
 	}
 }
+
+// TestReconcileReplacing checks that Replacing reports each set that
+// replaces a dumped entry, with that entry, and not a replace that a later,
+// desired entry of the same key cancelled.
+func TestReconcileReplacing(t *testing.T) {
+	f := table("a=1 b=1 b=3 c=1 e=1")
+	r := NewReconciler[string, string](f, Same[string])
+	if err := r.Plan(kv("a=2 b=3 c=1 d=1")); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	r.Replacing(func(k, want, have string) { got = append(got, fmt.Sprintf("%s=%s over %s", k, want, have)) })
+	if want := []string{"a=2 over 1"}; !slices.Equal(got, want) {
+		t.Errorf("replacing = %q, want %q", got, want)
+	}
+	r.Add()
+	r.Remove()
+	if calls := f.takeCalls(t); calls != "set a=2; set d=1; del b=1; del e=1" {
+		t.Errorf("calls = %q", calls)
+	}
+	if a := f.text(); a != "a=2 b=3 c=1 d=1" {
+		t.Errorf("table = %q", a)
+	}
+}

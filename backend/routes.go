@@ -91,17 +91,20 @@ type RouteReconciler struct {
 	links    []int
 	nexthops bool // install routes through nexthop objects
 
-	rec  *Reconciler[routeKey, hop]
-	own  netip.Prefix
-	want map[routeKey]hop
-	nhs  map[uint32]nlbatch.Nexthop // nexthop objects desired, by ID
+	rec *Reconciler[routeKey, hop]
+	own netip.Prefix
+	// nhs holds the nexthop objects desired during a call: by ID, the hop
+	// of the first route through it.
+	nhs map[uint32]hop
+	// unused holds, during a call, the IDs of this reconciler's making of
+	// the nexthop objects dumped routes use and no desired route does.
+	unused map[uint32]bool
 
 	// Reused by each call.
 	routes []nlbatch.Route
 	moves  []nlbatch.Route
 	nhBuf  []nlbatch.Nexthop
 	ids    []uint32
-	seen   map[uint32]bool
 	errs   []error
 }
 
@@ -114,9 +117,6 @@ func NewRouteReconciler(nl RouteNetlink, network netip.Prefix, links ...int) *Ro
 		network: network.Masked(),
 		v6:      network.Addr().Is6(),
 		links:   slices.Clone(links),
-		want:    map[routeKey]hop{},
-		nhs:     map[uint32]nlbatch.Nexthop{},
-		seen:    map[uint32]bool{},
 	}
 	r.rec = NewReconciler[routeKey, hop](routeTable{r}, Same[hop])
 	return r
@@ -164,8 +164,12 @@ func nexthopID(gw netip.Addr) uint32 {
 // done.
 func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (Changes, error) {
 	r.own = own
-	clear(r.want)
-	clear(r.nhs)
+	// The desired set lives for this call only: between calls the
+	// reconciler holds no route.
+	want := make(map[routeKey]hop, len(desired))
+	r.nhs = map[uint32]hop{}
+	r.unused = map[uint32]bool{}
+	defer func() { r.nhs, r.unused = nil, nil }()
 	var bad int
 	var badErr error
 	for _, d := range desired {
@@ -176,18 +180,19 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (
 			}
 			continue
 		}
-		w := nlbatch.Route{Dst: d.Dst, Gw: d.Gw, LinkIndex: d.LinkIndex, Onlink: d.Onlink}
+		h := hop{gw: d.Gw.As16(), link: int32(d.LinkIndex), onlink: d.Onlink}
 		if r.nexthops {
-			nh := nlbatch.Nexthop{ID: nexthopID(d.Gw), Gw: d.Gw, LinkIndex: d.LinkIndex, Onlink: d.Onlink}
-			if prev, taken := r.nhs[nh.ID]; !taken || prev == nh {
-				r.nhs[nh.ID] = nh
-				w.NexthopID = nh.ID
+			via := h
+			via.nh = nexthopID(d.Gw)
+			if prev, taken := r.nhs[via.nh]; !taken || prev == via {
+				r.nhs[via.nh] = via
+				h = via
 			} // else one gateway on two links: a plain route
 		}
-		r.want[keyOf(d.Dst, 0, 0)] = hopOf(&w)
+		want[keyOf(d.Dst, 0, 0)] = h
 	}
 
-	if err := r.rec.Plan(r.want); err != nil {
+	if err := r.rec.Plan(want); err != nil {
 		return Changes{Failed: bad}, fmt.Errorf("listing routes: %w", err)
 	}
 	r.rec.Add()
@@ -247,9 +252,11 @@ func (r *RouteReconciler) onLink(index int) bool {
 type routeTable struct{ r *RouteReconciler }
 
 // Dump reports the owned routes, in the form Reconcile writes them (the
-// IPv6 default metric as 0).
+// IPv6 default metric as 0), and notes the nexthop objects of this
+// reconciler's making they use that no desired route does.
 func (t routeTable) Dump(add func(routeKey, hop)) error {
 	r := t.r
+	clear(r.unused)
 	collect := func(k *nlbatch.Route) bool {
 		if k.Table != unix.RT_TABLE_MAIN || k.Type != unix.RTN_UNICAST || k.Multipath || !r.onLink(k.LinkIndex) ||
 			!r.family(k.Gw) || k.Gw.IsUnspecified() || !r.ownsDst(k.Dst) {
@@ -259,7 +266,11 @@ func (t routeTable) Dump(add func(routeKey, hop)) error {
 		if r.v6 && pri == ip6DefaultMetric {
 			pri = 0
 		}
-		add(keyOf(k.Dst, pri, k.Tos), hopOf(k))
+		h := hopOf(k)
+		if _, used := r.nhs[h.nh]; h.nh != 0 && !used && h.nh == nexthopID(k.Gw) {
+			r.unused[h.nh] = true
+		}
+		add(keyOf(k.Dst, pri, k.Tos), h)
 		return true
 	}
 	if r.v6 {
@@ -273,12 +284,11 @@ func (t routeTable) Set(keys []routeKey, hops []hop, errs []error) {
 	r := t.r
 	r.moves = r.moves[:0]
 	if r.v6 {
-		have := r.rec.Have()
-		for i, k := range keys {
-			if h, ok := have[k]; ok && h.link != hops[i].link {
-				r.moves = append(r.moves, h.route(k))
+		r.rec.Replacing(func(k routeKey, want, have hop) {
+			if have.link != want.link {
+				r.moves = append(r.moves, have.route(k))
 			}
-		}
+		})
 	}
 	if len(r.moves) > 0 {
 		// The kernel refuses an IPv6 onlink gateway that a route through
@@ -357,13 +367,18 @@ func routeString(r *nlbatch.Route) string {
 // failed nexthop object then fails too, and says why).
 func (r *RouteReconciler) writeNexthops(hops []hop) map[uint32]error {
 	r.nhBuf = r.nhBuf[:0]
-	clear(r.seen)
+	var seen map[uint32]bool
 	for i := range hops {
 		id := hops[i].nh
-		if id != 0 && !r.seen[id] {
-			r.seen[id] = true
-			r.nhBuf = append(r.nhBuf, r.nhs[id])
+		if id == 0 || seen[id] {
+			continue
 		}
+		if seen == nil {
+			seen = map[uint32]bool{}
+		}
+		seen[id] = true
+		h := &hops[i]
+		r.nhBuf = append(r.nhBuf, nlbatch.Nexthop{ID: id, Gw: netip.AddrFrom16(h.gw).Unmap(), LinkIndex: int(h.link), Onlink: h.onlink})
 	}
 	if len(r.nhBuf) == 0 {
 		return nil
@@ -383,20 +398,13 @@ func (r *RouteReconciler) writeNexthops(hops []hop) map[uint32]error {
 }
 
 // collectNexthops deletes the nexthop objects that owned routes used before
-// this call and no desired route uses now: those of removed routes, and all
-// of them when nexthop objects are turned off. Only IDs of this
-// reconciler's making (the gateway's address) are touched.
+// this call (as the dump found them) and no desired route uses now: those
+// of removed routes, and all of them when nexthop objects are turned off.
+// Only IDs of this reconciler's making (the gateway's address) are touched.
 func (r *RouteReconciler) collectNexthops() error {
 	r.ids = r.ids[:0]
-	clear(r.seen)
-	for _, h := range r.rec.Have() {
-		if h.nh == 0 || h.nh != nexthopID(netip.AddrFrom16(h.gw).Unmap()) || r.seen[h.nh] {
-			continue
-		}
-		r.seen[h.nh] = true
-		if _, used := r.nhs[h.nh]; !used {
-			r.ids = append(r.ids, h.nh)
-		}
+	for id := range r.unused {
+		r.ids = append(r.ids, id)
 	}
 	if len(r.ids) == 0 {
 		return nil

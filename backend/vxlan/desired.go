@@ -60,25 +60,17 @@ type skip struct {
 	Reason string
 }
 
-// desired is what the kernel should hold for a set of remote leases.
+// desired is what the kernel should hold for a set of remote leases. An
+// Apply computes it afresh and drops it when done: between Applies the
+// backend holds no entry.
 type desired struct {
 	neighs map[netip.Addr]nlbatch.Neigh // by remote subnet IP
 	fdbs   map[hwAddr]nlbatch.Neigh     // by remote VTEP MAC
 	routes []nlbatch.Route
 	skips  []skip
-
-	// Scratch space reused between calls.
-	order    []int
-	macOwner map[hwAddr]netip.Prefix
 }
 
-func newDesired() *desired {
-	return &desired{
-		neighs:   map[netip.Addr]nlbatch.Neigh{},
-		fdbs:     map[hwAddr]nlbatch.Neigh{},
-		macOwner: map[hwAddr]netip.Prefix{},
-	}
-}
+func newDesired() *desired { return &desired{} }
 
 // world is what desired computation needs to know about this node.
 type world struct {
@@ -129,19 +121,22 @@ func (w *world) fdb(mac hwAddr, dst netip.Addr) nlbatch.Neigh {
 // whose BackendData is unusable, or whose subnet or VtepMAC an earlier lease
 // already has, is reported in d.skips and left out.
 func (d *desired) compute(w world, remote []subnet.Lease) {
-	clear(d.neighs)
-	clear(d.fdbs)
-	d.routes = d.routes[:0]
 	d.skips = d.skips[:0]
-
-	clear(d.macOwner)
-	d.order = d.order[:0]
+	order := make([]int, 0, len(remote))
 	for i := range remote {
 		if sn, _, _ := w.view(&remote[i]); sn.IsValid() {
-			d.order = append(d.order, i)
+			order = append(order, i)
 		}
 	}
-	slices.SortStableFunc(d.order, func(a, b int) int {
+	d.neighs = make(map[netip.Addr]nlbatch.Neigh, len(order))
+	d.fdbs = make(map[hwAddr]nlbatch.Neigh, len(order))
+	d.routes = make([]nlbatch.Route, 0, len(order))
+	// A MAC is taken when a tunnelled lease has it (it is a key of fdbs)
+	// or a directly routed one does (directMACs). The owner named in a
+	// skip is looked up once all leases are placed (dups).
+	var directMACs map[hwAddr]netip.Prefix
+	var dups []dupMAC
+	slices.SortStableFunc(order, func(a, b int) int {
 		sa, pa, da := w.view(&remote[a])
 		sb, pb, db := w.view(&remote[b])
 		if c := sa.Addr().Compare(sb.Addr()); c != 0 {
@@ -161,7 +156,7 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		dataKey = "BackendV6Data"
 	}
 	var last netip.Prefix // the previous lease's subnet
-	for _, i := range d.order {
+	for _, i := range order {
 		sn, pub, data := w.view(&remote[i])
 		if sn == last {
 			// Only the IPv6 subnets of dual-stack leases can repeat: the
@@ -175,13 +170,18 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 			d.skips = append(d.skips, skip{sn, err.Error()})
 			continue
 		}
-		if other, dup := d.macOwner[mac]; dup {
-			d.skips = append(d.skips, skip{sn, fmt.Sprintf("VtepMAC %s is already used by the lease %s", mac, other)})
+		_, tunnelled := d.fdbs[mac]
+		if _, direct := directMACs[mac]; tunnelled || direct {
+			dups = append(dups, dupMAC{len(d.skips), mac})
+			d.skips = append(d.skips, skip{Subnet: sn})
 			continue
 		}
-		d.macOwner[mac] = sn
 
 		if w.direct && onNets(w.extNets, pub) {
+			if directMACs == nil {
+				directMACs = map[hwAddr]netip.Prefix{}
+			}
+			directMACs[mac] = sn
 			d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: w.ext})
 			continue
 		}
@@ -189,6 +189,37 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		d.neighs[gw] = w.neigh(gw, mac)
 		d.fdbs[mac] = w.fdb(mac, pub)
 		d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: gw, LinkIndex: w.vtep, Onlink: true})
+	}
+	d.nameOwners(w, dups, directMACs)
+}
+
+// dupMAC is a lease skipped because an earlier one has its VtepMAC: the
+// index of its skip and the MAC.
+type dupMAC struct {
+	skip int
+	mac  hwAddr
+}
+
+// nameOwners writes the reason of each skip in dups, naming the lease that
+// has the MAC: from directMACs, or the tunnelled route whose neighbour has
+// it (one pass over the routes, and only when there are dups).
+func (d *desired) nameOwners(w world, dups []dupMAC, directMACs map[hwAddr]netip.Prefix) {
+	if len(dups) == 0 {
+		return
+	}
+	owners := make(map[hwAddr]netip.Prefix, len(dups))
+	for _, dm := range dups {
+		owners[dm.mac] = directMACs[dm.mac]
+	}
+	for _, r := range d.routes {
+		if n, ok := d.neighs[r.Gw]; ok && r.LinkIndex == w.vtep {
+			if _, dup := owners[n.MAC]; dup {
+				owners[n.MAC] = r.Dst
+			}
+		}
+	}
+	for _, dm := range dups {
+		d.skips[dm.skip].Reason = fmt.Sprintf("VtepMAC %s is already used by the lease %s", dm.mac, owners[dm.mac])
 	}
 }
 

@@ -128,6 +128,24 @@ route 10.5.2.0/24 via 192.168.8.2 dev 2
 route 10.5.3.0/24 via 10.5.3.0 dev 7 onlink`,
 		},
 		{
+			"DirectRouting: a VtepMAC is taken by a direct or a tunnelled lease alike",
+			direct,
+			[]subnet.Lease{
+				vx("10.5.2.0/24", "192.168.8.2", "0e:00:00:00:00:02"),
+				vx("10.5.3.0/24", "172.16.0.3", "0e:00:00:00:00:03"),
+				vx("10.5.4.0/24", "172.16.0.4", "0e:00:00:00:00:02"),
+				vx("10.5.5.0/24", "192.168.8.5", "0e:00:00:00:00:03"),
+				vx("10.5.6.0/24", "172.16.0.6", "0e:00:00:00:00:03"),
+			},
+			`fdb 0e:00:00:00:00:03 self dst 172.16.0.3 permanent
+neigh 10.5.3.0 lladdr 0e:00:00:00:00:03 nud permanent
+route 10.5.2.0/24 via 192.168.8.2 dev 2
+route 10.5.3.0/24 via 10.5.3.0 dev 7 onlink
+skip 10.5.4.0/24: VtepMAC 0e:00:00:00:00:02 is already used by the lease 10.5.2.0/24
+skip 10.5.5.0/24: VtepMAC 0e:00:00:00:00:03 is already used by the lease 10.5.3.0/24
+skip 10.5.6.0/24: VtepMAC 0e:00:00:00:00:03 is already used by the lease 10.5.3.0/24`,
+		},
+		{
 			"without DirectRouting the same peer is tunnelled",
 			base,
 			[]subnet.Lease{vx("10.5.2.0/24", "192.168.8.2", "0e:00:00:00:00:02")},
@@ -136,7 +154,7 @@ neigh 10.5.2.0 lladdr 0e:00:00:00:00:02 nud permanent
 route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink`,
 		},
 	}
-	d := newDesired() // reused across cases, as Apply does
+	d := newDesired() // reused across cases, as a plane does
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			d.compute(tt.w, tt.remote)

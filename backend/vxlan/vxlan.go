@@ -378,6 +378,7 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 		w.extNets = nets
 	}
 	b.want.compute(w, remote)
+	defer b.release()
 	b.logSkips()
 
 	var st stats
@@ -405,8 +406,16 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 		b.halfDone[gw] = struct{}{}
 	}
 	b.fdbs.Add()
-	for _, mac := range b.fdbs.FailedSets() {
-		b.halfDone[b.want.macOwner[mac].Addr()] = struct{}{}
+	if failed := b.fdbs.FailedSets(); len(failed) > 0 {
+		macs := make(map[hwAddr]bool, len(failed))
+		for _, mac := range failed {
+			macs[mac] = true
+		}
+		for gw, n := range b.want.neighs {
+			if macs[n.MAC] {
+				b.halfDone[gw] = struct{}{}
+			}
+		}
 	}
 
 	routes := b.want.routes
@@ -459,17 +468,20 @@ func (b *plane) rollBack() (neighFailed, fdbFailed int) {
 		return 0, 0
 	}
 	b.rollBuf = b.rollBuf[:0]
+	macs := make(map[hwAddr]bool, len(b.halfDone))
 	for gw := range b.halfDone {
 		b.rollBuf = append(b.rollBuf, b.want.neighs[gw])
+		macs[b.want.neighs[gw].MAC] = true
 	}
 	n := len(b.rollBuf)
 	for gw := range b.halfDone {
-		mac := hwAddr(b.want.neighs[gw].MAC)
-		b.rollBuf = append(b.rollBuf, b.want.fdbs[mac])
-		if have, ok := b.fdbs.Have()[mac]; ok && have != b.want.fdbs[mac] {
+		b.rollBuf = append(b.rollBuf, b.want.fdbs[b.want.neighs[gw].MAC])
+	}
+	b.fdbs.Replacing(func(mac hwAddr, _, have nlbatch.Neigh) {
+		if macs[mac] {
 			b.rollBuf = append(b.rollBuf, have)
 		}
-	}
+	})
 	errs := backend.Results(&b.errs, len(b.rollBuf))
 	b.neighTab.Delete(nil, b.rollBuf[:n], errs[:n])
 	b.fdbTab.Delete(nil, b.rollBuf[n:], errs[n:])
@@ -484,6 +496,26 @@ func (b *plane) rollBack() (neighFailed, fdbFailed int) {
 	}
 	return neighFailed, fdbFailed
 }
+
+// release drops what an apply computed: the desired entries and, after a
+// burst, the buffers.
+func (b *plane) release() {
+	b.want.neighs, b.want.fdbs, b.want.routes = nil, nil, nil
+	b.neighTab.want = nil
+	if len(b.halfDone) > keepBuf {
+		b.halfDone = map[netip.Addr]struct{}{}
+	}
+	clear(b.halfDone)
+	if cap(b.routeBuf) > keepBuf {
+		b.routeBuf = nil
+	}
+	if cap(b.rollBuf) > keepBuf {
+		b.rollBuf, b.errs = nil, nil
+	}
+}
+
+// keepBuf is the largest buffer a plane keeps between Applies.
+const keepBuf = 1024
 
 // logSkips logs each lease that cannot be programmed once per reason, not on
 // every Apply, and forgets leases that are gone or fixed.
