@@ -18,7 +18,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/flanneld-go/flanneld/pkg/ip"
+	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
 // Check is the outcome of one host check.
@@ -191,6 +191,11 @@ func checkOverlap(h HostConfig) Check {
 	if err != nil {
 		return Check{Name: "overlap", OK: true, Detail: "not checked: " + err.Error()}
 	}
+	nh, err := nlbatch.NewHandle()
+	if err != nil {
+		return Check{Name: "overlap", OK: true, Detail: "not checked: " + err.Error()}
+	}
+	defer nh.Close()
 	names := map[int]string{}
 	for _, l := range links {
 		names[l.Attrs().Index] = l.Attrs().Name
@@ -208,16 +213,22 @@ func checkOverlap(h HostConfig) Check {
 		if n.Addr().Is6() {
 			fam = netlink.FAMILY_V6
 		}
-		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return Check{Name: "overlap", OK: true, Detail: "not checked: " + err.Error()}
+		// The main table holds a route per peer (host-gw, DirectRouting):
+		// read it with the allocation-free dump, not a slice of them.
+		list := nh.ListRoutes
+		if fam == netlink.FAMILY_V6 {
+			list = nh.ListRoutes6
 		}
-		for _, r := range routes {
-			dst, ok := ip.PrefixFromIPNet(r.Dst)
-			if !ok || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || dst == h.Own6 || peers[dst] {
-				continue
+		err := list(func(r *nlbatch.Route) bool {
+			dst := r.Dst
+			if r.Table != unix.RT_TABLE_MAIN || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || dst == h.Own6 || peers[dst] {
+				return true
 			}
 			found = append(found, fmt.Sprintf("route %s dev %s", dst, names[r.LinkIndex]))
+			return true
+		})
+		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return Check{Name: "overlap", OK: true, Detail: "not checked: " + err.Error()}
 		}
 		addrs, err := netlink.AddrList(nil, fam)
 		if err != nil {
