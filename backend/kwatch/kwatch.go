@@ -159,6 +159,9 @@ func (w *Watcher) signal(c Cause) bool {
 }
 
 // subs is one set of subscriptions: their channels and what stops them.
+// A channel holds few updates (a RouteUpdate is 384 bytes: 1,024 of them
+// were 0.4 MB kept for the daemon's life): in a burst, the reading
+// goroutine waits and the socket's buffer (RecvBuffer) holds the rest.
 type subs struct {
 	done   chan struct{}
 	links  chan netlink.LinkUpdate
@@ -167,16 +170,19 @@ type subs struct {
 	neighs chan netlink.NeighUpdate
 }
 
+// subsQueue is the capacity of each subscription's channel.
+const subsQueue = 64
+
 // subscribe subscribes to the four kinds of events; the links are listed
 // first (they tell the indexes of the owned devices and the state of the
 // external interface), and the external interface's addresses are read.
 func (w *Watcher) subscribe() (*subs, error) {
 	s := &subs{
 		done:   make(chan struct{}),
-		links:  make(chan netlink.LinkUpdate, 64),
-		addrs:  make(chan netlink.AddrUpdate, 64),
-		routes: make(chan netlink.RouteUpdate, 1024),
-		neighs: make(chan netlink.NeighUpdate, 1024),
+		links:  make(chan netlink.LinkUpdate, subsQueue),
+		addrs:  make(chan netlink.AddrUpdate, subsQueue),
+		routes: make(chan netlink.RouteUpdate, subsQueue),
+		neighs: make(chan netlink.NeighUpdate, subsQueue),
 	}
 	errf := func(err error) { w.o.Logger.V(1).Info("Kernel event subscription error", "err", err.Error()) }
 	ns, buf, force := w.o.Netns, w.o.RecvBuffer, !w.noForce
