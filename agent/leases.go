@@ -12,24 +12,11 @@ import (
 // it. With 10,000 leases that is about 2 MB of leases and 0.4 MB of index,
 // where a map of leases plus a slice built for each Apply took 5.
 type leaseSet struct {
-	at   map[setKey]int32
+	at   map[subnet.PrefixKey]int32
 	list []subnet.Lease
 }
 
-// setKey is a lease key as plain bytes: 24 bytes an index entry with its
-// position, where a netip.Prefix key (which holds a pointer) takes 40, and
-// an index the garbage collector need not scan.
-type setKey struct {
-	addr [16]byte
-	bits int16
-	is4  bool // addr holds an IPv4 address (never equal to an IPv4-mapped one)
-}
-
-func keyOf(p netip.Prefix) setKey {
-	return setKey{addr: p.Addr().As16(), bits: int16(p.Bits()), is4: p.Addr().Is4()}
-}
-
-func newLeaseSet() *leaseSet { return &leaseSet{at: map[setKey]int32{}} }
+func newLeaseSet() *leaseSet { return &leaseSet{at: map[subnet.PrefixKey]int32{}} }
 
 func (s *leaseSet) len() int { return len(s.list) }
 
@@ -39,7 +26,7 @@ func (s *leaseSet) reserve(n int) { s.list = slices.Grow(s.list, n) }
 
 // put adds or replaces the lease of l.Key().
 func (s *leaseSet) put(l subnet.Lease) {
-	k := keyOf(l.Key())
+	k := subnet.KeyOf(l.Key())
 	if i, ok := s.at[k]; ok {
 		s.list[i] = l
 		return
@@ -50,13 +37,13 @@ func (s *leaseSet) put(l subnet.Lease) {
 
 // has reports whether the set holds a lease of p.
 func (s *leaseSet) has(p netip.Prefix) bool {
-	_, ok := s.at[keyOf(p)]
+	_, ok := s.at[subnet.KeyOf(p)]
 	return ok
 }
 
 // get returns the lease of p, if any.
 func (s *leaseSet) get(p netip.Prefix) (subnet.Lease, bool) {
-	i, ok := s.at[keyOf(p)]
+	i, ok := s.at[subnet.KeyOf(p)]
 	if !ok {
 		return subnet.Lease{}, false
 	}
@@ -65,7 +52,7 @@ func (s *leaseSet) get(p netip.Prefix) (subnet.Lease, bool) {
 
 // remove drops the lease of p, if any.
 func (s *leaseSet) remove(p netip.Prefix) {
-	k := keyOf(p)
+	k := subnet.KeyOf(p)
 	i, ok := s.at[k]
 	if !ok {
 		return
@@ -80,7 +67,7 @@ func (s *leaseSet) remove(p netip.Prefix) {
 // except returns every lease but the one of p. The result is a view of the
 // set, valid until its next change; its order is arbitrary.
 func (s *leaseSet) except(p netip.Prefix) []subnet.Lease {
-	i, ok := s.at[keyOf(p)]
+	i, ok := s.at[subnet.KeyOf(p)]
 	if !ok {
 		return s.list
 	}
@@ -94,5 +81,5 @@ func (s *leaseSet) swap(i, j int) {
 		return
 	}
 	s.list[i], s.list[j] = s.list[j], s.list[i]
-	s.at[keyOf(s.list[i].Key())], s.at[keyOf(s.list[j].Key())] = int32(i), int32(j)
+	s.at[subnet.KeyOf(s.list[i].Key())], s.at[subnet.KeyOf(s.list[j].Key())] = int32(i), int32(j)
 }

@@ -166,7 +166,7 @@ func evString(evs []Event) string {
 func TestEtcdWatcherApply(t *testing.T) {
 	var logs []string
 	m := unitManager(unitLogger(&logs))
-	w := &watcher{m: m, log: m.log, known: map[netip.Prefix]LeaseSummary{}, logged: map[string]int64{}}
+	w := &watcher{m: m, log: m.log, known: map[PrefixKey]LeaseSummary{}, logged: map[string]int64{}}
 	put := func(name, value string, rev int64) Change {
 		return Change{KV: KV{Key: unitDir + name, Value: []byte(value), Mod: rev, Expiration: time.Unix(1e9, 0)}}
 	}

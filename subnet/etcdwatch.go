@@ -3,7 +3,6 @@ package subnet
 import (
 	"context"
 	"errors"
-	"net/netip"
 
 	"k8s.io/klog/v2"
 
@@ -23,7 +22,7 @@ import (
 func (m *EtcdManager) WatchLeases(ctx context.Context, events chan<- []Event) error {
 	w := &watcher{
 		m:      m,
-		known:  map[netip.Prefix]LeaseSummary{},
+		known:  map[PrefixKey]LeaseSummary{},
 		logged: map[string]int64{},
 		bo:     Backoff{Min: m.minBackoff, Max: m.maxBackoff},
 		log:    m.log.WithValues("prefix", m.subnetsDir()),
@@ -36,7 +35,7 @@ type watcher struct {
 	m   *EtcdManager
 	log klog.Logger
 	// known is the set of leases last sent, by subnet, as summaries.
-	known map[netip.Prefix]LeaseSummary
+	known map[PrefixKey]LeaseSummary
 	// logged maps each key skipped as invalid to the revision it was
 	// logged at, so that each bad version is logged once.
 	logged map[string]int64
@@ -199,7 +198,10 @@ func (w *watcher) list(ctx context.Context) ([]Event, error) {
 			return nil, wrap(err, "listing %s", w.m.subnetsDir())
 		}
 	}
-	current := make(map[netip.Prefix]Lease, len(w.known))
+	// Two keys of one lease (10.5.34.0-24 and 10.5.34.0-24&fc00::-64):
+	// the one listed last counts.
+	current := make([]Lease, 0, len(kvs))
+	at := make(map[PrefixKey]int32, len(kvs))
 	logged := make(map[string]int64, len(w.logged))
 	for _, kv := range kvs {
 		e, err := w.m.parseKV(kv)
@@ -208,14 +210,17 @@ func (w *watcher) list(ctx context.Context) ([]Event, error) {
 			logged[kv.Key] = kv.Mod
 			continue
 		}
-		current[e.lease.Key()] = e.lease
+		k := KeyOf(e.lease.Key())
+		if i, ok := at[k]; ok {
+			current[i] = e.lease
+			continue
+		}
+		at[k] = int32(len(current))
+		current = append(current, e.lease)
 	}
-	evs := DiffLeases(w.known, current)
-	clear(w.known)
-	for p, l := range current {
-		w.known[p] = SummarizeLease(l)
-	}
-	w.logged, w.cursor = logged, rev
+	at = nil
+	evs, known := DiffLeases(w.known, current)
+	w.known, w.logged, w.cursor = known, logged, rev
 	return evs, nil
 }
 
@@ -235,18 +240,18 @@ func (w *watcher) apply(changes []Change) []Event {
 		}
 		if ch.Deleted || err != nil {
 			// A key deleted, or that no longer parses, is no lease.
-			if k, ok := w.known[p]; keyOK && ok {
-				delete(w.known, p)
+			if k, ok := w.known[KeyOf(p)]; keyOK && ok {
+				delete(w.known, KeyOf(p))
 				out = append(out, k.Removed(p))
 			}
 			continue
 		}
 		delete(w.logged, kv.Key)
 		sum := SummarizeLease(e.lease)
-		if old, had := w.known[p]; had && old == sum {
+		if old, had := w.known[KeyOf(p)]; had && old == sum {
 			continue // a renewal
 		}
-		w.known[p] = sum
+		w.known[KeyOf(p)] = sum
 		out = append(out, Event{Type: EventAdded, Lease: e.lease})
 	}
 	return out

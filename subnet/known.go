@@ -59,19 +59,24 @@ func (k LeaseSummary) Removed(p netip.Prefix) Event {
 	return Event{Type: EventRemoved, Lease: l}
 }
 
-// DiffLeases returns the events that turn before into current: Added for a
-// new or changed lease, Removed (with the PublicIP it had) for a lease no
-// longer in current; adds first, each kind in subnet order.
-func DiffLeases(before map[netip.Prefix]LeaseSummary, current map[netip.Prefix]Lease) []Event {
+// DiffLeases returns the events that turn before into current (leases of
+// distinct keys): Added for a new or changed lease, Removed (with the
+// PublicIP it had) for a lease no longer in current; adds first, each kind
+// in subnet order. It also returns the summaries of current, the next
+// before.
+func DiffLeases(before map[PrefixKey]LeaseSummary, current []Lease) ([]Event, map[PrefixKey]LeaseSummary) {
+	after := make(map[PrefixKey]LeaseSummary, len(current))
 	var added, removed []Event
-	for p, l := range current {
-		if old, ok := before[p]; !ok || old != SummarizeLease(l) {
+	for _, l := range current {
+		k, sum := KeyOf(l.Key()), SummarizeLease(l)
+		after[k] = sum
+		if old, ok := before[k]; !ok || old != sum {
 			added = append(added, Event{Type: EventAdded, Lease: l})
 		}
 	}
-	for p, k := range before {
-		if _, ok := current[p]; !ok {
-			removed = append(removed, k.Removed(p))
+	for k, sum := range before {
+		if _, ok := after[k]; !ok {
+			removed = append(removed, sum.Removed(k.Prefix()))
 		}
 	}
 	bySubnet := func(evs []Event) {
@@ -79,5 +84,5 @@ func DiffLeases(before map[netip.Prefix]LeaseSummary, current map[netip.Prefix]L
 	}
 	bySubnet(added)
 	bySubnet(removed)
-	return append(added, removed...)
+	return append(added, removed...), after
 }

@@ -14,13 +14,7 @@ func TestDiffLeases(t *testing.T) {
 		}
 		return l
 	}
-	leaseMap := func(ls ...Lease) map[netip.Prefix]Lease {
-		m := map[netip.Prefix]Lease{}
-		for _, l := range ls {
-			m[l.Subnet] = l
-		}
-		return m
-	}
+	leaseMap := func(ls ...Lease) []Lease { return ls }
 	a := lease("10.5.1.0/24", "192.168.0.1", "")
 	b := lease("10.5.2.0/24", "192.168.0.2", `{"VtepMAC":"aa"}`)
 	b2 := lease("10.5.2.0/24", "192.168.0.2", `{"VtepMAC":"bb"}`)
@@ -31,7 +25,7 @@ func TestDiffLeases(t *testing.T) {
 	aUDP.Attrs.BackendType = "udp"
 	for _, tc := range []struct {
 		name           string
-		known, current map[netip.Prefix]Lease
+		known, current []Lease
 		want           string
 	}{
 		{"both empty", leaseMap(), leaseMap(), ""},
@@ -43,12 +37,21 @@ func TestDiffLeases(t *testing.T) {
 		{"mixed, adds first", leaseMap(a, b), leaseMap(b2, c), `+10.5.2.0/24@192.168.0.2{"VtepMAC":"bb"} +10.5.3.0/24@192.168.0.3 -10.5.1.0/24@192.168.0.1`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := map[netip.Prefix]LeaseSummary{}
-			for p, l := range tc.known {
-				before[p] = Summarize(l.Attrs)
+			before := map[PrefixKey]LeaseSummary{}
+			for _, l := range tc.known {
+				before[KeyOf(l.Subnet)] = Summarize(l.Attrs)
 			}
-			if got := evString(DiffLeases(before, tc.current)); got != tc.want {
+			evs, after := DiffLeases(before, tc.current)
+			if got := evString(evs); got != tc.want {
 				t.Errorf("diff = %q\nwant   %q", got, tc.want)
+			}
+			if len(after) != len(tc.current) {
+				t.Errorf("after has %d summaries, want %d", len(after), len(tc.current))
+			}
+			for _, l := range tc.current {
+				if after[KeyOf(l.Subnet)] != SummarizeLease(l) {
+					t.Errorf("after[%s] is not the summary of %v", l.Subnet, l)
+				}
 			}
 		})
 	}
