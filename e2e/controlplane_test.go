@@ -356,12 +356,16 @@ func (c *kernelCounter) clearKernel(b *testing.B, h *lab.Host) {
 type memory struct {
 	Anon float64 // RssAnon: resident heap, stacks and runtime
 	Peak float64 // VmHWM: the most ever resident (file pages included)
+	// IdleCPU is the CPU time (user and system, in ms) the daemon used
+	// per minute while it settled: resyncs, probes, garbage collection.
+	IdleCPU float64
 }
 
-// report adds m as the metrics anon-MB and peak-MB.
+// report adds m as the metrics anon-MB, peak-MB and idle-cpu-ms/min.
 func (m memory) report(b *testing.B) {
 	b.ReportMetric(m.Anon, "anon-MB")
 	b.ReportMetric(m.Peak, "peak-MB")
+	b.ReportMetric(m.IdleCPU, "idle-cpu-ms/min")
 }
 
 // memorySettle is how long after subnet.env a daemon's memory is read: past
@@ -377,12 +381,49 @@ const memorySettle = 25 * time.Second
 // memorySettle more, then reads its memory.
 func settledMemory(b *testing.B, h *lab.Host, d *lab.Daemon) memory {
 	waitEnv(b, h)
+	cpu0, err := readCPU(d.Pid())
+	if err != nil {
+		b.Fatal(err)
+	}
 	time.Sleep(memorySettle)
 	m, err := readMemory(d.Pid())
 	if err != nil {
 		b.Fatal(err)
 	}
+	cpu1, err := readCPU(d.Pid())
+	if err != nil {
+		b.Fatal(err)
+	}
+	m.IdleCPU = float64((cpu1 - cpu0).Milliseconds()) * float64(time.Minute) / float64(memorySettle)
 	return m
+}
+
+// clockTicks is the kernel's USER_HZ, the unit of /proc/PID/stat's times
+// (100 on every Linux architecture Go supports).
+const clockTicks = 100
+
+// readCPU returns the CPU time (user and system) process pid has used.
+func readCPU(pid int) (time.Duration, error) {
+	raw, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0, err
+	}
+	// The command is in parentheses and may hold spaces; the fields after
+	// it start with the state (field 3); utime and stime are 14 and 15.
+	_, rest, ok := strings.Cut(string(raw), ") ")
+	f := strings.Fields(rest)
+	if !ok || len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	}
+	var ticks int64
+	for _, s := range f[11:13] {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / clockTicks, nil
 }
 
 func readMemory(pid int) (memory, error) {
