@@ -159,11 +159,14 @@ type Reconciler[K, V any] struct {
 	seen    []int32
 	last    int
 
+	// The sets: the first nrep replace a dumped entry, the others add
+	// one. For a replace, at is its index in desired and old the entry
+	// as dumped.
 	setK   []K
 	setV   []V
-	at     []int32 // the index in desired of each set
-	old    []V     // for a replace (upd), the entry as dumped
-	upd    []bool  // whether setV[i] replaces an entry
+	nrep   int
+	at     []int32
+	old    []V
 	delK   []K
 	delV   []V
 	errs   []error
@@ -204,7 +207,7 @@ func (r *Reconciler[K, V]) Reconcile(desired []Entry[K, V]) (Changes, error) {
 // otherwise Plan returns ErrUnsorted). It reads desired until Remove
 // returns; it does not modify it.
 func (r *Reconciler[K, V]) Plan(desired []Entry[K, V]) error {
-	r.c, r.first = Changes{}, nil
+	r.c, r.first, r.nrep = Changes{}, nil, 0
 	r.failed = r.failed[:0]
 	for i := 1; i < len(desired); i++ {
 		if r.cmp(desired[i-1].Key, desired[i].Key) >= 0 {
@@ -224,10 +227,11 @@ func (r *Reconciler[K, V]) Plan(desired []Entry[K, V]) error {
 	var err error
 	for range dumpAttempts {
 		clear(r.seen)
+		clear(r.setK)
 		clear(r.setV)
 		clear(r.old)
 		clear(r.delV)
-		r.setK, r.setV, r.at, r.old, r.upd = r.setK[:0], r.setV[:0], r.at[:0], r.old[:0], r.upd[:0]
+		r.setK, r.setV, r.at, r.old = r.setK[:0], r.setV[:0], r.at[:0], r.old[:0]
 		r.delK, r.delV = r.delK[:0], r.delV[:0]
 		err = r.table.Dump(r.collect)
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
@@ -245,17 +249,25 @@ func (r *Reconciler[K, V]) Plan(desired []Entry[K, V]) error {
 		if r.seen[i] != int32(j+1) {
 			continue
 		}
-		r.setK[n], r.setV[n], r.at[n], r.old[n], r.upd[n] = r.setK[j], r.setV[j], i, r.old[j], true
+		r.setK[n], r.setV[n], r.at[n], r.old[n] = r.setK[j], r.setV[j], i, r.old[j]
 		n++
 	}
+	clear(r.setK[n:])
 	clear(r.setV[n:])
 	clear(r.old[n:])
-	r.setK, r.setV, r.at, r.old, r.upd = r.setK[:n], r.setV[:n], r.at[:n], r.old[:n], r.upd[:n]
-	var zero V
-	for i, s := range r.seen {
+	r.setK, r.setV, r.at, r.old, r.nrep = r.setK[:n], r.setV[:n], r.at[:n], r.old[:n], n
+	adds := 0
+	for _, s := range r.seen {
 		if s == 0 {
-			e := &desired[i]
-			r.setK, r.setV, r.at, r.old, r.upd = append(r.setK, e.Key), append(r.setV, e.Val), append(r.at, int32(i)), append(r.old, zero), append(r.upd, false)
+			adds++
+		}
+	}
+	if adds > 0 {
+		r.setK, r.setV = slices.Grow(r.setK, adds), slices.Grow(r.setV, adds)
+		for i, s := range r.seen {
+			if s == 0 {
+				r.setK, r.setV = append(r.setK, desired[i].Key), append(r.setV, desired[i].Val)
+			}
 		}
 	}
 	return nil
@@ -295,7 +307,7 @@ func (r *Reconciler[K, V]) collect(k K, v V) {
 		r.seen[i] = -1
 	case s == 0:
 		r.seen[i] = int32(len(r.setK) + 1)
-		r.setK, r.setV, r.at, r.old, r.upd = append(r.setK, want.Key), append(r.setV, want.Val), append(r.at, int32(i)), append(r.old, v), append(r.upd, true)
+		r.setK, r.setV, r.at, r.old = append(r.setK, want.Key), append(r.setV, want.Val), append(r.at, int32(i)), append(r.old, v)
 	case s > 0 && r.equal(want.Val, v):
 		// The entry kept so far was to be replaced; this one is desired.
 		r.seen[i] = -1
@@ -309,10 +321,8 @@ func (r *Reconciler[K, V]) collect(k K, v V) {
 // its key, the desired value and the entry as dumped. It is valid from
 // Plan until Remove returns (a Table's Set may use it).
 func (r *Reconciler[K, V]) Replacing(fn func(k K, want, have V)) {
-	for i, u := range r.upd {
-		if u {
-			fn(r.setK[i], r.setV[i], r.old[i])
-		}
+	for i := range r.nrep {
+		fn(r.setK[i], r.setV[i], r.old[i])
 	}
 }
 
@@ -328,7 +338,7 @@ func (r *Reconciler[K, V]) Add() {
 		case err != nil:
 			r.fail(err)
 			r.failed = append(r.failed, r.setK[i])
-		case r.upd[i]:
+		case i < r.nrep:
 			r.c.Updated++
 		default:
 			r.c.Added++
@@ -363,7 +373,7 @@ func (r *Reconciler[K, V]) trim() {
 	clear(r.delK)
 	clear(r.delV)
 	if cap(r.setV)+cap(r.delV) > keepChanges {
-		r.setK, r.setV, r.at, r.old, r.upd, r.delK, r.delV, r.errs = nil, nil, nil, nil, nil, nil, nil, nil
+		r.setK, r.setV, r.at, r.old, r.delK, r.delV, r.errs = nil, nil, nil, nil, nil, nil, nil
 	}
 }
 
