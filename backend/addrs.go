@@ -30,7 +30,7 @@ func ReconcileAddrs(nl AddrNetlink, link netlink.Link, want netip.Prefix, metric
 	if !want.Addr().Is4() {
 		t.family = netlink.FAMILY_V6
 	}
-	c, err := NewReconciler[netip.Prefix, netip.Prefix](t, Same[netip.Prefix]).Reconcile(map[netip.Prefix]netip.Prefix{want: want})
+	c, err := NewReconciler[netip.Prefix, netip.Prefix](t, netip.Prefix.Compare, Same[netip.Prefix]).Reconcile([]Entry[netip.Prefix, netip.Prefix]{{want, want}})
 	if err != nil {
 		return c, fmt.Errorf("configuring the address of %s: %w", link.Attrs().Name, err)
 	}

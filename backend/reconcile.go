@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -12,7 +13,7 @@ import (
 // write many entries per call (a netlink batch, one wgctrl call); keys[i]
 // and vals[i] are one entry and errs[i] receives its result (nil for
 // success), an error that names the entry.
-type Table[K comparable, V any] interface {
+type Table[K, V any] interface {
 	// Dump calls add for each entry the caller owns. It may return
 	// netlink.ErrDumpInterrupted after delivering everything; the
 	// Reconciler then reads again (up to three times, then uses the last
@@ -43,6 +44,73 @@ func (c Changes) Any() bool { return c.Added+c.Updated+c.Removed+c.Failed > 0 }
 // Same is the Equal of a comparable value type.
 func Same[V comparable](want, have V) bool { return want == have }
 
+// Entry is one entry of a desired set: a key and its value.
+type Entry[K, V any] struct {
+	Key K
+	Val V
+}
+
+// ErrUnsorted is returned (wrapped) by Plan for a desired set that is not
+// sorted by key, or has a key twice.
+var ErrUnsorted = errors.New("desired set not sorted by key with each key once")
+
+// SortEntries sorts d by key (stably) and keeps, of the entries with one
+// key, the last in d's order, as a map built from d would: it returns d
+// shortened, a desired set Plan takes. An already sorted d is only read.
+func SortEntries[K, V any](d []Entry[K, V], cmp func(a, b K) int) []Entry[K, V] {
+	sorted := true
+	for i := 1; i < len(d); i++ {
+		if cmp(d[i-1].Key, d[i].Key) >= 0 {
+			sorted = false
+			break
+		}
+	}
+	if sorted {
+		return d
+	}
+	slices.SortStableFunc(d, func(a, b Entry[K, V]) int { return cmp(a.Key, b.Key) })
+	n := 0
+	for i := range d {
+		if n > 0 && cmp(d[n-1].Key, d[i].Key) == 0 {
+			d[n-1] = d[i]
+			continue
+		}
+		d[n] = d[i]
+		n++
+	}
+	clear(d[n:])
+	return d[:n]
+}
+
+// SortedEntries returns the entries of m as a desired set: the form of a
+// small table's set kept as a map.
+func SortedEntries[K comparable, V any](m map[K]V, cmp func(a, b K) int) []Entry[K, V] {
+	d := make([]Entry[K, V], 0, len(m))
+	for k, v := range m {
+		d = append(d, Entry[K, V]{k, v})
+	}
+	slices.SortFunc(d, func(a, b Entry[K, V]) int { return cmp(a.Key, b.Key) })
+	return d
+}
+
+// Find returns the index of the entry of d (sorted by key with cmp) with
+// key k, or -1.
+func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
+	lo, hi := 0, len(d)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		switch c := cmp(d[m].Key, k); {
+		case c < 0:
+			lo = m + 1
+		case c > 0:
+			hi = m
+		default:
+			return m
+		}
+	}
+	return -1
+}
+
 // Reconciler is the one reconcile primitive: every table a backend owns —
 // routes (IPv4, IPv6, plain or through nexthop objects), neighbours, fdb
 // entries, device addresses, the udp peer table, WireGuard peers (key: the
@@ -50,7 +118,7 @@ func Same[V comparable](want, have V) bool { return want == have }
 // function as the value holds slices) — is a Table, and a Reconciler makes
 // it hold exactly a desired set:
 //
-//	desired map[K]V ─┐
+//	desired []Entry ─┐  (sorted by key)
 //	                 ├─ Plan: one Dump (re-read if interrupted), diff ─→ sets, deletes
 //	Table.Dump ──────┘
 //	Add:    Table.Set(sets)        missing or different entries, one batch
@@ -60,9 +128,11 @@ func Same[V comparable](want, have V) bool { return want == have }
 // moves; Reconcile does both, a backend that orders several tables (vxlan:
 // neighbours, fdb entries and routes set, then deleted in reverse) calls
 // Plan, Add and Remove itself. Nothing is remembered between calls but
-// small buffers: each Plan reads the table afresh, comparing each dumped
-// entry with the desired one as it arrives (the dump is not kept), so an
+// small buffers: each Plan reads the table afresh, finding each dumped
+// entry's key in the desired set by binary search as it arrives (the dump
+// is not kept; a dump in key order costs one comparison an entry), so an
 // entry deleted by hand comes back and the leftovers of a previous run go.
+// Besides the changes, a Plan holds 4 bytes per desired entry.
 //
 // The kernel can hold several entries under one key (ip route append,
 // bridge fdb append, a route with another metric when the key has none):
@@ -76,44 +146,54 @@ func Same[V comparable](want, have V) bool { return want == have }
 //
 // Use it from one goroutine at a time; its buffers are reused between
 // calls.
-type Reconciler[K comparable, V any] struct {
+type Reconciler[K, V any] struct {
 	table Table[K, V]
+	cmp   func(a, b K) int
 	equal func(want, have V) bool
 
-	// seen maps each desired key the dump reported to the index in setK
-	// of its pending replace, or -1 when its entry is the desired one. It
-	// lives from Plan to the end of Plan.
-	seen    map[K]int32
-	setK    []K
-	setV    []V
-	old     []V    // for a replace (upd), the entry as dumped
-	upd     []bool // whether setV[i] replaces an entry
-	delK    []K
-	delV    []V
-	errs    []error
-	failed  []K
-	c       Changes
-	first   error
-	desired map[K]V
+	// desired is the caller's set from Plan until Remove returns; seen[i]
+	// is what the dump found for desired[i]: 0 nothing yet, -1 its
+	// desired entry, j+1 an entry to replace by the set at index j. last
+	// is the index found last, where a dump in key order finds the next.
+	desired []Entry[K, V]
+	seen    []int32
+	last    int
+
+	// The sets: the first nrep replace a dumped entry, the others add
+	// one. For a replace, at is its index in desired and old the entry
+	// as dumped.
+	setK   []K
+	setV   []V
+	nrep   int
+	at     []int32
+	old    []V
+	delK   []K
+	delV   []V
+	errs   []error
+	failed []K
+	c      Changes
+	first  error
 }
 
 // dumpAttempts bounds the reads of a table the kernel reports changed
 // during the dump.
 const dumpAttempts = 3
 
-// keepChanges is the largest change list a Reconciler keeps between calls;
-// after a burst the buffers go to the garbage collector.
+// keepChanges is the largest change list (and desired set, for seen) a
+// Reconciler keeps buffers for between calls; after a burst the buffers go
+// to the garbage collector.
 const keepChanges = 1024
 
-// NewReconciler returns a Reconciler of t; equal reports whether an
-// entry as dumped (have) is the desired one (want), e.g. Same.
-func NewReconciler[K comparable, V any](t Table[K, V], equal func(want, have V) bool) *Reconciler[K, V] {
-	return &Reconciler[K, V]{table: t, equal: equal}
+// NewReconciler returns a Reconciler of t; cmp orders keys (desired sets
+// are sorted by it) and equal reports whether an entry as dumped (have) is
+// the desired one (want), e.g. Same.
+func NewReconciler[K, V any](t Table[K, V], cmp func(a, b K) int, equal func(want, have V) bool) *Reconciler[K, V] {
+	return &Reconciler[K, V]{table: t, cmp: cmp, equal: equal}
 }
 
 // Reconcile makes the table hold exactly desired: Plan, Add, Remove. The
 // error is the dump's, or the first failed entry's.
-func (r *Reconciler[K, V]) Reconcile(desired map[K]V) (Changes, error) {
+func (r *Reconciler[K, V]) Reconcile(desired []Entry[K, V]) (Changes, error) {
 	if err := r.Plan(desired); err != nil {
 		return Changes{}, err
 	}
@@ -122,21 +202,36 @@ func (r *Reconciler[K, V]) Reconcile(desired map[K]V) (Changes, error) {
 	return r.Result()
 }
 
-// Plan reads the table and works out the changes that make it desired. It
-// reads desired until Remove returns; it does not modify it.
-func (r *Reconciler[K, V]) Plan(desired map[K]V) error {
-	r.desired = desired
-	r.c, r.first = Changes{}, nil
+// Plan reads the table and works out the changes that make it desired,
+// entries sorted by key with each key once (SortEntries makes them so;
+// otherwise Plan returns ErrUnsorted). It reads desired until Remove
+// returns; it does not modify it.
+func (r *Reconciler[K, V]) Plan(desired []Entry[K, V]) error {
+	r.c, r.first, r.nrep = Changes{}, nil, 0
 	r.failed = r.failed[:0]
-	r.seen = make(map[K]int32, len(desired))
-	defer func() { r.seen = nil }()
+	for i := 1; i < len(desired); i++ {
+		if r.cmp(desired[i-1].Key, desired[i].Key) >= 0 {
+			return fmt.Errorf("planning %d entries: %w (at %d)", len(desired), ErrUnsorted, i)
+		}
+	}
+	r.desired, r.last = desired, -1
+	if cap(r.seen) < len(desired) {
+		r.seen = make([]int32, len(desired))
+	}
+	r.seen = r.seen[:len(desired)]
+	defer func() {
+		if cap(r.seen) > keepChanges {
+			r.seen = nil
+		}
+	}()
 	var err error
 	for range dumpAttempts {
 		clear(r.seen)
+		clear(r.setK)
 		clear(r.setV)
 		clear(r.old)
 		clear(r.delV)
-		r.setK, r.setV, r.old, r.upd = r.setK[:0], r.setV[:0], r.old[:0], r.upd[:0]
+		r.setK, r.setV, r.at, r.old = r.setK[:0], r.setV[:0], r.at[:0], r.old[:0]
 		r.delK, r.delV = r.delK[:0], r.delV[:0]
 		err = r.table.Dump(r.collect)
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
@@ -150,25 +245,50 @@ func (r *Reconciler[K, V]) Plan(desired map[K]V) error {
 	}
 	// Drop the replaces a later, desired entry of the same key cancelled.
 	n := 0
-	for i, k := range r.setK {
-		if r.seen[k] != int32(i) {
+	for j, i := range r.at {
+		if r.seen[i] != int32(j+1) {
 			continue
 		}
-		r.setK[n], r.setV[n], r.old[n], r.upd[n] = k, r.setV[i], r.old[i], true
+		r.setK[n], r.setV[n], r.at[n], r.old[n] = r.setK[j], r.setV[j], i, r.old[j]
 		n++
 	}
+	clear(r.setK[n:])
 	clear(r.setV[n:])
 	clear(r.old[n:])
-	r.setK, r.setV, r.old, r.upd = r.setK[:n], r.setV[:n], r.old[:n], r.upd[:n]
-	if len(r.seen) < len(desired) {
-		var zero V
-		for k, want := range desired {
-			if _, ok := r.seen[k]; !ok {
-				r.setK, r.setV, r.old, r.upd = append(r.setK, k), append(r.setV, want), append(r.old, zero), append(r.upd, false)
+	r.setK, r.setV, r.at, r.old, r.nrep = r.setK[:n], r.setV[:n], r.at[:n], r.old[:n], n
+	adds := 0
+	for _, s := range r.seen {
+		if s == 0 {
+			adds++
+		}
+	}
+	if adds > 0 {
+		r.setK, r.setV = slices.Grow(r.setK, adds), slices.Grow(r.setV, adds)
+		for i, s := range r.seen {
+			if s == 0 {
+				r.setK, r.setV = append(r.setK, desired[i].Key), append(r.setV, desired[i].Val)
 			}
 		}
 	}
 	return nil
+}
+
+// find returns the index in desired of key k, or -1: first where the last
+// key found is (the same key again) or its successor (a dump in key
+// order), then by binary search.
+func (r *Reconciler[K, V]) find(k K) int {
+	d := r.desired
+	for i := max(r.last, 0); i < len(d) && i <= r.last+1; i++ {
+		if r.cmp(d[i].Key, k) == 0 {
+			r.last = i
+			return i
+		}
+	}
+	i := Find(d, k, r.cmp)
+	if i >= 0 {
+		r.last = i
+	}
+	return i
 }
 
 // collect is the dump callback. An entry of a key not desired is to
@@ -176,22 +296,22 @@ func (r *Reconciler[K, V]) Plan(desired map[K]V) error {
 // unless a later one is the desired entry: then that one stays; the others
 // are to delete.
 func (r *Reconciler[K, V]) collect(k K, v V) {
-	want, ok := r.desired[k]
-	if !ok {
+	i := r.find(k)
+	if i < 0 {
 		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
 		return
 	}
-	i, dup := r.seen[k]
+	want, s := &r.desired[i], r.seen[i]
 	switch {
-	case !dup && r.equal(want, v):
-		r.seen[k] = -1
-	case !dup:
-		r.seen[k] = int32(len(r.setK))
-		r.setK, r.setV, r.old, r.upd = append(r.setK, k), append(r.setV, want), append(r.old, v), append(r.upd, true)
-	case i >= 0 && r.equal(want, v):
+	case s == 0 && r.equal(want.Val, v):
+		r.seen[i] = -1
+	case s == 0:
+		r.seen[i] = int32(len(r.setK) + 1)
+		r.setK, r.setV, r.at, r.old = append(r.setK, want.Key), append(r.setV, want.Val), append(r.at, int32(i)), append(r.old, v)
+	case s > 0 && r.equal(want.Val, v):
 		// The entry kept so far was to be replaced; this one is desired.
-		r.seen[k] = -1
-		r.delK, r.delV = append(r.delK, k), append(r.delV, r.old[i])
+		r.seen[i] = -1
+		r.delK, r.delV = append(r.delK, k), append(r.delV, r.old[s-1])
 	default:
 		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
 	}
@@ -201,10 +321,8 @@ func (r *Reconciler[K, V]) collect(k K, v V) {
 // its key, the desired value and the entry as dumped. It is valid from
 // Plan until Remove returns (a Table's Set may use it).
 func (r *Reconciler[K, V]) Replacing(fn func(k K, want, have V)) {
-	for i, u := range r.upd {
-		if u {
-			fn(r.setK[i], r.setV[i], r.old[i])
-		}
+	for i := range r.nrep {
+		fn(r.setK[i], r.setV[i], r.old[i])
 	}
 }
 
@@ -220,7 +338,7 @@ func (r *Reconciler[K, V]) Add() {
 		case err != nil:
 			r.fail(err)
 			r.failed = append(r.failed, r.setK[i])
-		case r.upd[i]:
+		case i < r.nrep:
 			r.c.Updated++
 		default:
 			r.c.Added++
@@ -249,11 +367,13 @@ func (r *Reconciler[K, V]) Remove() {
 // after a burst, the big buffers.
 func (r *Reconciler[K, V]) trim() {
 	r.desired = nil
-	clear(r.setV) // references to desired and dumped values
+	clear(r.setK) // references to desired and dumped entries
+	clear(r.setV)
 	clear(r.old)
+	clear(r.delK)
 	clear(r.delV)
 	if cap(r.setV)+cap(r.delV) > keepChanges {
-		r.setK, r.setV, r.old, r.upd, r.delK, r.delV, r.errs = nil, nil, nil, nil, nil, nil, nil
+		r.setK, r.setV, r.at, r.old, r.delK, r.delV, r.errs = nil, nil, nil, nil, nil, nil, nil
 	}
 }
 

@@ -99,13 +99,14 @@ func (f *fakeTable) takeCalls(t *testing.T) string {
 	return strings.Join(append(sets, dels...), "; ")
 }
 
-func kv(s string) map[string]string {
-	m := map[string]string{}
+// kv is a desired set written k=v ..., in any order.
+func kv(s string) []Entry[string, string] {
+	var d []Entry[string, string]
 	for _, f := range strings.Fields(s) {
 		k, v, _ := strings.Cut(f, "=")
-		m[k] = v
+		d = append(d, Entry[string, string]{k, v})
 	}
-	return m
+	return SortEntries(d, strings.Compare)
 }
 
 func table(s string) *fakeTable {
@@ -176,7 +177,7 @@ func TestReconcile(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := table(tt.have)
 			f.fail, f.interrupt = tt.fail, tt.interrupt
-			r := NewReconciler[string, string](f, Same[string])
+			r := NewReconciler[string, string](f, strings.Compare, Same[string])
 			got, err := r.Reconcile(kv(tt.desired))
 			if calls := f.takeCalls(t); calls != tt.calls {
 				t.Errorf("calls = %q, want %q", calls, tt.calls)
@@ -212,7 +213,7 @@ func TestReconcile(t *testing.T) {
 func TestReconcileDumpError(t *testing.T) {
 	f := table("a=1")
 	f.dumpErr = unix.EPERM
-	c, err := NewReconciler[string, string](f, Same[string]).Reconcile(kv("b=1"))
+	c, err := NewReconciler[string, string](f, strings.Compare, Same[string]).Reconcile(kv("b=1"))
 	if !errors.Is(err, unix.EPERM) || c.Any() || len(f.calls) != 0 {
 		t.Fatalf("changes %+v, err %v, calls %q; want EPERM and no writes", c, err, f.calls)
 	}
@@ -223,7 +224,7 @@ func TestReconcileDumpError(t *testing.T) {
 // writes made and the table's text compared with what is written down here.
 func TestReconcileSteps(t *testing.T) {
 	f := table("10.5.9.0=stale 10.5.2.0=old")
-	r := NewReconciler[string, string](f, Same[string])
+	r := NewReconciler[string, string](f, strings.Compare, Same[string])
 	steps := []struct {
 		name, desired string
 		edit          func()
@@ -301,7 +302,7 @@ func TestReconcileUncomparableValues(t *testing.T) {
 		"keyB": {"192.0.2.2:51820", []string{"10.5.2.0/24", "fc00:0:2::/64"}},
 		"keyD": {"192.0.2.4:51820", []string{"10.5.4.0/24"}},
 	}
-	c, err := NewReconciler[string, peer](pt, equal).Reconcile(desired)
+	c, err := NewReconciler[string, peer](pt, strings.Compare, equal).Reconcile(SortedEntries(desired, strings.Compare))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,7 +320,7 @@ func TestReconcileUncomparableValues(t *testing.T) {
 // desired entry of the same key cancelled.
 func TestReconcileReplacing(t *testing.T) {
 	f := table("a=1 b=1 b=3 c=1 e=1")
-	r := NewReconciler[string, string](f, Same[string])
+	r := NewReconciler[string, string](f, strings.Compare, Same[string])
 	if err := r.Plan(kv("a=2 b=3 c=1 d=1")); err != nil {
 		t.Fatal(err)
 	}
@@ -335,5 +336,103 @@ func TestReconcileReplacing(t *testing.T) {
 	}
 	if a := f.text(); a != "a=2 b=3 c=1 d=1" {
 		t.Errorf("table = %q", a)
+	}
+}
+
+// TestReconcileUnsorted: a desired set out of order, or with a key twice,
+// is refused before anything is read or written.
+func TestReconcileUnsorted(t *testing.T) {
+	for _, d := range [][]Entry[string, string]{
+		{{"b", "1"}, {"a", "1"}},
+		{{"a", "1"}, {"a", "2"}},
+	} {
+		f := table("c=1")
+		c, err := NewReconciler[string, string](f, strings.Compare, Same[string]).Reconcile(d)
+		if !errors.Is(err, ErrUnsorted) || c.Any() || f.dumps != 0 || len(f.calls) != 0 {
+			t.Errorf("%v: changes %+v, err %v, %d dumps, calls %q; want ErrUnsorted and nothing done", d, c, err, f.dumps, f.calls)
+		}
+	}
+}
+
+func TestSortEntries(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"", ""},
+		{"a=1 b=1 c=1", "a=1 b=1 c=1"},
+		{"c=1 a=1 b=1", "a=1 b=1 c=1"},
+		{"b=1 a=1 b=2 a=3 b=3", "a=3 b=3"}, // the last of a key counts, as in a map
+		{"a=1 a=2", "a=2"},
+	}
+	for _, tt := range tests {
+		var d []Entry[string, string]
+		for _, f := range strings.Fields(tt.in) {
+			k, v, _ := strings.Cut(f, "=")
+			d = append(d, Entry[string, string]{k, v})
+		}
+		var got []string
+		for _, e := range SortEntries(d, strings.Compare) {
+			got = append(got, e.Key+"="+e.Val)
+		}
+		if g := strings.Join(got, " "); g != tt.want {
+			t.Errorf("SortEntries(%s) = %q, want %q", tt.in, g, tt.want)
+		}
+	}
+	d := kv("a=1 c=1 e=1")
+	for k, want := range map[string]int{"a": 0, "c": 1, "e": 2, "b": -1, "": -1, "f": -1} {
+		if i := Find(d, k, strings.Compare); i != want {
+			t.Errorf("Find(%q) = %d, want %d", k, i, want)
+		}
+	}
+}
+
+// TestReconcileDumpOrders: the diff is the same whether the dump comes in
+// key order (as the kernel's route dump does), reversed, or shuffled, with
+// the keys spread and repeated.
+func TestReconcileDumpOrders(t *testing.T) {
+	var desired []Entry[string, string]
+	have := &fakeTable{}
+	for i := range 300 {
+		k := fmt.Sprintf("k%04d", i)
+		if i%3 != 0 { // every third key is not desired
+			desired = append(desired, Entry[string, string]{k, "1"})
+		}
+		switch {
+		case i%5 == 0: // missing
+		case i%7 == 0: // different, and a second entry
+			have.entries = append(have.entries, [2]string{k, "2"}, [2]string{k, "3"})
+		default:
+			have.entries = append(have.entries, [2]string{k, "1"})
+		}
+	}
+	orders := map[string]func([][2]string){
+		"sorted":   func([][2]string) {},
+		"reversed": slices.Reverse[[][2]string],
+		"shuffled": func(e [][2]string) {
+			for i := range e { // a fixed permutation
+				j := (i * 7919) % len(e)
+				e[i], e[j] = e[j], e[i]
+			}
+		},
+	}
+	for name, order := range orders {
+		f := &fakeTable{entries: slices.Clone(have.entries)}
+		order(f.entries)
+		c, err := NewReconciler[string, string](f, strings.Compare, Same[string]).Reconcile(desired)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.takeCalls(t) // sets before deletes
+		// 40 keys missing, 22 different (each with a second entry), 92
+		// entries of the 80 keys not desired.
+		want := Changes{Added: 40, Updated: 22, Removed: 22 + 92}
+		if c != want {
+			t.Errorf("%s: changes %+v, want %+v", name, c, want)
+		}
+		var wantText []string
+		for _, e := range desired {
+			wantText = append(wantText, e.Key+"="+e.Val)
+		}
+		if got := f.text(); got != strings.Join(wantText, " ") {
+			t.Errorf("%s: table after = %q", name, got)
+		}
 	}
 }

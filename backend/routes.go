@@ -1,9 +1,11 @@
 package backend
 
 import (
+	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
-	"hash/fnv"
+	"iter"
 	"net/netip"
 	"slices"
 
@@ -30,14 +32,14 @@ type RouteNetlink interface {
 }
 
 // routeKey and hop are how the route table stores an nlbatch.Route in the
-// Reconciler's maps: routeKey is what the kernel tells routes of one table
+// Reconciler's desired set: routeKey is what the kernel tells routes of one table
 // apart by, as far as a replace goes (the destination, the metric, the
 // TOS), hop the rest. A route of an owned destination with another metric
 // or TOS than the routes this reconciler writes is thus never desired, and
 // is deleted. Both are arrays and numbers without pointers: 52 bytes a
-// route instead of 112 with nlbatch.Route values, so that the maps of
-// 50,000 routes stay small (8 MB less) and the garbage collector never scans
-// them. Routes are nlbatch.Routes everywhere else.
+// route instead of 112 with nlbatch.Route values, so that the desired set
+// of 50,000 routes stays small (2.6 MB) and the garbage collector never
+// scans it. Routes are nlbatch.Routes everywhere else.
 type (
 	routeKey struct {
 		dst [16]byte // an IPv4 address in its IPv4-mapped form
@@ -52,6 +54,15 @@ type (
 		onlink bool
 	}
 )
+
+// compareRouteKeys orders route keys by destination address, then prefix
+// length (then TOS and metric).
+func compareRouteKeys(a, b routeKey) int {
+	if c := bytes.Compare(a.dst[:], b.dst[:]); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.meta, b.meta)
+}
 
 func keyOf(dst netip.Prefix, priority uint32, tos uint8) routeKey {
 	return routeKey{dst: dst.Addr().As16(), meta: uint64(dst.Bits()) | uint64(tos)<<8 | uint64(priority)<<16}
@@ -93,9 +104,9 @@ type RouteReconciler struct {
 
 	rec *Reconciler[routeKey, hop]
 	own netip.Prefix
-	// nhs holds the nexthop objects desired during a call: by ID, the hop
-	// of the first route through it.
-	nhs map[uint32]hop
+	// nhs holds, during a call, the IDs of the nexthop objects desired
+	// routes use, sorted.
+	nhs []nhUse
 	// unused holds, during a call, the IDs of this reconciler's making of
 	// the nexthop objects dumped routes use and no desired route does.
 	unused map[uint32]bool
@@ -118,7 +129,7 @@ func NewRouteReconciler(nl RouteNetlink, network netip.Prefix, links ...int) *Ro
 		v6:      network.Addr().Is6(),
 		links:   slices.Clone(links),
 	}
-	r.rec = NewReconciler[routeKey, hop](routeTable{r}, Same[hop])
+	r.rec = NewReconciler[routeKey, hop](routeTable{r}, compareRouteKeys, Same[hop])
 	return r
 }
 
@@ -142,37 +153,46 @@ func (r *RouteReconciler) UseNexthops(on bool) { r.nexthops = on }
 // number; for an IPv6 one, 0xf followed by 28 bits of its FNV-1a hash (the
 // IDs of IPv4 class E addresses, never a gateway of a flannel network). Two
 // IPv6 gateways with one ID are handled as one gateway on two links: the
-// second gets plain routes.
+// one of the lowest destination gets the nexthop object, the other plain
+// routes.
 func nexthopID(gw netip.Addr) uint32 {
 	if gw.Is4() {
 		return ip.Uint32(gw)
 	}
-	h := fnv.New32a()
-	a := gw.As16()
-	h.Write(a[:])
-	return 0xf0000000 | h.Sum32()&0x0fffffff
+	const offset32, prime32 = 2166136261, 16777619 // FNV-1a, as hash/fnv
+	h := uint32(offset32)
+	for _, c := range gw.As16() {
+		h = (h ^ uint32(c)) * prime32
+	}
+	return 0xf0000000 | h&0x0fffffff
 }
 
 // Reconcile makes the kernel's owned routes exactly desired (routes via Gw
-// on LinkIndex, Onlink as given; other fields are ignored): one dump, the
-// missing or different routes replaced, then the owned routes no longer
-// desired deleted, then the nexthop objects no route uses any more. own is
-// the node's own lease subnet, never routed (its zero value excludes
-// nothing). A desired route the reconciler would not own is skipped and
-// reported with ErrRouteNotOwned; a failing kernel call does not stop the
-// others. The error, if any, is the first failure; Changes counts what was
-// done.
+// on LinkIndex, Onlink as given; other fields are ignored; of two routes
+// to one destination the later counts): one dump, the missing or
+// different routes replaced, then the owned routes no longer desired
+// deleted, then the nexthop objects no route uses any more. own is the
+// node's own lease subnet, never routed (its zero value excludes nothing).
+// A desired route the reconciler would not own is skipped and reported
+// with ErrRouteNotOwned; a failing kernel call does not stop the others.
+// The error, if any, is the first failure; Changes counts what was done.
 func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (Changes, error) {
+	return r.ReconcileSeq(own, len(desired), slices.Values(desired))
+}
+
+// ReconcileSeq is Reconcile of the routes desired yields, n of them (a
+// hint), for a caller that holds its routes in another form: no slice of
+// them is built.
+func (r *RouteReconciler) ReconcileSeq(own netip.Prefix, n int, desired iter.Seq[nlbatch.Route]) (Changes, error) {
 	r.own = own
 	// The desired set lives for this call only: between calls the
 	// reconciler holds no route.
-	want := make(map[routeKey]hop, len(desired))
-	r.nhs = map[uint32]hop{}
+	want := make([]Entry[routeKey, hop], 0, n)
 	r.unused = map[uint32]bool{}
 	defer func() { r.nhs, r.unused = nil, nil }()
 	var bad int
 	var badErr error
-	for _, d := range desired {
+	for d := range desired {
 		if !r.ownsDst(d.Dst) || !r.onLink(d.LinkIndex) || !r.family(d.Gw) {
 			bad++
 			if badErr == nil {
@@ -180,16 +200,11 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (
 			}
 			continue
 		}
-		h := hop{gw: d.Gw.As16(), link: int32(d.LinkIndex), onlink: d.Onlink}
-		if r.nexthops {
-			via := h
-			via.nh = nexthopID(d.Gw)
-			if prev, taken := r.nhs[via.nh]; !taken || prev == via {
-				r.nhs[via.nh] = via
-				h = via
-			} // else one gateway on two links: a plain route
-		}
-		want[keyOf(d.Dst, 0, 0)] = h
+		want = append(want, Entry[routeKey, hop]{keyOf(d.Dst, 0, 0), hop{gw: d.Gw.As16(), link: int32(d.LinkIndex), onlink: d.Onlink}})
+	}
+	want = SortEntries(want, compareRouteKeys)
+	if r.nexthops {
+		r.nhs = useNexthops(want)
 	}
 
 	if err := r.rec.Plan(want); err != nil {
@@ -212,6 +227,41 @@ func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (
 		}
 	}
 	return c, err
+}
+
+// nhUse is a nexthop object desired routes use: its ID and the index in
+// the desired set of the first route through it.
+type nhUse struct{ id, at uint32 }
+
+// useNexthops routes each route of want through the nexthop object of its
+// gateway and returns the IDs in use, sorted: of routes whose gateways
+// share an ID, those with the hop (gateway, link, onlink) of the lowest
+// destination, the others stay plain.
+func useNexthops(want []Entry[routeKey, hop]) []nhUse {
+	uses := make([]nhUse, len(want))
+	for i := range want {
+		uses[i] = nhUse{nexthopID(netip.AddrFrom16(want[i].Val.gw).Unmap()), uint32(i)}
+	}
+	slices.SortFunc(uses, func(a, b nhUse) int {
+		if c := cmp.Compare(a.id, b.id); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.at, b.at)
+	})
+	n := 0
+	for _, u := range uses {
+		h := &want[u.at].Val
+		if n == 0 || uses[n-1].id != u.id {
+			uses[n] = u // the first route through the ID claims it
+			n++
+			h.nh = u.id
+			continue
+		}
+		if via := want[uses[n-1].at].Val; h.gw == via.gw && h.link == via.link && h.onlink == via.onlink {
+			h.nh = u.id
+		}
+	}
+	return uses[:n]
 }
 
 // FailedRoutes returns the destinations whose install failed in the last
@@ -267,7 +317,7 @@ func (t routeTable) Dump(add func(routeKey, hop)) error {
 			pri = 0
 		}
 		h := hopOf(k)
-		if _, used := r.nhs[h.nh]; h.nh != 0 && !used && h.nh == nexthopID(k.Gw) {
+		if h.nh != 0 && h.nh == nexthopID(k.Gw) && !r.nexthopUsed(h.nh) {
 			r.unused[h.nh] = true
 		}
 		add(keyOf(k.Dst, pri, k.Tos), h)
@@ -277,6 +327,12 @@ func (t routeTable) Dump(add func(routeKey, hop)) error {
 		return r.nl.ListRoutes6(collect)
 	}
 	return r.nl.ListRoutes(collect)
+}
+
+// nexthopUsed reports whether a desired route uses nexthop object id.
+func (r *RouteReconciler) nexthopUsed(id uint32) bool {
+	_, used := slices.BinarySearchFunc(r.nhs, id, func(u nhUse, id uint32) int { return cmp.Compare(u.id, id) })
+	return used
 }
 
 // Set replaces the routes in one batch, after the nexthop objects they use.
@@ -336,6 +392,9 @@ const routeChunk = 4096
 // time, and the matching part of errs.
 func (t routeTable) chunks(keys []routeKey, hops []hop, errs []error, write func([]nlbatch.Route, []error)) {
 	r := t.r
+	if n := min(len(keys), routeChunk); cap(r.routes) < n {
+		r.routes = make([]nlbatch.Route, 0, n)
+	}
 	for start := 0; start < len(keys); start += routeChunk {
 		end := min(start+routeChunk, len(keys))
 		r.routes = r.routes[:0]
@@ -366,23 +425,27 @@ func routeString(r *nlbatch.Route) string {
 // be set, before them, and returns the failures by ID (a route through a
 // failed nexthop object then fails too, and says why).
 func (r *RouteReconciler) writeNexthops(hops []hop) map[uint32]error {
-	r.nhBuf = r.nhBuf[:0]
-	var seen map[uint32]bool
+	n := 0
 	for i := range hops {
-		id := hops[i].nh
-		if id == 0 || seen[id] {
-			continue
+		if hops[i].nh != 0 {
+			n++
 		}
-		if seen == nil {
-			seen = map[uint32]bool{}
-		}
-		seen[id] = true
-		h := &hops[i]
-		r.nhBuf = append(r.nhBuf, nlbatch.Nexthop{ID: id, Gw: netip.AddrFrom16(h.gw).Unmap(), LinkIndex: int(h.link), Onlink: h.onlink})
 	}
-	if len(r.nhBuf) == 0 {
+	if n == 0 {
 		return nil
 	}
+	if cap(r.nhBuf) < n {
+		r.nhBuf = make([]nlbatch.Nexthop, 0, n)
+	}
+	r.nhBuf = r.nhBuf[:0]
+	for i := range hops {
+		if h := &hops[i]; h.nh != 0 {
+			r.nhBuf = append(r.nhBuf, nlbatch.Nexthop{ID: h.nh, Gw: netip.AddrFrom16(h.gw).Unmap(), LinkIndex: int(h.link), Onlink: h.onlink})
+		}
+	}
+	// Routes through one object have one hop: keep one of each ID.
+	slices.SortFunc(r.nhBuf, func(a, b nlbatch.Nexthop) int { return cmp.Compare(a.ID, b.ID) })
+	r.nhBuf = slices.CompactFunc(r.nhBuf, func(a, b nlbatch.Nexthop) bool { return a.ID == b.ID })
 	errs := Results(&r.errs, len(r.nhBuf))
 	_ = r.nl.ReplaceNexthops(r.nhBuf, errs)
 	var failed map[uint32]error
@@ -394,6 +457,7 @@ func (r *RouteReconciler) writeNexthops(hops []hop) map[uint32]error {
 			failed[r.nhBuf[i].ID] = err
 		}
 	}
+	clear(r.nhBuf)
 	return failed
 }
 

@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"slices"
 	"strings"
@@ -678,5 +679,57 @@ func TestReconcileManyChunks(t *testing.T) {
 	}
 	if len(f.routes) != n-4 {
 		t.Errorf("%d routes in the table, want %d", len(f.routes), n-4)
+	}
+}
+
+// TestUseNexthops: each route goes through the nexthop object of its
+// gateway, but one gateway on two links has the object on the link of its
+// lowest destination, whatever the input order, and plain routes on the
+// other.
+func TestUseNexthops(t *testing.T) {
+	type route struct {
+		dst, gw string
+		link    int32
+	}
+	in := []route{
+		{"10.1.0.0/24", "10.250.0.2", 2},
+		{"10.2.0.0/24", "10.250.0.2", 3},
+		{"10.3.0.0/24", "10.250.0.2", 2},
+		{"10.4.0.0/24", "10.250.0.4", 3},
+	}
+	for _, rev := range []bool{false, true} {
+		var want []Entry[routeKey, hop]
+		for _, r := range in {
+			want = append(want, Entry[routeKey, hop]{keyOf(netip.MustParsePrefix(r.dst), 0, 0), hop{gw: netip.MustParseAddr(r.gw).As16(), link: r.link}})
+		}
+		if rev {
+			slices.Reverse(want)
+		}
+		want = SortEntries(want, compareRouteKeys)
+		uses := useNexthops(want)
+		var got []string
+		for _, e := range want {
+			got = append(got, fmt.Sprintf("%s nhid %#x", e.Key.prefix(), e.Val.nh))
+		}
+		if g, w := strings.Join(got, ", "), "10.1.0.0/24 nhid 0xafa0002, 10.2.0.0/24 nhid 0x0, 10.3.0.0/24 nhid 0xafa0002, 10.4.0.0/24 nhid 0xafa0004"; g != w {
+			t.Errorf("reversed %t: routes %s, want %s", rev, g, w)
+		}
+		var ids []uint32
+		for _, u := range uses {
+			ids = append(ids, u.id)
+		}
+		if !slices.Equal(ids, []uint32{0x0afa0002, 0x0afa0004}) {
+			t.Errorf("reversed %t: nexthop IDs in use %#x", rev, ids)
+		}
+	}
+	// IPv6 IDs stay those earlier runs gave their objects: FNV-1a.
+	for _, s := range []string{"fd00::1", "fc00:5:0:2::", "2001:db8::ffff:1"} {
+		gw := netip.MustParseAddr(s)
+		h := fnv.New32a()
+		a := gw.As16()
+		h.Write(a[:])
+		if id, want := nexthopID(gw), 0xf0000000|h.Sum32()&0x0fffffff; id != want {
+			t.Errorf("nexthopID(%s) = %#x, want %#x", gw, id, want)
+		}
 	}
 }

@@ -94,7 +94,7 @@ type Backend struct {
 	// peers keeps the packet path's table; used by Apply only.
 	peers   *backend.Reconciler[netip.Prefix, netip.Addr]
 	applied peerTable
-	desired map[netip.Prefix]netip.Addr
+	desired []backend.Entry[netip.Prefix, netip.Addr] // Apply's, reused while small
 
 	mu     sync.Mutex // guards the fields below
 	dev    tunDevice
@@ -137,10 +137,13 @@ func New(o backend.Options) (*Backend, error) {
 	b.path.strict = cfg.StrictSource
 	b.path.table.Store(newTable(nil, cfg.Port))
 	b.applied.applied = map[netip.Prefix]netip.Addr{}
-	b.desired = map[netip.Prefix]netip.Addr{}
-	b.peers = backend.NewReconciler[netip.Prefix, netip.Addr](&b.applied, backend.Same[netip.Addr])
+	b.peers = backend.NewReconciler[netip.Prefix, netip.Addr](&b.applied, netip.Prefix.Compare, backend.Same[netip.Addr])
 	return b, nil
 }
+
+// keepDesired is the largest desired set an Apply leaves for the next one
+// to reuse.
+const keepDesired = 1024
 
 // Init creates the TUN flannel0, or attaches to the one an earlier run
 // left, and the UDP socket on <iface addr>:<Port>, both in the calling
@@ -207,11 +210,15 @@ func (b *Backend) Apply(ctx context.Context, own subnet.Lease, remote []subnet.L
 	if err := b.configureDevice(own.Subnet); err != nil {
 		return err
 	}
-	clear(b.desired)
+	b.desired = b.desired[:0]
 	for i := range remote {
-		b.desired[remote[i].Subnet] = remote[i].Attrs.PublicIP
+		b.desired = append(b.desired, backend.Entry[netip.Prefix, netip.Addr]{Key: remote[i].Subnet, Val: remote[i].Attrs.PublicIP})
 	}
+	b.desired = backend.SortEntries(b.desired, netip.Prefix.Compare)
 	c, err := b.peers.Reconcile(b.desired)
+	if cap(b.desired) > keepDesired {
+		b.desired = nil // kept only while small
+	}
 	if c.Any() {
 		b.path.table.Store(newTable(b.applied.applied, b.cfg.Port))
 		b.log.V(1).Info("Updated the udp peer table", "peers", len(b.applied.applied), "added", c.Added, "updated", c.Updated, "removed", c.Removed)

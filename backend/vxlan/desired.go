@@ -5,13 +5,14 @@ import (
 	"cmp"
 	"encoding/json"
 	"fmt"
+	"iter"
 	"net"
 	"net/netip"
 	"slices"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 	"github.com/flanneld-go/flanneld/subnet"
 )
@@ -20,11 +21,56 @@ import (
 // of the leases it programs.
 const backendType = "vxlan"
 
-// hwAddr is an Ethernet address; unlike net.HardwareAddr it is comparable,
-// so neighbour and fdb sets diff as plain maps.
+// hwAddr is an Ethernet address; unlike net.HardwareAddr it is an array:
+// comparable, and without a pointer as a key of a desired set.
 type hwAddr [6]byte
 
 func (m hwAddr) String() string { return net.HardwareAddr(m[:]).String() }
+
+func compareMACs(a, b hwAddr) int { return bytes.Compare(a[:], b[:]) }
+
+// addr is a netip.Addr as the desired sets hold it: the 16 bytes of its
+// IPv6 form and whether it is IPv4. Unlike a netip.Addr it has no pointer,
+// so the garbage collector never scans a desired set.
+type addr struct {
+	a  [16]byte
+	v4 bool
+}
+
+func addrOf(ip netip.Addr) addr { return addr{ip.As16(), ip.Is4()} }
+
+func (a addr) ip() netip.Addr {
+	if a.v4 {
+		return netip.AddrFrom16(a.a).Unmap()
+	}
+	return netip.AddrFrom16(a.a)
+}
+
+// compareAddrs orders addresses as netip.Addr.Compare does: IPv4 first.
+func compareAddrs(a, b addr) int {
+	if a.v4 != b.v4 {
+		if a.v4 {
+			return -1
+		}
+		return 1
+	}
+	return bytes.Compare(a.a[:], b.a[:])
+}
+
+// neighVal is a neighbour as far as it is not its IP (the key) or the
+// device: its lladdr and state.
+type neighVal struct {
+	mac   hwAddr
+	state uint16
+}
+
+// fdbVal is an fdb entry of the device as far as it is not its MAC (the
+// key): its remote, VNI and state.
+type fdbVal struct {
+	vni   uint32
+	state uint16
+	dst   addr
+}
 
 // usable reports whether m can be a VTEP's MAC: unicast, not all zero.
 func (m hwAddr) usable() bool { return m != (hwAddr{}) && m[0]&1 == 0 }
@@ -60,15 +106,40 @@ type skip struct {
 	Reason string
 }
 
-// desired is what the kernel should hold for a set of remote leases. An
-// Apply computes it afresh and drops it when done: between Applies the
-// backend holds no entry.
+// desired is what the kernel should hold for a set of remote leases, as
+// sorted desired sets (backend.Entry) of pointer-free entries, 26 bytes a
+// neighbour and 32 an fdb entry, and the leases' routes read from the
+// leases themselves. An Apply computes it afresh and drops it when done:
+// between Applies the backend holds no entry and no lease.
 type desired struct {
-	neighs map[netip.Addr]nlbatch.Neigh // by remote subnet IP
-	fdbs   map[hwAddr]nlbatch.Neigh     // by remote VTEP MAC
-	routes []nlbatch.Route
+	w      world
+	remote []subnet.Lease                  // the Apply's leases, read only
+	peers  []peerRef                       // the leases of the family, in subnet order
+	neighs []backend.Entry[addr, neighVal] // by subnet IP
+	fdbs   []backend.Entry[hwAddr, fdbVal] // by VtepMAC
+	routes int                             // how many leases get a route
 	skips  []skip
 }
+
+// peerRef is a remote lease with a subnet of the overlay's family: its
+// index in remote, its VtepMAC (if usable), what compute made of it and,
+// for kindDupMAC, the index in peers of the lease that has the MAC.
+type peerRef struct {
+	i     int32
+	owner int32
+	mac   hwAddr
+	kind  uint8
+}
+
+// The kinds of peerRef: programmed (tunnelled or routed directly) or
+// skipped, and why.
+const (
+	kindTunnel = iota
+	kindDirect
+	kindSameSubnet
+	kindBadData
+	kindDupMAC
+)
 
 func newDesired() *desired { return &desired{} }
 
@@ -91,54 +162,34 @@ func (w *world) view(l *subnet.Lease) (sn netip.Prefix, pub netip.Addr, data jso
 	return l.Subnet, l.Attrs.PublicIP, l.Attrs.BackendData
 }
 
-// neigh is the permanent neighbour gw → mac on the VTEP device.
-func (w *world) neigh(gw netip.Addr, mac hwAddr) nlbatch.Neigh {
-	family := uint8(unix.AF_INET)
-	if w.v6 {
-		family = unix.AF_INET6
-	}
-	return nlbatch.Neigh{LinkIndex: w.vtep, Family: family, State: unix.NUD_PERMANENT, Type: unix.RTN_UNICAST, IP: gw, MAC: mac}
-}
-
-// fdb is the permanent fdb entry of the VTEP device: frames to mac are
-// encapsulated to dst (in the device's VNI).
-func (w *world) fdb(mac hwAddr, dst netip.Addr) nlbatch.Neigh {
-	return nlbatch.Neigh{LinkIndex: w.vtep, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: unix.NUD_PERMANENT, IP: dst, MAC: mac}
-}
-
 // compute fills d with the entries for remote, leases the caller admitted
-// (valid subnets of the network, not this node's, of type vxlan). For a
-// lease tunnelled through VXLAN that is a permanent neighbour (subnet IP →
-// VtepMAC), an fdb entry (VtepMAC → PublicIP) and an onlink route (subnet
-// via subnet IP). With DirectRouting, a lease whose PublicIP is on a
-// network the external interface is directly attached to gets only a plain
-// route via its PublicIP on that interface, as flannel does; any neighbour
-// or fdb entry left from when it was tunnelled is then removed.
+// (valid subnets of the network, not this node's, of type vxlan); d reads
+// remote until release. For a lease tunnelled through VXLAN that is a
+// permanent neighbour (subnet IP → VtepMAC), an fdb entry (VtepMAC →
+// PublicIP) and an onlink route (subnet via subnet IP). With DirectRouting,
+// a lease whose PublicIP is on a network the external interface is
+// directly attached to gets only a plain route via its PublicIP on that
+// interface, as flannel does; any neighbour or fdb entry left from when it
+// was tunnelled is then removed.
 //
 // A lease without a subnet of the overlay's family (an IPv4-only lease on
 // the IPv6 overlay) has nothing here. Leases are taken in subnet order (then
 // PublicIP), so the outcome does not depend on the order of remote; a lease
 // whose BackendData is unusable, or whose subnet or VtepMAC an earlier lease
-// already has, is reported in d.skips and left out.
+// already has, is reported in d.skips and left out. (Of two subnets of one
+// address, 10.5.0.0/16 and 10.5.0.0/24, the neighbour is the latter's.)
 func (d *desired) compute(w world, remote []subnet.Lease) {
+	d.w, d.remote = w, remote
 	d.skips = d.skips[:0]
-	order := make([]int, 0, len(remote))
+	d.peers = make([]peerRef, 0, len(remote))
 	for i := range remote {
 		if sn, _, _ := w.view(&remote[i]); sn.IsValid() {
-			order = append(order, i)
+			d.peers = append(d.peers, peerRef{i: int32(i)})
 		}
 	}
-	d.neighs = make(map[netip.Addr]nlbatch.Neigh, len(order))
-	d.fdbs = make(map[hwAddr]nlbatch.Neigh, len(order))
-	d.routes = make([]nlbatch.Route, 0, len(order))
-	// A MAC is taken when a tunnelled lease has it (it is a key of fdbs)
-	// or a directly routed one does (directMACs). The owner named in a
-	// skip is looked up once all leases are placed (dups).
-	var directMACs map[hwAddr]netip.Prefix
-	var dups []dupMAC
-	slices.SortStableFunc(order, func(a, b int) int {
-		sa, pa, da := w.view(&remote[a])
-		sb, pb, db := w.view(&remote[b])
+	slices.SortStableFunc(d.peers, func(a, b peerRef) int {
+		sa, pa, da := w.view(&remote[a.i])
+		sb, pb, db := w.view(&remote[b.i])
 		if c := sa.Addr().Compare(sb.Addr()); c != 0 {
 			return c
 		}
@@ -155,72 +206,99 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 	if w.v6 {
 		dataKey = "BackendV6Data"
 	}
+	// The subnets and VtepMACs, byMAC the leases with one sorted by it.
 	var last netip.Prefix // the previous lease's subnet
-	for _, i := range order {
-		sn, pub, data := w.view(&remote[i])
+	byMAC := make([]int32, 0, len(d.peers))
+	for p := range d.peers {
+		r := &d.peers[p]
+		sn, _, data := w.view(&remote[r.i])
 		if sn == last {
 			// Only the IPv6 subnets of dual-stack leases can repeat: the
 			// store keys such a lease by its IPv4 subnet.
-			d.skips = append(d.skips, skip{sn, "another lease has the same subnet"})
+			r.kind = kindSameSubnet
 			continue
 		}
 		last = sn
 		mac, err := leaseMAC(dataKey, data)
 		if err != nil {
+			r.kind = kindBadData
+			continue
+		}
+		r.mac = mac
+		byMAC = append(byMAC, int32(p))
+	}
+	// A VtepMAC is the first lease's that has it, tunnelled or direct.
+	slices.SortStableFunc(byMAC, func(a, b int32) int { return compareMACs(d.peers[a].mac, d.peers[b].mac) })
+	owner := int32(-1)
+	for _, p := range byMAC {
+		if owner >= 0 && d.peers[owner].mac == d.peers[p].mac {
+			d.peers[p].kind, d.peers[p].owner = kindDupMAC, owner
+			continue
+		}
+		owner = p
+	}
+
+	d.neighs = make([]backend.Entry[addr, neighVal], 0, len(byMAC))
+	d.routes = 0
+	for p := range d.peers {
+		r := &d.peers[p]
+		sn, pub, data := w.view(&remote[r.i])
+		switch r.kind {
+		case kindSameSubnet:
+			d.skips = append(d.skips, skip{sn, "another lease has the same subnet"})
+			continue
+		case kindBadData:
+			_, err := leaseMAC(dataKey, data)
 			d.skips = append(d.skips, skip{sn, err.Error()})
 			continue
-		}
-		_, tunnelled := d.fdbs[mac]
-		if _, direct := directMACs[mac]; tunnelled || direct {
-			dups = append(dups, dupMAC{len(d.skips), mac})
-			d.skips = append(d.skips, skip{Subnet: sn})
+		case kindDupMAC:
+			has, _, _ := w.view(&remote[d.peers[r.owner].i])
+			d.skips = append(d.skips, skip{sn, fmt.Sprintf("VtepMAC %s is already used by the lease %s", r.mac, has)})
 			continue
 		}
-
+		d.routes++
 		if w.direct && onNets(w.extNets, pub) {
-			if directMACs == nil {
-				directMACs = map[hwAddr]netip.Prefix{}
-			}
-			directMACs[mac] = sn
-			d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: w.ext})
+			r.kind = kindDirect
 			continue
 		}
-		gw := sn.Addr()
-		d.neighs[gw] = w.neigh(gw, mac)
-		d.fdbs[mac] = w.fdb(mac, pub)
-		d.routes = append(d.routes, nlbatch.Route{Dst: sn, Gw: gw, LinkIndex: w.vtep, Onlink: true})
+		d.neighs = append(d.neighs, backend.Entry[addr, neighVal]{Key: addrOf(sn.Addr()), Val: neighVal{r.mac, unix.NUD_PERMANENT}})
 	}
-	d.nameOwners(w, dups, directMACs)
+	d.neighs = backend.SortEntries(d.neighs, compareAddrs) // sorted but for the family: only a subnet address's repeat goes
+	d.fdbs = make([]backend.Entry[hwAddr, fdbVal], 0, len(d.neighs))
+	for _, p := range byMAC {
+		if r := &d.peers[p]; r.kind == kindTunnel {
+			_, pub, _ := w.view(&remote[r.i])
+			d.fdbs = append(d.fdbs, backend.Entry[hwAddr, fdbVal]{Key: r.mac, Val: fdbVal{state: unix.NUD_PERMANENT, dst: addrOf(pub)}})
+		}
+	}
 }
 
-// dupMAC is a lease skipped because an earlier one has its VtepMAC: the
-// index of its skip and the MAC.
-type dupMAC struct {
-	skip int
-	mac  hwAddr
-}
-
-// nameOwners writes the reason of each skip in dups, naming the lease that
-// has the MAC: from directMACs, or the tunnelled route whose neighbour has
-// it (one pass over the routes, and only when there are dups).
-func (d *desired) nameOwners(w world, dups []dupMAC, directMACs map[hwAddr]netip.Prefix) {
-	if len(dups) == 0 {
-		return
-	}
-	owners := make(map[hwAddr]netip.Prefix, len(dups))
-	for _, dm := range dups {
-		owners[dm.mac] = directMACs[dm.mac]
-	}
-	for _, r := range d.routes {
-		if n, ok := d.neighs[r.Gw]; ok && r.LinkIndex == w.vtep {
-			if _, dup := owners[n.MAC]; dup {
-				owners[n.MAC] = r.Dst
+// eachRoute yields the route of each lease compute programs, in subnet
+// order, but not those of tunnelled leases whose subnet IP is in leaveOut.
+func (d *desired) eachRoute(leaveOut map[addr]struct{}) iter.Seq[nlbatch.Route] {
+	return func(yield func(nlbatch.Route) bool) {
+		for _, r := range d.peers {
+			if r.kind != kindTunnel && r.kind != kindDirect {
+				continue
+			}
+			sn, pub, _ := d.w.view(&d.remote[r.i])
+			route := nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: d.w.ext}
+			if r.kind == kindTunnel {
+				if _, out := leaveOut[addrOf(sn.Addr())]; out {
+					continue
+				}
+				route = nlbatch.Route{Dst: sn, Gw: sn.Addr(), LinkIndex: d.w.vtep, Onlink: true}
+			}
+			if !yield(route) {
+				return
 			}
 		}
 	}
-	for _, dm := range dups {
-		d.skips[dm.skip].Reason = fmt.Sprintf("VtepMAC %s is already used by the lease %s", dm.mac, owners[dm.mac])
-	}
+}
+
+// release drops what compute made, and the leases it read.
+func (d *desired) release() {
+	d.remote, d.peers, d.neighs, d.fdbs = nil, nil, nil, nil
 }
 
 // leaseMAC extracts the VtepMAC of a lease's BackendData (key names it:

@@ -19,12 +19,12 @@ import (
 func (d *desired) render() string {
 	var lines []string
 	for _, n := range d.neighs {
-		lines = append(lines, fmt.Sprintf("neigh %s lladdr %s nud %s", n.IP, hwAddr(n.MAC), nud(n.State)))
+		lines = append(lines, fmt.Sprintf("neigh %s lladdr %s nud %s", n.Key.ip(), n.Val.mac, nud(n.Val.state)))
 	}
 	for _, f := range d.fdbs {
-		lines = append(lines, fmt.Sprintf("fdb %s self dst %s %s", hwAddr(f.MAC), f.IP, nud(f.State)))
+		lines = append(lines, fmt.Sprintf("fdb %s self dst %s %s", f.Key, f.Val.dst.ip(), nud(f.Val.state)))
 	}
-	for _, r := range d.routes {
+	for r := range d.eachRoute(nil) {
 		line := fmt.Sprintf("route %s via %s dev %d", r.Dst, r.Gw, r.LinkIndex)
 		if r.Onlink {
 			line += " onlink"

@@ -2,11 +2,11 @@ package vxlan
 
 import (
 	"fmt"
-	"net/netip"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/pkg/nlbatch"
 )
 
@@ -28,19 +28,26 @@ type neighTable struct {
 	nl     neighNetlink
 	link   int
 	family uint8
-	want   map[netip.Addr]nlbatch.Neigh // the desired set of the current Apply
+	want   []backend.Entry[addr, neighVal] // the desired set of the current Apply
+	buf    []nlbatch.Neigh
 }
 
-// Dump reports the owned entries in the form compute writes them.
-func (t *neighTable) Dump(add func(netip.Addr, nlbatch.Neigh)) error {
+// neigh is the neighbour ip → v on the device.
+func (t *neighTable) neigh(ip addr, v neighVal) nlbatch.Neigh {
+	return nlbatch.Neigh{LinkIndex: t.link, Family: t.family, State: v.state, Type: unix.RTN_UNICAST, IP: ip.ip(), MAC: v.mac}
+}
+
+// Dump reports the owned entries.
+func (t *neighTable) Dump(add func(addr, neighVal)) error {
 	err := t.nl.ListNeighs(t.family, t.link, func(n *nlbatch.Neigh) bool {
 		if n.IP.Is4() != (t.family == unix.AF_INET) {
 			return true
 		}
-		if _, desired := t.want[n.IP]; !desired && n.State&unix.NUD_PERMANENT == 0 {
+		k := addrOf(n.IP)
+		if n.State&unix.NUD_PERMANENT == 0 && backend.Find(t.want, k, compareAddrs) < 0 {
 			return true
 		}
-		add(n.IP, nlbatch.Neigh{LinkIndex: t.link, Family: t.family, State: n.State, Type: unix.RTN_UNICAST, IP: n.IP, MAC: n.MAC})
+		add(k, neighVal{mac: n.MAC, state: n.State})
 		return true
 	})
 	if err != nil {
@@ -49,7 +56,15 @@ func (t *neighTable) Dump(add func(netip.Addr, nlbatch.Neigh)) error {
 	return nil
 }
 
-func (t *neighTable) Set(_ []netip.Addr, ns []nlbatch.Neigh, errs []error) {
+func (t *neighTable) Set(ips []addr, vs []neighVal, errs []error) {
+	writeChunks(&t.buf, len(ips), func(i int) nlbatch.Neigh { return t.neigh(ips[i], vs[i]) }, errs, t.set)
+}
+
+func (t *neighTable) Delete(ips []addr, vs []neighVal, errs []error) {
+	writeChunks(&t.buf, len(ips), func(i int) nlbatch.Neigh { return t.neigh(ips[i], vs[i]) }, errs, t.delete)
+}
+
+func (t *neighTable) set(ns []nlbatch.Neigh, errs []error) {
 	_ = t.nl.SetNeighs(ns, errs) // a socket failure is in errs too
 	for i, err := range errs {
 		if err != nil {
@@ -58,7 +73,7 @@ func (t *neighTable) Set(_ []netip.Addr, ns []nlbatch.Neigh, errs []error) {
 	}
 }
 
-func (t *neighTable) Delete(_ []netip.Addr, ns []nlbatch.Neigh, errs []error) {
+func (t *neighTable) delete(ns []nlbatch.Neigh, errs []error) {
 	_ = t.nl.DeleteNeighs(ns, errs)
 	for i, err := range errs {
 		if err != nil {
@@ -74,16 +89,21 @@ func (t *neighTable) Delete(_ []netip.Addr, ns []nlbatch.Neigh, errs []error) {
 type fdbTable struct {
 	nl   neighNetlink
 	link int
+	buf  []nlbatch.Neigh
 }
 
-// Dump reports the device's own entries (with a remote) in the form compute
-// writes them.
-func (t *fdbTable) Dump(add func(hwAddr, nlbatch.Neigh)) error {
+// entry is the fdb entry mac → v of the device.
+func (t *fdbTable) entry(mac hwAddr, v fdbVal) nlbatch.Neigh {
+	return nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: v.state, IP: v.dst.ip(), MAC: mac, VNI: v.vni}
+}
+
+// Dump reports the device's own entries (with a remote).
+func (t *fdbTable) Dump(add func(hwAddr, fdbVal)) error {
 	err := t.nl.ListNeighs(unix.AF_BRIDGE, t.link, func(n *nlbatch.Neigh) bool {
 		if n.Flags&netlink.NTF_SELF == 0 || !n.IP.IsValid() {
 			return true // a bridge's entry for the device as its port, or one without a remote
 		}
-		add(n.MAC, nlbatch.Neigh{LinkIndex: t.link, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: n.State, IP: n.IP, MAC: n.MAC, VNI: n.VNI})
+		add(n.MAC, fdbVal{vni: n.VNI, state: n.State, dst: addrOf(n.IP)})
 		return true
 	})
 	if err != nil {
@@ -92,7 +112,17 @@ func (t *fdbTable) Dump(add func(hwAddr, nlbatch.Neigh)) error {
 	return nil
 }
 
-func (t *fdbTable) Set(_ []hwAddr, ns []nlbatch.Neigh, errs []error) {
+func (t *fdbTable) Set(macs []hwAddr, vs []fdbVal, errs []error) {
+	writeChunks(&t.buf, len(macs), func(i int) nlbatch.Neigh { return t.entry(macs[i], vs[i]) }, errs, t.set)
+}
+
+// Delete deletes each entry by MAC and remote, so that one remote of an
+// appended list goes alone.
+func (t *fdbTable) Delete(macs []hwAddr, vs []fdbVal, errs []error) {
+	writeChunks(&t.buf, len(macs), func(i int) nlbatch.Neigh { return t.entry(macs[i], vs[i]) }, errs, t.delete)
+}
+
+func (t *fdbTable) set(ns []nlbatch.Neigh, errs []error) {
 	_ = t.nl.SetNeighs(ns, errs)
 	for i, err := range errs {
 		if err != nil {
@@ -101,13 +131,36 @@ func (t *fdbTable) Set(_ []hwAddr, ns []nlbatch.Neigh, errs []error) {
 	}
 }
 
-// Delete deletes each entry by MAC and remote, so that one remote of an
-// appended list goes alone.
-func (t *fdbTable) Delete(_ []hwAddr, ns []nlbatch.Neigh, errs []error) {
+func (t *fdbTable) delete(ns []nlbatch.Neigh, errs []error) {
 	_ = t.nl.DeleteNeighs(ns, errs)
 	for i, err := range errs {
 		if err != nil {
 			errs[i] = fmt.Errorf("deleting fdb entry %s dst %s: %w", hwAddr(ns[i].MAC), ns[i].IP, err)
 		}
+	}
+}
+
+// neighChunk is how many entries one write converts at a time: the buffer
+// stays small (200 KB) however many entries change.
+const neighChunk = 4096
+
+// writeChunks calls write with the entries entry(0) to entry(n-1),
+// neighChunk at a time, in *buf, and the matching part of errs. *buf is
+// kept only while small.
+func writeChunks(buf *[]nlbatch.Neigh, n int, entry func(int) nlbatch.Neigh, errs []error, write func([]nlbatch.Neigh, []error)) {
+	if c := min(n, neighChunk); cap(*buf) < c {
+		*buf = make([]nlbatch.Neigh, 0, c)
+	}
+	for start := 0; start < n; start += neighChunk {
+		end := min(start+neighChunk, n)
+		b := (*buf)[:0]
+		for i := start; i < end; i++ {
+			b = append(b, entry(i))
+		}
+		write(b, errs[start:end])
+	}
+	clear((*buf)[:cap(*buf)])
+	if cap(*buf) > keepBuf {
+		*buf = nil
 	}
 }

@@ -102,14 +102,13 @@ type plane struct {
 	want     *desired
 	neighTab neighTable
 	fdbTab   fdbTable
-	neighs   *backend.Reconciler[netip.Addr, nlbatch.Neigh]
-	fdbs     *backend.Reconciler[hwAddr, nlbatch.Neigh]
+	neighs   *backend.Reconciler[addr, neighVal]
+	fdbs     *backend.Reconciler[hwAddr, fdbVal]
 	ignore   map[netip.Prefix]ignored // leases skipped, with the reason logged
 
 	// halfDone holds, by subnet IP, the tunnelled leases of this Apply that
 	// could not be programmed completely.
-	halfDone map[netip.Addr]struct{}
-	routeBuf []nlbatch.Route
+	halfDone map[addr]struct{}
 	rollBuf  []nlbatch.Neigh
 	errs     []error
 
@@ -196,15 +195,15 @@ func newBackend(o backend.Options) (*vxlanBackend, error) {
 			},
 			want:     newDesired(),
 			ignore:   map[netip.Prefix]ignored{},
-			halfDone: map[netip.Addr]struct{}{},
+			halfDone: map[addr]struct{}{},
 		}
 		if v6 {
 			p.network = o.Config.IPv6Network.Masked()
 			p.spec.Local = o.Ext.IfaceAddrV6
 			p.spec.MTU = o.Ext.Iface.MTU - encapOverhead6
 		}
-		p.neighs = backend.NewReconciler[netip.Addr, nlbatch.Neigh](&p.neighTab, backend.Same[nlbatch.Neigh])
-		p.fdbs = backend.NewReconciler[hwAddr, nlbatch.Neigh](&p.fdbTab, backend.Same[nlbatch.Neigh])
+		p.neighs = backend.NewReconciler[addr, neighVal](&p.neighTab, compareAddrs, backend.Same[neighVal])
+		p.fdbs = backend.NewReconciler[hwAddr, fdbVal](&p.fdbTab, compareMACs, backend.Same[fdbVal])
 	}
 	newPlane(&b.plane, false)
 	if v6 {
@@ -411,30 +410,25 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 		for _, mac := range failed {
 			macs[mac] = true
 		}
-		for gw, n := range b.want.neighs {
-			if macs[n.MAC] {
-				b.halfDone[gw] = struct{}{}
+		for _, n := range b.want.neighs {
+			if macs[n.Val.mac] {
+				b.halfDone[n.Key] = struct{}{}
 			}
 		}
 	}
 
 	routes := b.want.routes
-	if len(b.halfDone) > 0 {
-		b.routeBuf = b.routeBuf[:0]
-		for _, r := range b.want.routes {
-			if _, bad := b.halfDone[r.Gw]; bad && r.LinkIndex == b.dev.Index {
-				continue
-			}
-			b.routeBuf = append(b.routeBuf, r)
+	for gw := range b.halfDone {
+		if backend.Find(b.want.neighs, gw, compareAddrs) >= 0 {
+			routes-- // left out by eachRoute
 		}
-		routes = b.routeBuf
 	}
 	var err error
-	st.Route, err = b.routes.Reconcile(ownSubnet, routes)
+	st.Route, err = b.routes.ReconcileSeq(ownSubnet, routes, b.want.eachRoute(b.halfDone))
 	note("programming routes", err)
 	for _, dst := range b.routes.FailedRoutes() {
-		if _, tunnelled := b.want.neighs[dst.Addr()]; tunnelled {
-			b.halfDone[dst.Addr()] = struct{}{}
+		if gw := addrOf(dst.Addr()); backend.Find(b.want.neighs, gw, compareAddrs) >= 0 {
+			b.halfDone[gw] = struct{}{}
 		}
 	}
 	st.RolledBack = len(b.halfDone)
@@ -451,7 +445,7 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 
 	b.last = st
 	if st.Neigh.Any() || st.FDB.Any() || st.Route.Any() {
-		b.log.V(1).Info("Programmed vxlan leases", "device", b.spec.Name, "leases", len(remote), "routes", len(routes),
+		b.log.V(1).Info("Programmed vxlan leases", "device", b.spec.Name, "leases", len(remote), "routes", routes,
 			"neigh", st.Neigh, "fdb", st.FDB, "route", st.Route, "rolledBack", st.RolledBack)
 	}
 	if len(errs) > 0 {
@@ -470,21 +464,26 @@ func (b *plane) rollBack() (neighFailed, fdbFailed int) {
 	b.rollBuf = b.rollBuf[:0]
 	macs := make(map[hwAddr]bool, len(b.halfDone))
 	for gw := range b.halfDone {
-		b.rollBuf = append(b.rollBuf, b.want.neighs[gw])
-		macs[b.want.neighs[gw].MAC] = true
+		if i := backend.Find(b.want.neighs, gw, compareAddrs); i >= 0 {
+			n := b.want.neighs[i].Val
+			b.rollBuf = append(b.rollBuf, b.neighTab.neigh(gw, n))
+			macs[n.mac] = true
+		}
 	}
 	n := len(b.rollBuf)
-	for gw := range b.halfDone {
-		b.rollBuf = append(b.rollBuf, b.want.fdbs[b.want.neighs[gw].MAC])
+	for mac := range macs {
+		if i := backend.Find(b.want.fdbs, mac, compareMACs); i >= 0 {
+			b.rollBuf = append(b.rollBuf, b.fdbTab.entry(mac, b.want.fdbs[i].Val))
+		}
 	}
-	b.fdbs.Replacing(func(mac hwAddr, _, have nlbatch.Neigh) {
+	b.fdbs.Replacing(func(mac hwAddr, _, have fdbVal) {
 		if macs[mac] {
-			b.rollBuf = append(b.rollBuf, have)
+			b.rollBuf = append(b.rollBuf, b.fdbTab.entry(mac, have))
 		}
 	})
 	errs := backend.Results(&b.errs, len(b.rollBuf))
-	b.neighTab.Delete(nil, b.rollBuf[:n], errs[:n])
-	b.fdbTab.Delete(nil, b.rollBuf[n:], errs[n:])
+	b.neighTab.delete(b.rollBuf[:n], errs[:n])
+	b.fdbTab.delete(b.rollBuf[n:], errs[n:])
 	for i, err := range errs {
 		if err != nil && !isNotFound(err) {
 			if i < n {
@@ -500,15 +499,12 @@ func (b *plane) rollBack() (neighFailed, fdbFailed int) {
 // release drops what an apply computed: the desired entries and, after a
 // burst, the buffers.
 func (b *plane) release() {
-	b.want.neighs, b.want.fdbs, b.want.routes = nil, nil, nil
+	b.want.release()
 	b.neighTab.want = nil
 	if len(b.halfDone) > keepBuf {
-		b.halfDone = map[netip.Addr]struct{}{}
+		b.halfDone = map[addr]struct{}{}
 	}
 	clear(b.halfDone)
-	if cap(b.routeBuf) > keepBuf {
-		b.routeBuf = nil
-	}
 	if cap(b.rollBuf) > keepBuf {
 		b.rollBuf, b.errs = nil, nil
 	}

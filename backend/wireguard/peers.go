@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -257,7 +258,8 @@ func reconcilePeers(c wgClient, name string, key wgtypes.Key, port int, want map
 		}
 	}
 	t := &devicePeers{c: c, name: name, dev: dev, have: have, added: added}
-	return backend.NewReconciler[wgtypes.Key, peer](t, backend.Same[peer]).Reconcile(want)
+	compare := func(a, b wgtypes.Key) int { return bytes.Compare(a[:], b[:]) }
+	return backend.NewReconciler[wgtypes.Key, peer](t, compare, backend.Same[peer]).Reconcile(backend.SortedEntries(want, compare))
 }
 
 // devicePeers is the peers of one WireGuard device as a backend.Table,
