@@ -3,6 +3,7 @@ package probe
 import (
 	"net/netip"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -215,29 +216,53 @@ func TestProberBudget(t *testing.T) {
 	}
 }
 
-// BenchmarkPeerMemory reports what the prober keeps per peer at 5,000
-// peers: the peer records, the table and the ring.
+// benchPeers is n peers as PeersOf makes them for vxlan leases: a /24
+// each, probed at its first address, with a public address.
+func benchPeers(n int) []Peer {
+	peers := make([]Peer, 0, n)
+	for i := range n {
+		a := netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0})
+		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 24), PublicIP: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}), Target: a})
+	}
+	return peers
+}
+
+// BenchmarkPeerMemory reports what the prober keeps per peer at 5,000 and
+// 10,000 peers: the peer records, the table and the ring.
 func BenchmarkPeerMemory(b *testing.B) {
-	var peers []Peer
-	for i := range 5000 {
-		a := netip.AddrFrom4([4]byte{10, 6, byte(i >> 8), byte(i)})
-		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 32), PublicIP: a, Target: a})
+	for _, n := range []int{5000, 10000} {
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			peers := benchPeers(n)
+			var perPeer float64
+			for range b.N {
+				var before, after runtime.MemStats
+				runtime.GC()
+				runtime.ReadMemStats(&before)
+				pr := New(Options{})
+				r := pr.newRun()
+				r.setView(view{path: vxlanPath, peers: peers}, time.Unix(0, 0))
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				perPeer = float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / float64(len(peers))
+				runtime.KeepAlive(r)
+			}
+			b.ReportMetric(perPeer, "B/peer")
+			b.ReportMetric(float64(unsafe.Sizeof(peer{})), "B/record")
+		})
 	}
-	var perPeer float64
-	for range b.N {
-		var before, after runtime.MemStats
-		runtime.GC()
-		runtime.ReadMemStats(&before)
-		pr := New(Options{})
-		r := pr.newRun()
-		r.setView(view{path: vxlanPath, peers: peers}, time.Unix(0, 0))
-		runtime.GC()
-		runtime.ReadMemStats(&after)
-		perPeer = float64(after.HeapAlloc-before.HeapAlloc) / float64(len(peers))
-		runtime.KeepAlive(r)
+}
+
+// BenchmarkSetViewUnchanged is the prober's part of a resync at 10,000
+// peers when no lease changed: setView with the set it holds.
+func BenchmarkSetViewUnchanged(b *testing.B) {
+	peers := benchPeers(10000)
+	r := New(Options{}).newRun()
+	now := time.Unix(0, 0)
+	r.setView(view{path: vxlanPath, peers: peers}, now)
+	b.ReportAllocs()
+	for b.Loop() {
+		r.setView(view{path: vxlanPath, peers: peers}, now)
 	}
-	b.ReportMetric(perPeer, "B/peer")
-	b.ReportMetric(float64(unsafe.Sizeof(peer{})), "B/record")
 }
 
 // TestProberNewSource: a new own lease (another source address) drops the
