@@ -90,7 +90,15 @@ func (s *sim) run(d time.Duration, done func() bool) time.Duration {
 	}
 }
 
-func (s *sim) state(p netip.Prefix) State { return s.r.peers[p].state }
+func (s *sim) state(p netip.Prefix) State { return s.r.peer(p).state }
+
+// peer is the record of the peer of subnet sn (nil if none).
+func (r *run) peer(sn netip.Prefix) *peer {
+	if i := r.t.lookup(keyOf(sn)); i >= 0 {
+		return &r.t.peers[i]
+	}
+	return nil
+}
 
 func (s *sim) logLines(substr string) []string {
 	var out []string
@@ -207,12 +215,12 @@ func TestProberBudget(t *testing.T) {
 		t.Errorf("counts %v, want %d unreachable, the rest reachable", rep.Counts, down)
 	}
 	s.r.setView(view{path: vxlanPath, peers: peers[:10]}, s.now)
-	if len(s.r.peers) != 10 || s.r.report(s.now).Counts["unreachable"] != 4 {
-		t.Errorf("after removing peers: %d peers, counts %v", len(s.r.peers), s.r.report(s.now).Counts)
+	if rep := s.r.report(s.now); s.r.t.live != 10 || len(rep.Peers) != 10 || rep.Counts["unreachable"] != 4 {
+		t.Errorf("after removing peers: %d peers, counts %v", s.r.t.live, rep.Counts)
 	}
 	s.run(time.Minute, nil)
-	if len(s.r.sched.ring) != 10 {
-		t.Errorf("ring holds %d peers after a round, want 10", len(s.r.sched.ring))
+	if n := len(s.r.t.peers) - len(s.r.t.free); n != 10 {
+		t.Errorf("%d slots held after a round, want 10", n)
 	}
 }
 
@@ -280,11 +288,11 @@ func TestProberNewSource(t *testing.T) {
 	moved := vxlanPath
 	moved.Source = netip.MustParseAddr("10.5.9.0")
 	s.r.setView(view{path: moved, peers: simPeers}, s.now)
-	if s.r.socks[0] != nil || len(s.r.out) != 0 || s.r.peers[simPeers[0].Subnet].inflight {
+	if s.r.socks[0] != nil || len(s.r.out) != 0 || s.r.peer(simPeers[0].Subnet).has(inflight) {
 		t.Fatalf("after a new source: socket %v, %d probes out", s.r.socks[0], len(s.r.out))
 	}
 	s.r.pump(s.now.Add(5 * time.Second))
-	if p := s.r.peers[simPeers[0].Subnet]; p.smallLoss != 0 {
+	if p := s.r.peer(simPeers[0].Subnet); p.smallLoss != 0 {
 		t.Errorf("the dropped probes counted %d losses", p.smallLoss)
 	}
 }
