@@ -64,14 +64,15 @@ func TestForwardPolicy(t *testing.T) {
 }
 
 // TestHostChecks runs every check in a namespace made to fail each, then
-// fixed: forwarding off, FORWARD DROP, an overlapping address and route, the
+// fixed (the peers' subnets given unsorted, as flanneld --check does):
+// forwarding off, FORWARD DROP, an overlapping address and route, the
 // port held by another process, a small MTU.
 func TestHostChecks(t *testing.T) {
 	ns := nstest.New(t, "probe")
 	ns.Up(t, "lo")
 	ns.Veth(t, "eth0", 0, nil, "veth-lan", "192.168.77.1/24")
 	h := HostConfig{Network: netip.MustParsePrefix("10.5.0.0/16"), Backend: "vxlan", Port: 18472, Iface: "eth0", MTU: 1500,
-		Own: netip.MustParsePrefix("10.5.1.0/24"), Peers: []netip.Prefix{netip.MustParsePrefix("10.5.2.0/24")}}
+		Own: netip.MustParsePrefix("10.5.1.0/24"), Peers: []netip.Prefix{netip.MustParsePrefix("10.5.9.0/24"), netip.MustParsePrefix("10.5.2.0/24"), netip.MustParsePrefix("10.5.3.0/24")}}
 	run := func() []Check {
 		var res []Check
 		inNS(t, ns, func() { res = RunChecks(context.Background(), h) })
