@@ -6,7 +6,6 @@ import (
 	"hash/maphash"
 	"net/http"
 	"net/netip"
-	"slices"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -76,14 +75,12 @@ func (h *overlayHealth) onApply(cfg *subnet.Config, mtu int, own subnet.Lease, r
 	if h.prober != nil {
 		h.prober.SetPeers(path, probe.PeersOf(path, remote))
 	}
-	hc.Peers = make([]netip.Prefix, 0, len(remote))
+	hc.Peers.Grow(len(remote))
 	for _, l := range remote {
-		hc.Peers = append(hc.Peers, l.Subnet)
-		if l.IPv6Subnet.IsValid() {
-			hc.Peers = append(hc.Peers, l.IPv6Subnet)
-		}
+		hc.Peers.Add(l.Subnet)
+		hc.Peers.Add(l.IPv6Subnet)
 	}
-	slices.SortFunc(hc.Peers, netip.Prefix.Compare) // the overlap check's lookups need no map
+	hc.Peers.Sort() // once here, not at each run of the checks
 	h.checker.Set(hc)
 }
 

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -45,11 +44,10 @@ type HostConfig struct {
 	Iface string
 	MTU   int
 	// Own and Own6 are this node's subnets (invalid when unknown); Peers
-	// are the other nodes' subnets: routes to them are flanneld's. Sorted
-	// (netip.Prefix.Compare), the checks read them as they are; else they
-	// sort a copy at each run.
+	// are the other nodes' subnets: routes to them are flanneld's (sorted,
+	// the checks read them as they are; else they sort a copy at each run).
 	Own, Own6 netip.Prefix
-	Peers     []netip.Prefix
+	Peers     Subnets
 	// Standalone is set for flanneld --check: a socket on the backend's
 	// port held by a flanneld process is then the running daemon's.
 	Standalone bool
@@ -203,15 +201,7 @@ func checkOverlap(h HostConfig) Check {
 	for _, l := range links {
 		names[l.Attrs().Index] = l.Attrs().Name
 	}
-	peers := h.Peers
-	if !slices.IsSortedFunc(peers, netip.Prefix.Compare) {
-		peers = slices.Clone(peers)
-		slices.SortFunc(peers, netip.Prefix.Compare)
-	}
-	isPeer := func(p netip.Prefix) bool {
-		_, ok := slices.BinarySearchFunc(peers, p, netip.Prefix.Compare)
-		return ok
-	}
+	peers := h.Peers.sorted()
 	var found []string
 	for _, n := range []netip.Prefix{h.Network, h.IPv6Network} {
 		if !n.IsValid() {
@@ -229,7 +219,7 @@ func checkOverlap(h HostConfig) Check {
 		}
 		err := list(func(r *nlbatch.Route) bool {
 			dst := r.Dst
-			if r.Table != unix.RT_TABLE_MAIN || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || dst == h.Own6 || isPeer(dst) {
+			if r.Table != unix.RT_TABLE_MAIN || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || dst == h.Own6 || peers.Has(dst) {
 				return true
 			}
 			found = append(found, fmt.Sprintf("route %s dev %s", dst, names[r.LinkIndex]))

@@ -72,7 +72,10 @@ func TestHostChecks(t *testing.T) {
 	ns.Up(t, "lo")
 	ns.Veth(t, "eth0", 0, nil, "veth-lan", "192.168.77.1/24")
 	h := HostConfig{Network: netip.MustParsePrefix("10.5.0.0/16"), Backend: "vxlan", Port: 18472, Iface: "eth0", MTU: 1500,
-		Own: netip.MustParsePrefix("10.5.1.0/24"), Peers: []netip.Prefix{netip.MustParsePrefix("10.5.9.0/24"), netip.MustParsePrefix("10.5.2.0/24"), netip.MustParsePrefix("10.5.3.0/24")}}
+		Own: netip.MustParsePrefix("10.5.1.0/24")}
+	for _, p := range []string{"10.5.9.0/24", "10.5.2.0/24", "10.5.3.0/24"} {
+		h.Peers.Add(netip.MustParsePrefix(p))
+	}
 	run := func() []Check {
 		var res []Check
 		inNS(t, ns, func() { res = RunChecks(context.Background(), h) })
@@ -162,8 +165,9 @@ func TestHostChecks(t *testing.T) {
 func BenchmarkCheckOverlap(b *testing.B) {
 	h := HostConfig{Network: netip.MustParsePrefix("10.0.0.0/8"), Backend: "vxlan", Own: netip.MustParsePrefix("10.200.0.0/24")}
 	for _, p := range benchPeers(10000) {
-		h.Peers = append(h.Peers, p.Subnet)
+		h.Peers.Add(p.Subnet)
 	}
+	h.Peers.Sort()
 	b.ReportAllocs()
 	for b.Loop() {
 		if c := checkOverlap(h); strings.HasPrefix(c.Detail, "not checked") {
