@@ -261,6 +261,8 @@ func (r *run) setView(v view, now time.Time) {
 	}
 	r.path = v.path
 	t := r.t
+	wasOverlay := t.overlay
+	t.overlay = v.path.Overlay()
 	counts := r.counts
 	r.parity = !r.parity
 	at := r.mono(now)
@@ -273,8 +275,8 @@ func (r *run) setView(v view, now time.Time) {
 		if i := t.lookup(k); i >= 0 {
 			p := &t.peers[i]
 			p.set(seen, r.parity)
-			if t.public(i) != np.PublicIP || t.target(i) != np.Target {
-				t.setAddrs(i, np.PublicIP, np.Target)
+			if was := t.targetAlong(i, wasOverlay); t.public(i) != np.PublicIP || v.path.target(np.Subnet, np.PublicIP) != was {
+				t.setPublic(i, np.PublicIP)
 				r.setState(i, Unprobed, now)
 				p.smallLoss, p.bigLoss = 0, 0
 				p.set(replied|smallOK, false)
@@ -287,7 +289,7 @@ func (r *run) setView(v view, now time.Time) {
 		}
 		i := t.add(peer{key: k, since: at, from: at})
 		t.peers[i].set(seen, r.parity)
-		t.setAddrs(i, np.PublicIP, np.Target)
+		t.setPublic(i, np.PublicIP)
 		r.counts[Unprobed]++
 		r.sched.add(i)
 	}

@@ -19,6 +19,7 @@ type simConn struct {
 	pending []simProbe
 	sent    []time.Time
 	sizes   map[int]int
+	dsts    map[netip.Addr]int
 }
 
 type simProbe struct {
@@ -30,9 +31,10 @@ type simProbe struct {
 func (c *simConn) send(dst netip.Addr, seq uint16, size int) error {
 	c.pending = append(c.pending, simProbe{dst, seq, size})
 	if c.sizes == nil {
-		c.sizes = map[int]int{}
+		c.sizes, c.dsts = map[int]int{}, map[netip.Addr]int{}
 	}
 	c.sizes[size]++
+	c.dsts[dst]++
 	return nil
 }
 func (c *simConn) read([]byte, func() time.Time) (reply, error) { select {} }
@@ -113,8 +115,8 @@ func (s *sim) logLines(substr string) []string {
 var (
 	vxlanPath = Path{Backend: "vxlan", Port: 8472, MTU: 1450, Source: netip.MustParseAddr("10.5.1.0")}
 	simPeers  = []Peer{
-		{Subnet: netip.MustParsePrefix("10.5.2.0/24"), PublicIP: netip.MustParseAddr("172.30.0.2"), Target: netip.MustParseAddr("10.5.2.0")},
-		{Subnet: netip.MustParsePrefix("10.5.3.0/24"), PublicIP: netip.MustParseAddr("172.30.0.4"), Target: netip.MustParseAddr("10.5.3.0")},
+		{Subnet: netip.MustParsePrefix("10.5.2.0/24"), PublicIP: netip.MustParseAddr("172.30.0.2")},
+		{Subnet: netip.MustParsePrefix("10.5.3.0/24"), PublicIP: netip.MustParseAddr("172.30.0.4")},
 	}
 )
 
@@ -135,7 +137,7 @@ func TestProberStates(t *testing.T) {
 
 	// The port is blocked towards b: unreachable within one round and
 	// LossThreshold+1 timeouts (a full-size loss may come first).
-	s.c.drop = func(dst netip.Addr, _ int) bool { return dst == simPeers[1].Target }
+	s.c.drop = func(dst netip.Addr, _ int) bool { return dst == simPeers[1].Subnet.Addr() }
 	bound := MinRound + (LossThreshold+1)*DefaultTimeout + time.Second
 	took := s.run(2*bound, func() bool { return s.state(b) == Unreachable })
 	if s.state(b) != Unreachable || took > bound {
@@ -163,7 +165,7 @@ func TestProberStates(t *testing.T) {
 
 	// Packets above 1,200 bytes vanish towards b: a black hole within
 	// bigEvery rounds and a few timeouts; a stays reachable.
-	s.c.drop = func(dst netip.Addr, size int) bool { return dst == simPeers[1].Target && size > 1200 }
+	s.c.drop = func(dst netip.Addr, size int) bool { return dst == simPeers[1].Subnet.Addr() && size > 1200 }
 	bound = bigEvery*MinRound + 4*DefaultTimeout + time.Second
 	took = s.run(2*bound, func() bool { return s.state(b) == MTUBlackhole })
 	if s.state(b) != MTUBlackhole || took > bound {
@@ -196,13 +198,13 @@ func TestProberBudget(t *testing.T) {
 	var peers []Peer
 	for i := range 5000 {
 		a := netip.AddrFrom4([4]byte{10, 6, byte(i >> 8), byte(i)})
-		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 32), PublicIP: a, Target: a})
+		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 32), PublicIP: a})
 	}
 	s := newSim(t, DefaultRate, vxlanPath, peers)
 	s.c.drop = func(dst netip.Addr, _ int) bool { return dst.As4()[3]%3 == 0 }
 	down := 0
 	for _, p := range peers {
-		if s.c.drop(p.Target, 0) {
+		if s.c.drop(p.Subnet.Addr(), 0) {
 			down++
 		}
 	}
@@ -230,7 +232,7 @@ func benchPeers(n int) []Peer {
 	peers := make([]Peer, 0, n)
 	for i := range n {
 		a := netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0})
-		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 24), PublicIP: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}), Target: a})
+		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 24), PublicIP: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)})})
 	}
 	return peers
 }
@@ -294,5 +296,29 @@ func TestProberNewSource(t *testing.T) {
 	s.r.pump(s.now.Add(5 * time.Second))
 	if p := s.r.peer(simPeers[0].Subnet); p.smallLoss != 0 {
 		t.Errorf("the dropped probes counted %d losses", p.smallLoss)
+	}
+}
+
+// TestProberTargetMoves: a path that stops being an overlay (host-gw
+// after vxlan) moves every peer's target to its public address: the peers
+// start again unprobed, and the probes and the report follow.
+func TestProberTargetMoves(t *testing.T) {
+	s := newSim(t, DefaultRate, vxlanPath, simPeers)
+	s.run(time.Minute, nil)
+	a := simPeers[0].Subnet
+	if s.state(a) != Reachable || s.c.dsts[a.Addr()] == 0 {
+		t.Fatalf("through vxlan: %v, %d probes to %s", s.state(a), s.c.dsts[a.Addr()], a.Addr())
+	}
+	hostgw := Path{Backend: "host-gw", MTU: 1500, Source: netip.MustParseAddr("172.30.0.1")}
+	s.r.setView(view{path: hostgw, peers: simPeers}, s.now)
+	s.r.socks = [2]conn{s.c, s.c} // the new source's socket
+	if s.state(a) != Unprobed {
+		t.Errorf("target moved: %v, want unprobed", s.state(a))
+	}
+	clear(s.c.dsts)
+	s.run(time.Minute, nil)
+	rep := s.r.report(s.now)
+	if s.state(a) != Reachable || s.c.dsts[a.Addr()] != 0 || s.c.dsts[simPeers[0].PublicIP] == 0 || rep.Peers[0].Address != simPeers[0].PublicIP {
+		t.Errorf("through host-gw: %v, probes %v, report %+v; want reachable, probed at the public addresses", s.state(a), s.c.dsts, rep.Peers)
 	}
 }

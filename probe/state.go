@@ -92,7 +92,7 @@ type peer struct {
 	key    key      // the subnet
 	public [16]byte // the public address, of family pubFam
 	pubFam addrFamily
-	tgt    targetKind // the address probed
+	free   bool // the slot is free (table.free)
 
 	state     State
 	smallLoss uint8 // small probes lost in a row (saturated)
@@ -176,18 +176,6 @@ func unpackAddr(b [16]byte, f addrFamily) netip.Addr {
 	}
 	return netip.Addr{}
 }
-
-// targetKind is which address a peer is probed at: its subnet's first
-// address (overlay backends), its public address (host-gw), or another
-// one, kept aside (table.other).
-type targetKind uint8
-
-const (
-	targetSubnet targetKind = iota
-	targetPublic
-	targetOther
-	targetFree // the slot is free (table.free)
-)
 
 // rttOf is d as a peer keeps it.
 func rttOf(d time.Duration) uint32 { return uint32(min(max(d, 0), math.MaxUint32)) }

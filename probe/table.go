@@ -18,7 +18,9 @@ type table struct {
 	free  []int32 // slots to reuse
 	live  int     // peers not gone
 	seed  maphash.Seed
-	other map[int32]netip.Addr // targets of targetOther
+	// overlay is the path's Overlay: peers are probed at their subnet's
+	// first address, else at their public one.
+	overlay bool
 }
 
 func newTable() *table { return &table{seed: maphash.MakeSeed()} }
@@ -118,14 +120,13 @@ func (t *table) remove(i int32) {
 	}
 	p.set(gone, true)
 	t.live--
-	delete(t.other, i)
 	t.release(i)
 }
 
 // release frees slot i if its peer is gone and nothing refers to it.
 func (t *table) release(i int32) {
-	if p := &t.peers[i]; p.has(gone) && !p.has(queued) && !p.has(inflight) && p.tgt != targetFree {
-		p.tgt = targetFree
+	if p := &t.peers[i]; p.has(gone) && !p.has(queued) && !p.has(inflight) && !p.free {
+		p.free = true
 		t.free = append(t.free, i)
 	}
 }
@@ -137,7 +138,7 @@ func (t *table) shrink() {
 		t.rehash(t.live)
 	}
 	n := len(t.peers)
-	for n > 0 && t.peers[n-1].tgt == targetFree {
+	for n > 0 && t.peers[n-1].free {
 		n--
 	}
 	if n == len(t.peers) {
@@ -160,31 +161,18 @@ func (t *table) public(i int32) netip.Addr {
 	return unpackAddr(t.peers[i].public, t.peers[i].pubFam)
 }
 
-func (t *table) target(i int32) netip.Addr {
-	switch p := &t.peers[i]; p.tgt {
-	case targetSubnet:
+func (t *table) target(i int32) netip.Addr { return t.targetAlong(i, t.overlay) }
+
+// targetAlong is slot i's target along an overlay path or another one.
+func (t *table) targetAlong(i int32, overlay bool) netip.Addr {
+	if p := &t.peers[i]; overlay {
 		return unpackAddr(p.key.addr, p.key.fam)
-	case targetPublic:
-		return t.public(i)
 	}
-	return t.other[i]
+	return t.public(i)
 }
 
-// setAddrs sets slot i's public address and target.
-func (t *table) setAddrs(i int32, public, target netip.Addr) {
+// setPublic sets slot i's public address.
+func (t *table) setPublic(i int32, public netip.Addr) {
 	p := &t.peers[i]
 	p.public, p.pubFam = packAddr(public)
-	delete(t.other, i)
-	switch {
-	case target == unpackAddr(p.key.addr, p.key.fam):
-		p.tgt = targetSubnet
-	case target == public:
-		p.tgt = targetPublic
-	default:
-		p.tgt = targetOther
-		if t.other == nil {
-			t.other = map[int32]netip.Addr{}
-		}
-		t.other[i] = target
-	}
 }

@@ -6,10 +6,10 @@ import (
 	"testing"
 )
 
-// TestTable adds and removes peers at random (IPv4 and IPv6, targets of
-// each kind) and checks the table against a map after each step: every
-// peer found at its slot with its addresses, removed ones not found, slots
-// reused, and the memory of a table that shrank given back.
+// TestTable adds and removes peers at random (IPv4 and IPv6) and checks
+// the table against a map after each step: every peer found at its slot
+// with its addresses (the target along either path), removed ones not
+// found, slots reused, and the memory of a table that shrank given back.
 func TestTable(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	tb := newTable()
@@ -28,8 +28,8 @@ func TestTable(t *testing.T) {
 		}
 		for sn, p := range want {
 			i := tb.lookup(keyOf(sn))
-			if i < 0 || i != slots[sn] || tb.subnet(i) != sn || tb.public(i) != p.PublicIP || tb.target(i) != p.Target {
-				t.Fatalf("step %d: %v at slot %d (want %d): %v %v %v", step, sn, i, slots[sn], tb.subnet(max(i, 0)), tb.public(max(i, 0)), tb.target(max(i, 0)))
+			if i < 0 || i != slots[sn] || tb.subnet(i) != sn || tb.public(i) != p.PublicIP || tb.targetAlong(i, true) != sn.Addr() || tb.targetAlong(i, false) != p.PublicIP {
+				t.Fatalf("step %d: %v at slot %d (want %d): %v %v", step, sn, i, slots[sn], tb.subnet(max(i, 0)), tb.public(max(i, 0)))
 			}
 		}
 	}
@@ -41,16 +41,11 @@ func TestTable(t *testing.T) {
 			delete(slots, sn)
 		} else if !ok {
 			p := Peer{Subnet: sn, PublicIP: netip.AddrFrom4([4]byte{172, 16, byte(step >> 8), byte(step)})}
-			switch rng.IntN(3) {
-			case 0:
-				p.Target = sn.Addr()
-			case 1:
-				p.Target = p.PublicIP
-			case 2:
-				p.Target = netip.MustParseAddr("192.0.2.7")
+			if rng.IntN(3) == 0 {
+				p.PublicIP = netip.AddrFrom16([16]byte{0xfd, 0, 15: byte(step)})
 			}
 			i := tb.add(peer{key: keyOf(sn)})
-			tb.setAddrs(i, p.PublicIP, p.Target)
+			tb.setPublic(i, p.PublicIP)
 			want[sn], slots[sn] = p, i
 		}
 		if step%500 == 0 {
@@ -65,7 +60,7 @@ func TestTable(t *testing.T) {
 		tb.remove(slots[sn])
 	}
 	tb.shrink()
-	if tb.live != 0 || len(tb.peers) != 0 || len(tb.index) > 16 || len(tb.other) != 0 {
-		t.Errorf("emptied: %d live, %d slots, index of %d, %d other targets", tb.live, len(tb.peers), len(tb.index), len(tb.other))
+	if tb.live != 0 || len(tb.peers) != 0 || len(tb.index) > 16 || len(tb.free) != 0 {
+		t.Errorf("emptied: %d live, %d slots, index of %d, %d free", tb.live, len(tb.peers), len(tb.index), len(tb.free))
 	}
 }
