@@ -28,7 +28,7 @@ type overlayHealth struct {
 
 // applyInput is what onApply hands on, with the leases as a count and a
 // digest: an Apply that changes none of it (each resync, when no lease
-// changed) costs one pass over the leases and allocates nothing.
+// changed) costs one pass over the leases and allocates next to nothing.
 type applyInput struct {
 	path                         probe.Path
 	network, network6, own, own6 netip.Prefix
@@ -55,8 +55,8 @@ func (h *overlayHealth) start(ctx context.Context) {
 }
 
 // onApply is agent.Options.OnApply: the admitted lease set, copied into
-// what the prober and the checks keep.
-// An Apply that changes nothing they use hands nothing on.
+// what the prober and the checks keep. An Apply that changes nothing they
+// use hands nothing on.
 func (h *overlayHealth) onApply(cfg *subnet.Config, mtu int, own subnet.Lease, remote []subnet.Lease) {
 	path := probe.PathOf(cfg, mtu, own)
 	hc := probe.HostConfig{Backend: cfg.BackendType, Port: path.Port, Iface: h.iface, MTU: h.mtu, Own: own.Subnet, Own6: own.IPv6Subnet}
