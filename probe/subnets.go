@@ -48,9 +48,6 @@ func (s *Subnets) Add(p netip.Prefix) {
 	}
 }
 
-// Len is the number of subnets added.
-func (s *Subnets) Len() int { return len(s.v4) + len(s.v6) }
-
 // Sort sorts the set for Has.
 func (s *Subnets) Sort() {
 	slices.Sort(s.v4)
