@@ -176,3 +176,27 @@ func TestOverlayHealthOnApply(t *testing.T) {
 		t.Errorf("digest: order counts or a lease less does not")
 	}
 }
+
+// BenchmarkOnApplyOneChanged is onApply at 10,000 leases when one lease
+// changed its public address since the last: what the prober and the
+// checks are handed then.
+func BenchmarkOnApplyOneChanged(b *testing.B) {
+	f, err := parseFlags(nil, env(nil))
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}`))
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := newOverlayHealth(f, "eth0", 1500, klog.Background())
+	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.200.0.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("172.17.0.1")}}
+	sets := [2][]subnet.Lease{vxlanLeases(10000), vxlanLeases(10000)}
+	sets[1][5000].Attrs.PublicIP = netip.MustParseAddr("172.31.0.1")
+	b.ReportAllocs()
+	n := 0
+	for b.Loop() {
+		h.onApply(cfg, 1450, own, sets[n%2])
+		n++
+	}
+}
