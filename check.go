@@ -93,10 +93,8 @@ func runCheck(f *flags, out io.Writer) (bool, error) {
 		hc.IPv6Network = cfg.IPv6Network
 	}
 	for _, l := range remote {
-		hc.Peers = append(hc.Peers, l.Subnet)
-		if l.IPv6Subnet.IsValid() {
-			hc.Peers = append(hc.Peers, l.IPv6Subnet)
-		}
+		hc.Peers.Add(l.Subnet)
+		hc.Peers.Add(l.IPv6Subnet)
 	}
 	port := ""
 	if path.Port != 0 {

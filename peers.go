@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"hash/maphash"
 	"net/http"
 	"net/netip"
 	"time"
@@ -21,10 +22,22 @@ type overlayHealth struct {
 	checker *probe.Checker
 	iface   string
 	mtu     int
+	seed    maphash.Seed
+	last    applyInput // of the last onApply that handed anything on
+}
+
+// applyInput is what onApply hands on, with the leases as a count and a
+// digest: an Apply that changes none of it (each resync, when no lease
+// changed) costs one pass over the leases and allocates next to nothing.
+type applyInput struct {
+	path                         probe.Path
+	network, network6, own, own6 netip.Prefix
+	leases                       int
+	digest                       uint64
 }
 
 func newOverlayHealth(f *flags, iface string, mtu int, log klog.Logger) *overlayHealth {
-	h := &overlayHealth{iface: iface, mtu: mtu,
+	h := &overlayHealth{iface: iface, mtu: mtu, seed: maphash.MakeSeed(),
 		checker: probe.NewChecker(time.Duration(f.routeResync)*time.Second, nil, log.WithName("hostcheck"))}
 	if f.peerProbeRate > 0 {
 		l := log.WithName("probe")
@@ -42,13 +55,10 @@ func (h *overlayHealth) start(ctx context.Context) {
 }
 
 // onApply is agent.Options.OnApply: the admitted lease set, copied into
-// what the prober and the checks keep.
+// what the prober and the checks keep. An Apply that changes nothing they
+// use hands nothing on.
 func (h *overlayHealth) onApply(cfg *subnet.Config, mtu int, own subnet.Lease, remote []subnet.Lease) {
 	path := probe.PathOf(cfg, mtu, own)
-	peers := probe.PeersOf(path, remote)
-	if h.prober != nil {
-		h.prober.SetPeers(path, peers)
-	}
 	hc := probe.HostConfig{Backend: cfg.BackendType, Port: path.Port, Iface: h.iface, MTU: h.mtu, Own: own.Subnet, Own6: own.IPv6Subnet}
 	if cfg.EnableIPv4 {
 		hc.Network = cfg.Network
@@ -56,14 +66,47 @@ func (h *overlayHealth) onApply(cfg *subnet.Config, mtu int, own subnet.Lease, r
 	if cfg.EnableIPv6 {
 		hc.IPv6Network = cfg.IPv6Network
 	}
-	hc.Peers = make([]netip.Prefix, 0, len(remote))
-	for _, l := range remote {
-		hc.Peers = append(hc.Peers, l.Subnet)
-		if l.IPv6Subnet.IsValid() {
-			hc.Peers = append(hc.Peers, l.IPv6Subnet)
-		}
+	in := applyInput{path: path, network: hc.Network, network6: hc.IPv6Network, own: hc.Own, own6: hc.Own6,
+		leases: len(remote), digest: h.digest(remote)}
+	if in == h.last {
+		return
 	}
+	h.last = in
+	if h.prober != nil {
+		h.prober.SetPeers(path, probe.PeersOf(path, remote))
+	}
+	hc.Peers.Grow(len(remote))
+	for _, l := range remote {
+		hc.Peers.Add(l.Subnet)
+		hc.Peers.Add(l.IPv6Subnet)
+	}
+	hc.Peers.Sort() // once here, not at each run of the checks
 	h.checker.Set(hc)
+}
+
+// digest sums a 64-bit hash (seeded at random) of each lease's subnets and
+// public addresses, what the prober and the checks use of them: the same
+// leases in any order give the same digest; others the same one with
+// probability 2⁻⁶⁴.
+func (h *overlayHealth) digest(remote []subnet.Lease) uint64 {
+	var sum uint64
+	var b [4 * 18]byte
+	for i := range remote {
+		l := &remote[i]
+		n := 0
+		put := func(a netip.Addr, bits int) { // bits -1: an address
+			a16 := a.As16()
+			n += copy(b[n:], a16[:])
+			b[n], b[n+1] = byte(a.BitLen()), byte(bits+1)
+			n += 2
+		}
+		put(l.Subnet.Addr(), l.Subnet.Bits())
+		put(l.IPv6Subnet.Addr(), l.IPv6Subnet.Bits())
+		put(l.Attrs.PublicIP, -1)
+		put(l.Attrs.PublicIPv6, -1)
+		sum += maphash.Bytes(h.seed, b[:])
+	}
+	return sum
 }
 
 // routes adds /peers and /status to the healthz server. Neither affects

@@ -44,9 +44,10 @@ type HostConfig struct {
 	Iface string
 	MTU   int
 	// Own and Own6 are this node's subnets (invalid when unknown); Peers
-	// are the other nodes' subnets: routes to them are flanneld's.
+	// are the other nodes' subnets: routes to them are flanneld's (sorted,
+	// the checks read them as they are; else they sort a copy at each run).
 	Own, Own6 netip.Prefix
-	Peers     []netip.Prefix
+	Peers     Subnets
 	// Standalone is set for flanneld --check: a socket on the backend's
 	// port held by a flanneld process is then the running daemon's.
 	Standalone bool
@@ -200,10 +201,7 @@ func checkOverlap(h HostConfig) Check {
 	for _, l := range links {
 		names[l.Attrs().Index] = l.Attrs().Name
 	}
-	peers := make(map[netip.Prefix]bool, len(h.Peers))
-	for _, p := range h.Peers {
-		peers[p] = true
-	}
+	peers := h.Peers.sorted()
 	var found []string
 	for _, n := range []netip.Prefix{h.Network, h.IPv6Network} {
 		if !n.IsValid() {
@@ -221,7 +219,7 @@ func checkOverlap(h HostConfig) Check {
 		}
 		err := list(func(r *nlbatch.Route) bool {
 			dst := r.Dst
-			if r.Table != unix.RT_TABLE_MAIN || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || dst == h.Own6 || peers[dst] {
+			if r.Table != unix.RT_TABLE_MAIN || !n.Overlaps(dst) || dst.Bits() < n.Bits() || ownDevice(names[r.LinkIndex]) || dst == h.Own || dst == h.Own6 || peers.Has(dst) {
 				return true
 			}
 			found = append(found, fmt.Sprintf("route %s dev %s", dst, names[r.LinkIndex]))

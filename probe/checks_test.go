@@ -64,14 +64,18 @@ func TestForwardPolicy(t *testing.T) {
 }
 
 // TestHostChecks runs every check in a namespace made to fail each, then
-// fixed: forwarding off, FORWARD DROP, an overlapping address and route, the
+// fixed (the peers' subnets given unsorted, as flanneld --check does):
+// forwarding off, FORWARD DROP, an overlapping address and route, the
 // port held by another process, a small MTU.
 func TestHostChecks(t *testing.T) {
 	ns := nstest.New(t, "probe")
 	ns.Up(t, "lo")
 	ns.Veth(t, "eth0", 0, nil, "veth-lan", "192.168.77.1/24")
 	h := HostConfig{Network: netip.MustParsePrefix("10.5.0.0/16"), Backend: "vxlan", Port: 18472, Iface: "eth0", MTU: 1500,
-		Own: netip.MustParsePrefix("10.5.1.0/24"), Peers: []netip.Prefix{netip.MustParsePrefix("10.5.2.0/24")}}
+		Own: netip.MustParsePrefix("10.5.1.0/24")}
+	for _, p := range []string{"10.5.9.0/24", "10.5.2.0/24", "10.5.3.0/24"} {
+		h.Peers.Add(netip.MustParsePrefix(p))
+	}
 	run := func() []Check {
 		var res []Check
 		inNS(t, ns, func() { res = RunChecks(context.Background(), h) })
@@ -153,5 +157,21 @@ func TestHostChecks(t *testing.T) {
 	defer own.Close()
 	if c := find(run(), "port"); !c.OK {
 		t.Errorf("port held by this process: %+v", c)
+	}
+}
+
+// BenchmarkCheckOverlap is the overlap check of each resync with 10,000
+// peer subnets, on this host's tables (it reads and changes nothing).
+func BenchmarkCheckOverlap(b *testing.B) {
+	h := HostConfig{Network: netip.MustParsePrefix("10.0.0.0/8"), Backend: "vxlan", Own: netip.MustParsePrefix("10.200.0.0/24")}
+	for _, p := range benchPeers(10000) {
+		h.Peers.Add(p.Subnet)
+	}
+	h.Peers.Sort()
+	b.ReportAllocs()
+	for b.Loop() {
+		if c := checkOverlap(h); strings.HasPrefix(c.Detail, "not checked") {
+			b.Fatal(c.Detail)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -111,7 +112,7 @@ func (pr *Prober) Report(ctx context.Context) (Report, error) {
 
 // outstanding is a probe waiting for its answer.
 type outstanding struct {
-	p        *peer
+	p        int32 // the peer's slot
 	k        kind
 	sent     time.Time
 	deadline time.Time
@@ -121,7 +122,9 @@ type outstanding struct {
 type run struct {
 	pr      *Prober
 	sched   *scheduler
-	peers   map[netip.Prefix]*peer
+	t       *table
+	epoch   time.Time // the clock's time at the start: peers' times count from it
+	parity  bool      // of the last setView (peer flag seen)
 	path    Path
 	socks   [2]conn   // IPv4, IPv6 (nil: none open)
 	sockErr [2]string // the last error opening each, logged once
@@ -168,7 +171,7 @@ func (pr *Prober) Run(ctx context.Context) error {
 		if missing && (wait <= 0 || retryOpen.Sub(now) < wait) {
 			wait = retryOpen.Sub(now)
 		}
-		if again := r.notOK.refresh(r.peers, r.path, now); again > 0 && (wait <= 0 || again < wait) {
+		if again := r.notOK.refresh(r, now); again > 0 && (wait <= 0 || again < wait) {
 			wait = again
 		}
 		timer = nil
@@ -196,8 +199,13 @@ func (pr *Prober) Run(ctx context.Context) error {
 }
 
 func (pr *Prober) newRun() *run {
-	return &run{pr: pr, sched: newScheduler(pr.o.Rate), peers: map[netip.Prefix]*peer{}, out: map[uint16]outstanding{}}
+	t := newTable()
+	return &run{pr: pr, t: t, sched: newScheduler(pr.o.Rate, t), epoch: pr.o.Clock.Now(), out: map[uint16]outstanding{}}
 }
+
+// mono and wall convert between the clock's times and peers' times.
+func (r *run) mono(t time.Time) mono { return mono(t.Sub(r.epoch)) }
+func (r *run) wall(m mono) time.Time { return r.epoch.Add(time.Duration(m)) }
 
 func (r *run) openSocket(ctx context.Context, wg *sync.WaitGroup, replies chan<- reply, fam int, src netip.Addr) error {
 	s, err := r.pr.open(src)
@@ -231,7 +239,9 @@ func (r *run) openSocket(ctx context.Context, wg *sync.WaitGroup, replies chan<-
 }
 
 // setView replaces the peer set (and the path, reopening the socket on a
-// new source address).
+// new source address). It diffs in place: the peers of v are marked seen
+// with this call's parity, and those left unmarked are removed; it
+// allocates nothing when the set did not change.
 func (r *run) setView(v view, now time.Time) {
 	if v.path.sources() != r.path.sources() {
 		// A new lease: the probes out were sent from the old address and
@@ -243,39 +253,57 @@ func (r *run) setView(v view, now time.Time) {
 			}
 		}
 		for _, o := range r.out {
-			o.p.inflight = false
+			r.t.peers[o.p].set(inflight, false)
+			r.t.release(o.p)
 		}
 		clear(r.out)
 		r.order = nil
 	}
 	r.path = v.path
-	seen := make(map[netip.Prefix]struct{}, len(v.peers))
+	t := r.t
+	wasOverlay := t.overlay
+	t.overlay = v.path.Overlay()
+	counts := r.counts
+	r.parity = !r.parity
+	at := r.mono(now)
+	if len(v.peers) > cap(t.peers) {
+		// The first set (or a much larger one): one allocation of its size.
+		t.peers = slices.Grow(t.peers, len(v.peers)-len(t.peers))
+	}
 	for _, np := range v.peers {
-		seen[np.Subnet] = struct{}{}
-		if p := r.peers[np.Subnet]; p != nil {
-			if p.public != np.PublicIP || p.target != np.Target {
-				p.public, p.target = np.PublicIP, np.Target
-				r.setState(p, Unprobed, now)
-				p.smallLoss, p.bigLoss, p.replied, p.smallOK = 0, 0, false, false
-				p.first = now
-				r.sched.urgent(p, small)
+		k := keyOf(np.Subnet)
+		if i := t.lookup(k); i >= 0 {
+			p := &t.peers[i]
+			p.set(seen, r.parity)
+			if was := t.targetAlong(i, wasOverlay); t.public(i) != np.PublicIP || v.path.target(np.Subnet, np.PublicIP) != was {
+				t.setPublic(i, np.PublicIP)
+				r.setState(i, Unprobed, now)
+				p.smallLoss, p.bigLoss = 0, 0
+				p.set(replied|smallOK, false)
+				if !p.has(answered) {
+					p.from = at
+				}
+				r.sched.urgent(i, small)
 			}
 			continue
 		}
-		p := &peer{subnet: np.Subnet, public: np.PublicIP, target: np.Target, since: now, first: now}
-		r.peers[np.Subnet] = p
+		i := t.add(peer{key: k, since: at, from: at})
+		t.peers[i].set(seen, r.parity)
+		t.setPublic(i, np.PublicIP)
 		r.counts[Unprobed]++
-		r.sched.add(p)
+		r.sched.add(i)
 	}
-	for k, p := range r.peers {
-		if _, ok := seen[k]; !ok {
-			r.sched.remove(p)
+	for i := range t.peers {
+		if p := &t.peers[i]; !p.has(gone) && p.has(seen) != r.parity {
 			r.counts[p.state]--
-			delete(r.peers, k)
+			r.sched.remove(int32(i))
 			r.notOK.dirty = true
 		}
 	}
-	r.publishCounts()
+	t.shrink()
+	if r.counts != counts {
+		r.publishCounts()
+	}
 }
 
 // pump expires the probes past their deadline and sends what the budget
@@ -299,12 +327,12 @@ func (r *run) pump(now time.Time) time.Duration {
 	var wait time.Duration
 	if r.socks[0] != nil || r.socks[1] != nil {
 		for {
-			p, k, w := r.sched.next(now)
-			if p == nil {
+			i, k, w := r.sched.next(now)
+			if i < 0 {
 				wait = w
 				break
 			}
-			r.send(p, k, now)
+			r.send(i, k, now)
 		}
 	}
 	if len(r.order) > 0 {
@@ -315,7 +343,7 @@ func (r *run) pump(now time.Time) time.Duration {
 	return wait
 }
 
-func (r *run) send(p *peer, k kind, now time.Time) {
+func (r *run) send(i int32, k kind, now time.Time) {
 	size := smallSize
 	if k == big {
 		size = r.path.MTU
@@ -325,24 +353,25 @@ func (r *run) send(p *peer, k kind, now time.Time) {
 	for _, taken := r.out[r.seq]; taken; _, taken = r.out[r.seq] {
 		r.seq++
 	}
-	s := r.socks[family(p.target)]
+	target := r.t.target(i)
+	s := r.socks[family(target)]
 	if s == nil {
 		return // no socket of its family (yet): it waits for the next round
 	}
-	if err := s.send(p.target, r.seq, size); err != nil {
+	if err := s.send(target, r.seq, size); err != nil {
 		// EMSGSIZE for a full-size probe: a path MTU below FLANNEL_MTU is
 		// known already. Either way the probe is lost.
-		r.done(p, k, false, 0, now)
+		r.done(i, k, false, 0, now)
 		return
 	}
-	p.inflight = true
-	r.out[r.seq] = outstanding{p: p, k: k, sent: now, deadline: now.Add(r.pr.o.Timeout)}
+	r.t.peers[i].set(inflight, true)
+	r.out[r.seq] = outstanding{p: i, k: k, sent: now, deadline: now.Add(r.pr.o.Timeout)}
 	r.order = append(r.order, r.seq)
 }
 
 func (r *run) answered(rep reply) {
 	o, ok := r.out[rep.seq]
-	if !ok || o.p.target != rep.from {
+	if !ok || r.t.target(o.p) != rep.from {
 		return
 	}
 	delete(r.out, rep.seq)
@@ -351,41 +380,44 @@ func (r *run) answered(rep reply) {
 	r.done(o.p, o.k, true, rtt, rep.at)
 }
 
-// done records the outcome of one probe of p and asks for the next probe
-// it needs soon: a loss to confirm, or a full-size probe to check the MTU
-// of a newly answering peer.
-func (r *run) done(p *peer, k kind, ok bool, rtt time.Duration, now time.Time) {
-	p.inflight = false
-	if p.gone {
+// done records the outcome of one probe of slot i and asks for the next
+// probe it needs soon: a loss to confirm, or a full-size probe to check the
+// MTU of a newly answering peer.
+func (r *run) done(i int32, k kind, ok bool, rtt time.Duration, now time.Time) {
+	p := &r.t.peers[i]
+	p.set(inflight, false)
+	if p.has(gone) {
+		r.t.release(i)
 		return
 	}
 	was := p.state
-	state := p.result(k, ok, rtt, now)
+	state := p.result(k, ok, rtt, r.mono(now))
 	switch {
 	case !ok && k == small && p.smallLoss < LossThreshold:
-		r.sched.urgent(p, small)
+		r.sched.urgent(i, small)
 	case !ok && k == big && p.bigLoss < BigLossThreshold:
-		r.sched.urgent(p, small) // then a full-size one again, below
+		r.sched.urgent(i, small) // then a full-size one again, below
 	case ok && k == small && p.bigLoss > 0 && p.bigLoss < BigLossThreshold:
-		r.sched.urgent(p, big)
+		r.sched.urgent(i, big)
 	case ok && was == Unprobed:
-		r.sched.urgent(p, big)
+		r.sched.urgent(i, big)
 	}
 	if state != was {
-		r.setState(p, state, now)
-		r.logChange(p, was, now)
+		r.setState(i, state, now)
+		r.logChange(i, was, now)
 	}
 }
 
-func (r *run) setState(p *peer, s State, now time.Time) {
+func (r *run) setState(i int32, s State, now time.Time) {
+	p := &r.t.peers[i]
 	if p.state == s {
 		return
 	}
-	if !p.gone {
+	if !p.has(gone) {
 		r.counts[p.state]--
 		r.counts[s]++
 	}
-	p.state, p.since = s, now
+	p.state, p.since = s, r.mono(now)
 	r.notOK.dirty = true
 	r.publishCounts()
 }
@@ -397,29 +429,26 @@ func (r *run) publishCounts() {
 }
 
 // logChange writes the one line of a change of state.
-func (r *run) logChange(p *peer, was State, now time.Time) {
-	r.pr.log.Info(describe(r.path, p, was, now), "subnet", p.subnet, "publicIP", p.public, "state", p.state)
+func (r *run) logChange(i int32, was State, now time.Time) {
+	r.pr.log.Info(r.describe(i, was, now), "subnet", r.t.subnet(i), "publicIP", r.t.public(i), "state", r.t.peers[i].state)
 }
 
-// describe is the sentence for p's state.
-func describe(path Path, p *peer, was State, now time.Time) string {
-	head := fmt.Sprintf("peer %s (%s)", p.subnet, p.public)
+// describe is the sentence for slot i's state.
+func (r *run) describe(i int32, was State, now time.Time) string {
+	p, path, public := &r.t.peers[i], r.path, r.t.public(i)
+	head := fmt.Sprintf("peer %s (%s)", r.t.subnet(i), public)
 	switch p.state {
 	case Unreachable:
-		from := p.lastOK
-		if from.IsZero() {
-			from = p.first
-		}
-		return fmt.Sprintf("%s unreachable over %s for %d s: %s", head, path.Backend, int(now.Sub(from).Round(time.Second)/time.Second), path.Remedy(p.public.Is6()))
+		return fmt.Sprintf("%s unreachable over %s for %d s: %s", head, path.Backend, int(time.Duration(r.mono(now)-p.from).Round(time.Second)/time.Second), path.Remedy(public.Is6()))
 	case MTUBlackhole:
 		return fmt.Sprintf("%s has an MTU black hole over %s: %d-byte probes pass, %d-byte probes with DF set are lost: %s",
-			head, path.Backend, smallSize, path.MTU, mtuRemedy(path, p.public.Is6()))
+			head, path.Backend, smallSize, path.MTU, mtuRemedy(path, public.Is6()))
 	case Reachable:
 		again := ""
 		if was == Unreachable || was == MTUBlackhole {
 			again = " again"
 		}
-		return fmt.Sprintf("%s reachable%s over %s (rtt %s)", head, again, path.Backend, p.rtt.Round(time.Microsecond))
+		return fmt.Sprintf("%s reachable%s over %s (rtt %s)", head, again, path.Backend, time.Duration(p.rtt).Round(time.Microsecond))
 	}
 	return head + " " + p.state.String()
 }

@@ -3,6 +3,7 @@ package probe
 import (
 	"net/netip"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ type simConn struct {
 	pending []simProbe
 	sent    []time.Time
 	sizes   map[int]int
+	dsts    map[netip.Addr]int
 }
 
 type simProbe struct {
@@ -29,9 +31,10 @@ type simProbe struct {
 func (c *simConn) send(dst netip.Addr, seq uint16, size int) error {
 	c.pending = append(c.pending, simProbe{dst, seq, size})
 	if c.sizes == nil {
-		c.sizes = map[int]int{}
+		c.sizes, c.dsts = map[int]int{}, map[netip.Addr]int{}
 	}
 	c.sizes[size]++
+	c.dsts[dst]++
 	return nil
 }
 func (c *simConn) read([]byte, func() time.Time) (reply, error) { select {} }
@@ -89,7 +92,15 @@ func (s *sim) run(d time.Duration, done func() bool) time.Duration {
 	}
 }
 
-func (s *sim) state(p netip.Prefix) State { return s.r.peers[p].state }
+func (s *sim) state(p netip.Prefix) State { return s.r.peer(p).state }
+
+// peer is the record of the peer of subnet sn (nil if none).
+func (r *run) peer(sn netip.Prefix) *peer {
+	if i := r.t.lookup(keyOf(sn)); i >= 0 {
+		return &r.t.peers[i]
+	}
+	return nil
+}
 
 func (s *sim) logLines(substr string) []string {
 	var out []string
@@ -104,8 +115,8 @@ func (s *sim) logLines(substr string) []string {
 var (
 	vxlanPath = Path{Backend: "vxlan", Port: 8472, MTU: 1450, Source: netip.MustParseAddr("10.5.1.0")}
 	simPeers  = []Peer{
-		{Subnet: netip.MustParsePrefix("10.5.2.0/24"), PublicIP: netip.MustParseAddr("172.30.0.2"), Target: netip.MustParseAddr("10.5.2.0")},
-		{Subnet: netip.MustParsePrefix("10.5.3.0/24"), PublicIP: netip.MustParseAddr("172.30.0.4"), Target: netip.MustParseAddr("10.5.3.0")},
+		{Subnet: netip.MustParsePrefix("10.5.2.0/24"), PublicIP: netip.MustParseAddr("172.30.0.2")},
+		{Subnet: netip.MustParsePrefix("10.5.3.0/24"), PublicIP: netip.MustParseAddr("172.30.0.4")},
 	}
 )
 
@@ -126,7 +137,7 @@ func TestProberStates(t *testing.T) {
 
 	// The port is blocked towards b: unreachable within one round and
 	// LossThreshold+1 timeouts (a full-size loss may come first).
-	s.c.drop = func(dst netip.Addr, _ int) bool { return dst == simPeers[1].Target }
+	s.c.drop = func(dst netip.Addr, _ int) bool { return dst == simPeers[1].Subnet.Addr() }
 	bound := MinRound + (LossThreshold+1)*DefaultTimeout + time.Second
 	took := s.run(2*bound, func() bool { return s.state(b) == Unreachable })
 	if s.state(b) != Unreachable || took > bound {
@@ -154,7 +165,7 @@ func TestProberStates(t *testing.T) {
 
 	// Packets above 1,200 bytes vanish towards b: a black hole within
 	// bigEvery rounds and a few timeouts; a stays reachable.
-	s.c.drop = func(dst netip.Addr, size int) bool { return dst == simPeers[1].Target && size > 1200 }
+	s.c.drop = func(dst netip.Addr, size int) bool { return dst == simPeers[1].Subnet.Addr() && size > 1200 }
 	bound = bigEvery*MinRound + 4*DefaultTimeout + time.Second
 	took = s.run(2*bound, func() bool { return s.state(b) == MTUBlackhole })
 	if s.state(b) != MTUBlackhole || took > bound {
@@ -187,13 +198,13 @@ func TestProberBudget(t *testing.T) {
 	var peers []Peer
 	for i := range 5000 {
 		a := netip.AddrFrom4([4]byte{10, 6, byte(i >> 8), byte(i)})
-		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 32), PublicIP: a, Target: a})
+		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 32), PublicIP: a})
 	}
 	s := newSim(t, DefaultRate, vxlanPath, peers)
 	s.c.drop = func(dst netip.Addr, _ int) bool { return dst.As4()[3]%3 == 0 }
 	down := 0
 	for _, p := range peers {
-		if s.c.drop(p.Target, 0) {
+		if s.c.drop(p.Subnet.Addr(), 0) {
 			down++
 		}
 	}
@@ -206,38 +217,62 @@ func TestProberBudget(t *testing.T) {
 		t.Errorf("counts %v, want %d unreachable, the rest reachable", rep.Counts, down)
 	}
 	s.r.setView(view{path: vxlanPath, peers: peers[:10]}, s.now)
-	if len(s.r.peers) != 10 || s.r.report(s.now).Counts["unreachable"] != 4 {
-		t.Errorf("after removing peers: %d peers, counts %v", len(s.r.peers), s.r.report(s.now).Counts)
+	if rep := s.r.report(s.now); s.r.t.live != 10 || len(rep.Peers) != 10 || rep.Counts["unreachable"] != 4 {
+		t.Errorf("after removing peers: %d peers, counts %v", s.r.t.live, rep.Counts)
 	}
 	s.run(time.Minute, nil)
-	if len(s.r.sched.ring) != 10 {
-		t.Errorf("ring holds %d peers after a round, want 10", len(s.r.sched.ring))
+	if n := len(s.r.t.peers) - len(s.r.t.free); n != 10 {
+		t.Errorf("%d slots held after a round, want 10", n)
 	}
 }
 
-// BenchmarkPeerMemory reports what the prober keeps per peer at 5,000
-// peers: the peer records, the table and the ring.
+// benchPeers is n peers as PeersOf makes them for vxlan leases: a /24
+// each, probed at its first address, with a public address.
+func benchPeers(n int) []Peer {
+	peers := make([]Peer, 0, n)
+	for i := range n {
+		a := netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0})
+		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 24), PublicIP: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)})})
+	}
+	return peers
+}
+
+// BenchmarkPeerMemory reports what the prober keeps per peer at 5,000 and
+// 10,000 peers: the peer records, the table and the ring.
 func BenchmarkPeerMemory(b *testing.B) {
-	var peers []Peer
-	for i := range 5000 {
-		a := netip.AddrFrom4([4]byte{10, 6, byte(i >> 8), byte(i)})
-		peers = append(peers, Peer{Subnet: netip.PrefixFrom(a, 32), PublicIP: a, Target: a})
+	for _, n := range []int{5000, 10000} {
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			peers := benchPeers(n)
+			var perPeer float64
+			for range b.N {
+				var before, after runtime.MemStats
+				runtime.GC()
+				runtime.ReadMemStats(&before)
+				pr := New(Options{})
+				r := pr.newRun()
+				r.setView(view{path: vxlanPath, peers: peers}, time.Unix(0, 0))
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				perPeer = float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / float64(len(peers))
+				runtime.KeepAlive(r)
+			}
+			b.ReportMetric(perPeer, "B/peer")
+			b.ReportMetric(float64(unsafe.Sizeof(peer{})), "B/record")
+		})
 	}
-	var perPeer float64
-	for range b.N {
-		var before, after runtime.MemStats
-		runtime.GC()
-		runtime.ReadMemStats(&before)
-		pr := New(Options{})
-		r := pr.newRun()
-		r.setView(view{path: vxlanPath, peers: peers}, time.Unix(0, 0))
-		runtime.GC()
-		runtime.ReadMemStats(&after)
-		perPeer = float64(after.HeapAlloc-before.HeapAlloc) / float64(len(peers))
-		runtime.KeepAlive(r)
+}
+
+// BenchmarkSetViewUnchanged is the prober's part of a resync at 10,000
+// peers when no lease changed: setView with the set it holds.
+func BenchmarkSetViewUnchanged(b *testing.B) {
+	peers := benchPeers(10000)
+	r := New(Options{}).newRun()
+	now := time.Unix(0, 0)
+	r.setView(view{path: vxlanPath, peers: peers}, now)
+	b.ReportAllocs()
+	for b.Loop() {
+		r.setView(view{path: vxlanPath, peers: peers}, now)
 	}
-	b.ReportMetric(perPeer, "B/peer")
-	b.ReportMetric(float64(unsafe.Sizeof(peer{})), "B/record")
 }
 
 // TestProberNewSource: a new own lease (another source address) drops the
@@ -255,11 +290,35 @@ func TestProberNewSource(t *testing.T) {
 	moved := vxlanPath
 	moved.Source = netip.MustParseAddr("10.5.9.0")
 	s.r.setView(view{path: moved, peers: simPeers}, s.now)
-	if s.r.socks[0] != nil || len(s.r.out) != 0 || s.r.peers[simPeers[0].Subnet].inflight {
+	if s.r.socks[0] != nil || len(s.r.out) != 0 || s.r.peer(simPeers[0].Subnet).has(inflight) {
 		t.Fatalf("after a new source: socket %v, %d probes out", s.r.socks[0], len(s.r.out))
 	}
 	s.r.pump(s.now.Add(5 * time.Second))
-	if p := s.r.peers[simPeers[0].Subnet]; p.smallLoss != 0 {
+	if p := s.r.peer(simPeers[0].Subnet); p.smallLoss != 0 {
 		t.Errorf("the dropped probes counted %d losses", p.smallLoss)
+	}
+}
+
+// TestProberTargetMoves: a path that stops being an overlay (host-gw
+// after vxlan) moves every peer's target to its public address: the peers
+// start again unprobed, and the probes and the report follow.
+func TestProberTargetMoves(t *testing.T) {
+	s := newSim(t, DefaultRate, vxlanPath, simPeers)
+	s.run(time.Minute, nil)
+	a := simPeers[0].Subnet
+	if s.state(a) != Reachable || s.c.dsts[a.Addr()] == 0 {
+		t.Fatalf("through vxlan: %v, %d probes to %s", s.state(a), s.c.dsts[a.Addr()], a.Addr())
+	}
+	hostgw := Path{Backend: "host-gw", MTU: 1500, Source: netip.MustParseAddr("172.30.0.1")}
+	s.r.setView(view{path: hostgw, peers: simPeers}, s.now)
+	s.r.socks = [2]conn{s.c, s.c} // the new source's socket
+	if s.state(a) != Unprobed {
+		t.Errorf("target moved: %v, want unprobed", s.state(a))
+	}
+	clear(s.c.dsts)
+	s.run(time.Minute, nil)
+	rep := s.r.report(s.now)
+	if s.state(a) != Reachable || s.c.dsts[a.Addr()] != 0 || s.c.dsts[simPeers[0].PublicIP] == 0 || rep.Peers[0].Address != simPeers[0].PublicIP {
+		t.Errorf("through host-gw: %v, probes %v, report %+v; want reachable, probed at the public addresses", s.state(a), s.c.dsts, rep.Peers)
 	}
 }

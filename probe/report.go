@@ -50,25 +50,29 @@ type Report struct {
 	Peers []PeerStatus `json:"peers"`
 }
 
-func statusOf(path Path, p *peer, now time.Time) PeerStatus {
-	s := PeerStatus{Subnet: p.subnet, PublicIP: p.public, Address: p.target, Backend: path.Backend, State: p.state, Since: p.since.UTC(), settled: p.settled()}
-	if p.replied {
-		s.LastRTTMs = float64(p.rtt.Microseconds()) / 1000
+func (r *run) statusOf(i int32, now time.Time) PeerStatus {
+	p := &r.t.peers[i]
+	s := PeerStatus{Subnet: r.t.subnet(i), PublicIP: r.t.public(i), Address: r.t.target(i), Backend: r.path.Backend, State: p.state,
+		Since: r.wall(p.since).UTC(), settled: p.settled()}
+	if p.has(replied) {
+		s.LastRTTMs = float64(time.Duration(p.rtt).Microseconds()) / 1000
 	}
 	if p.state == Unreachable || p.state == MTUBlackhole {
-		s.Detail = describe(path, p, p.state, now)
+		s.Detail = r.describe(i, p.state, now)
 	}
 	return s
 }
 
 func (r *run) report(now time.Time) Report {
 	rep := Report{Backend: r.path.Backend, Source: r.path.Source, Source6: r.path.Source6, Overlay: r.path.Overlay(), Rate: r.pr.o.Rate,
-		Counts: map[string]int{}, Peers: make([]PeerStatus, 0, len(r.peers))}
+		Counts: map[string]int{}, Peers: make([]PeerStatus, 0, r.t.live)}
 	for _, s := range States {
 		rep.Counts[s.String()] = r.counts[s]
 	}
-	for _, p := range r.peers {
-		rep.Peers = append(rep.Peers, statusOf(r.path, p, now))
+	for i := range r.t.peers {
+		if !r.t.peers[i].has(gone) {
+			rep.Peers = append(rep.Peers, r.statusOf(int32(i), now))
+		}
 	}
 	sortPeers(rep.Peers)
 	return rep
@@ -110,7 +114,7 @@ var (
 
 // refresh rebuilds the series if they changed and the last build is a
 // second old; it returns how long until it wants to run again (0: never).
-func (n *notReachable) refresh(peers map[netip.Prefix]*peer, path Path, now time.Time) time.Duration {
+func (n *notReachable) refresh(r *run, now time.Time) time.Duration {
 	if !n.dirty {
 		return 0
 	}
@@ -120,15 +124,16 @@ func (n *notReachable) refresh(peers map[netip.Prefix]*peer, path Path, now time
 	n.dirty, n.built = false, now
 	registerSeries.Do(func() { metrics.RegisterWriter(writePeerSeries) })
 	var lines []string
-	for _, p := range peers {
-		if p.state != Unreachable && p.state != MTUBlackhole {
+	for i := range r.t.peers {
+		p := &r.t.peers[i]
+		if p.has(gone) || (p.state != Unreachable && p.state != MTUBlackhole) {
 			continue
 		}
 		if len(lines) == maxPeerSeries {
 			break
 		}
 		lines = append(lines, fmt.Sprintf("flannel_peer_not_reachable{subnet=%s,public_ip=%s,backend=%s,state=%s} 1",
-			strconv.Quote(p.subnet.String()), strconv.Quote(p.public.String()), strconv.Quote(path.Backend), strconv.Quote(p.state.String())))
+			strconv.Quote(r.t.subnet(int32(i)).String()), strconv.Quote(r.t.public(int32(i)).String()), strconv.Quote(r.path.Backend), strconv.Quote(p.state.String())))
 	}
 	slices.Sort(lines)
 	peerSeries.Store(&lines)

@@ -7,25 +7,26 @@ import (
 	"time"
 )
 
-func testPeers(n int) []*peer {
-	ps := make([]*peer, n)
-	for i := range ps {
+// testPeers is a table of n peers, in slots 0 to n-1.
+func testPeers(n int) *table {
+	t := newTable()
+	for i := range n {
 		a := netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0})
-		ps[i] = &peer{subnet: netip.PrefixFrom(a, 24), target: a}
+		t.add(peer{key: keyOf(netip.PrefixFrom(a, 24))})
 	}
-	return ps
+	return t
 }
 
 // drive runs s from start for d, sending whenever it asks, and returns the
 // send times per peer and in order.
-func drive(s *scheduler, start time.Time, d time.Duration) (map[*peer][]time.Time, []time.Time) {
-	sends := map[*peer][]time.Time{}
+func drive(s *scheduler, start time.Time, d time.Duration) (map[int32][]time.Time, []time.Time) {
+	sends := map[int32][]time.Time{}
 	var all []time.Time
 	now := start
 	for now.Before(start.Add(d)) {
-		p, _, wait := s.next(now)
-		if p != nil {
-			sends[p] = append(sends[p], now)
+		i, _, wait := s.next(now)
+		if i >= 0 {
+			sends[i] = append(sends[i], now)
 			all = append(all, now)
 			continue
 		}
@@ -56,10 +57,9 @@ func TestSchedulerBudget(t *testing.T) {
 	start := time.Unix(1000, 0)
 	for _, tt := range []struct{ peers, rate int }{{5000, 20}, {3, 20}, {300, 20}, {5000, 200}, {10, 1}} {
 		t.Run(fmt.Sprintf("%d peers at %d per s", tt.peers, tt.rate), func(t *testing.T) {
-			s := newScheduler(tt.rate)
-			ps := testPeers(tt.peers)
-			for _, p := range ps {
-				s.add(p)
+			s := newScheduler(tt.rate, testPeers(tt.peers))
+			for i := range tt.peers {
+				s.add(int32(i))
 			}
 			interval := max(MinRound, time.Duration(tt.peers)*time.Second/time.Duration(tt.rate))
 			// New peers are queued first: the first N probes are one per peer.
@@ -67,8 +67,8 @@ func TestSchedulerBudget(t *testing.T) {
 			if n := maxInWindow(all, time.Second); n > tt.rate {
 				t.Errorf("%d probes within one second, rate %d", n, tt.rate)
 			}
-			for i, p := range ps {
-				got := sends[p]
+			for i := range tt.peers {
+				got := sends[int32(i)]
 				if len(got) < 3 {
 					t.Fatalf("peer %d probed %d times in three rounds", i, len(got))
 				}
@@ -91,49 +91,49 @@ func TestSchedulerBudget(t *testing.T) {
 // round; removed and in-flight peers are skipped; removed ones leave the
 // ring at the next round.
 func TestSchedulerUrgentFirst(t *testing.T) {
-	s := newScheduler(10)
-	ps := testPeers(4)
-	for _, p := range ps {
-		s.add(p)
+	tb := testPeers(4)
+	s := newScheduler(10, tb)
+	for i := range int32(4) {
+		s.add(i)
 	}
 	now := time.Unix(0, 0)
-	next := func() (*peer, kind) {
+	next := func() (int32, kind) {
 		t.Helper()
 		for range 100 {
-			p, k, wait := s.next(now)
-			if p != nil {
-				return p, k
+			i, k, wait := s.next(now)
+			if i >= 0 {
+				return i, k
 			}
 			if wait == 0 {
-				return nil, small
+				return -1, small
 			}
 			now = now.Add(wait)
 		}
 		t.Fatal("no probe after 100 waits")
-		return nil, small
+		return -1, small
 	}
-	for i := range 4 { // the new peers' queue
-		if p, _ := next(); p != ps[i] {
-			t.Fatalf("probe %d went to %v, want %v", i, p.subnet, ps[i].subnet)
+	for i := range int32(4) { // the new peers' queue
+		if got, _ := next(); got != i {
+			t.Fatalf("probe %d went to slot %d, want %d", i, got, i)
 		}
 	}
-	s.remove(ps[1])
-	ps[2].inflight = true
-	s.urgent(ps[3], big)
-	if p, k := next(); p != ps[3] || k != big {
-		t.Fatalf("urgent probe went to %v (%v), want %v (full)", p.subnet, k, ps[3].subnet)
+	s.remove(1)
+	tb.peers[2].set(inflight, true)
+	s.urgent(3, big)
+	if i, k := next(); i != 3 || k != big {
+		t.Fatalf("urgent probe went to slot %d (%v), want 3 (full)", i, k)
 	}
-	var got []netip.Prefix
+	var got []int32
 	for range 2 {
-		p, _ := next()
-		got = append(got, p.subnet)
+		i, _ := next()
+		got = append(got, i)
 	}
-	if got[0] != ps[0].subnet || got[1] != ps[3].subnet {
-		t.Errorf("round probed %v, want %v and %v (removed and in-flight peers skipped)", got, ps[0].subnet, ps[3].subnet)
+	if got[0] != 0 || got[1] != 3 {
+		t.Errorf("round probed slots %v, want 0 and 3 (removed and in-flight peers skipped)", got)
 	}
 	before := now
 	next()
-	if now.Sub(before) < MinRound-time.Second || len(s.ring) != 3 {
-		t.Errorf("next round after %v with %d peers, want about %v and 3", now.Sub(before), len(s.ring), MinRound)
+	if now.Sub(before) < MinRound-time.Second || tb.live != 3 || len(tb.free) != 1 || tb.free[0] != 1 || tb.lookup(tb.peers[1].key) != -1 {
+		t.Errorf("next round after %v with %d peers, free slots %v; want about %v, 3, and slot 1 free and not found", now.Sub(before), tb.live, tb.free, MinRound)
 	}
 }

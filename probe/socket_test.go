@@ -136,8 +136,8 @@ func TestRunRealSocket(t *testing.T) {
 	go func() { done <- pr.Run(ctx) }()
 	path := Path{Backend: "host-gw", MTU: 1500, Source: netip.MustParseAddr("192.168.77.1")}
 	pr.SetPeers(path, []Peer{
-		{Subnet: netip.MustParsePrefix("10.5.2.0/24"), PublicIP: netip.MustParseAddr("192.168.77.2"), Target: netip.MustParseAddr("192.168.77.2")},
-		{Subnet: netip.MustParsePrefix("10.5.3.0/24"), PublicIP: netip.MustParseAddr("192.168.77.3"), Target: netip.MustParseAddr("192.168.77.3")},
+		{Subnet: netip.MustParsePrefix("10.5.2.0/24"), PublicIP: netip.MustParseAddr("192.168.77.2")},
+		{Subnet: netip.MustParsePrefix("10.5.3.0/24"), PublicIP: netip.MustParseAddr("192.168.77.3")},
 	})
 	var rep Report
 	deadline := time.Now().Add(30 * time.Second)

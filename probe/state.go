@@ -2,6 +2,7 @@ package probe
 
 import (
 	"fmt"
+	"math"
 	"net/netip"
 	"time"
 )
@@ -78,56 +79,134 @@ func (k kind) String() string {
 	return "small"
 }
 
-// peer is the fixed-size record the prober keeps per peer: a few
-// addresses, counters and times, no pointers to per-probe data.
+// peer is the record the prober keeps per peer, in one slice (table): 64
+// bytes of plain data, no pointers, so that 10,000 peers are one
+// allocation the garbage collector need not scan. Addresses are bytes and
+// a family, times nanoseconds since the run's epoch (its clock's time when
+// it started), flags bits.
 type peer struct {
-	subnet netip.Prefix
-	public netip.Addr
-	target netip.Addr // the address probed
+	since mono   // when state was entered
+	from  mono   // when a probe was last answered; before any answer, when the peer was first seen or its address changed
+	rtt   uint32 // nanoseconds of the last answered probe (saturated: 4.29 s)
+
+	key    key      // the subnet
+	public [16]byte // the public address, of family pubFam
+	pubFam addrFamily
+	free   bool // the slot is free (table.free)
 
 	state     State
-	smallLoss uint8 // small probes lost in a row
-	bigLoss   uint8 // full-size probes lost in a row, each after an answered small one
-	smallOK   bool  // the last small probe was answered
-	replied   bool  // any probe was ever answered
-	bigOK     bool  // a full-size probe was ever answered
+	smallLoss uint8 // small probes lost in a row (saturated)
+	bigLoss   uint8 // full-size probes lost in a row, each after an answered small one (saturated)
 	want      kind  // the size of the next priority probe
-	queued    bool  // in the scheduler's priority queue
-	inflight  bool  // a probe is out
-	gone      bool  // removed from the lease set
-	visits    uint32
-
-	rtt    time.Duration // of the last answered probe
-	since  time.Time     // when state was entered
-	lastOK time.Time     // when a probe was last answered
-	first  time.Time     // when the peer was first seen
+	visits    uint8 // regular probes so far, modulo bigEvery
+	flags     flags
 }
+
+// mono is a time as nanoseconds since the run's epoch.
+type mono int64
+
+// flags are a peer's yes/no facts.
+type flags uint8
+
+const (
+	smallOK  flags = 1 << iota // the last small probe was answered
+	replied                    // any probe was answered since the address was set
+	bigOK                      // a full-size probe was ever answered
+	answered                   // any probe was ever answered (from is the last answer)
+	queued                     // in the scheduler's priority queue
+	inflight                   // a probe is out
+	gone                       // removed from the lease set (the slot is free once neither queued nor in flight)
+	seen                       // in the lease set of the setView of this parity (run.parity)
+)
+
+func (p *peer) has(f flags) bool { return p.flags&f != 0 }
+
+func (p *peer) set(f flags, on bool) {
+	if on {
+		p.flags |= f
+	} else {
+		p.flags &^= f
+	}
+}
+
+// addrFamily is how an address is kept: none (invalid), IPv4 (the last 4
+// bytes) or IPv6.
+type addrFamily uint8
+
+const (
+	famNone addrFamily = iota
+	fam4
+	fam6
+)
+
+// key is a subnet as plain bytes, the table's key.
+type key struct {
+	addr [16]byte
+	bits uint8
+	fam  addrFamily
+}
+
+func keyOf(p netip.Prefix) key {
+	a, f := packAddr(p.Addr())
+	return key{addr: a, bits: uint8(p.Bits()), fam: f}
+}
+
+func (k key) prefix() netip.Prefix {
+	return netip.PrefixFrom(unpackAddr(k.addr, k.fam), int(k.bits))
+}
+
+// packAddr and unpackAddr convert an address to bytes and back (an IPv6
+// zone is not kept: peers' addresses have none).
+func packAddr(a netip.Addr) ([16]byte, addrFamily) {
+	switch {
+	case a.Is4():
+		return a.As16(), fam4
+	case a.Is6():
+		return a.As16(), fam6
+	}
+	return [16]byte{}, famNone
+}
+
+func unpackAddr(b [16]byte, f addrFamily) netip.Addr {
+	switch f {
+	case fam4:
+		return netip.AddrFrom16(b).Unmap()
+	case fam6:
+		return netip.AddrFrom16(b)
+	}
+	return netip.Addr{}
+}
+
+// rttOf is d as a peer keeps it.
+func rttOf(d time.Duration) uint32 { return uint32(min(max(d, 0), math.MaxUint32)) }
 
 // settled reports whether the probes so far tell the peer's state for
 // both sizes (flanneld --check stops there).
 func (p *peer) settled() bool {
-	return p.state == Unreachable || p.state == MTUBlackhole || (p.state == Reachable && p.bigOK && p.bigLoss == 0)
+	return p.state == Unreachable || p.state == MTUBlackhole || (p.state == Reachable && p.has(bigOK) && p.bigLoss == 0)
 }
 
 // result folds the outcome of one probe into p's counters and returns the
 // state they give now. ok is whether it was answered.
-func (p *peer) result(k kind, ok bool, rtt time.Duration, now time.Time) State {
+func (p *peer) result(k kind, ok bool, rtt time.Duration, now mono) State {
 	switch {
 	case ok:
-		p.replied, p.rtt, p.lastOK = true, rtt, now
-		p.smallLoss, p.smallOK = 0, true // a full-size answer proves a small one passes
+		p.rtt, p.from = rttOf(rtt), now
+		p.flags |= replied | answered | smallOK // a full-size answer proves a small one passes
+		p.smallLoss = 0
 		if k == big {
-			p.bigLoss, p.bigOK = 0, true
+			p.bigLoss = 0
+			p.flags |= bigOK
 		}
 	case k == small:
-		p.smallOK = false
+		p.set(smallOK, false)
 		if p.smallLoss < 255 {
 			p.smallLoss++
 		}
-	case p.smallOK && p.bigLoss < 255:
+	case p.has(smallOK) && p.bigLoss < 255:
 		// A full-size probe lost right after an answered small one.
 		p.bigLoss++
-		p.smallOK = false // ask again with a small one before the next counts
+		p.set(smallOK, false) // ask again with a small one before the next counts
 	}
 	return p.computed()
 }
@@ -140,7 +219,7 @@ func (p *peer) computed() State {
 	switch {
 	case p.smallLoss >= LossThreshold:
 		return Unreachable
-	case !p.replied:
+	case !p.has(replied):
 		return p.state
 	case p.bigLoss >= BigLossThreshold:
 		return MTUBlackhole

@@ -30,9 +30,8 @@ func TestPeerStates(t *testing.T) {
 	}
 	for _, tt := range tests {
 		p := &peer{}
-		now := time.Unix(0, 0)
 		for i, st := range tt.steps {
-			s := p.result(st.k, st.ok, time.Millisecond, now)
+			s := p.result(st.k, st.ok, time.Millisecond, 0)
 			p.state = s
 			if s != tt.want[i] {
 				t.Errorf("%s: after step %d (%v answered %v) state %v, want %v", tt.name, i+1, st.k, st.ok, s, tt.want[i])

@@ -127,15 +127,22 @@ func PathOf(cfg *subnet.Config, mtu int, own subnet.Lease) Path {
 	return p
 }
 
-// Peer is one peer to probe.
+// Peer is one peer to probe. Through an overlay it is probed at the first
+// address of its subnet, which vxlan (flannel.N), udp (flannel0) and
+// wireguard put on the peer's device, so that flannel's own nodes answer
+// too; with host-gw at its public address.
 type Peer struct {
 	Subnet   netip.Prefix
 	PublicIP netip.Addr
-	// Target is the address probed: the first address of the peer's
-	// subnet, which vxlan (flannel.N), udp (flannel0) and wireguard put on
-	// the peer's device, so that flannel's own nodes answer too; the public
-	// address with host-gw.
-	Target netip.Addr
+}
+
+// target is the address a peer of subnet sn and public address public is
+// probed at along p.
+func (p Path) target(sn netip.Prefix, public netip.Addr) netip.Addr {
+	if p.Overlay() {
+		return sn.Addr()
+	}
+	return public
 }
 
 // PeersOf is the peers of the leases in remote, for path p: one per
@@ -147,11 +154,7 @@ func PeersOf(p Path, remote []subnet.Lease) []Peer {
 	}
 	out := make([]Peer, 0, len(remote))
 	add := func(sn netip.Prefix, public netip.Addr) {
-		t := sn.Addr()
-		if !p.Overlay() {
-			t = public
-		}
-		out = append(out, Peer{Subnet: sn, PublicIP: public, Target: t})
+		out = append(out, Peer{Subnet: sn, PublicIP: public})
 	}
 	for _, l := range remote {
 		if p.Source.IsValid() && l.Subnet.IsValid() && l.Subnet.Addr().Is4() {

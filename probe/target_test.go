@@ -32,7 +32,7 @@ func TestPathOf(t *testing.T) {
 		peers := PeersOf(p, remote)
 		target := ""
 		if len(peers) == 1 {
-			target = peers[0].Target.String()
+			target = p.target(peers[0].Subnet, peers[0].PublicIP).String()
 		}
 		if p.Port != tt.port || p.Source.String() != tt.source || target != tt.target {
 			t.Errorf("%s: port %d, source %s, target %q; want %d, %s, %q", tt.config, p.Port, p.Source, target, tt.port, tt.source, tt.target)
@@ -48,7 +48,7 @@ func TestPathOf(t *testing.T) {
 	p := PathOf(cfg, 1430, own)
 	peers := PeersOf(p, remote)
 	if p.Source.String() != "10.5.1.0" || p.Source6.String() != "fc00:5:0:1::" || len(peers) != 2 ||
-		peers[1].Target.String() != "fc00:5:0:3::" || peers[1].PublicIP.String() != "fd5e::4" {
+		p.target(peers[1].Subnet, peers[1].PublicIP).String() != "fc00:5:0:3::" || peers[1].PublicIP.String() != "fd5e::4" {
 		t.Errorf("dual stack: sources %s %s, peers %+v", p.Source, p.Source6, peers)
 	}
 	cfg.EnableIPv4 = false
