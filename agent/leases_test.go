@@ -44,8 +44,8 @@ func TestLeaseSet(t *testing.T) {
 			s.remove(p)
 			delete(want, p)
 		}
-		if s.len() != len(want) || len(s.at) != len(want) {
-			t.Fatalf("step %d: %d leases (%d indexed), want %d", step, s.len(), len(s.at), len(want))
+		if s.len() != len(want) || s.at.Len() != len(want) {
+			t.Fatalf("step %d: %d leases (%d indexed), want %d", step, s.len(), s.at.Len(), len(want))
 		}
 		for q, l := range want {
 			if got, ok := s.get(q); !ok || got.Key() != q || got.Attrs.BackendType != l.Attrs.BackendType {
