@@ -166,7 +166,7 @@ func evString(evs []Event) string {
 func TestEtcdWatcherApply(t *testing.T) {
 	var logs []string
 	m := unitManager(unitLogger(&logs))
-	w := &watcher{m: m, log: m.log, known: map[PrefixKey]LeaseSummary{}, logged: map[string]int64{}}
+	w := &watcher{m: m, log: m.log, known: NewSummaries(0), logged: map[string]int64{}}
 	put := func(name, value string, rev int64) Change {
 		return Change{KV: KV{Key: unitDir + name, Value: []byte(value), Mod: rev, Expiration: time.Unix(1e9, 0)}}
 	}
@@ -202,7 +202,7 @@ func TestEtcdWatcherApply(t *testing.T) {
 			t.Errorf("step %d: %d log lines, want %d: %q", i, len(logs), s.logs, logs)
 		}
 	}
-	if len(w.known) != 0 {
+	if w.known.Len() != 0 {
 		t.Errorf("known = %v, want empty", w.known)
 	}
 	if len(w.logged) != 1 {

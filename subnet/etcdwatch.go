@@ -22,7 +22,7 @@ import (
 func (m *EtcdManager) WatchLeases(ctx context.Context, events chan<- []Event) error {
 	w := &watcher{
 		m:      m,
-		known:  map[PrefixKey]LeaseSummary{},
+		known:  NewSummaries(0),
 		logged: map[string]int64{},
 		bo:     Backoff{Min: m.minBackoff, Max: m.maxBackoff},
 		log:    m.log.WithValues("prefix", m.subnetsDir()),
@@ -35,7 +35,7 @@ type watcher struct {
 	m   *EtcdManager
 	log klog.Logger
 	// known is the set of leases last sent, by subnet, as summaries.
-	known map[PrefixKey]LeaseSummary
+	known *Summaries
 	// logged maps each key skipped as invalid to the revision it was
 	// logged at, so that each bad version is logged once.
 	logged map[string]int64
@@ -240,18 +240,18 @@ func (w *watcher) apply(changes []Change) []Event {
 		}
 		if ch.Deleted || err != nil {
 			// A key deleted, or that no longer parses, is no lease.
-			if k, ok := w.known[KeyOf(p)]; keyOK && ok {
-				delete(w.known, KeyOf(p))
+			if k, ok := w.known.Get(KeyOf(p)); keyOK && ok {
+				w.known.Delete(KeyOf(p))
 				out = append(out, k.Removed(p))
 			}
 			continue
 		}
 		delete(w.logged, kv.Key)
 		sum := SummarizeLease(e.lease)
-		if old, had := w.known[KeyOf(p)]; had && old == sum {
+		if old, had := w.known.Get(KeyOf(p)); had && old == sum {
 			continue // a renewal
 		}
-		w.known[KeyOf(p)] = sum
+		w.known.Set(KeyOf(p), sum)
 		out = append(out, Event{Type: EventAdded, Lease: e.lease})
 	}
 	return out

@@ -2,8 +2,12 @@ package subnet
 
 import (
 	"hash/fnv"
+	"iter"
 	"net/netip"
+	"slices"
 	"sort"
+
+	"github.com/flanneld-go/flanneld/internal/slotindex"
 )
 
 // LeaseSummary is what a watcher remembers of a lease it reported: enough to
@@ -59,23 +63,92 @@ func (k LeaseSummary) Removed(p netip.Prefix) Event {
 	return Event{Type: EventRemoved, Lease: l}
 }
 
+// Summaries is a set of lease summaries by subnet: 36 bytes a lease in one
+// slice and 4 to 11 in its index, where a map took about 77.
+type Summaries struct {
+	entries []summaryEntry
+	at      *slotindex.Index[PrefixKey]
+}
+
+type summaryEntry struct {
+	key PrefixKey
+	sum LeaseSummary
+}
+
+// NewSummaries returns an empty set with room for n.
+func NewSummaries(n int) *Summaries {
+	s := &Summaries{entries: make([]summaryEntry, 0, n)}
+	s.at = slotindex.New(func(i int32) PrefixKey { return s.entries[i].key })
+	return s
+}
+
+// Len is the number of summaries held.
+func (s *Summaries) Len() int { return len(s.entries) }
+
+// Get returns the summary of k's lease.
+func (s *Summaries) Get(k PrefixKey) (LeaseSummary, bool) {
+	if i := s.at.Lookup(k); i >= 0 {
+		return s.entries[i].sum, true
+	}
+	return LeaseSummary{}, false
+}
+
+// Set adds or replaces the summary of k's lease.
+func (s *Summaries) Set(k PrefixKey, sum LeaseSummary) {
+	if i := s.at.Lookup(k); i >= 0 {
+		s.entries[i].sum = sum
+		return
+	}
+	s.entries = append(s.entries, summaryEntry{k, sum})
+	s.at.Insert(k, int32(len(s.entries)-1))
+}
+
+// Delete drops the summary of k's lease, if any.
+func (s *Summaries) Delete(k PrefixKey) {
+	i := s.at.Lookup(k)
+	if i < 0 {
+		return
+	}
+	last := int32(len(s.entries) - 1)
+	s.at.Delete(k, i)
+	if i != last {
+		s.at.Move(s.entries[last].key, last, i)
+		s.entries[i] = s.entries[last]
+	}
+	s.entries = s.entries[:last]
+	if cap(s.entries) > 64 && cap(s.entries) > 4*len(s.entries) {
+		s.entries = slices.Clip(slices.Clone(s.entries))
+	}
+}
+
+// All yields each key and summary, in no particular order.
+func (s *Summaries) All() iter.Seq2[PrefixKey, LeaseSummary] {
+	return func(yield func(PrefixKey, LeaseSummary) bool) {
+		for _, e := range s.entries {
+			if !yield(e.key, e.sum) {
+				return
+			}
+		}
+	}
+}
+
 // DiffLeases returns the events that turn before into current (leases of
 // distinct keys): Added for a new or changed lease, Removed (with the
 // PublicIP it had) for a lease no longer in current; adds first, each kind
 // in subnet order. It also returns the summaries of current, the next
 // before.
-func DiffLeases(before map[PrefixKey]LeaseSummary, current []Lease) ([]Event, map[PrefixKey]LeaseSummary) {
-	after := make(map[PrefixKey]LeaseSummary, len(current))
+func DiffLeases(before *Summaries, current []Lease) ([]Event, *Summaries) {
+	after := NewSummaries(len(current))
 	var added, removed []Event
 	for _, l := range current {
 		k, sum := KeyOf(l.Key()), SummarizeLease(l)
-		after[k] = sum
-		if old, ok := before[k]; !ok || old != sum {
+		after.Set(k, sum)
+		if old, ok := before.Get(k); !ok || old != sum {
 			added = append(added, Event{Type: EventAdded, Lease: l})
 		}
 	}
-	for k, sum := range before {
-		if _, ok := after[k]; !ok {
+	for k, sum := range before.All() {
+		if _, ok := after.Get(k); !ok {
 			removed = append(removed, sum.Removed(k.Prefix()))
 		}
 	}
