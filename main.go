@@ -278,7 +278,7 @@ func run(f *flags) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	log := klog.Background()
-	log.Info("Starting flanneld", "version", version)
+	log.Info("Starting flanneld", "version", version, "gogc", setGCPercent(os.LookupEnv))
 
 	// The etcd round trip for the network config overlaps the interface
 	// lookup; an error here is reported after the interface's, as before.
