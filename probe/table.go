@@ -1,48 +1,35 @@
 package probe
 
 import (
-	"hash/maphash"
 	"net/netip"
 	"slices"
+
+	"github.com/flanneld-go/flanneld/internal/slotindex"
 )
 
 // table is the prober's peers: their records in one slice, indexed by
-// subnet with an open-addressing hash table of slot numbers (linear
-// probing, 3/8 to 3/4 full), which takes 5 to 11 bytes a peer where a map
-// from netip.Prefix to *peer took about 60 plus an allocation per peer.
-// A removed peer's slot is reused once nothing refers to it (the
-// scheduler's priority queue, a probe out).
+// subnet with a slotindex (4 to 11 bytes a peer, where a map from
+// netip.Prefix to *peer took about 60 plus an allocation per peer). A
+// removed peer's slot is reused once nothing refers to it (the scheduler's
+// priority queue, a probe out).
 type table struct {
 	peers []peer
-	index []int32 // slot+1; 0 is empty; len is 0 or a power of two
+	index *slotindex.Index[key]
 	free  []int32 // slots to reuse
 	live  int     // peers not gone
-	seed  maphash.Seed
 	// overlay is the path's Overlay: peers are probed at their subnet's
 	// first address, else at their public one.
 	overlay bool
 }
 
-func newTable() *table { return &table{seed: maphash.MakeSeed()} }
-
-func (t *table) hash(k key) int { return int(maphash.Comparable(t.seed, k)) & (len(t.index) - 1) }
+func newTable() *table {
+	t := &table{}
+	t.index = slotindex.New(func(i int32) key { return t.peers[i].key })
+	return t
+}
 
 // lookup returns the slot of k's peer, or -1.
-func (t *table) lookup(k key) int32 {
-	if len(t.index) == 0 {
-		return -1
-	}
-	mask := len(t.index) - 1
-	for j := t.hash(k); ; j = (j + 1) & mask {
-		e := t.index[j]
-		if e == 0 {
-			return -1
-		}
-		if t.peers[e-1].key == k {
-			return e - 1
-		}
-	}
-}
+func (t *table) lookup(k key) int32 { return t.index.Lookup(k) }
 
 // add stores a new peer (whose key the table does not hold) and returns
 // its slot.
@@ -60,40 +47,8 @@ func (t *table) add(p peer) int32 {
 		t.peers = append(t.peers, p)
 	}
 	t.live++
-	if 4*t.live > 3*len(t.index) {
-		t.rehash(t.live)
-	} else {
-		t.place(i)
-	}
+	t.index.Insert(p.key, i)
 	return i
-}
-
-// place puts slot i in the index.
-func (t *table) place(i int32) {
-	mask := len(t.index) - 1
-	j := t.hash(t.peers[i].key)
-	for t.index[j] != 0 {
-		j = (j + 1) & mask
-	}
-	t.index[j] = i + 1
-}
-
-// rehash rebuilds the index for n peers.
-func (t *table) rehash(n int) {
-	size := 8
-	for 3*size < 4*n {
-		size *= 2
-	}
-	if size != len(t.index) {
-		t.index = make([]int32, size)
-	} else {
-		clear(t.index)
-	}
-	for i := range t.peers {
-		if !t.peers[i].has(gone) {
-			t.place(int32(i))
-		}
-	}
 }
 
 // remove takes slot i's peer out of the index and marks it gone; its slot
@@ -103,21 +58,7 @@ func (t *table) remove(i int32) {
 	if p.has(gone) {
 		return
 	}
-	mask := len(t.index) - 1
-	j := t.hash(p.key)
-	for t.index[j] != i+1 {
-		j = (j + 1) & mask
-	}
-	// Backward-shift deletion: move up every entry after the hole that
-	// would no longer be found past it.
-	t.index[j] = 0
-	for k := (j + 1) & mask; t.index[k] != 0; k = (k + 1) & mask {
-		home := t.hash(t.peers[t.index[k]-1].key)
-		if (k > j && (home <= j || home > k)) || (k < j && home <= j && home > k) {
-			t.index[j], t.index[k] = t.index[k], 0
-			j = k
-		}
-	}
+	t.index.Delete(p.key, i)
 	p.set(gone, true)
 	t.live--
 	t.release(i)
@@ -132,11 +73,8 @@ func (t *table) release(i int32) {
 }
 
 // shrink gives back the memory of a table that lost most of its peers:
-// an index four times larger than it needs; trailing free slots.
+// trailing free slots (the index shrinks itself).
 func (t *table) shrink() {
-	if len(t.index) > 16 && 3*len(t.index) > 16*t.live {
-		t.rehash(t.live)
-	}
 	n := len(t.peers)
 	for n > 0 && t.peers[n-1].free {
 		n--
