@@ -57,20 +57,30 @@ func vxlanLeases(n int) []subnet.Lease {
 	return out
 }
 
+// testOwnLease is the own lease of the overlayHealth tests.
+var testOwnLease = subnet.Lease{Subnet: netip.MustParsePrefix("10.200.0.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("172.17.0.1")}}
+
+// testHealth returns an overlayHealth with the default flags (its prober
+// not running) and a vxlan config of 10.0.0.0/8.
+func testHealth(tb testing.TB, log klog.Logger) (*overlayHealth, *subnet.Config) {
+	tb.Helper()
+	f, err := parseFlags(nil, env(nil))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}`))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return newOverlayHealth(f, "eth0", 1500, log), cfg
+}
+
 // BenchmarkOnApplyUnchanged is what the agent's loop pays at each resync
 // for the prober and the host checks at 10,000 leases when no lease
 // changed: one onApply with the set it had.
 func BenchmarkOnApplyUnchanged(b *testing.B) {
-	f, err := parseFlags(nil, env(nil))
-	if err != nil {
-		b.Fatal(err)
-	}
-	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}`))
-	if err != nil {
-		b.Fatal(err)
-	}
-	h := newOverlayHealth(f, "eth0", 1500, klog.Background())
-	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.200.0.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("172.17.0.1")}}
+	h, cfg := testHealth(b, klog.Background())
+	own := testOwnLease
 	remote := vxlanLeases(10000)
 	h.onApply(cfg, 1450, own, remote)
 	b.ReportAllocs()
@@ -87,7 +97,7 @@ func BenchmarkOnApplyUnchanged(b *testing.B) {
 func TestOverlayHealthOnApply(t *testing.T) {
 	// The probe sockets bind to the own overlay address, which this host
 	// must not have: they then cannot open and no probe leaves.
-	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.200.0.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("172.17.0.1")}}
+	own := testOwnLease
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_nonlocal_bind"); err != nil || strings.TrimSpace(string(b)) != "0" {
 		t.Skipf("net.ipv4.ip_nonlocal_bind is not 0 (%q, %v): the prober could send probes from this host", b, err)
 	}
@@ -100,15 +110,7 @@ func TestOverlayHealthOnApply(t *testing.T) {
 			t.Skipf("this host has %s: the prober could send probes from it", n.IP)
 		}
 	}
-	f, err := parseFlags(nil, env(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := newOverlayHealth(f, "eth0", 1500, ktesting.NewLogger(t, ktesting.NewConfig()))
+	h, cfg := testHealth(t, ktesting.NewLogger(t, ktesting.NewConfig()))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() { done <- h.prober.Run(ctx) }()
@@ -181,16 +183,8 @@ func TestOverlayHealthOnApply(t *testing.T) {
 // changed its public address since the last: what the prober and the
 // checks are handed then.
 func BenchmarkOnApplyOneChanged(b *testing.B) {
-	f, err := parseFlags(nil, env(nil))
-	if err != nil {
-		b.Fatal(err)
-	}
-	cfg, err := subnet.ParseConfig([]byte(`{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}`))
-	if err != nil {
-		b.Fatal(err)
-	}
-	h := newOverlayHealth(f, "eth0", 1500, klog.Background())
-	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.200.0.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("172.17.0.1")}}
+	h, cfg := testHealth(b, klog.Background())
+	own := testOwnLease
 	sets := [2][]subnet.Lease{vxlanLeases(10000), vxlanLeases(10000)}
 	sets[1][5000].Attrs.PublicIP = netip.MustParseAddr("172.31.0.1")
 	b.ReportAllocs()

@@ -61,14 +61,7 @@ func (s *leaseSet) remove(p netip.Prefix) {
 	if i < 0 {
 		return
 	}
-	last := int32(len(s.list) - 1)
-	s.at.Delete(k, i)
-	if i != last {
-		s.at.Move(subnet.KeyOf(s.list[last].Key()), last, i)
-		s.list[i] = s.list[last]
-	}
-	s.list[last] = subnet.Lease{} // drop its BackendData
-	s.list = s.list[:last]
+	s.list = slotindex.Remove(s.at, s.list, k, i) // the zero Lease drops its BackendData
 }
 
 // except returns every lease but the one of p. The result is a view of the

@@ -109,13 +109,7 @@ func (s *Summaries) Delete(k PrefixKey) {
 	if i < 0 {
 		return
 	}
-	last := int32(len(s.entries) - 1)
-	s.at.Delete(k, i)
-	if i != last {
-		s.at.Move(s.entries[last].key, last, i)
-		s.entries[i] = s.entries[last]
-	}
-	s.entries = s.entries[:last]
+	s.entries = slotindex.Remove(s.at, s.entries, k, i)
 	if cap(s.entries) > 64 && cap(s.entries) > 4*len(s.entries) {
 		s.entries = slices.Clip(slices.Clone(s.entries))
 	}

@@ -84,6 +84,21 @@ func (x *Index[K]) Swap(ki K, i int32, kj K, j int32) {
 	x.slots[pi], x.slots[pj] = j+1, i+1
 }
 
+// Remove takes the record of k, held in slot i, out of recs and the
+// index: the last record moves into slot i (the zero R takes its place)
+// and the shorter slice is returned.
+func Remove[K comparable, R any](x *Index[K], recs []R, k K, i int32) []R {
+	last := int32(len(recs) - 1)
+	x.Delete(k, i)
+	if i != last {
+		x.Move(x.keyAt(last), last, i)
+		recs[i] = recs[last]
+	}
+	var zero R
+	recs[last] = zero
+	return recs[:last]
+}
+
 // Delete forgets k, held in slot; every other slot the index holds must
 // still hold its key. An index less than 3/16 full shrinks.
 func (x *Index[K]) Delete(k K, slot int32) {

@@ -23,16 +23,7 @@ func (r *recs) add(k uint32) {
 	r.x.Insert(k, int32(len(r.keys)-1))
 }
 
-func (r *recs) remove(k uint32) {
-	i := r.x.Lookup(k)
-	last := int32(len(r.keys) - 1)
-	r.x.Delete(k, i)
-	if i != last {
-		r.x.Move(r.keys[last], last, i)
-		r.keys[i] = r.keys[last]
-	}
-	r.keys = r.keys[:last]
-}
+func (r *recs) remove(k uint32) { r.keys = Remove(r.x, r.keys, k, r.x.Lookup(k)) }
 
 // TestIndex applies random adds and removes, with keys that collide in
 // the table, and checks every lookup against a map after each step.
