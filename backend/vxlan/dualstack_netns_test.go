@@ -290,11 +290,7 @@ func (x *host) ping6(tb testing.TB, src, dst string) error {
 	if _, err := exec.LookPath("ping"); err != nil {
 		tb.Skip("skipping the ping: no ping binary (apt-get install iputils-ping)")
 	}
-	out, err := x.ns.Command(context.Background(), "ping", "-6", "-n", "-c1", "-W5", "-I", src, dst).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("ping -6 -I %s %s in %s: %w\n%s", src, dst, x.name, err, out)
-	}
-	return nil
+	return x.pinger("ping", "-6", "-n", "-c1", "-W2", "-I", src, dst)
 }
 
 // peer6 is a made-up remote dual-stack vxlan node.

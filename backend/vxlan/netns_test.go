@@ -320,11 +320,22 @@ func (x *host) ping(tb testing.TB, src, dst string) error {
 	if _, err := exec.LookPath("ping"); err != nil {
 		tb.Skip("skipping the ping: no ping binary (apt-get install iputils-ping)")
 	}
-	out, err := x.ns.Command(context.Background(), "ping", "-n", "-c1", "-W2", "-I", src, dst).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("ping -I %s %s in %s: %w\n%s", src, dst, x.name, err, out)
+	return x.pinger("ping", "-n", "-c1", "-W2", "-I", src, dst)
+}
+
+// pinger runs ping with args in x, up to three times: on a loaded machine
+// one echo can be lost (a neighbour resolution's queue, a busy CPU) with
+// nothing wrong in the data path; three in a row are not.
+func (x *host) pinger(args ...string) error {
+	var err error
+	for range 3 {
+		var out []byte
+		if out, err = x.ns.Command(context.Background(), args...).CombinedOutput(); err == nil {
+			return nil
+		}
+		err = fmt.Errorf("%s in %s: %w\n%s", strings.Join(args, " "), x.name, err, out)
 	}
-	return nil
+	return err
 }
 
 // rxPackets is the receive counter of a link.
