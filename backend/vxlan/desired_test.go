@@ -18,13 +18,16 @@ import (
 // index.
 func (d *desired) render() string {
 	var lines []string
-	for _, n := range d.neighs {
-		lines = append(lines, fmt.Sprintf("neigh %s lladdr %s nud %s", n.Key.ip(), n.Val.mac, nud(n.Val.state)))
+	for i := range d.neighs.Len() {
+		k, v := d.neighs.Key(i), d.neighs.Val(i)
+		lines = append(lines, fmt.Sprintf("neigh %s lladdr %s nud %s", k.ip(), v.mac, nud(v.state)))
 	}
-	for _, f := range d.fdbs {
-		lines = append(lines, fmt.Sprintf("fdb %s self dst %s %s", f.Key, f.Val.dst.ip(), nud(f.Val.state)))
+	for i := range d.fdbs.Len() {
+		k, v := d.fdbs.Key(i), d.fdbs.Val(i)
+		lines = append(lines, fmt.Sprintf("fdb %s self dst %s %s", k, v.dst.ip(), nud(v.state)))
 	}
-	for r := range d.eachRoute(nil) {
+	for i := range d.routes.Len() {
+		r := d.routes.Route(i)
 		line := fmt.Sprintf("route %s via %s dev %d", r.Dst, r.Gw, r.LinkIndex)
 		if r.Onlink {
 			line += " onlink"
