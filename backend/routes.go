@@ -198,21 +198,35 @@ type RouteSet interface {
 // Otherwise they are copied and sorted, as Reconcile does.
 func (r *RouteReconciler) ReconcileSet(own netip.Prefix, desired RouteSet) (Changes, error) {
 	r.own = own
-	n := desired.Len()
-	v := &routeView{set: desired, r: r, idsSorted: r.nexthops}
+	v := r.newRouteView(desired)
+	if v == nil {
+		n := desired.Len()
+		return r.reconcileSeq(own, n, func(yield func(nlbatch.Route) bool) {
+			for i := range n {
+				if !yield(desired.Route(i)) {
+					return
+				}
+			}
+		})
+	}
+	r.view = v
+	defer func() { r.view = nil }()
+	return r.reconcile(v, 0, nil)
+}
+
+// newRouteView returns the view of set, or nil if set is not sorted by
+// destination with each once, or has a route the reconciler would not own
+// (with r.own).
+func (r *RouteReconciler) newRouteView(set RouteSet) *routeView {
+	n := set.Len()
+	v := &routeView{set: set, r: r, idsSorted: r.nexthops}
 	var prev routeKey
 	var prevID uint32
 	for i := range n {
-		d := desired.Route(i)
+		d := set.Route(i)
 		k := keyOf(d.Dst, 0, 0)
 		if !r.ownsDst(d.Dst) || !r.onLink(d.LinkIndex) || !r.family(d.Gw) || (i > 0 && compareRouteKeys(prev, k) >= 0) {
-			return r.reconcileSeq(own, n, func(yield func(nlbatch.Route) bool) {
-				for i := range n {
-					if !yield(desired.Route(i)) {
-						return
-					}
-				}
-			})
+			return nil
 		}
 		prev = k
 		if v.idsSorted {
@@ -224,13 +238,11 @@ func (r *RouteReconciler) ReconcileSet(own netip.Prefix, desired RouteSet) (Chan
 	if r.nexthops && !v.idsSorted {
 		v.uses = make([]nhUse, n)
 		for i := range n {
-			v.uses[i] = nhUse{nexthopID(desired.Route(i).Gw), uint32(i)}
+			v.uses[i] = nhUse{nexthopID(set.Route(i).Gw), uint32(i)}
 		}
 		v.uses = firstUses(v.uses)
 	}
-	r.view = v
-	defer func() { r.view = nil }()
-	return r.reconcile(v, 0, nil)
+	return v
 }
 
 // reconcileSeq is Reconcile of the routes desired yields, n of them (a
