@@ -105,6 +105,14 @@ type Desired[K, V any] interface {
 	Val(i int) V
 }
 
+// Searcher is a Desired that finds a key itself, from an index of its own
+// or with a cheaper comparison than by Key: Search returns the index of
+// the entry with key k, or -1. The Reconciler then uses it for each dumped
+// entry.
+type Searcher[K any] interface {
+	Search(k K) int
+}
+
 // Entries is a desired set held as a slice: the form of small tables.
 type Entries[K, V any] []Entry[K, V]
 
@@ -121,6 +129,9 @@ func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
 // Search returns the index of the entry of d (sorted by key with cmp) with
 // key k, or -1.
 func Search[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
+	if s, ok := d.(Searcher[K]); ok {
+		return s.Search(k)
+	}
 	lo, hi := 0, d.Len()
 	for lo < hi {
 		m := int(uint(lo+hi) >> 1)
@@ -182,8 +193,9 @@ type Reconciler[K, V any] struct {
 	// if rep[i] is j+1, one to replace by the set at index j (rep is
 	// made by the first replace of a Plan). last is the index found
 	// last, where a dump in key order finds the next.
-	desired Desired[K, V]
-	seen    []uint64
+	desired  Desired[K, V]
+	searcher Searcher[K] // desired, if it is one
+	seen     []uint64
 	rep     []int32
 	last    int
 
@@ -255,13 +267,14 @@ func (r *Reconciler[K, V]) PlanSet(desired Desired[K, V]) error {
 		}
 	}
 	r.desired, r.last = desired, -1
+	r.searcher, _ = desired.(Searcher[K])
 	words := (n + 63) / 64
 	if cap(r.seen) < words {
 		r.seen = make([]uint64, words)
 	}
 	r.seen = r.seen[:words]
 	defer func() {
-		r.desired = nil
+		r.desired, r.searcher = nil, nil
 		if cap(r.seen) > keepChanges {
 			r.seen = nil
 		}
@@ -317,8 +330,11 @@ func (r *Reconciler[K, V]) PlanSet(desired Desired[K, V]) error {
 
 // find returns the index in desired of key k, or -1: first where the last
 // key found is (the same key again) or its successor (a dump in key
-// order), then by binary search.
+// order), then by binary search; or by the Searcher.
 func (r *Reconciler[K, V]) find(k K) int {
+	if r.searcher != nil {
+		return r.searcher.Search(k)
+	}
 	d := r.desired
 	for i := max(r.last, 0); i < d.Len() && i <= r.last+1; i++ {
 		if r.cmp(d.Key(i), k) == 0 {

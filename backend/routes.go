@@ -345,14 +345,29 @@ type routeView struct {
 	idsSorted bool
 	uses      []nhUse
 	last      int // the route nexthopUsed found last
+	// cache holds the routes read last, by index modulo 4 (i+1; 0:
+	// none): a dump in order reads each route a few times.
+	cache [4]struct {
+		i int
+		r nlbatch.Route
+	}
+}
+
+// route returns the i-th route of the set.
+func (v *routeView) route(i int) nlbatch.Route {
+	c := &v.cache[i&3]
+	if c.i != i+1 {
+		c.i, c.r = i+1, v.set.Route(i)
+	}
+	return c.r
 }
 
 func (v *routeView) Len() int { return v.set.Len() }
 
-func (v *routeView) Key(i int) routeKey { return keyOf(v.set.Route(i).Dst, 0, 0) }
+func (v *routeView) Key(i int) routeKey { return keyOf(v.route(i).Dst, 0, 0) }
 
 func (v *routeView) Val(i int) hop {
-	d := v.set.Route(i)
+	d := v.route(i)
 	h := hop{gw: d.Gw.As16(), link: int32(d.LinkIndex), onlink: d.Onlink}
 	if !v.r.nexthops {
 		return h
@@ -369,7 +384,7 @@ func (v *routeView) Val(i int) hop {
 		first = int(v.uses[j].at)
 	}
 	if first != i {
-		f := v.set.Route(first)
+		f := v.route(first)
 		if f.Gw != d.Gw || f.LinkIndex != d.LinkIndex || f.Onlink != d.Onlink {
 			return h
 		}
@@ -378,7 +393,7 @@ func (v *routeView) Val(i int) hop {
 	return h
 }
 
-func (v *routeView) id(i int) uint32 { return nexthopID(v.set.Route(i).Gw) }
+func (v *routeView) id(i int) uint32 { return nexthopID(v.route(i).Gw) }
 
 // searchID returns the first route (by index) whose gateway's ID is id, or
 // -1; idsSorted only.

@@ -3,6 +3,7 @@ package vxlan
 import (
 	"bytes"
 	"cmp"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -123,12 +124,20 @@ type desired struct {
 	routes routeSet       // by subnet
 	skips  []skip
 	dups   []dupMAC // the kindDupMAC peers, by position
+	// The subnet IPs of peers share their first pre bytes (pre ≤ 12),
+	// those of com; peerRef.pre holds the next four, so that a subnet IP
+	// is found among the peers without reading their leases. The IPs are
+	// of one family unless mixed.
+	pre   int
+	com   addr
+	mixed bool
 }
 
 // peerRef is a remote lease with a subnet of the overlay's family: its
 // index in remote, its VtepMAC (if usable) and what compute made of it.
 type peerRef struct {
 	i    int32
+	pre  uint32 // bytes pre to pre+4 of its subnet IP's 16-byte form
 	mac  hwAddr
 	kind uint8
 }
@@ -208,6 +217,48 @@ func (s *neighSet) Key(i int) addr {
 	return addrOf(sn.Addr())
 }
 
+// Search finds a subnet IP by the four bytes of it that peerRef holds,
+// reading a lease only when they are equal and do not tell it all.
+func (s *neighSet) Search(k addr) int {
+	d := s.d
+	if d.mixed {
+		return backend.Search[addr, neighVal](neighSearch{s}, k, compareAddrs)
+	}
+	if len(d.peers) == 0 || k.v4 != d.com.v4 || !bytes.Equal(k.a[:d.pre], d.com.a[:d.pre]) {
+		return -1
+	}
+	kp := binary.BigEndian.Uint32(k.a[d.pre:])
+	whole := d.pre == 12 // pre and the common bytes are the whole address
+	lo, hi := 0, s.Len()
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		p := m
+		if !s.all {
+			p = int(s.idx[m])
+		}
+		c := cmp.Compare(d.peers[p].pre, kp)
+		if c == 0 && !whole {
+			c = compareAddrs(s.Key(m), k)
+		}
+		switch {
+		case c < 0:
+			lo = m + 1
+		case c > 0:
+			hi = m
+		default:
+			return m
+		}
+	}
+	return -1
+}
+
+// neighSearch is a neighSet without its Search: searched by Key.
+type neighSearch struct{ s *neighSet }
+
+func (n neighSearch) Len() int           { return n.s.Len() }
+func (n neighSearch) Key(i int) addr     { return n.s.Key(i) }
+func (n neighSearch) Val(i int) neighVal { return n.s.Val(i) }
+
 func (s *neighSet) Val(i int) neighVal {
 	r, _ := s.at(i)
 	return neighVal{r.mac, unix.NUD_PERMANENT}
@@ -220,6 +271,29 @@ type fdbSet struct{ subset }
 func (s *fdbSet) Key(i int) hwAddr {
 	r, _ := s.at(i)
 	return r.mac
+}
+
+// Search finds a VtepMAC by binary search over the peers' MACs.
+func (s *fdbSet) Search(k hwAddr) int {
+	kv := macValue(k)
+	lo, hi := 0, len(s.idx)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		switch v := macValue(s.d.peers[s.idx[m]].mac); {
+		case v < kv:
+			lo = m + 1
+		case v > kv:
+			hi = m
+		default:
+			return m
+		}
+	}
+	return -1
+}
+
+// macValue is m as a number, in the order of compareMACs.
+func macValue(m hwAddr) uint64 {
+	return uint64(m[0])<<40 | uint64(m[1])<<32 | uint64(m[2])<<24 | uint64(m[3])<<16 | uint64(m[4])<<8 | uint64(m[5])
 }
 
 func (s *fdbSet) Val(i int) fdbVal {
@@ -287,6 +361,23 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		}
 		return bytes.Compare(da, db)
 	})
+
+	// The bytes the subnet IPs share, and the next four of each.
+	d.pre, d.com, d.mixed = 0, addr{}, false
+	if n := len(d.peers); n > 0 {
+		first, _, _ := w.view(&remote[d.peers[0].i])
+		last, _, _ := w.view(&remote[d.peers[n-1].i])
+		a, b := addrOf(first.Addr()), addrOf(last.Addr())
+		d.com, d.mixed = a, a.v4 != b.v4
+		for d.pre < 12 && a.a[d.pre] == b.a[d.pre] {
+			d.pre++
+		}
+		for p := range d.peers {
+			sn, _, _ := w.view(&remote[d.peers[p].i])
+			a := sn.Addr().As16()
+			d.peers[p].pre = binary.BigEndian.Uint32(a[d.pre:])
+		}
+	}
 
 	dataKey := "BackendData"
 	if w.v6 {
