@@ -123,15 +123,35 @@ func (d Entries[K, V]) Val(i int) V { return d[i].Val }
 // Find returns the index of the entry of d (sorted by key with cmp) with
 // key k, or -1.
 func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
-	return Search[K, V](Entries[K, V](d), k, cmp)
+	lo, hi := 0, len(d)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		switch c := cmp(d[m].Key, k); {
+		case c < 0:
+			lo = m + 1
+		case c > 0:
+			hi = m
+		default:
+			return m
+		}
+	}
+	return -1
 }
 
 // Search returns the index of the entry of d (sorted by key with cmp) with
 // key k, or -1.
 func Search[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
-	if s, ok := d.(Searcher[K]); ok {
-		return s.Search(k)
+	switch d := d.(type) {
+	case Entries[K, V]:
+		return Find(d, k, cmp)
+	case Searcher[K]:
+		return d.Search(k)
 	}
+	return searchKeys(d, k, cmp)
+}
+
+// searchKeys is Search by d.Key.
+func searchKeys[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
 	lo, hi := 0, d.Len()
 	for lo < hi {
 		m := int(uint(lo+hi) >> 1)
@@ -194,10 +214,11 @@ type Reconciler[K, V any] struct {
 	// made by the first replace of a Plan). last is the index found
 	// last, where a dump in key order finds the next.
 	desired  Desired[K, V]
-	searcher Searcher[K] // desired, if it is one
+	slice    []Entry[K, V] // desired, if Entries: read directly
+	searcher Searcher[K]   // desired, if it is one
 	seen     []uint64
-	rep     []int32
-	last    int
+	rep      []int32
+	last     int
 
 	// The sets: the first nrep replace a dumped entry, the others add
 	// one. For a replace, at is its index in desired and old the entry
@@ -267,6 +288,7 @@ func (r *Reconciler[K, V]) PlanSet(desired Desired[K, V]) error {
 		}
 	}
 	r.desired, r.last = desired, -1
+	r.slice, _ = desired.(Entries[K, V])
 	r.searcher, _ = desired.(Searcher[K])
 	words := (n + 63) / 64
 	if cap(r.seen) < words {
@@ -274,7 +296,7 @@ func (r *Reconciler[K, V]) PlanSet(desired Desired[K, V]) error {
 	}
 	r.seen = r.seen[:words]
 	defer func() {
-		r.desired, r.searcher = nil, nil
+		r.desired, r.slice, r.searcher = nil, nil, nil
 		if cap(r.seen) > keepChanges {
 			r.seen = nil
 		}
@@ -335,18 +357,37 @@ func (r *Reconciler[K, V]) find(k K) int {
 	if r.searcher != nil {
 		return r.searcher.Search(k)
 	}
-	d := r.desired
-	for i := max(r.last, 0); i < d.Len() && i <= r.last+1; i++ {
-		if r.cmp(d.Key(i), k) == 0 {
-			r.last = i
-			return i
+	var i int
+	if d := r.slice; d != nil {
+		for i := max(r.last, 0); i < len(d) && i <= r.last+1; i++ {
+			if r.cmp(d[i].Key, k) == 0 {
+				r.last = i
+				return i
+			}
 		}
+		i = Find(d, k, r.cmp)
+	} else {
+		d := r.desired
+		for i := max(r.last, 0); i < d.Len() && i <= r.last+1; i++ {
+			if r.cmp(d.Key(i), k) == 0 {
+				r.last = i
+				return i
+			}
+		}
+		i = searchKeys(d, k, r.cmp)
 	}
-	i := Search(d, k, r.cmp)
 	if i >= 0 {
 		r.last = i
 	}
 	return i
+}
+
+// val is the value of desired entry i.
+func (r *Reconciler[K, V]) val(i int) V {
+	if r.slice != nil {
+		return r.slice[i].Val
+	}
+	return r.desired.Val(i)
 }
 
 // collect is the dump callback. An entry of a key not desired is to
@@ -371,7 +412,7 @@ func (r *Reconciler[K, V]) collect(k K, v V) {
 		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
 		return
 	}
-	want := r.desired.Val(i)
+	want := r.val(i)
 	switch {
 	case s == 0 && r.equal(want, v):
 		r.seen[w] |= bit
