@@ -185,9 +185,10 @@ func searchKeys[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
 // neighbours, fdb entries and routes set, then deleted in reverse) calls
 // Plan, Add and Remove itself. Nothing is remembered between calls but
 // small buffers: each Plan reads the table afresh, finding each dumped
-// entry's key in the desired set by binary search as it arrives (the dump
-// is not kept; a dump in key order costs one comparison an entry), so an
-// entry deleted by hand comes back and the leftovers of a previous run go.
+// entry's key in the desired set as it arrives, by binary search or the
+// set's own Search (the dump is not kept; a dump in key order costs one
+// comparison an entry), so an entry deleted by hand comes back and the
+// leftovers of a previous run go.
 // Besides the changes, a Plan holds a bit per desired entry (and 4 bytes
 // per entry while it replaces some).
 //
