@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"slices"
 
 	"github.com/vishvananda/netlink"
@@ -93,6 +94,32 @@ func SortedEntries[K comparable, V any](m map[K]V, cmp func(a, b K) int) []Entry
 	return d
 }
 
+// Desired is a desired set as a Reconciler reads it: Len entries sorted by
+// key with each key once, the i-th with key Key(i) and value Val(i). A
+// view may compute them on demand from the caller's own records (the
+// leases of an Apply, say), so that no copy of the set is built: the
+// Reconciler reads it only during Plan, by index, a few times an entry.
+type Desired[K, V any] interface {
+	Len() int
+	Key(i int) K
+	Val(i int) V
+}
+
+// Searcher is a Desired that finds a key itself, from an index of its own
+// or with a cheaper comparison than by Key: Search returns the index of
+// the entry with key k, or -1. The Reconciler then uses it for each dumped
+// entry.
+type Searcher[K any] interface {
+	Search(k K) int
+}
+
+// Entries is a desired set held as a slice: the form of small tables.
+type Entries[K, V any] []Entry[K, V]
+
+func (d Entries[K, V]) Len() int    { return len(d) }
+func (d Entries[K, V]) Key(i int) K { return d[i].Key }
+func (d Entries[K, V]) Val(i int) V { return d[i].Val }
+
 // Find returns the index of the entry of d (sorted by key with cmp) with
 // key k, or -1.
 func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
@@ -111,6 +138,35 @@ func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
 	return -1
 }
 
+// Search returns the index of the entry of d (sorted by key with cmp) with
+// key k, or -1.
+func Search[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
+	switch d := d.(type) {
+	case Entries[K, V]:
+		return Find(d, k, cmp)
+	case Searcher[K]:
+		return d.Search(k)
+	}
+	return searchKeys(d, k, cmp)
+}
+
+// searchKeys is Search by d.Key.
+func searchKeys[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
+	lo, hi := 0, d.Len()
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		switch c := cmp(d.Key(m), k); {
+		case c < 0:
+			lo = m + 1
+		case c > 0:
+			hi = m
+		default:
+			return m
+		}
+	}
+	return -1
+}
+
 // Reconciler is the one reconcile primitive: every table a backend owns —
 // routes (IPv4, IPv6, plain or through nexthop objects), neighbours, fdb
 // entries, device addresses, the udp peer table, WireGuard peers (key: the
@@ -118,7 +174,7 @@ func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
 // function as the value holds slices) — is a Table, and a Reconciler makes
 // it hold exactly a desired set:
 //
-//	desired []Entry ─┐  (sorted by key)
+//	Desired ─────────┐  (sorted by key: a slice, or a view)
 //	                 ├─ Plan: one Dump (re-read if interrupted), diff ─→ sets, deletes
 //	Table.Dump ──────┘
 //	Add:    Table.Set(sets)        missing or different entries, one batch
@@ -129,10 +185,12 @@ func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
 // neighbours, fdb entries and routes set, then deleted in reverse) calls
 // Plan, Add and Remove itself. Nothing is remembered between calls but
 // small buffers: each Plan reads the table afresh, finding each dumped
-// entry's key in the desired set by binary search as it arrives (the dump
-// is not kept; a dump in key order costs one comparison an entry), so an
-// entry deleted by hand comes back and the leftovers of a previous run go.
-// Besides the changes, a Plan holds 4 bytes per desired entry.
+// entry's key in the desired set as it arrives, by binary search or the
+// set's own Search (the dump is not kept; a dump in key order costs one
+// comparison an entry), so an entry deleted by hand comes back and the
+// leftovers of a previous run go.
+// Besides the changes, a Plan holds a bit per desired entry (and 4 bytes
+// per entry while it replaces some).
 //
 // The kernel can hold several entries under one key (ip route append,
 // bridge fdb append, a route with another metric when the key has none):
@@ -151,13 +209,17 @@ type Reconciler[K, V any] struct {
 	cmp   func(a, b K) int
 	equal func(want, have V) bool
 
-	// desired is the caller's set from Plan until Remove returns; seen[i]
-	// is what the dump found for desired[i]: 0 nothing yet, -1 its
-	// desired entry, j+1 an entry to replace by the set at index j. last
-	// is the index found last, where a dump in key order finds the next.
-	desired []Entry[K, V]
-	seen    []int32
-	last    int
+	// desired is the caller's set during Plan. Bit i of seen is set once
+	// the dump found an entry for desired entry i: the desired one, or,
+	// if rep[i] is j+1, one to replace by the set at index j (rep is
+	// made by the first replace of a Plan). last is the index found
+	// last, where a dump in key order finds the next.
+	desired  Desired[K, V]
+	slice    []Entry[K, V] // desired, if Entries: read directly
+	searcher Searcher[K]   // desired, if it is one
+	seen     []uint64
+	rep      []int32
+	last     int
 
 	// The sets: the first nrep replace a dumped entry, the others add
 	// one. For a replace, at is its index in desired and old the entry
@@ -202,31 +264,49 @@ func (r *Reconciler[K, V]) Reconcile(desired []Entry[K, V]) (Changes, error) {
 	return r.Result()
 }
 
-// Plan reads the table and works out the changes that make it desired,
-// entries sorted by key with each key once (SortEntries makes them so;
-// otherwise Plan returns ErrUnsorted). It reads desired until Remove
-// returns; it does not modify it.
+// Plan is PlanSet of a desired set held as a slice.
 func (r *Reconciler[K, V]) Plan(desired []Entry[K, V]) error {
+	return r.PlanSet(Entries[K, V](desired))
+}
+
+// PlanSet reads the table and works out the changes that make it desired,
+// entries sorted by key with each key once (SortEntries makes a slice so;
+// otherwise PlanSet returns ErrUnsorted). It reads desired only until it
+// returns, and does not modify it: Add and Remove write the changes it
+// found.
+func (r *Reconciler[K, V]) PlanSet(desired Desired[K, V]) error {
 	r.c, r.first, r.nrep = Changes{}, nil, 0
 	r.failed = r.failed[:0]
-	for i := 1; i < len(desired); i++ {
-		if r.cmp(desired[i-1].Key, desired[i].Key) >= 0 {
-			return fmt.Errorf("planning %d entries: %w (at %d)", len(desired), ErrUnsorted, i)
+	n := desired.Len()
+	if n > 1 {
+		prev := desired.Key(0)
+		for i := 1; i < n; i++ {
+			k := desired.Key(i)
+			if r.cmp(prev, k) >= 0 {
+				return fmt.Errorf("planning %d entries: %w (at %d)", n, ErrUnsorted, i)
+			}
+			prev = k
 		}
 	}
 	r.desired, r.last = desired, -1
-	if cap(r.seen) < len(desired) {
-		r.seen = make([]int32, len(desired))
+	r.slice, _ = desired.(Entries[K, V])
+	r.searcher, _ = desired.(Searcher[K])
+	words := (n + 63) / 64
+	if cap(r.seen) < words {
+		r.seen = make([]uint64, words)
 	}
-	r.seen = r.seen[:len(desired)]
+	r.seen = r.seen[:words]
 	defer func() {
+		r.desired, r.slice, r.searcher = nil, nil, nil
 		if cap(r.seen) > keepChanges {
 			r.seen = nil
 		}
+		r.rep = nil
 	}()
 	var err error
 	for range dumpAttempts {
 		clear(r.seen)
+		clear(r.rep)
 		clear(r.setK)
 		clear(r.setV)
 		clear(r.old)
@@ -244,29 +324,27 @@ func (r *Reconciler[K, V]) Plan(desired []Entry[K, V]) error {
 		return err
 	}
 	// Drop the replaces a later, desired entry of the same key cancelled.
-	n := 0
+	m := 0
 	for j, i := range r.at {
-		if r.seen[i] != int32(j+1) {
+		if r.rep[i] != int32(j+1) {
 			continue
 		}
-		r.setK[n], r.setV[n], r.at[n], r.old[n] = r.setK[j], r.setV[j], i, r.old[j]
-		n++
+		r.setK[m], r.setV[m], r.at[m], r.old[m] = r.setK[j], r.setV[j], i, r.old[j]
+		m++
 	}
-	clear(r.setK[n:])
-	clear(r.setV[n:])
-	clear(r.old[n:])
-	r.setK, r.setV, r.at, r.old, r.nrep = r.setK[:n], r.setV[:n], r.at[:n], r.old[:n], n
-	adds := 0
-	for _, s := range r.seen {
-		if s == 0 {
-			adds++
-		}
+	clear(r.setK[m:])
+	clear(r.setV[m:])
+	clear(r.old[m:])
+	r.setK, r.setV, r.at, r.old, r.nrep = r.setK[:m], r.setV[:m], r.at[:m], r.old[:m], m
+	adds := n
+	for _, w := range r.seen {
+		adds -= bits.OnesCount64(w)
 	}
 	if adds > 0 {
 		r.setK, r.setV = slices.Grow(r.setK, adds), slices.Grow(r.setV, adds)
-		for i, s := range r.seen {
-			if s == 0 {
-				r.setK, r.setV = append(r.setK, desired[i].Key), append(r.setV, desired[i].Val)
+		for i := range n {
+			if r.seen[i>>6]&(1<<(i&63)) == 0 {
+				r.setK, r.setV = append(r.setK, desired.Key(i)), append(r.setV, desired.Val(i))
 			}
 		}
 	}
@@ -275,20 +353,42 @@ func (r *Reconciler[K, V]) Plan(desired []Entry[K, V]) error {
 
 // find returns the index in desired of key k, or -1: first where the last
 // key found is (the same key again) or its successor (a dump in key
-// order), then by binary search.
+// order), then by binary search; or by the Searcher.
 func (r *Reconciler[K, V]) find(k K) int {
-	d := r.desired
-	for i := max(r.last, 0); i < len(d) && i <= r.last+1; i++ {
-		if r.cmp(d[i].Key, k) == 0 {
-			r.last = i
-			return i
-		}
+	if r.searcher != nil {
+		return r.searcher.Search(k)
 	}
-	i := Find(d, k, r.cmp)
+	var i int
+	if d := r.slice; d != nil {
+		for i := max(r.last, 0); i < len(d) && i <= r.last+1; i++ {
+			if r.cmp(d[i].Key, k) == 0 {
+				r.last = i
+				return i
+			}
+		}
+		i = Find(d, k, r.cmp)
+	} else {
+		d := r.desired
+		for i := max(r.last, 0); i < d.Len() && i <= r.last+1; i++ {
+			if r.cmp(d.Key(i), k) == 0 {
+				r.last = i
+				return i
+			}
+		}
+		i = searchKeys(d, k, r.cmp)
+	}
 	if i >= 0 {
 		r.last = i
 	}
 	return i
+}
+
+// val is the value of desired entry i.
+func (r *Reconciler[K, V]) val(i int) V {
+	if r.slice != nil {
+		return r.slice[i].Val
+	}
+	return r.desired.Val(i)
 }
 
 // collect is the dump callback. An entry of a key not desired is to
@@ -301,16 +401,32 @@ func (r *Reconciler[K, V]) collect(k K, v V) {
 		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
 		return
 	}
-	want, s := &r.desired[i], r.seen[i]
+	w, bit := i>>6, uint64(1)<<(i&63)
+	var s int32 // 0: nothing found yet, -1: the desired entry, j+1: a replace by set j
+	if r.seen[w]&bit != 0 {
+		s = -1
+		if r.rep != nil && r.rep[i] != 0 {
+			s = r.rep[i]
+		}
+	}
+	if s == -1 {
+		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
+		return
+	}
+	want := r.val(i)
 	switch {
-	case s == 0 && r.equal(want.Val, v):
-		r.seen[i] = -1
+	case s == 0 && r.equal(want, v):
+		r.seen[w] |= bit
 	case s == 0:
-		r.seen[i] = int32(len(r.setK) + 1)
-		r.setK, r.setV, r.at, r.old = append(r.setK, want.Key), append(r.setV, want.Val), append(r.at, int32(i)), append(r.old, v)
-	case s > 0 && r.equal(want.Val, v):
+		if r.rep == nil {
+			r.rep = make([]int32, r.desired.Len())
+		}
+		r.seen[w] |= bit
+		r.rep[i] = int32(len(r.setK) + 1)
+		r.setK, r.setV, r.at, r.old = append(r.setK, r.desired.Key(i)), append(r.setV, want), append(r.at, int32(i)), append(r.old, v)
+	case r.equal(want, v):
 		// The entry kept so far was to be replaced; this one is desired.
-		r.seen[i] = -1
+		r.rep[i] = 0
 		r.delK, r.delV = append(r.delK, k), append(r.delV, r.old[s-1])
 	default:
 		r.delK, r.delV = append(r.delK, k), append(r.delV, v)
@@ -363,10 +479,9 @@ func (r *Reconciler[K, V]) Remove() {
 	}
 }
 
-// trim drops what the call no longer needs: the caller's desired set and,
-// after a burst, the big buffers.
+// trim drops what the call no longer needs: references to the caller's
+// entries and, after a burst, the big buffers.
 func (r *Reconciler[K, V]) trim() {
-	r.desired = nil
 	clear(r.setK) // references to desired and dumped entries
 	clear(r.setV)
 	clear(r.old)

@@ -436,3 +436,68 @@ func TestReconcileDumpOrders(t *testing.T) {
 		}
 	}
 }
+
+// countView is a desired set computed on demand: key k%03d of value
+// v<i%7>, for i of 0..n-1; it notes reads after closed is set.
+type countView struct {
+	t      *testing.T
+	n      int
+	closed bool
+}
+
+func (v *countView) Len() int { return v.n }
+func (v *countView) Key(i int) string {
+	if v.closed {
+		v.t.Errorf("Key(%d) read after PlanSet returned", i)
+	}
+	return fmt.Sprintf("k%03d", i)
+}
+func (v *countView) Val(i int) string {
+	if v.closed {
+		v.t.Errorf("Val(%d) read after PlanSet returned", i)
+	}
+	return fmt.Sprintf("v%d", i%7)
+}
+
+// TestPlanSetView: a desired set read through a view, larger than a word
+// of the seen bitset, with entries equal, different, missing, stale and a
+// duplicate key whose later entry is the desired one (the replace is
+// cancelled); the view is read only during PlanSet.
+func TestPlanSetView(t *testing.T) {
+	f := &fakeTable{}
+	for i := range 300 {
+		k, v := fmt.Sprintf("k%03d", i), fmt.Sprintf("v%d", i%7)
+		switch {
+		case i%50 == 3: // missing
+		case i%50 == 7:
+			f.entries = append(f.entries, [2]string{k, "old"})
+		case i == 130 || i == 250:
+			f.entries = append(f.entries, [2]string{k, "old"}, [2]string{k, v}, [2]string{k, "older"})
+		default:
+			f.entries = append(f.entries, [2]string{k, v})
+		}
+	}
+	f.entries = append(f.entries, [2]string{"k999", "stale"}, [2]string{"a", "stale"})
+	slices.Reverse(f.entries) // not in key order: found by binary search
+	r := NewReconciler[string, string](f, strings.Compare, Same[string])
+	for round, want := range []Changes{{Added: 6, Updated: 6, Removed: 6}, {}} {
+		v := &countView{t: t, n: 300}
+		if err := r.PlanSet(v); err != nil {
+			t.Fatal(err)
+		}
+		v.closed = true
+		r.Add()
+		r.Remove()
+		c, err := r.Result()
+		if err != nil || c != want {
+			t.Errorf("round %d: changes %+v, %v; want %+v", round, c, err, want)
+		}
+	}
+	var want []string
+	for i := range 300 {
+		want = append(want, fmt.Sprintf("k%03d=v%d", i, i%7))
+	}
+	if got := f.text(); got != strings.Join(want, " ") {
+		t.Errorf("table = %q", got)
+	}
+}

@@ -107,6 +107,8 @@ type RouteReconciler struct {
 	// nhs holds, during a call, the IDs of the nexthop objects desired
 	// routes use, sorted.
 	nhs []nhUse
+	// view is, during a ReconcileSet, its desired set.
+	view *routeView
 	// unused holds, during a call, the IDs of this reconciler's making of
 	// the nexthop objects dumped routes use and no desired route does.
 	unused map[uint32]bool
@@ -177,19 +179,79 @@ func nexthopID(gw netip.Addr) uint32 {
 // with ErrRouteNotOwned; a failing kernel call does not stop the others.
 // The error, if any, is the first failure; Changes counts what was done.
 func (r *RouteReconciler) Reconcile(own netip.Prefix, desired []nlbatch.Route) (Changes, error) {
-	return r.ReconcileSeq(own, len(desired), slices.Values(desired))
+	return r.reconcileSeq(own, len(desired), slices.Values(desired))
 }
 
-// ReconcileSeq is Reconcile of the routes desired yields, n of them (a
-// hint), for a caller that holds its routes in another form: no slice of
-// them is built.
-func (r *RouteReconciler) ReconcileSeq(own netip.Prefix, n int, desired iter.Seq[nlbatch.Route]) (Changes, error) {
+// RouteSet is a desired set of routes read by index, for a caller that
+// holds its routes in another form (leases): Len routes, the i-th
+// Route(i). The reconciler reads it during ReconcileSet only.
+type RouteSet interface {
+	Len() int
+	Route(i int) nlbatch.Route
+}
+
+// ReconcileSet is Reconcile of the routes of desired. Sorted by
+// destination (address, then prefix length) with each destination once,
+// and all owned, they are read through a view: no copy of the set is made
+// (with nexthop objects, 8 bytes a route unless the gateways' IDs rise
+// with the destinations, as the subnet IPs of onlink routes do).
+// Otherwise they are copied and sorted, as Reconcile does.
+func (r *RouteReconciler) ReconcileSet(own netip.Prefix, desired RouteSet) (Changes, error) {
+	r.own = own
+	v := r.newRouteView(desired)
+	if v == nil {
+		n := desired.Len()
+		return r.reconcileSeq(own, n, func(yield func(nlbatch.Route) bool) {
+			for i := range n {
+				if !yield(desired.Route(i)) {
+					return
+				}
+			}
+		})
+	}
+	r.view = v
+	defer func() { r.view = nil }()
+	return r.reconcile(v, 0, nil)
+}
+
+// newRouteView returns the view of set, or nil if set is not sorted by
+// destination with each once, or has a route the reconciler would not own
+// (with r.own).
+func (r *RouteReconciler) newRouteView(set RouteSet) *routeView {
+	n := set.Len()
+	v := &routeView{set: set, r: r, idsSorted: r.nexthops}
+	var prev routeKey
+	var prevID uint32
+	for i := range n {
+		d := set.Route(i)
+		k := keyOf(d.Dst, 0, 0)
+		if !r.ownsDst(d.Dst) || !r.onLink(d.LinkIndex) || !r.family(d.Gw) || (i > 0 && compareRouteKeys(prev, k) >= 0) {
+			return nil
+		}
+		prev = k
+		if v.idsSorted {
+			id := nexthopID(d.Gw)
+			v.idsSorted = i == 0 || prevID <= id
+			prevID = id
+		}
+	}
+	if r.nexthops && !v.idsSorted {
+		v.uses = make([]nhUse, n)
+		for i := range n {
+			v.uses[i] = nhUse{nexthopID(set.Route(i).Gw), uint32(i)}
+		}
+		v.uses = firstUses(v.uses)
+	}
+	return v
+}
+
+// reconcileSeq is Reconcile of the routes desired yields, n of them (a
+// hint), copied into a desired set.
+func (r *RouteReconciler) reconcileSeq(own netip.Prefix, n int, desired iter.Seq[nlbatch.Route]) (Changes, error) {
 	r.own = own
 	// The desired set lives for this call only: between calls the
 	// reconciler holds no route.
 	want := make([]Entry[routeKey, hop], 0, n)
-	r.unused = map[uint32]bool{}
-	defer func() { r.nhs, r.unused = nil, nil }()
 	var bad int
 	var badErr error
 	for d := range desired {
@@ -206,8 +268,15 @@ func (r *RouteReconciler) ReconcileSeq(own netip.Prefix, n int, desired iter.Seq
 	if r.nexthops {
 		r.nhs = useNexthops(want)
 	}
+	return r.reconcile(Entries[routeKey, hop](want), bad, badErr)
+}
 
-	if err := r.rec.Plan(want); err != nil {
+// reconcile writes want, the routes of this call; bad desired routes were
+// not owned, the first for badErr.
+func (r *RouteReconciler) reconcile(want Desired[routeKey, hop], bad int, badErr error) (Changes, error) {
+	r.unused = map[uint32]bool{}
+	defer func() { r.nhs, r.unused = nil, nil }()
+	if err := r.rec.PlanSet(want); err != nil {
 		return Changes{Failed: bad}, fmt.Errorf("listing routes: %w", err)
 	}
 	r.rec.Add()
@@ -233,6 +302,17 @@ func (r *RouteReconciler) ReconcileSeq(own netip.Prefix, n int, desired iter.Seq
 // the desired set of the first route through it.
 type nhUse struct{ id, at uint32 }
 
+// firstUses sorts uses by ID and keeps the first route of each.
+func firstUses(uses []nhUse) []nhUse {
+	slices.SortFunc(uses, func(a, b nhUse) int {
+		if c := cmp.Compare(a.id, b.id); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.at, b.at)
+	})
+	return slices.CompactFunc(uses, func(a, b nhUse) bool { return a.id == b.id })
+}
+
 // useNexthops routes each route of want through the nexthop object of its
 // gateway and returns the IDs in use, sorted: of routes whose gateways
 // share an ID, those with the hop (gateway, link, onlink) of the lowest
@@ -242,26 +322,116 @@ func useNexthops(want []Entry[routeKey, hop]) []nhUse {
 	for i := range want {
 		uses[i] = nhUse{nexthopID(netip.AddrFrom16(want[i].Val.gw).Unmap()), uint32(i)}
 	}
-	slices.SortFunc(uses, func(a, b nhUse) int {
-		if c := cmp.Compare(a.id, b.id); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.at, b.at)
-	})
-	n := 0
-	for _, u := range uses {
-		h := &want[u.at].Val
-		if n == 0 || uses[n-1].id != u.id {
-			uses[n] = u // the first route through the ID claims it
-			n++
-			h.nh = u.id
-			continue
-		}
-		if via := want[uses[n-1].at].Val; h.gw == via.gw && h.link == via.link && h.onlink == via.onlink {
-			h.nh = u.id
+	uses = firstUses(uses)
+	for i := range want {
+		h := &want[i].Val
+		id := nexthopID(netip.AddrFrom16(h.gw).Unmap())
+		j, _ := slices.BinarySearchFunc(uses, id, func(u nhUse, id uint32) int { return cmp.Compare(u.id, id) })
+		if via := want[uses[j].at].Val; h.gw == via.gw && h.link == via.link && h.onlink == via.onlink {
+			h.nh = id
 		}
 	}
-	return uses[:n]
+	return uses
+}
+
+// routeView is a RouteSet as the Reconciler's desired set: keys and hops
+// computed from its routes on demand, the nexthop IDs too. With nexthop
+// objects, either idsSorted (the IDs of the routes' gateways rise with
+// the routes: the set itself is searched by ID) or uses holds the first
+// route of each ID.
+type routeView struct {
+	set       RouteSet
+	r         *RouteReconciler
+	idsSorted bool
+	uses      []nhUse
+	last      int // the route nexthopUsed found last
+	// cache holds the routes read last, by index modulo 4 (i+1; 0:
+	// none): a dump in order reads each route a few times.
+	cache [4]struct {
+		i int
+		r nlbatch.Route
+	}
+}
+
+// route returns the i-th route of the set.
+func (v *routeView) route(i int) nlbatch.Route {
+	c := &v.cache[i&3]
+	if c.i != i+1 {
+		c.i, c.r = i+1, v.set.Route(i)
+	}
+	return c.r
+}
+
+func (v *routeView) Len() int { return v.set.Len() }
+
+func (v *routeView) Key(i int) routeKey { return keyOf(v.route(i).Dst, 0, 0) }
+
+func (v *routeView) Val(i int) hop {
+	d := v.route(i)
+	h := hop{gw: d.Gw.As16(), link: int32(d.LinkIndex), onlink: d.Onlink}
+	if !v.r.nexthops {
+		return h
+	}
+	id := nexthopID(d.Gw)
+	first := -1
+	switch {
+	case v.idsSorted && (i == 0 || v.id(i-1) != id):
+		first = i
+	case v.idsSorted:
+		first = v.searchID(id)
+	default:
+		j, _ := slices.BinarySearchFunc(v.uses, id, func(u nhUse, id uint32) int { return cmp.Compare(u.id, id) })
+		first = int(v.uses[j].at)
+	}
+	if first != i {
+		f := v.route(first)
+		if f.Gw != d.Gw || f.LinkIndex != d.LinkIndex || f.Onlink != d.Onlink {
+			return h
+		}
+	}
+	h.nh = id
+	return h
+}
+
+func (v *routeView) id(i int) uint32 { return nexthopID(v.route(i).Gw) }
+
+// searchID returns the first route (by index) whose gateway's ID is id, or
+// -1; idsSorted only.
+func (v *routeView) searchID(id uint32) int {
+	lo, hi := 0, v.set.Len()
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if v.id(m) < id {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	if lo < v.set.Len() && v.id(lo) == id {
+		return lo
+	}
+	return -1
+}
+
+// used reports whether a route of the view uses the nexthop object id:
+// first at the route found last or the next (a dump in order), then by
+// binary search.
+func (v *routeView) used(id uint32) bool {
+	if !v.idsSorted {
+		_, used := slices.BinarySearchFunc(v.uses, id, func(u nhUse, id uint32) int { return cmp.Compare(u.id, id) })
+		return used
+	}
+	for i := v.last; i < v.set.Len() && i <= v.last+1; i++ {
+		if v.id(i) == id {
+			v.last = i
+			return true
+		}
+	}
+	if i := v.searchID(id); i >= 0 {
+		v.last = i
+		return true
+	}
+	return false
 }
 
 // FailedRoutes returns the destinations whose install failed in the last
@@ -331,6 +501,9 @@ func (t routeTable) Dump(add func(routeKey, hop)) error {
 
 // nexthopUsed reports whether a desired route uses nexthop object id.
 func (r *RouteReconciler) nexthopUsed(id uint32) bool {
+	if r.view != nil {
+		return r.view.used(id)
+	}
 	_, used := slices.BinarySearchFunc(r.nhs, id, func(u nhUse, id uint32) int { return cmp.Compare(u.id, id) })
 	return used
 }

@@ -63,6 +63,13 @@ func mustAdd(tb testing.TB, h *nlbatch.Handle, add func(*netlink.Route) error, d
 // namespace: the kernel's replace semantics (a route moving to another link,
 // onlink), non-zero metrics, duplicate routes and foreign routes.
 func TestReconcileInNetns(t *testing.T) {
+	t.Run("slice", func(t *testing.T) { testReconcileInNetns(t, false) })
+	t.Run("set", func(t *testing.T) { testReconcileInNetns(t, true) })
+}
+
+// testReconcileInNetns is TestReconcileInNetns, the desired routes given
+// to Reconcile or, with viaSet, to ReconcileSet.
+func testReconcileInNetns(t *testing.T, viaSet bool) {
 	// Links with carrier: veth pairs with both ends here (veth is
 	// available where the dummy driver may not be).
 	ns := nstest.New(t, "flbe")
@@ -89,7 +96,13 @@ func TestReconcileInNetns(t *testing.T) {
 	own := netip.MustParsePrefix("10.5.1.0/24")
 	check := func(step string, desired []nlbatch.Route, want Changes, ours ...string) {
 		t.Helper()
-		got, err := r.Reconcile(own, desired)
+		var got Changes
+		var err error
+		if viaSet {
+			got, err = r.ReconcileSet(own, routeSlice(desired))
+		} else {
+			got, err = r.Reconcile(own, desired)
+		}
 		if err != nil {
 			t.Fatalf("%s: %v", step, err)
 		}
@@ -196,10 +209,24 @@ func nexthopIDs(t *testing.T, ns *nstest.NS) []uint32 {
 // moves one, turns nexthop objects off and on again and removes everything:
 // the routes always match, the nexthop objects no route uses are deleted,
 // and a foreign nexthop object is never touched.
+// TestReconcileNexthopsInNetns: routes through nexthop objects, given as
+// a slice (Reconcile) and as a RouteSet (ReconcileSet, read through a
+// view: with the gateways' IDs in destination order or not).
 func TestReconcileNexthopsInNetns(t *testing.T) {
 	if _, err := exec.LookPath("ip"); err != nil {
 		t.Skip("skipping: needs ip (iproute2) to list nexthop objects")
 	}
+	t.Run("slice", func(t *testing.T) { testReconcileNexthops(t, false) })
+	t.Run("set", func(t *testing.T) { testReconcileNexthops(t, true) })
+}
+
+// routeSlice is a RouteSet of a slice.
+type routeSlice []nlbatch.Route
+
+func (s routeSlice) Len() int                  { return len(s) }
+func (s routeSlice) Route(i int) nlbatch.Route { return s[i] }
+
+func testReconcileNexthops(t *testing.T, viaSet bool) {
 	ns := nstest.New(t, "flnh")
 	h := ns.NL
 	eth0 := ns.Veth(t, "eth0", 0, nil, "eth0p", "10.250.0.1/24").Attrs().Index
@@ -215,7 +242,13 @@ func TestReconcileNexthopsInNetns(t *testing.T) {
 	nh := func(gw string) uint32 { return ip.Uint32(netip.MustParseAddr(gw)) }
 	check := func(step string, desired []nlbatch.Route, want Changes, ids []uint32, routes ...string) {
 		t.Helper()
-		got, err := r.Reconcile(own, desired)
+		var got Changes
+		var err error
+		if viaSet {
+			got, err = r.ReconcileSet(own, routeSlice(desired))
+		} else {
+			got, err = r.Reconcile(own, desired)
+		}
 		if err != nil {
 			t.Fatalf("%s: %v", step, err)
 		}
@@ -259,7 +292,15 @@ func TestReconcileNexthopsInNetns(t *testing.T) {
 	check("nexthops again", []nlbatch.Route{r2, r3b, r4}, Changes{Updated: 3},
 		[]uint32{nh("10.250.0.2"), nh("10.250.0.33"), nh("10.5.4.0")},
 		l2, line("10.5.3.0/24", "10.250.0.33", eth0, false, nh("10.250.0.33")), l4)
-	check("none", nil, Changes{Removed: 3}, nil)
+	// Onlink routes via their subnet IPs: the IDs rise with the
+	// destinations.
+	r5 := mustRoute("10.5.5.0/24", "10.5.5.0", vx, true)
+	l5 := line("10.5.5.0/24", "10.5.5.0", vx, true, nh("10.5.5.0"))
+	check("onlink only", []nlbatch.Route{r4, r5}, Changes{Added: 1, Removed: 2},
+		[]uint32{nh("10.5.4.0"), nh("10.5.5.0")}, l4, l5)
+	check("onlink again", []nlbatch.Route{r4, r5}, Changes{},
+		[]uint32{nh("10.5.4.0"), nh("10.5.5.0")}, l4, l5)
+	check("none", nil, Changes{Removed: 2}, nil)
 }
 
 func BenchmarkReconcileNetns(b *testing.B) {

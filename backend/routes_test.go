@@ -733,3 +733,69 @@ func TestUseNexthops(t *testing.T) {
 		}
 	}
 }
+
+// TestRouteViewNexthops: a RouteSet read through a view gives each route
+// the nexthop ID useNexthops does, whether the gateways' IDs rise with the
+// destinations (the set is searched by ID) or not (a sorted copy of the
+// IDs); a set unsorted, with a destination twice or with a route the
+// reconciler would not own gets no view (ReconcileSet copies it).
+func TestRouteViewNexthops(t *testing.T) {
+	r := NewRouteReconciler(newFakeRoutes(), netip.MustParsePrefix("10.0.0.0/8"), 2, 3)
+	r.UseNexthops(true)
+	route := func(dst, gw string, link int) nlbatch.Route {
+		return nlbatch.Route{Dst: netip.MustParsePrefix(dst), Gw: netip.MustParseAddr(gw), LinkIndex: link}
+	}
+	for _, tt := range []struct {
+		name      string
+		set       routeSlice
+		idsSorted bool
+		want      string
+	}{
+		{"IDs rise", routeSlice{
+			route("10.1.0.0/24", "10.250.0.2", 2),
+			route("10.2.0.0/24", "10.250.0.2", 3),
+			route("10.3.0.0/24", "10.250.0.2", 2),
+			route("10.4.0.0/24", "10.250.0.4", 3),
+		}, true, "0xafa0002 0x0 0xafa0002 0xafa0004"},
+		{"IDs unsorted", routeSlice{
+			route("10.1.0.0/24", "10.250.0.4", 3),
+			route("10.2.0.0/24", "10.250.0.2", 2),
+			route("10.3.0.0/24", "10.250.0.2", 3),
+			route("10.4.0.0/24", "10.250.0.2", 2),
+		}, false, "0xafa0004 0xafa0002 0x0 0xafa0002"},
+	} {
+		v := r.newRouteView(tt.set)
+		if v == nil {
+			t.Fatalf("%s: no view of a sorted set", tt.name)
+		}
+		if v.idsSorted != tt.idsSorted {
+			t.Errorf("%s: idsSorted %t, want %t", tt.name, v.idsSorted, tt.idsSorted)
+		}
+		var got []string
+		for i := range v.Len() {
+			if k := v.Key(i); k.prefix() != tt.set[i].Dst {
+				t.Errorf("%s: key %d is %s, want %s", tt.name, i, k.prefix(), tt.set[i].Dst)
+			}
+			got = append(got, fmt.Sprintf("%#x", v.Val(i).nh))
+		}
+		if g := strings.Join(got, " "); g != tt.want {
+			t.Errorf("%s: nexthop IDs %s, want %s", tt.name, g, tt.want)
+		}
+		for id, want := range map[uint32]bool{0x0afa0002: true, 0x0afa0004: true, 0x0afa0003: false, 0x0afa0005: false, 1: false} {
+			if got := v.used(id); got != want {
+				t.Errorf("%s: used(%#x) = %t, want %t", tt.name, id, got, want)
+			}
+		}
+	}
+	for name, set := range map[string]routeSlice{
+		"unsorted":     {route("10.2.0.0/24", "10.250.0.2", 2), route("10.1.0.0/24", "10.250.0.2", 2)},
+		"twice":        {route("10.1.0.0/24", "10.250.0.2", 2), route("10.1.0.0/24", "10.250.0.3", 2)},
+		"not owned":    {route("10.1.0.0/24", "10.250.0.2", 2), route("10.2.0.0/24", "10.250.0.2", 9)},
+		"outside":      {route("192.168.0.0/24", "10.250.0.2", 2)},
+		"wrong family": {route("10.1.0.0/24", "fd00::1", 2)},
+	} {
+		if r.newRouteView(set) != nil {
+			t.Errorf("%s: a view of a set ReconcileSet must copy", name)
+		}
+	}
+}

@@ -3,9 +3,9 @@ package vxlan
 import (
 	"bytes"
 	"cmp"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
-	"iter"
 	"net"
 	"net/netip"
 	"slices"
@@ -106,30 +106,45 @@ type skip struct {
 	Reason string
 }
 
-// desired is what the kernel should hold for a set of remote leases, as
-// sorted desired sets (backend.Entry) of pointer-free entries, 26 bytes a
-// neighbour and 32 an fdb entry, and the leases' routes read from the
-// leases themselves. An Apply computes it afresh and drops it when done:
-// between Applies the backend holds no entry and no lease.
+// desired is what the kernel should hold for a set of remote leases: the
+// admitted leases of the overlay's family in subnet order (peers, 12 bytes
+// a lease) and, over them, the desired sets of the three tables as views
+// (backend.Desired, backend.RouteSet) that compute each entry from its
+// lease when read. The neighbours and routes share the subnet order
+// (positions in peers; no index at all when every lease has one), the fdb
+// entries are the tunnelled leases in VtepMAC order (4 bytes a lease). An
+// Apply computes it afresh and drops it when done: between Applies the
+// backend holds no entry and no lease.
 type desired struct {
 	w      world
-	remote []subnet.Lease                  // the Apply's leases, read only
-	peers  []peerRef                       // the leases of the family, in subnet order
-	neighs []backend.Entry[addr, neighVal] // by subnet IP
-	fdbs   []backend.Entry[hwAddr, fdbVal] // by VtepMAC
-	routes int                             // how many leases get a route
+	remote []subnet.Lease // the Apply's leases, read only
+	peers  []peerRef      // the leases of the family, in subnet order
+	neighs neighSet       // by subnet IP
+	fdbs   fdbSet         // by VtepMAC
+	routes routeSet       // by subnet
 	skips  []skip
+	dups   []dupMAC // the kindDupMAC peers, by position
+	// The subnet IPs of peers share their first pre bytes (pre ≤ 12),
+	// those of com; peerRef.pre holds the next four, so that a subnet IP
+	// is found among the peers without reading their leases. The IPs are
+	// of one family unless mixed.
+	pre   int
+	com   addr
+	mixed bool
 }
 
 // peerRef is a remote lease with a subnet of the overlay's family: its
-// index in remote, its VtepMAC (if usable), what compute made of it and,
-// for kindDupMAC, the index in peers of the lease that has the MAC.
+// index in remote, its VtepMAC (if usable) and what compute made of it.
 type peerRef struct {
-	i     int32
-	owner int32
-	mac   hwAddr
-	kind  uint8
+	i    int32
+	pre  uint32 // bytes pre to pre+4 of its subnet IP's 16-byte form
+	mac  hwAddr
+	kind uint8
 }
+
+// dupMAC is a peer left out because an earlier lease (owner) has its
+// VtepMAC: their positions in peers.
+type dupMAC struct{ p, owner int32 }
 
 // The kinds of peerRef: programmed (tunnelled or routed directly) or
 // skipped, and why.
@@ -141,7 +156,11 @@ const (
 	kindDupMAC
 )
 
-func newDesired() *desired { return &desired{} }
+func newDesired() *desired {
+	d := &desired{}
+	d.neighs.d, d.fdbs.d, d.routes.d = d, d, d
+	return d
+}
 
 // world is what desired computation needs to know about this node.
 type world struct {
@@ -162,6 +181,147 @@ func (w *world) view(l *subnet.Lease) (sn netip.Prefix, pub netip.Addr, data jso
 	return l.Subnet, l.Attrs.PublicIP, l.Attrs.BackendData
 }
 
+// subset is some of d's peers, in their order: those at the positions idx
+// lists, or all of them.
+type subset struct {
+	d   *desired
+	idx []int32
+	all bool
+}
+
+func (s *subset) Len() int {
+	if s.all {
+		return len(s.d.peers)
+	}
+	return len(s.idx)
+}
+
+// at returns the i-th peer of s and its lease.
+func (s *subset) at(i int) (*peerRef, *subnet.Lease) {
+	p := i
+	if !s.all {
+		p = int(s.idx[i])
+	}
+	r := &s.d.peers[p]
+	return r, &s.d.remote[r.i]
+}
+
+// neighSet is the desired neighbours: subnet IP → VtepMAC of each
+// tunnelled lease, in subnet order (of two subnets of one address, the
+// latter's).
+type neighSet struct{ subset }
+
+func (s *neighSet) Key(i int) addr {
+	_, l := s.at(i)
+	sn, _, _ := s.d.w.view(l)
+	return addrOf(sn.Addr())
+}
+
+// Search finds a subnet IP by the four bytes of it that peerRef holds,
+// reading a lease only when they are equal and do not tell it all.
+func (s *neighSet) Search(k addr) int {
+	d := s.d
+	if d.mixed {
+		return backend.Search[addr, neighVal](neighSearch{s}, k, compareAddrs)
+	}
+	if len(d.peers) == 0 || k.v4 != d.com.v4 || !bytes.Equal(k.a[:d.pre], d.com.a[:d.pre]) {
+		return -1
+	}
+	kp := binary.BigEndian.Uint32(k.a[d.pre:])
+	whole := d.pre == 12 // pre and the common bytes are the whole address
+	lo, hi := 0, s.Len()
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		p := m
+		if !s.all {
+			p = int(s.idx[m])
+		}
+		c := cmp.Compare(d.peers[p].pre, kp)
+		if c == 0 && !whole {
+			c = compareAddrs(s.Key(m), k)
+		}
+		switch {
+		case c < 0:
+			lo = m + 1
+		case c > 0:
+			hi = m
+		default:
+			return m
+		}
+	}
+	return -1
+}
+
+// neighSearch is a neighSet without its Search: searched by Key.
+type neighSearch struct{ s *neighSet }
+
+func (n neighSearch) Len() int           { return n.s.Len() }
+func (n neighSearch) Key(i int) addr     { return n.s.Key(i) }
+func (n neighSearch) Val(i int) neighVal { return n.s.Val(i) }
+
+func (s *neighSet) Val(i int) neighVal {
+	r, _ := s.at(i)
+	return neighVal{r.mac, unix.NUD_PERMANENT}
+}
+
+// fdbSet is the desired fdb entries: VtepMAC → PublicIP of each tunnelled
+// lease, in VtepMAC order.
+type fdbSet struct{ subset }
+
+func (s *fdbSet) Key(i int) hwAddr {
+	r, _ := s.at(i)
+	return r.mac
+}
+
+// Search finds a VtepMAC by binary search over the peers' MACs.
+func (s *fdbSet) Search(k hwAddr) int {
+	kv := macValue(k)
+	lo, hi := 0, len(s.idx)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		switch v := macValue(s.d.peers[s.idx[m]].mac); {
+		case v < kv:
+			lo = m + 1
+		case v > kv:
+			hi = m
+		default:
+			return m
+		}
+	}
+	return -1
+}
+
+// macValue is m as a number, in the order of compareMACs.
+func macValue(m hwAddr) uint64 {
+	return uint64(m[0])<<40 | uint64(m[1])<<32 | uint64(m[2])<<24 | uint64(m[3])<<16 | uint64(m[4])<<8 | uint64(m[5])
+}
+
+func (s *fdbSet) Val(i int) fdbVal {
+	_, l := s.at(i)
+	_, pub, _ := s.d.w.view(l)
+	return fdbVal{state: unix.NUD_PERMANENT, dst: addrOf(pub)}
+}
+
+// routeSet is the desired routes, in subnet order: of a tunnelled lease
+// its subnet via its subnet IP onlink on the VTEP device, of a direct one
+// its subnet via its PublicIP on the external interface.
+type routeSet struct{ subset }
+
+func (s *routeSet) Route(i int) nlbatch.Route {
+	r, l := s.at(i)
+	sn, pub, _ := s.d.w.view(l)
+	if r.kind == kindTunnel {
+		return nlbatch.Route{Dst: sn, Gw: sn.Addr(), LinkIndex: s.d.w.vtep, Onlink: true}
+	}
+	return nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: s.d.w.ext}
+}
+
+var (
+	_ backend.Desired[addr, neighVal] = (*neighSet)(nil)
+	_ backend.Desired[hwAddr, fdbVal] = (*fdbSet)(nil)
+	_ backend.RouteSet                = (*routeSet)(nil)
+)
+
 // compute fills d with the entries for remote, leases the caller admitted
 // (valid subnets of the network, not this node's, of type vxlan); d reads
 // remote until release. For a lease tunnelled through VXLAN that is a
@@ -180,7 +340,7 @@ func (w *world) view(l *subnet.Lease) (sn netip.Prefix, pub netip.Addr, data jso
 // address, 10.5.0.0/16 and 10.5.0.0/24, the neighbour is the latter's.)
 func (d *desired) compute(w world, remote []subnet.Lease) {
 	d.w, d.remote = w, remote
-	d.skips = d.skips[:0]
+	d.skips, d.dups = d.skips[:0], d.dups[:0]
 	d.peers = make([]peerRef, 0, len(remote))
 	for i := range remote {
 		if sn, _, _ := w.view(&remote[i]); sn.IsValid() {
@@ -201,6 +361,23 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 		}
 		return bytes.Compare(da, db)
 	})
+
+	// The bytes the subnet IPs share, and the next four of each.
+	d.pre, d.com, d.mixed = 0, addr{}, false
+	if n := len(d.peers); n > 0 {
+		first, _, _ := w.view(&remote[d.peers[0].i])
+		last, _, _ := w.view(&remote[d.peers[n-1].i])
+		a, b := addrOf(first.Addr()), addrOf(last.Addr())
+		d.com, d.mixed = a, a.v4 != b.v4
+		for d.pre < 12 && a.a[d.pre] == b.a[d.pre] {
+			d.pre++
+		}
+		for p := range d.peers {
+			sn, _, _ := w.view(&remote[d.peers[p].i])
+			a := sn.Addr().As16()
+			d.peers[p].pre = binary.BigEndian.Uint32(a[d.pre:])
+		}
+	}
 
 	dataKey := "BackendData"
 	if w.v6 {
@@ -232,14 +409,19 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 	owner := int32(-1)
 	for _, p := range byMAC {
 		if owner >= 0 && d.peers[owner].mac == d.peers[p].mac {
-			d.peers[p].kind, d.peers[p].owner = kindDupMAC, owner
+			d.peers[p].kind = kindDupMAC
+			d.dups = append(d.dups, dupMAC{p, owner})
 			continue
 		}
 		owner = p
 	}
+	slices.SortFunc(d.dups, func(a, b dupMAC) int { return cmp.Compare(a.p, b.p) })
 
-	d.neighs = make([]backend.Entry[addr, neighVal], 0, len(byMAC))
-	d.routes = 0
+	// Which leases are tunnelled, which routed directly; the neighbours
+	// and routes are all the leases unless some are neither, or two
+	// subnets share an address.
+	routes, tunnels, repeats := 0, 0, false
+	var lastIP netip.Addr // the previous tunnelled lease's subnet IP
 	for p := range d.peers {
 		r := &d.peers[p]
 		sn, pub, data := w.view(&remote[r.i])
@@ -252,53 +434,89 @@ func (d *desired) compute(w world, remote []subnet.Lease) {
 			d.skips = append(d.skips, skip{sn, err.Error()})
 			continue
 		case kindDupMAC:
-			has, _, _ := w.view(&remote[d.peers[r.owner].i])
+			j, _ := slices.BinarySearchFunc(d.dups, int32(p), func(u dupMAC, p int32) int { return cmp.Compare(u.p, p) })
+			has, _, _ := w.view(&remote[d.peers[d.dups[j].owner].i])
 			d.skips = append(d.skips, skip{sn, fmt.Sprintf("VtepMAC %s is already used by the lease %s", r.mac, has)})
 			continue
 		}
-		d.routes++
+		routes++
 		if w.direct && onNets(w.extNets, pub) {
 			r.kind = kindDirect
 			continue
 		}
-		d.neighs = append(d.neighs, backend.Entry[addr, neighVal]{Key: addrOf(sn.Addr()), Val: neighVal{r.mac, unix.NUD_PERMANENT}})
+		tunnels++
+		repeats = repeats || sn.Addr() == lastIP
+		lastIP = sn.Addr()
 	}
-	d.neighs = backend.SortEntries(d.neighs, compareAddrs) // sorted but for the family: only a subnet address's repeat goes
-	d.fdbs = make([]backend.Entry[hwAddr, fdbVal], 0, len(d.neighs))
-	for _, p := range byMAC {
-		if r := &d.peers[p]; r.kind == kindTunnel {
-			_, pub, _ := w.view(&remote[r.i])
-			d.fdbs = append(d.fdbs, backend.Entry[hwAddr, fdbVal]{Key: r.mac, Val: fdbVal{state: unix.NUD_PERMANENT, dst: addrOf(pub)}})
+	d.routes.idx, d.routes.all = nil, routes == len(d.peers)
+	if !d.routes.all {
+		d.routes.idx = make([]int32, 0, routes)
+		for p := range d.peers {
+			if k := d.peers[p].kind; k == kindTunnel || k == kindDirect {
+				d.routes.idx = append(d.routes.idx, int32(p))
+			}
 		}
 	}
-}
-
-// eachRoute yields the route of each lease compute programs, in subnet
-// order, but not those of tunnelled leases whose subnet IP is in leaveOut.
-func (d *desired) eachRoute(leaveOut map[addr]struct{}) iter.Seq[nlbatch.Route] {
-	return func(yield func(nlbatch.Route) bool) {
-		for _, r := range d.peers {
-			if r.kind != kindTunnel && r.kind != kindDirect {
+	d.neighs.idx, d.neighs.all = nil, tunnels == len(d.peers) && !repeats
+	if !d.neighs.all {
+		d.neighs.idx = make([]int32, 0, tunnels)
+		lastIP = netip.Addr{}
+		for p := range d.peers {
+			r := &d.peers[p]
+			if r.kind != kindTunnel {
 				continue
 			}
-			sn, pub, _ := d.w.view(&d.remote[r.i])
-			route := nlbatch.Route{Dst: sn, Gw: pub, LinkIndex: d.w.ext}
-			if r.kind == kindTunnel {
-				if _, out := leaveOut[addrOf(sn.Addr())]; out {
-					continue
-				}
-				route = nlbatch.Route{Dst: sn, Gw: sn.Addr(), LinkIndex: d.w.vtep, Onlink: true}
+			sn, _, _ := w.view(&remote[r.i])
+			if n := len(d.neighs.idx); n > 0 && sn.Addr() == lastIP {
+				d.neighs.idx[n-1] = int32(p) // the latter subnet's
+				continue
 			}
-			if !yield(route) {
-				return
-			}
+			lastIP = sn.Addr()
+			d.neighs.idx = append(d.neighs.idx, int32(p))
 		}
 	}
+	n := 0
+	for _, p := range byMAC {
+		if d.peers[p].kind == kindTunnel {
+			byMAC[n] = p
+			n++
+		}
+	}
+	d.fdbs.idx, d.fdbs.all = byMAC[:n], false
+}
+
+// leaveOut takes the routes of the tunnelled leases whose subnet IP is in
+// out out of d.routes.
+func (d *desired) leaveOut(out map[addr]struct{}) {
+	if len(out) == 0 {
+		return
+	}
+	idx := make([]int32, 0, d.routes.Len())
+	for i := range d.routes.Len() {
+		p := i
+		if !d.routes.all {
+			p = int(d.routes.idx[i])
+		}
+		r := &d.peers[p]
+		if r.kind == kindTunnel {
+			sn, _, _ := d.w.view(&d.remote[r.i])
+			if _, ok := out[addrOf(sn.Addr())]; ok {
+				continue
+			}
+		}
+		idx = append(idx, int32(p))
+	}
+	d.routes.idx, d.routes.all = idx, false
 }
 
 // release drops what compute made, and the leases it read.
 func (d *desired) release() {
-	d.remote, d.peers, d.neighs, d.fdbs = nil, nil, nil, nil
+	d.remote, d.peers = nil, nil
+	d.neighs.idx, d.fdbs.idx, d.routes.idx = nil, nil, nil
+	d.neighs.all, d.fdbs.all, d.routes.all = false, false, false
+	if cap(d.dups) > 64 {
+		d.dups = nil
+	}
 }
 
 // leaseMAC extracts the VtepMAC of a lease's BackendData (key names it:

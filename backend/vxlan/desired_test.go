@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/flanneld-go/flanneld/backend"
 	"github.com/flanneld-go/flanneld/subnet"
 )
 
@@ -18,13 +19,16 @@ import (
 // index.
 func (d *desired) render() string {
 	var lines []string
-	for _, n := range d.neighs {
-		lines = append(lines, fmt.Sprintf("neigh %s lladdr %s nud %s", n.Key.ip(), n.Val.mac, nud(n.Val.state)))
+	for i := range d.neighs.Len() {
+		k, v := d.neighs.Key(i), d.neighs.Val(i)
+		lines = append(lines, fmt.Sprintf("neigh %s lladdr %s nud %s", k.ip(), v.mac, nud(v.state)))
 	}
-	for _, f := range d.fdbs {
-		lines = append(lines, fmt.Sprintf("fdb %s self dst %s %s", f.Key, f.Val.dst.ip(), nud(f.Val.state)))
+	for i := range d.fdbs.Len() {
+		k, v := d.fdbs.Key(i), d.fdbs.Val(i)
+		lines = append(lines, fmt.Sprintf("fdb %s self dst %s %s", k, v.dst.ip(), nud(v.state)))
 	}
-	for r := range d.eachRoute(nil) {
+	for i := range d.routes.Len() {
+		r := d.routes.Route(i)
 		line := fmt.Sprintf("route %s via %s dev %d", r.Dst, r.Gw, r.LinkIndex)
 		if r.Onlink {
 			line += " onlink"
@@ -37,6 +41,52 @@ func (d *desired) render() string {
 	slices.Sort(lines)
 	return strings.Join(lines, "\n")
 }
+
+// checkSearch checks that the neighbour and fdb sets are sorted and find
+// each of their keys by Search (from the bytes peerRef holds, and the
+// MACs as numbers), and no other key.
+func checkSearch(t *testing.T, d *desired) {
+	t.Helper()
+	for i := range d.neighs.Len() {
+		k := d.neighs.Key(i)
+		if i > 0 && compareAddrs(d.neighs.Key(i-1), k) >= 0 {
+			t.Errorf("neighbours not sorted at %d: %s", i, k.ip())
+		}
+		if got := d.neighs.Search(k); got != i {
+			t.Errorf("neighbour %s found at %d, want %d", k.ip(), got, i)
+		}
+		for _, miss := range []netip.Addr{k.ip().Next(), k.ip().Prev(), netip.MustParseAddr("10.0.0.0"), netip.MustParseAddr("fc00::1"), netip.MustParseAddr("::")} {
+			if miss.IsValid() && backend.Search[addr, neighVal](neighSearch{&d.neighs}, addrOf(miss), compareAddrs) < 0 {
+				if got := d.neighs.Search(addrOf(miss)); got >= 0 {
+					t.Errorf("neighbour %s, not desired, found at %d", miss, got)
+				}
+			}
+		}
+	}
+	for i := range d.fdbs.Len() {
+		k := d.fdbs.Key(i)
+		if i > 0 && compareMACs(d.fdbs.Key(i-1), k) >= 0 {
+			t.Errorf("fdb entries not sorted at %d: %s", i, k)
+		}
+		if got := d.fdbs.Search(k); got != i {
+			t.Errorf("fdb entry %s found at %d, want %d", k, got, i)
+		}
+		miss := k
+		miss[5]++
+		if backend.Search[hwAddr, fdbVal](fdbSearch{&d.fdbs}, miss, compareMACs) < 0 {
+			if got := d.fdbs.Search(miss); got >= 0 {
+				t.Errorf("fdb entry %s, not desired, found at %d", miss, got)
+			}
+		}
+	}
+}
+
+// fdbSearch is an fdbSet without its Search: searched by Key.
+type fdbSearch struct{ s *fdbSet }
+
+func (f fdbSearch) Len() int         { return f.s.Len() }
+func (f fdbSearch) Key(i int) hwAddr { return f.s.Key(i) }
+func (f fdbSearch) Val(i int) fdbVal { return f.s.Val(i) }
 
 func nud(state uint16) string {
 	if state == 0x80 {
@@ -158,6 +208,7 @@ route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink`,
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			d.compute(tt.w, tt.remote)
+			checkSearch(t, d)
 			if got := d.render(); got != tt.want {
 				t.Errorf("desired set:\n%s\n\nwant:\n%s", got, tt.want)
 			}
@@ -165,6 +216,7 @@ route 10.5.2.0/24 via 10.5.2.0 dev 7 onlink`,
 			rev := slices.Clone(tt.remote)
 			slices.Reverse(rev)
 			d.compute(tt.w, rev)
+			checkSearch(t, d)
 			if got := d.render(); got != tt.want {
 				t.Errorf("desired set from reversed leases:\n%s\n\nwant:\n%s", got, tt.want)
 			}
@@ -254,6 +306,7 @@ skip fc00:5:0:5::/64: BackendV6Data is missing; a vxlan lease carries {"VtepMAC"
 					slices.Reverse(remote)
 				}
 				d.compute(tt.w, remote)
+				checkSearch(t, d)
 				if got := d.render(); got != tt.want {
 					t.Errorf("desired set (reversed %t):\n%s\n\nwant:\n%s", rev, got, tt.want)
 				}

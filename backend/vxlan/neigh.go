@@ -28,7 +28,7 @@ type neighTable struct {
 	nl     neighNetlink
 	link   int
 	family uint8
-	want   []backend.Entry[addr, neighVal] // the desired set of the current Apply
+	want   backend.Desired[addr, neighVal] // the desired set of the current Apply
 	buf    []nlbatch.Neigh
 }
 
@@ -44,7 +44,7 @@ func (t *neighTable) Dump(add func(addr, neighVal)) error {
 			return true
 		}
 		k := addrOf(n.IP)
-		if n.State&unix.NUD_PERMANENT == 0 && backend.Find(t.want, k, compareAddrs) < 0 {
+		if n.State&unix.NUD_PERMANENT == 0 && backend.Search(t.want, k, compareAddrs) < 0 {
 			return true
 		}
 		add(k, neighVal{mac: n.MAC, state: n.State})

@@ -387,11 +387,11 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 			errs = append(errs, fmt.Errorf("%s: %w", what, err))
 		}
 	}
-	b.neighTab.want = b.want.neighs
-	if err := b.neighs.Plan(b.want.neighs); err != nil {
+	b.neighTab.want = &b.want.neighs
+	if err := b.neighs.PlanSet(&b.want.neighs); err != nil {
 		return err
 	}
-	if err := b.fdbs.Plan(b.want.fdbs); err != nil {
+	if err := b.fdbs.PlanSet(&b.want.fdbs); err != nil {
 		return err
 	}
 	// Per lease, WIRE.md's order: neighbour, fdb entry, route; a lease whose
@@ -410,24 +410,20 @@ func (b *plane) apply(own subnet.Lease, remote []subnet.Lease) error {
 		for _, mac := range failed {
 			macs[mac] = true
 		}
-		for _, n := range b.want.neighs {
-			if macs[n.Val.mac] {
-				b.halfDone[n.Key] = struct{}{}
+		for i := range b.want.neighs.Len() {
+			if macs[b.want.neighs.Val(i).mac] {
+				b.halfDone[b.want.neighs.Key(i)] = struct{}{}
 			}
 		}
 	}
 
-	routes := b.want.routes
-	for gw := range b.halfDone {
-		if backend.Find(b.want.neighs, gw, compareAddrs) >= 0 {
-			routes-- // left out by eachRoute
-		}
-	}
+	b.want.leaveOut(b.halfDone)
+	routes := b.want.routes.Len()
 	var err error
-	st.Route, err = b.routes.ReconcileSeq(ownSubnet, routes, b.want.eachRoute(b.halfDone))
+	st.Route, err = b.routes.ReconcileSet(ownSubnet, &b.want.routes)
 	note("programming routes", err)
 	for _, dst := range b.routes.FailedRoutes() {
-		if gw := addrOf(dst.Addr()); backend.Find(b.want.neighs, gw, compareAddrs) >= 0 {
+		if gw := addrOf(dst.Addr()); backend.Search(&b.want.neighs, gw, compareAddrs) >= 0 {
 			b.halfDone[gw] = struct{}{}
 		}
 	}
@@ -464,16 +460,16 @@ func (b *plane) rollBack() (neighFailed, fdbFailed int) {
 	b.rollBuf = b.rollBuf[:0]
 	macs := make(map[hwAddr]bool, len(b.halfDone))
 	for gw := range b.halfDone {
-		if i := backend.Find(b.want.neighs, gw, compareAddrs); i >= 0 {
-			n := b.want.neighs[i].Val
+		if i := backend.Search(&b.want.neighs, gw, compareAddrs); i >= 0 {
+			n := b.want.neighs.Val(i)
 			b.rollBuf = append(b.rollBuf, b.neighTab.neigh(gw, n))
 			macs[n.mac] = true
 		}
 	}
 	n := len(b.rollBuf)
 	for mac := range macs {
-		if i := backend.Find(b.want.fdbs, mac, compareMACs); i >= 0 {
-			b.rollBuf = append(b.rollBuf, b.fdbTab.entry(mac, b.want.fdbs[i].Val))
+		if i := backend.Search(&b.want.fdbs, mac, compareMACs); i >= 0 {
+			b.rollBuf = append(b.rollBuf, b.fdbTab.entry(mac, b.want.fdbs.Val(i)))
 		}
 	}
 	b.fdbs.Replacing(func(mac hwAddr, _, have fdbVal) {
