@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/bits"
 	"slices"
+	"sort"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -123,19 +124,11 @@ func (d Entries[K, V]) Val(i int) V { return d[i].Val }
 // Find returns the index of the entry of d (sorted by key with cmp) with
 // key k, or -1.
 func Find[K, V any](d []Entry[K, V], k K, cmp func(a, b K) int) int {
-	lo, hi := 0, len(d)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		switch c := cmp(d[m].Key, k); {
-		case c < 0:
-			lo = m + 1
-		case c > 0:
-			hi = m
-		default:
-			return m
-		}
+	i, ok := slices.BinarySearchFunc(d, k, func(e Entry[K, V], k K) int { return cmp(e.Key, k) })
+	if !ok {
+		return -1
 	}
-	return -1
+	return i
 }
 
 // Search returns the index of the entry of d (sorted by key with cmp) with
@@ -152,19 +145,11 @@ func Search[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
 
 // searchKeys is Search by d.Key.
 func searchKeys[K, V any](d Desired[K, V], k K, cmp func(a, b K) int) int {
-	lo, hi := 0, d.Len()
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		switch c := cmp(d.Key(m), k); {
-		case c < 0:
-			lo = m + 1
-		case c > 0:
-			hi = m
-		default:
-			return m
-		}
+	i, ok := sort.Find(d.Len(), func(m int) int { return cmp(k, d.Key(m)) })
+	if !ok {
+		return -1
 	}
-	return -1
+	return i
 }
 
 // Reconciler is the one reconcile primitive: every table a backend owns —

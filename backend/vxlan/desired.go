@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"sort"
 
 	"golang.org/x/sys/unix"
 
@@ -229,27 +230,21 @@ func (s *neighSet) Search(k addr) int {
 	}
 	kp := binary.BigEndian.Uint32(k.a[d.pre:])
 	whole := d.pre == 12 // pre and the common bytes are the whole address
-	lo, hi := 0, s.Len()
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
+	i, ok := sort.Find(s.Len(), func(m int) int {
 		p := m
 		if !s.all {
 			p = int(s.idx[m])
 		}
-		c := cmp.Compare(d.peers[p].pre, kp)
+		c := cmp.Compare(kp, d.peers[p].pre)
 		if c == 0 && !whole {
-			c = compareAddrs(s.Key(m), k)
+			c = compareAddrs(k, s.Key(m))
 		}
-		switch {
-		case c < 0:
-			lo = m + 1
-		case c > 0:
-			hi = m
-		default:
-			return m
-		}
+		return c
+	})
+	if !ok {
+		return -1
 	}
-	return -1
+	return i
 }
 
 // neighSearch is a neighSet without its Search: searched by Key.
