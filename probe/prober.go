@@ -17,6 +17,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/flanneld-go/flanneld/internal/metrics"
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // DefaultRate is the default --peer-probe-rate.
@@ -271,7 +272,7 @@ func (r *run) setView(v view, now time.Time) {
 		t.peers = slices.Grow(t.peers, len(v.peers)-len(t.peers))
 	}
 	for _, np := range v.peers {
-		k := keyOf(np.Subnet)
+		k := subnet.KeyOf(np.Subnet)
 		if i := t.lookup(k); i >= 0 {
 			p := &t.peers[i]
 			p.set(seen, r.parity)

@@ -10,6 +10,8 @@ import (
 	"unsafe"
 
 	"k8s.io/klog/v2/ktesting"
+
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // simConn is the network of a simulated run: each probe sent is answered
@@ -96,7 +98,7 @@ func (s *sim) state(p netip.Prefix) State { return s.r.peer(p).state }
 
 // peer is the record of the peer of subnet sn (nil if none).
 func (r *run) peer(sn netip.Prefix) *peer {
-	if i := r.t.lookup(keyOf(sn)); i >= 0 {
+	if i := r.t.lookup(subnet.KeyOf(sn)); i >= 0 {
 		return &r.t.peers[i]
 	}
 	return nil

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // testPeers is a table of n peers, in slots 0 to n-1.
@@ -12,7 +14,7 @@ func testPeers(n int) *table {
 	t := newTable()
 	for i := range n {
 		a := netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0})
-		t.add(peer{key: keyOf(netip.PrefixFrom(a, 24))})
+		t.add(peer{key: subnet.KeyOf(netip.PrefixFrom(a, 24))})
 	}
 	return t
 }

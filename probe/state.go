@@ -5,6 +5,8 @@ import (
 	"math"
 	"net/netip"
 	"time"
+
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // State is what a node knows of the path to one peer.
@@ -89,8 +91,8 @@ type peer struct {
 	from  mono   // when a probe was last answered; before any answer, when the peer was first seen or its address changed
 	rtt   uint32 // nanoseconds of the last answered probe (saturated: 4.29 s)
 
-	key    key      // the subnet
-	public [16]byte // the public address, of family pubFam
+	key    subnet.PrefixKey // the subnet
+	public [16]byte         // the public address, of family pubFam
 	pubFam addrFamily
 	free   bool // the slot is free (table.free)
 
@@ -138,22 +140,6 @@ const (
 	fam4
 	fam6
 )
-
-// key is a subnet as plain bytes, the table's key.
-type key struct {
-	addr [16]byte
-	bits uint8
-	fam  addrFamily
-}
-
-func keyOf(p netip.Prefix) key {
-	a, f := packAddr(p.Addr())
-	return key{addr: a, bits: uint8(p.Bits()), fam: f}
-}
-
-func (k key) prefix() netip.Prefix {
-	return netip.PrefixFrom(unpackAddr(k.addr, k.fam), int(k.bits))
-}
 
 // packAddr and unpackAddr convert an address to bytes and back (an IPv6
 // zone is not kept: peers' addresses have none).

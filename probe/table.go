@@ -5,6 +5,7 @@ import (
 	"slices"
 
 	"github.com/flanneld-go/flanneld/internal/slotindex"
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // table is the prober's peers: their records in one slice, indexed by
@@ -14,7 +15,7 @@ import (
 // priority queue, a probe out).
 type table struct {
 	peers []peer
-	index *slotindex.Index[key]
+	index *slotindex.Index[subnet.PrefixKey]
 	free  []int32 // slots to reuse
 	live  int     // peers not gone
 	// overlay is the path's Overlay: peers are probed at their subnet's
@@ -24,12 +25,12 @@ type table struct {
 
 func newTable() *table {
 	t := &table{}
-	t.index = slotindex.New(func(i int32) key { return t.peers[i].key })
+	t.index = slotindex.New(func(i int32) subnet.PrefixKey { return t.peers[i].key })
 	return t
 }
 
 // lookup returns the slot of k's peer, or -1.
-func (t *table) lookup(k key) int32 { return t.index.Lookup(k) }
+func (t *table) lookup(k subnet.PrefixKey) int32 { return t.index.Lookup(k) }
 
 // add stores a new peer (whose key the table does not hold) and returns
 // its slot.
@@ -93,7 +94,7 @@ func (t *table) shrink() {
 }
 
 // subnet, public and target are slot i's addresses.
-func (t *table) subnet(i int32) netip.Prefix { return t.peers[i].key.prefix() }
+func (t *table) subnet(i int32) netip.Prefix { return t.peers[i].key.Prefix() }
 
 func (t *table) public(i int32) netip.Addr {
 	return unpackAddr(t.peers[i].public, t.peers[i].pubFam)
@@ -104,7 +105,7 @@ func (t *table) target(i int32) netip.Addr { return t.targetAlong(i, t.overlay) 
 // targetAlong is slot i's target along an overlay path or another one.
 func (t *table) targetAlong(i int32, overlay bool) netip.Addr {
 	if p := &t.peers[i]; overlay {
-		return unpackAddr(p.key.addr, p.key.fam)
+		return p.key.Prefix().Addr()
 	}
 	return t.public(i)
 }

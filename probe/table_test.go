@@ -4,6 +4,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"testing"
+
+	"github.com/flanneld-go/flanneld/subnet"
 )
 
 // TestTable adds and removes peers at random (IPv4 and IPv6) and checks
@@ -27,7 +29,7 @@ func TestTable(t *testing.T) {
 			t.Fatalf("step %d: %d live, want %d", step, tb.live, len(want))
 		}
 		for sn, p := range want {
-			i := tb.lookup(keyOf(sn))
+			i := tb.lookup(subnet.KeyOf(sn))
 			if i < 0 || i != slots[sn] || tb.subnet(i) != sn || tb.public(i) != p.PublicIP || tb.targetAlong(i, true) != sn.Addr() || tb.targetAlong(i, false) != p.PublicIP {
 				t.Fatalf("step %d: %v at slot %d (want %d): %v %v", step, sn, i, slots[sn], tb.subnet(max(i, 0)), tb.public(max(i, 0)))
 			}
@@ -44,7 +46,7 @@ func TestTable(t *testing.T) {
 			if rng.IntN(3) == 0 {
 				p.PublicIP = netip.AddrFrom16([16]byte{0xfd, 0, 15: byte(step)})
 			}
-			i := tb.add(peer{key: keyOf(sn)})
+			i := tb.add(peer{key: subnet.KeyOf(sn)})
 			tb.setPublic(i, p.PublicIP)
 			want[sn], slots[sn] = p, i
 		}
