@@ -305,7 +305,7 @@ func TestReceiveSplitsGROSegments(t *testing.T) {
 
 func TestSendBatchGrouping(t *testing.T) {
 	tb := testTable()
-	pa, pb := &tb.peers[0], &tb.peers[1]
+	pa, pb := peerFor(t, tb, "10.5.2.1"), peerFor(t, tb, "10.5.3.1")
 	c := &sockConn{}
 	c.gso.Store(true)
 	s := newSendBatch(c, 256)

@@ -51,9 +51,20 @@ func fakeSendmmsg(s *sendBatch, refuse error, failTo [4]byte) *[]sentHdr {
 	return &log
 }
 
+// peerFor is the table's peer for the overlay address dst. The table is
+// built from a map, so its slice order is not the tests' to rely on.
+func peerFor(t *testing.T, tb *table, dst string) *peer {
+	t.Helper()
+	i := tb.lookup(a4(dst))
+	if i < 0 {
+		t.Fatalf("no peer for %s", dst)
+	}
+	return &tb.peers[i]
+}
+
 func TestSendBatchFallsBackWhenGSOIsRefused(t *testing.T) {
 	tb := testTable()
-	pa, pb := &tb.peers[0], &tb.peers[1] // 192.0.2.2, 192.0.2.3
+	pa, pb := peerFor(t, tb, "10.5.2.1"), peerFor(t, tb, "10.5.3.1") // 192.0.2.2, 192.0.2.3
 	c := &sockConn{}
 	c.gso.Store(true)
 	s := newSendBatch(c, 64)
@@ -91,7 +102,7 @@ func TestSendBatchFallsBackWhenGSOIsRefused(t *testing.T) {
 
 func TestSendBatchSkipsAFailedMessage(t *testing.T) {
 	tb := testTable()
-	pa, pb := &tb.peers[0], &tb.peers[1]
+	pa, pb := peerFor(t, tb, "10.5.2.1"), peerFor(t, tb, "10.5.3.1") // 192.0.2.2, 192.0.2.3
 	c := &sockConn{}
 	c.gso.Store(true)
 	s := newSendBatch(c, 64)
