@@ -32,6 +32,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"k8s.io/klog/v2"
@@ -330,7 +331,11 @@ func (b *Backend) Close() error {
 		}
 	}
 	if b.dev != nil {
-		if err := b.dev.Close(); err != nil {
+		// wireguard-go's TUN wakes its link listener through a pipe; when
+		// the listener saw the shutdown first and closed its end, the
+		// wake-up fails with EPIPE, yet the TUN file was closed all the
+		// same.
+		if err := b.dev.Close(); err != nil && !errors.Is(err, syscall.EPIPE) {
 			errs = append(errs, fmt.Errorf("closing %s: %w", DeviceName, err))
 		}
 	}
