@@ -88,9 +88,10 @@ func recorderFor(t *testing.T) *recordingBackend {
 	return r
 }
 
-// recordingConfig is the lab's network config with the recording backend.
+// recordingConfig is the lab's network config with the recording backend
+// (own lease from 10.5.100.0-10.5.199.0, as in config).
 func (l *lab) recordingConfig() {
-	l.set("config", `{"Network":"10.5.0.0/16","Backend":{"Type":"fake-recording","Test":"`+l.t.Name()+`"}}`, 0)
+	l.set("config", `{"Network":"10.5.0.0/16","SubnetMin":"10.5.100.0","SubnetMax":"10.5.199.0","Backend":{"Type":"fake-recording","Test":"`+l.t.Name()+`"}}`, 0)
 }
 
 // startLogged is l.start with a logger whose lines the test can read

@@ -124,8 +124,11 @@ func (l *lab) set(key, value string, ttl time.Duration) {
 	}
 }
 
+// config writes the lab's network config. Its own lease comes from
+// 10.5.100.0-10.5.199.0 (at random among the free ones), so the
+// leases tests write outside that range while it runs never land on it.
 func (l *lab) config(extra string) {
-	l.set("config", `{"Network":"10.5.0.0/16","Backend":{"Type":"fake-test","Test":"`+l.t.Name()+`"}`+extra+`}`, 0)
+	l.set("config", `{"Network":"10.5.0.0/16","SubnetMin":"10.5.100.0","SubnetMax":"10.5.199.0","Backend":{"Type":"fake-test","Test":"`+l.t.Name()+`"}`+extra+`}`, 0)
 }
 
 type running struct {
@@ -272,7 +275,7 @@ func TestRunRestartKeepsSubnetViaSubnetFile(t *testing.T) {
 	l := newLab(t)
 	l.config("")
 	file := filepath.Join(l.dir, "subnet.env")
-	prev := subnet.Env{Network: netip.MustParsePrefix("10.5.0.0/16"), Subnet: netip.MustParsePrefix("10.5.77.0/24"), MTU: 1400}
+	prev := subnet.Env{Network: netip.MustParsePrefix("10.5.0.0/16"), Subnet: netip.MustParsePrefix("10.5.177.0/24"), MTU: 1400}
 	if err := subnet.WriteEnv(file, prev); err != nil {
 		t.Fatal(err)
 	}

@@ -33,6 +33,16 @@ func attrsFor(publicIP string) subnet.LeaseAttrs {
 
 func leaseKeyOf(l subnet.Lease) string { return "subnets/" + ip.LeaseKey(l.Subnet, l.IPv6Subnet) }
 
+// notOwn is 10.5.3.0/24, or 10.5.4.0/24 when that is own: a test that
+// writes another node's lease after acquiring one of its own must not
+// write over it, and acquisitions pick a free subnet at random.
+func notOwn(own netip.Prefix) netip.Prefix {
+	if p := pfx("10.5.3.0/24"); p != own {
+		return p
+	}
+	return pfx("10.5.4.0/24")
+}
+
 func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)

@@ -181,8 +181,9 @@ func TestEtcdWatchFollowsWipedStore(t *testing.T) {
 		resets := metrics.StoreResets.Get()
 		s.wipe(t)
 		col.waitFor(t, map[netip.Prefix]string{})
-		s.put(t, "subnets/10.5.3.0-24", `{"PublicIP":"192.168.0.3"}`, time.Hour)
-		col.waitFor(t, map[netip.Prefix]string{pfx("10.5.3.0/24"): "192.168.0.3"})
+		other := notOwn(own.Subnet)
+		s.put(t, leaseKeyOf(subnet.Lease{Subnet: other}), `{"PublicIP":"192.168.0.3"}`, time.Hour)
+		col.waitFor(t, map[netip.Prefix]string{other: "192.168.0.3"})
 		for _, p := range []netip.Prefix{pfx("10.5.1.0/24"), pfx("10.5.2.0/24"), own.Subnet} {
 			if n := col.removals(p); n != 1 {
 				t.Errorf("%v removed %d times, want once", p, n)
@@ -263,11 +264,12 @@ func TestEtcdWatchStartsFromAcquireListing(t *testing.T) {
 		s.put(t, "config", testConfig, 0)
 		s.put(t, "subnets/10.5.1.0-24", `{"PublicIP":"192.168.0.1"}`, 0)
 		m, api := s.manager(t)
-		if _, err := m.AcquireLease(ctxT(t), mustConfig(t, testConfig), attrsFor("192.168.0.2"), subnet.Lease{}); err != nil {
+		own, err := m.AcquireLease(ctxT(t), mustConfig(t, testConfig), attrsFor("192.168.0.2"), subnet.Lease{})
+		if err != nil {
 			t.Fatal(err)
 		}
 		lists := api.lists.Load()
-		s.put(t, "subnets/10.5.3.0-24", `{"PublicIP":"192.168.0.3"}`, 0)
+		s.put(t, leaseKeyOf(subnet.Lease{Subnet: notOwn(own.Subnet)}), `{"PublicIP":"192.168.0.3"}`, 0)
 		col := startCollector(t, m)
 		eventually(t, "three leases", func() bool { return len(col.snapshot()) == 3 })
 		if api.lists.Load() != lists {
