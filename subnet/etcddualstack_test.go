@@ -2,6 +2,7 @@ package subnet_test
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -46,7 +47,12 @@ func TestEtcdDualStackLease(t *testing.T) {
 		if err := m2.RenewLease(ctx, again); err != nil {
 			t.Fatalf("renewing: %v", err)
 		}
-		prev := subnet.Lease{Subnet: pfx("10.5.33.0/24"), IPv6Subnet: pfx("fc00:0:0:21::/64")}
+		// A pair of free subnets: the first acquisition picked its own at
+		// random.
+		var prev subnet.Lease
+		for n := 33; !prev.Subnet.IsValid() || prev.Subnet == l.Subnet || prev.IPv6Subnet == l.IPv6Subnet; n++ {
+			prev = subnet.Lease{Subnet: pfx(fmt.Sprintf("10.5.%d.0/24", n)), IPv6Subnet: pfx(fmt.Sprintf("fc00:0:0:%x::/64", n))}
+		}
 		l2, err := m.AcquireLease(ctx, cfg, dualAttrs(2), prev)
 		if err != nil || l2.Subnet != prev.Subnet || l2.IPv6Subnet != prev.IPv6Subnet {
 			t.Fatalf("prev: got %v, %v", l2, err)
