@@ -44,15 +44,23 @@ func getPeers(ctx context.Context, h *lab.Host) (probe.Report, []byte, error) {
 	return rep, body, json.Unmarshal(body, &rep)
 }
 
+// settleUnreachable is how long printPeers waits for a peer reported
+// unreachable to come back: a tunnel can start a few seconds after the
+// probes do (a WireGuard handshake lost at start is retried after 5 s),
+// while the ping matrix before it waited for every path.
+const settleUnreachable = 15 * time.Second
+
 // printPeers waits until every host has probed every peer with both sizes
-// (or timeout), then prints each host's view and host1's /peers, and
+// and finds it reachable (or timeout; for peers probed but unreachable,
+// settleUnreachable), then prints each host's view and host1's /peers, and
 // returns how many peers are not reachable.
 func printPeers(ctx context.Context, l *lab.Lab, timeout time.Duration) int {
-	deadline := time.Now().Add(timeout)
+	start := time.Now()
+	deadline := start.Add(timeout)
 	reps := make([]probe.Report, len(l.Hosts()))
 	var first []byte
 	for {
-		settled := true
+		settled, unreachable := true, false
 		for i, h := range l.Hosts() {
 			rep, body, err := getPeers(ctx, h)
 			if err != nil {
@@ -66,6 +74,14 @@ func printPeers(ctx context.Context, l *lab.Lab, timeout time.Duration) int {
 			if len(rep.Peers) != len(l.Hosts())-1 || rep.Counts["unprobed"] > 0 {
 				settled = false
 			}
+			for _, p := range rep.Peers {
+				if p.State != probe.Reachable {
+					unreachable = true
+				}
+			}
+		}
+		if settled && unreachable && time.Since(start) < settleUnreachable {
+			settled = false
 		}
 		if settled || time.Now().After(deadline) || ctx.Err() != nil {
 			break
