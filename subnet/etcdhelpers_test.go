@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -33,14 +34,19 @@ func attrsFor(publicIP string) subnet.LeaseAttrs {
 
 func leaseKeyOf(l subnet.Lease) string { return "subnets/" + ip.LeaseKey(l.Subnet, l.IPv6Subnet) }
 
-// notOwn is 10.5.3.0/24, or 10.5.4.0/24 when that is own: a test that
+// notOwn is 10.5.3.0/24, or the next /24 up that is not own: a test that
 // writes another node's lease after acquiring one of its own must not
 // write over it, and acquisitions pick a free subnet at random.
-func notOwn(own netip.Prefix) netip.Prefix {
-	if p := pfx("10.5.3.0/24"); p != own {
-		return p
+func notOwn(own netip.Prefix) netip.Prefix { return freeFrom(3, own) }
+
+// freeFrom is the first 10.5.n.0/24 from n up that is none of taken.
+func freeFrom(n int, taken ...netip.Prefix) netip.Prefix {
+	for ; ; n++ {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 5, byte(n), 0}), 24)
+		if !slices.Contains(taken, p) {
+			return p
+		}
 	}
-	return pfx("10.5.4.0/24")
 }
 
 func ctxT(t testing.TB) context.Context {

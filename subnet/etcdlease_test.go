@@ -157,11 +157,12 @@ func TestEtcdAcquireRestart(t *testing.T) {
 		}
 		// A new node with a free previous subnet gets it; with a taken one, another.
 		m4, _ := s.manager(t)
-		l4, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), subnet.Lease{Subnet: pfx("10.5.33.0/24")})
-		if err != nil || l4.Subnet != pfx("10.5.33.0/24") {
-			t.Fatalf("with free prev: %v, %v; want 10.5.33.0/24", l4, err)
+		free := freeFrom(33, l1.Subnet)
+		l4, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.2"), subnet.Lease{Subnet: free})
+		if err != nil || l4.Subnet != free {
+			t.Fatalf("with free prev: %v, %v; want %v", l4, err, free)
 		}
-		l5, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.3"), subnet.Lease{Subnet: pfx("10.5.33.0/24")})
+		l5, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.3"), subnet.Lease{Subnet: free})
 		if err != nil || l5.Subnet == l4.Subnet {
 			t.Fatalf("with taken prev: %v, %v; want another subnet", l5, err)
 		}
@@ -173,9 +174,10 @@ func TestEtcdAcquireRestart(t *testing.T) {
 		// Our PublicIP under a key name that is not in canonical form (a
 		// leading zero): not ours, since renewals read the canonical key;
 		// the name still claims its subnet.
-		s.put(t, "subnets/10.5.44.0-024", `{"PublicIP":"192.168.0.44"}`, 0)
-		l7, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.44"), subnet.Lease{Subnet: pfx("10.5.44.0/24")})
-		if err != nil || l7.Subnet == pfx("10.5.44.0/24") {
+		odd := freeFrom(44, l1.Subnet, l4.Subnet, l5.Subnet, l6.Subnet)
+		s.put(t, "subnets/"+odd.Addr().String()+"-024", `{"PublicIP":"192.168.0.44"}`, 0)
+		l7, err := m4.AcquireLease(ctx, cfg, attrsFor("192.168.0.44"), subnet.Lease{Subnet: odd})
+		if err != nil || l7.Subnet == odd {
 			t.Fatalf("with a non-canonical key of ours: %v, %v; want a new subnet", l7, err)
 		}
 	})
