@@ -102,9 +102,13 @@ func manyPeers(tb testing.TB, n, rate int, window time.Duration) manyPeersResult
 	if err != nil {
 		tb.Fatal(err)
 	}
-	last, lastAt := first, start
+	// Each count is read somewhere between the time before its scrape and
+	// the time after it, so the probes between two counts were sent within
+	// (after this scrape) - (before the previous one).
+	last, lastAt, lastBefore := first, start, start
 	for time.Since(start) < window {
 		time.Sleep(time.Second)
+		before := time.Now()
 		c, err := probeCount(ctx, h)
 		if err != nil {
 			tb.Fatal(err)
@@ -112,9 +116,9 @@ func manyPeers(tb testing.TB, n, rate int, window time.Duration) manyPeersResult
 		now := time.Now()
 		if c-last > res.maxPerSample {
 			res.maxPerSample = c - last
-			res.maxAllowed = int(float64(rate)*now.Sub(lastAt).Seconds()) + 1
+			res.maxAllowed = int(float64(rate)*now.Sub(lastBefore).Seconds()) + 1
 		}
-		last, lastAt = c, now
+		last, lastAt, lastBefore = c, now, before
 	}
 	wend, err := wireCount(ctx, h)
 	if err != nil {

@@ -128,7 +128,16 @@ func TestEtcdIdleLoad(t *testing.T) {
 			eventually(t, "two watchers on the server", func() bool { w, _ := serverGauges(t); return w-watchers0 == 2 })
 			_, started1 = serverGauges(t)
 		}
-		time.Sleep(500 * time.Millisecond) // the watches' first answers (v3: created)
+		// The watches' first calls and answers (v3: created): wait until
+		// two half-second windows in a row see no request.
+		for quiet, prev, deadline := 0, api.total(), time.Now().Add(10*time.Second); quiet < 2 && time.Now().Before(deadline); {
+			time.Sleep(500 * time.Millisecond)
+			if n := api.total(); n == prev {
+				quiet++
+			} else {
+				quiet, prev = 0, n
+			}
+		}
 		before := api.total()
 		time.Sleep(3 * time.Second)
 		if d := api.total() - before; d != 0 {

@@ -157,7 +157,7 @@ func TestHangingCommandKilled(t *testing.T) {
 	dir := t.TempDir()
 	pidFile := filepath.Join(dir, "child.pid")
 	hang := script(t, dir, "hang.sh", `echo started; sleep 600 & echo $! > `+pidFile+`; wait`)
-	e, logs := newTest(t, commandJSON("SubnetAddCommand", hang), 300*time.Millisecond)
+	e, logs := newTest(t, commandJSON("SubnetAddCommand", hang), 2*time.Second)
 	if _, err := e.Init(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -168,10 +168,10 @@ func TestHangingCommandKilled(t *testing.T) {
 		t.Fatalf("Apply = %v; a failing SubnetAddCommand is logged, not returned", err)
 	}
 	if d := time.Since(start); d > 20*time.Second {
-		t.Errorf("Apply took %v with a 300ms timeout", d)
+		t.Errorf("Apply took %v with a 2s timeout", d)
 	}
 	lines := logs.matching("SubnetAddCommand failed")
-	if len(lines) != 1 || !strings.Contains(lines[0], "timed out after 300ms and was killed") || !strings.Contains(lines[0], "started") {
+	if len(lines) != 1 || !strings.Contains(lines[0], "timed out after 2s and was killed") || !strings.Contains(lines[0], "started") {
 		t.Errorf("log lines for the hung command = %q, want one saying it was killed, with its output", lines)
 	}
 	b, err := os.ReadFile(pidFile)

@@ -157,7 +157,11 @@ func TestAutoWaits(t *testing.T) {
 			m, l := newAuto(t, srv, Auto)
 			done := make(chan *subnet.Config, 1)
 			go func() { done <- getConfig(t, m) }()
-			time.Sleep(300 * time.Millisecond) // several probes
+			// The first probe round logs the wait; several more follow.
+			for deadline := time.Now().Add(20 * time.Second); l.count("Waiting for the network config") == 0 && time.Now().Before(deadline); {
+				time.Sleep(20 * time.Millisecond)
+			}
+			time.Sleep(300 * time.Millisecond)
 			if m.API() != "" {
 				t.Fatalf("chose %s with no config anywhere", m.API())
 			}
