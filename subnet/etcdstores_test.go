@@ -7,7 +7,7 @@ package subnet_test
 import (
 	"context"
 	"fmt"
-	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -346,14 +346,9 @@ func startEtcd36(t testing.TB) *etcdProc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ports := make([]int, 2)
-	for i := range ports {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ports[i] = l.Addr().(*net.TCPAddr).Port
-		l.Close()
+	ports, err := etcdtest.FreePorts("", netip.MustParseAddr("127.0.0.1"), 2)
+	if err != nil {
+		t.Fatal(err)
 	}
 	p := &etcdProc{bin: bin, data: filepath.Join(t.TempDir(), "data"),
 		url: fmt.Sprintf("http://127.0.0.1:%d", ports[0]), peer: fmt.Sprintf("http://127.0.0.1:%d", ports[1])}

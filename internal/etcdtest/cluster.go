@@ -78,12 +78,12 @@ func NewCluster(n int, opts ...Option) (*Cluster, error) {
 	}
 	// All ports at once, so that no two members pick the same.
 	loopback := netip.AddrFrom4([4]byte{127, 0, 0, 1})
-	clientPorts, err := freePorts(o.nsPath, o.addr, n)
+	clientPorts, err := FreePorts(o.nsPath, o.addr, n)
 	if err != nil {
 		c.Close()
 		return nil, err
 	}
-	ports, err := freePorts("", loopback, 2*n)
+	ports, err := FreePorts("", loopback, 2*n)
 	if err != nil {
 		c.Close()
 		return nil, err

@@ -238,7 +238,7 @@ func (s *Server) init() error {
 // pickPorts sets the URLs: the client and peer ports of WithListen (free
 // ones where 0) and a free port for etcd's own client listener.
 func (s *Server) pickPorts() error {
-	ports, err := freePorts(s.opts.nsPath, s.opts.addr, 3)
+	ports, err := FreePorts(s.opts.nsPath, s.opts.addr, 3)
 	if err != nil {
 		return err
 	}
@@ -277,30 +277,6 @@ func (s *Server) newClient() error {
 }
 
 func (s *Server) dataDir() string { return filepath.Join(s.dir, "data") }
-
-// freePorts returns n distinct ports that are free on addr in the
-// namespace at nsPath ("" for the caller's).
-func freePorts(nsPath string, addr netip.Addr, n int) ([]int, error) {
-	ports := make([]int, n)
-	err := InNetNS(nsPath, func() error {
-		var ls []net.Listener
-		defer func() {
-			for _, l := range ls {
-				l.Close()
-			}
-		}()
-		for i := range ports {
-			l, err := net.Listen("tcp", net.JoinHostPort(addr.String(), "0"))
-			if err != nil {
-				return fmt.Errorf("finding a free port: %w", err)
-			}
-			ls = append(ls, l)
-			ports[i] = l.Addr().(*net.TCPAddr).Port
-		}
-		return nil
-	})
-	return ports, err
-}
 
 // start runs etcd with the fixed URLs, waits until it is ready and opens
 // the door; the caller holds no lock or s.mu.

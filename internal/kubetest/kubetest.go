@@ -138,11 +138,11 @@ func New(opts ...Option) (_ *Server, err error) {
 	if err := s.writeFiles(); err != nil {
 		return nil, err
 	}
-	port, err := freePort(o.nsPath, o.addr)
+	ports, err := etcdtest.FreePorts(o.nsPath, o.addr, 1)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("kube-apiserver: %w", err)
 	}
-	hostPort := net.JoinHostPort(o.addr.String(), strconv.Itoa(port))
+	hostPort := net.JoinHostPort(o.addr.String(), strconv.Itoa(ports[0]))
 	s.URL = "https://" + hostPort
 	if s.log, err = os.Create(filepath.Join(dir, "kube-apiserver.log")); err != nil {
 		return nil, err
@@ -151,7 +151,7 @@ func New(opts ...Option) (_ *Server, err error) {
 	s.args = []string{
 		"--etcd-servers=" + s.etcd.Endpoints()[0],
 		"--cert-dir=" + filepath.Join(dir, "certs"),
-		"--secure-port=" + strconv.Itoa(port),
+		"--secure-port=" + strconv.Itoa(ports[0]),
 		"--bind-address=" + o.addr.String(),
 		"--advertise-address=" + o.addr.String(),
 		"--service-cluster-ip-range=10.96.0.0/16",
@@ -245,23 +245,6 @@ func randomToken() string {
 	b := make([]byte, 16)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-// freePort returns a port that is free on addr in the namespace at nsPath.
-func freePort(nsPath string, addr netip.Addr) (int, error) {
-	var port int
-	err := etcdtest.InNetNS(nsPath, func() error {
-		ln, err := net.Listen("tcp", net.JoinHostPort(addr.String(), "0"))
-		if err != nil {
-			return err
-		}
-		port = ln.Addr().(*net.TCPAddr).Port
-		return ln.Close()
-	})
-	if err != nil {
-		return 0, fmt.Errorf("finding a free port for kube-apiserver: %w", err)
-	}
-	return port, nil
 }
 
 // waitReady polls /readyz until it answers 200, then reads the serving

@@ -1,0 +1,70 @@
+package etcdtest
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// FreePorts returns n distinct TCP ports that are free on addr in the
+// namespace at nsPath ("" for the caller's). They are picked below the
+// kernel's ephemeral range (net.ipv4.ip_local_port_range), where no
+// outgoing connection is ever given a port: a test server that is stopped
+// and started again (an outage) can bind its port again, where a port
+// from the ephemeral range may have gone to a client meanwhile.
+func FreePorts(nsPath string, addr netip.Addr, n int) ([]int, error) {
+	ports := make([]int, n)
+	err := InNetNS(nsPath, func() error {
+		var ls []net.Listener
+		defer func() {
+			for _, l := range ls {
+				l.Close()
+			}
+		}()
+		low := ephemeralLow()
+		for i := range ports {
+			var l net.Listener
+			var err error
+			for try := 0; try < 200 && (l == nil || err != nil); try++ {
+				port := 0 // the kernel's choice, when there is no room below the range
+				if low > minPort+1000 {
+					port = minPort + rand.IntN(low-minPort)
+				}
+				l, err = net.Listen("tcp", net.JoinHostPort(addr.String(), strconv.Itoa(port)))
+			}
+			if err != nil {
+				return fmt.Errorf("finding a free port: %w", err)
+			}
+			ls = append(ls, l)
+			ports[i] = l.Addr().(*net.TCPAddr).Port
+		}
+		return nil
+	})
+	return ports, err
+}
+
+// minPort is the lowest port FreePorts picks: above the well-known and
+// most registered services' ports.
+const minPort = 20000
+
+// ephemeralLow is the first port of the ephemeral range of the current
+// network namespace (32768 when it cannot be read).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 32768
+	}
+	n, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 32768
+	}
+	return n
+}
