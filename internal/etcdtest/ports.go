@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
-	"strings"
 )
 
 // FreePorts returns n distinct TCP ports that are free on addr in the
@@ -29,7 +28,7 @@ func FreePorts(nsPath string, addr netip.Addr, n int) ([]int, error) {
 		for i := range ports {
 			var l net.Listener
 			var err error
-			for try := 0; try < 200 && (l == nil || err != nil); try++ {
+			for try := 0; l == nil && try < 200; try++ {
 				port := 0 // the kernel's choice, when there is no room below the range
 				if low > minPort+1000 {
 					port = minPort + rand.IntN(low-minPort)
@@ -54,17 +53,9 @@ const minPort = 20000
 // ephemeralLow is the first port of the ephemeral range of the current
 // network namespace (32768 when it cannot be read).
 func ephemeralLow() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 32768
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		fmt.Sscan(string(b), &low)
 	}
-	f := strings.Fields(string(b))
-	if len(f) == 0 {
-		return 32768
-	}
-	n, err := strconv.Atoi(f[0])
-	if err != nil {
-		return 32768
-	}
-	return n
+	return low
 }
