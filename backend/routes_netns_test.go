@@ -67,6 +67,15 @@ func TestReconcileInNetns(t *testing.T) {
 	t.Run("set", func(t *testing.T) { testReconcileInNetns(t, true) })
 }
 
+// reconcileWith hands desired to r.Reconcile or, with viaSet, to
+// r.ReconcileSet.
+func reconcileWith(r *RouteReconciler, viaSet bool, own netip.Prefix, desired []nlbatch.Route) (Changes, error) {
+	if viaSet {
+		return r.ReconcileSet(own, routeSlice(desired))
+	}
+	return r.Reconcile(own, desired)
+}
+
 // testReconcileInNetns is TestReconcileInNetns, the desired routes given
 // to Reconcile or, with viaSet, to ReconcileSet.
 func testReconcileInNetns(t *testing.T, viaSet bool) {
@@ -96,13 +105,7 @@ func testReconcileInNetns(t *testing.T, viaSet bool) {
 	own := netip.MustParsePrefix("10.5.1.0/24")
 	check := func(step string, desired []nlbatch.Route, want Changes, ours ...string) {
 		t.Helper()
-		var got Changes
-		var err error
-		if viaSet {
-			got, err = r.ReconcileSet(own, routeSlice(desired))
-		} else {
-			got, err = r.Reconcile(own, desired)
-		}
+		got, err := reconcileWith(r, viaSet, own, desired)
 		if err != nil {
 			t.Fatalf("%s: %v", step, err)
 		}
@@ -242,13 +245,7 @@ func testReconcileNexthops(t *testing.T, viaSet bool) {
 	nh := func(gw string) uint32 { return ip.Uint32(netip.MustParseAddr(gw)) }
 	check := func(step string, desired []nlbatch.Route, want Changes, ids []uint32, routes ...string) {
 		t.Helper()
-		var got Changes
-		var err error
-		if viaSet {
-			got, err = r.ReconcileSet(own, routeSlice(desired))
-		} else {
-			got, err = r.Reconcile(own, desired)
-		}
+		got, err := reconcileWith(r, viaSet, own, desired)
 		if err != nil {
 			t.Fatalf("%s: %v", step, err)
 		}
